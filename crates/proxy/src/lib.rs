@@ -1,1 +1,80 @@
-//! placeholder
+//! The data plane: per-core workers on mio that accept TCP clients, pick a backend, and move
+//! bytes both ways.
+//!
+//! This is the only crate that touches sockets on the hot path. It does not parse flags, run
+//! health probes, serve the admin API or handle signals: `control` does, and talks to workers
+//! through [`Command`]s and a `mio::Waker`.
+//!
+//! A session's life (see docs/architecture.md for the picture):
+//!
+//! 1. A worker accepts on its own `SO_REUSEPORT` listener until `WouldBlock`.
+//! 2. The affinity key (client IP, or the 5-tuple) is looked up in the shared sticky table; a
+//!    pinned backend that is usable wins, otherwise the Maglev table's fallback order picks.
+//! 3. A non-blocking connect with a timeout; a refused or timed-out connect marks the backend as
+//!    failing for a moment and the next backend of the key's order is tried.
+//! 4. Established: two [`pump::HalfPipe`]s move bytes (splice or buffer), with backpressure,
+//!    half-close and reset forwarding; the client is pinned to the backend it reached.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! # fn demo(shared: Arc<tether_proxy::Shared>, listeners: Vec<std::net::TcpListener>) -> std::io::Result<()> {
+//! let stats = Arc::new(tether_proxy::Stats::default());
+//! let (tx, rx) = crossbeam_channel::unbounded();
+//! let (worker, waker) = tether_proxy::Worker::new(0, shared, listeners, stats, rx)?;
+//! let handle = std::thread::spawn(move || worker.run());
+//! tx.send(tether_proxy::Command::Shutdown { deadline: std::time::Instant::now() }).unwrap();
+//! waker.wake()?;
+//! handle.join().unwrap()?;
+//! # Ok(()) }
+//! ```
+
+mod listener;
+pub mod pump;
+mod routing;
+mod session;
+mod stats;
+mod timer;
+mod token;
+mod worker;
+
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant};
+
+use conntrack::Sticky;
+
+pub use listener::{bind_all, BindError};
+pub use routing::{Backend, Routing, PASSIVE_HOLD};
+pub use stats::{Snapshot, Stats};
+pub use worker::Worker;
+
+/// What control tells a worker.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Stop accepting now; let sessions run until `deadline`, then close them and return.
+    Shutdown { deadline: Instant },
+}
+
+/// State every worker of a process shares (read-only apart from atomics).
+#[derive(Debug)]
+pub struct Shared {
+    pub routing: Routing,
+    pub sticky: Sticky,
+    pub affinity: config::Affinity,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Sessions allowed open at once across all workers.
+    pub max_conns: usize,
+    /// Use splice(2) pipes (else userspace buffers).
+    pub splice: bool,
+    /// Sessions open now across all workers.
+    pub active: AtomicUsize,
+    /// Origin of the millisecond clock the sticky table runs on.
+    pub epoch: Instant,
+}
+
+impl Shared {
+    /// Milliseconds since `epoch`: the clock handed to the pure crates.
+    pub fn now_ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+}

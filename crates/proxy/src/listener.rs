@@ -1,0 +1,88 @@
+//! Binding listeners: one `SO_REUSEPORT` socket per worker per address, all bound before any
+//! worker starts, so a bad address or a port in use stops the process before it serves anyone.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Pending connections the kernel may queue per listener socket.
+const BACKLOG: i32 = 4096;
+
+/// A listener that could not be bound.
+#[derive(Debug)]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub error: io::Error,
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match self.error.kind() {
+            io::ErrorKind::AddrInUse => "address in use".to_string(),
+            io::ErrorKind::AddrNotAvailable => "address not available on this host".to_string(),
+            io::ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need CAP_NET_BIND_SERVICE)".to_string()
+            }
+            _ => self.error.to_string(),
+        };
+        write!(f, "--listen {}: {}", self.addr, what)
+    }
+}
+
+impl std::error::Error for BindError {}
+
+/// Bind `workers` sockets for each address. Returns `sockets[worker][listener]` and the bound
+/// addresses (a port 0 is resolved by the first bind and reused by the others).
+pub fn bind_all(
+    addrs: &[SocketAddr],
+    workers: usize,
+) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>), BindError> {
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::with_capacity(addrs.len());
+    for &want in addrs {
+        let mut addr = want;
+        for sockets in per_worker.iter_mut() {
+            let l = bind_one(addr).map_err(|error| BindError { addr: want, error })?;
+            addr = l.local_addr().map_err(|error| BindError { addr: want, error })?;
+            sockets.push(l);
+        }
+        bound.push(addr);
+    }
+    Ok((per_worker, bound))
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // A listener on [::] follows the system default (Linux: dual-stack), so IPv4 clients arrive
+    // as ::ffff:a.b.c.d; affinity keys canonicalise those to the IPv4 address.
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_resolves_once_for_all_workers() {
+        let (sockets, bound) = bind_all(&["127.0.0.1:0".parse().unwrap()], 3).unwrap();
+        assert_ne!(bound[0].port(), 0);
+        for w in &sockets {
+            assert_eq!(w[0].local_addr().unwrap(), bound[0]);
+        }
+    }
+
+    #[test]
+    fn port_in_use_names_the_address() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = bind_all(&[addr], 2).unwrap_err();
+        assert_eq!(err.to_string(), format!("--listen {addr}: address in use"));
+    }
+}

@@ -1,0 +1,71 @@
+//! Per-worker counters. Each worker writes only its own (relaxed atomics, no contention); the
+//! control side sums them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($(#[$doc:meta] $name:ident),* $(,)?) => {
+        /// Counters of one worker.
+        #[derive(Debug, Default)]
+        pub struct Stats { $(#[$doc] pub $name: AtomicU64,)* }
+
+        /// A plain copy of [`Stats`], summable across workers.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct Snapshot { $(#[$doc] pub $name: u64,)* }
+
+        impl Stats {
+            pub fn snapshot(&self) -> Snapshot {
+                Snapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+
+        impl std::ops::AddAssign for Snapshot {
+            fn add_assign(&mut self, o: Snapshot) { $(self.$name += o.$name;)* }
+        }
+
+        impl Snapshot {
+            /// `(name, value)` pairs, for logs and metrics.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Client connections accepted.
+    accepted,
+    /// Clients refused because `--max-conns` sessions were open.
+    refused_max_conns,
+    /// Sessions closed, for any reason.
+    closed,
+    /// Sessions whose backend connect completed.
+    established,
+    /// Backend connects refused or failed.
+    connect_failures,
+    /// Backend connects that timed out.
+    connect_timeouts,
+    /// Connects retried on another backend after a failure.
+    retries,
+    /// Clients closed because no backend could take them.
+    no_backend,
+    /// Bytes moved client -> backend.
+    bytes_in,
+    /// Bytes moved backend -> client.
+    bytes_out,
+    /// Resets forwarded from one side to the other.
+    resets,
+    /// Sessions closed by the idle timeout.
+    idle_timeouts,
+    /// Sessions served unpinned because the sticky table was full.
+    sticky_full,
+    /// accept(2) failures (EMFILE and friends), each followed by a back-off.
+    accept_errors,
+    /// Sessions closed because a socket or pipe operation failed unexpectedly.
+    io_errors,
+}
+
+/// Add one to a counter.
+pub(crate) fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Relaxed);
+}

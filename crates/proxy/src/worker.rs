@@ -1,0 +1,533 @@
+//! A worker: one thread, one `mio::Poll`, its own listeners and the sessions they accept.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Registry, Waker};
+
+use conntrack::{AffinityKey, Attach};
+
+use crate::pump::{HalfPipe, Pools, Side};
+use crate::session::{set_reset_on_close, CloseReason, Drive, Session, State, Tried, LINGER_POLL};
+use crate::stats::{inc, Stats};
+use crate::timer::{Timer, TimerKind, Timers};
+use crate::token::Slot;
+use crate::{Command, Shared};
+
+/// Events taken from one poll.
+const EVENTS: usize = 1024;
+/// Connections accepted from one listener before other work gets a turn.
+const ACCEPT_BUDGET: usize = 256;
+/// Wait before accepting again after accept(2) failed for lack of fds or memory (nginx waits
+/// 500 ms; shorter here because sessions close quickly under the loads tether sees).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Work to resume without waiting for an event (its readiness is already known).
+#[derive(Debug, Clone, Copy)]
+enum Ready {
+    Listener(usize),
+    Session { slot: usize, generation: u64 },
+}
+
+/// One event loop.
+pub struct Worker {
+    id: usize,
+    poll: Poll,
+    shared: Arc<Shared>,
+    stats: Arc<Stats>,
+    commands: Receiver<Command>,
+    listeners: Vec<Option<TcpListener>>,
+    sessions: Vec<Option<Session>>,
+    free: Vec<usize>,
+    timers: Timers,
+    ready: VecDeque<Ready>,
+    pools: Pools,
+    next_generation: u64,
+    /// Set by a shutdown command: no listener left, exit when sessions end or at this deadline.
+    stopping: Option<Instant>,
+    /// Current time, read once per loop turn.
+    now: Instant,
+}
+
+impl Worker {
+    /// Register the listeners and a waker. Returns the worker and the waker control uses.
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        listeners: Vec<std::net::TcpListener>,
+        stats: Arc<Stats>,
+        commands: Receiver<Command>,
+    ) -> io::Result<(Worker, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), Slot::Waker.token())?);
+        let mut registered = Vec::with_capacity(listeners.len());
+        for (i, l) in listeners.into_iter().enumerate() {
+            let mut l = TcpListener::from_std(l);
+            poll.registry().register(&mut l, Slot::Listener(i).token(), Interest::READABLE)?;
+            registered.push(Some(l));
+        }
+        let pools = Pools::new(shared.splice);
+        let now = Instant::now();
+        let worker = Worker {
+            id,
+            poll,
+            shared,
+            stats,
+            commands,
+            listeners: registered,
+            sessions: Vec::new(),
+            free: Vec::new(),
+            timers: Timers::default(),
+            ready: VecDeque::new(),
+            pools,
+            next_generation: 0,
+            stopping: None,
+            now,
+        };
+        Ok((worker, waker))
+    }
+
+    /// Run until shut down and every session has ended (or the grace period is over).
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS);
+        log::debug!("worker {} running", self.id);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            self.now = Instant::now();
+            for event in events.iter() {
+                match Slot::from_token(event.token()) {
+                    Slot::Waker => self.commands(),
+                    Slot::Listener(i) => self.accept(i),
+                    Slot::Client(n) => self.session_event(n, true, event),
+                    Slot::Backend(n) => self.session_event(n, false, event),
+                }
+            }
+            self.resume_ready();
+            self.fire_timers();
+            if let Some(deadline) = self.stopping {
+                let live = self.sessions.len() - self.free.len();
+                if live == 0 || self.now >= deadline {
+                    self.close_all();
+                    log::debug!("worker {} stopped ({live} sessions cut)", self.id);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.ready.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let next = match (self.timers.next(), self.stopping) {
+            (Some(t), Some(s)) => Some(t.min(s)),
+            (t, s) => t.or(s),
+        };
+        next.map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    // === control ===
+
+    fn commands(&mut self) {
+        while let Ok(cmd) = self.commands.try_recv() {
+            match cmd {
+                // Stop accepting; sessions get until the deadline.
+                Command::Shutdown { deadline } => {
+                    for (i, l) in self.listeners.iter_mut().enumerate() {
+                        if let Some(mut l) = l.take() {
+                            let _ = self.poll.registry().deregister(&mut l);
+                            log::debug!("worker {} closed listener {i}", self.id);
+                        }
+                    }
+                    self.stopping = Some(deadline);
+                }
+            }
+        }
+    }
+
+    // === accepting ===
+
+    fn accept(&mut self, i: usize) {
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else { return };
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    inc(&self.stats.accepted);
+                    self.open(stream, peer);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_resource_error(&e) => {
+                    // EMFILE/ENFILE: the connection stays in the backlog and, edge-triggered, no
+                    // new event comes for it; retry on a timer rather than spin or stall (F3).
+                    inc(&self.stats.accept_errors);
+                    log::warn!("accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                    let at = self.now + ACCEPT_BACKOFF;
+                    self.timers.arm(Timer { at, kind: TimerKind::Accept, slot: i, generation: 0 });
+                    return;
+                }
+                // ECONNABORTED and the like concern one connection only.
+                Err(e) => {
+                    inc(&self.stats.accept_errors);
+                    log::debug!("accept: {e}");
+                }
+            }
+        }
+        self.ready.push_back(Ready::Listener(i));
+    }
+
+    fn open(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let shared = Arc::clone(&self.shared);
+        let before = shared.active.fetch_add(1, AcqRel);
+        if before >= shared.max_conns {
+            shared.active.fetch_sub(1, AcqRel);
+            inc(&self.stats.refused_max_conns);
+            refuse(stream);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let routing = &shared.routing;
+        let now_ms = shared.now_ms(self.now);
+        let (key, hash) = match shared.affinity {
+            config::Affinity::Source => {
+                let key = AffinityKey::from_ip(peer.ip());
+                (Some(key), routing.ring.hash_key(&key.to_bytes()))
+            }
+            config::Affinity::FiveTuple => {
+                let local = stream.local_addr().unwrap_or(peer);
+                (None, routing.ring.hash_key(&five_tuple(peer, local)))
+            }
+        };
+        // A sticky entry wins over the table while its backend is usable.
+        let pinned = key
+            .and_then(|k| shared.sticky.lookup(k, now_ms))
+            .map(|b| b as usize)
+            .filter(|&b| b < routing.backends.len() && routing.usable(b, now_ms));
+        let mut tried = Tried::default();
+        let first = pinned.or_else(|| choose(&shared, hash, &tried, now_ms));
+        let Some((target, backend)) = self.begin_connect(hash, first, &mut tried, now_ms) else {
+            inc(&self.stats.no_backend);
+            shared.active.fetch_sub(1, AcqRel);
+            refuse(stream);
+            return;
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.sessions.push(None);
+            self.sessions.len() - 1
+        });
+        self.next_generation += 1;
+        let mut session = Session {
+            generation: self.next_generation,
+            state: State::Connecting { deadline: self.now + shared.connect_timeout },
+            client: Side::new(stream),
+            backend: Side::new(backend),
+            peer,
+            key,
+            hash,
+            target,
+            tried,
+            attached: false,
+            counted: false,
+            c2b: HalfPipe::new("client->backend"),
+            b2c: HalfPipe::new("backend->client"),
+            last_active: self.now,
+        };
+        let registry = self.poll.registry();
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let registered = registry
+            .register(&mut session.client.stream, Slot::Client(slot).token(), both)
+            .and_then(|()| {
+                registry.register(&mut session.backend.stream, Slot::Backend(slot).token(), both)
+            });
+        if let Err(e) = registered {
+            log::warn!("register session of {peer}: {e}");
+            let _ = registry.deregister(&mut session.client.stream);
+            self.free.push(slot);
+            shared.active.fetch_sub(1, AcqRel);
+            return;
+        }
+        let generation = session.generation;
+        if let State::Connecting { deadline } = session.state {
+            self.timers.arm(Timer { at: deadline, kind: TimerKind::Connect, slot, generation });
+        }
+        let at = self.now + shared.idle_timeout;
+        self.timers.arm(Timer { at, kind: TimerKind::Idle, slot, generation });
+        self.sessions[slot] = Some(session);
+    }
+
+    // === connecting ===
+
+    /// Start a non-blocking connect to `first`, or to the next backends of the key's fallback
+    /// order while even starting one fails. Returns the backend and its connecting socket.
+    fn begin_connect(
+        &self,
+        hash: u64,
+        first: Option<usize>,
+        tried: &mut Tried,
+        now_ms: u64,
+    ) -> Option<(usize, TcpStream)> {
+        let mut target = first;
+        while let Some(t) = target {
+            tried.push(t);
+            let addr = self.shared.routing.backends[t].addr;
+            match TcpStream::connect(addr) {
+                Ok(stream) => return Some((t, stream)),
+                Err(e) => {
+                    log::debug!("connect to {addr} failed at once: {e}");
+                    self.shared.routing.mark_failing(t, now_ms);
+                    inc(&self.stats.connect_failures);
+                }
+            }
+            if tried.len() >= crate::session::MAX_TRIES {
+                return None;
+            }
+            target = choose(&self.shared, hash, tried, now_ms);
+        }
+        None
+    }
+
+    /// The connect in progress failed or timed out: mark the backend and try the next one.
+    fn connect_failed(&mut self, slot: usize, timed_out: bool) {
+        let shared = Arc::clone(&self.shared);
+        let now_ms = shared.now_ms(self.now);
+        let Some(mut s) = self.sessions[slot].take() else { return };
+        shared.routing.mark_failing(s.target, now_ms);
+        inc(if timed_out { &self.stats.connect_timeouts } else { &self.stats.connect_failures });
+        let next = if s.tried.len() < crate::session::MAX_TRIES {
+            choose(&shared, s.hash, &s.tried, now_ms)
+        } else {
+            None
+        };
+        let started = self.begin_connect(s.hash, next, &mut s.tried, now_ms);
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut s.backend.stream);
+        let generation = s.generation;
+        match started {
+            Some((target, mut stream)) => {
+                inc(&self.stats.retries);
+                let token = Slot::Backend(slot).token();
+                if let Err(e) =
+                    registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                {
+                    log::warn!("register backend socket: {e}");
+                }
+                s.target = target;
+                s.backend = Side::new(stream);
+                let deadline = self.now + shared.connect_timeout;
+                s.set_state(State::Connecting { deadline });
+                self.timers.arm(Timer { at: deadline, kind: TimerKind::Connect, slot, generation });
+                self.sessions[slot] = Some(s);
+            }
+            None => {
+                inc(&self.stats.no_backend);
+                set_reset_on_close(&s.client);
+                self.sessions[slot] = Some(s);
+                self.close(slot, CloseReason::NoBackend);
+            }
+        }
+    }
+
+    fn established(&mut self, slot: usize) {
+        let shared = Arc::clone(&self.shared);
+        let now_ms = shared.now_ms(self.now);
+        let Some(s) = self.sessions[slot].as_mut() else { return };
+        let _ = s.backend.stream.set_nodelay(true);
+        s.set_state(State::Established);
+        s.last_active = self.now;
+        inc(&self.stats.established);
+        let b = &shared.routing.backends[s.target];
+        b.active.fetch_add(1, Relaxed);
+        b.total.fetch_add(1, Relaxed);
+        s.counted = true;
+        if let Some(key) = s.key {
+            // Pin the client to the backend it actually reached (re-pins after a failover).
+            match shared.sticky.attach(key, s.target as u32, now_ms) {
+                Attach::Full => inc(&self.stats.sticky_full),
+                Attach::Pinned | Attach::Repinned { .. } => s.attached = true,
+            }
+        }
+        // Readiness seen while connecting was not acted on; assume both sides may be ready.
+        s.client.readable = true;
+        s.client.writable = true;
+        self.drive(slot);
+    }
+
+    // === established ===
+
+    fn session_event(&mut self, slot: usize, client: bool, event: &mio::event::Event) {
+        let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) else { return };
+        // Errors and hang-ups are found out by the next read or write (F4).
+        let failed = event.is_error() || event.is_read_closed() || event.is_write_closed();
+        let side = if client { &mut s.client } else { &mut s.backend };
+        side.readable |= event.is_readable() || failed;
+        side.writable |= event.is_writable() || failed;
+        if let (State::Connecting { .. }, false) = (s.state, client) {
+            match s.connect_result() {
+                Ok(true) => self.established(slot),
+                Ok(false) => {}
+                Err(e) => {
+                    log::debug!(
+                        "connect to {} failed: {e}",
+                        self.shared.routing.backends[s.target].addr
+                    );
+                    self.connect_failed(slot, false);
+                }
+            }
+            return;
+        }
+        self.drive(slot);
+    }
+
+    fn drive(&mut self, slot: usize) {
+        let Some(s) = self.sessions[slot].as_mut() else { return };
+        let (in_before, out_before) = (s.c2b.moved, s.b2c.moved);
+        let result = s.drive(&mut self.pools, self.now);
+        self.stats.bytes_in.fetch_add(s.c2b.moved - in_before, Relaxed);
+        self.stats.bytes_out.fetch_add(s.b2c.moved - out_before, Relaxed);
+        let generation = s.generation;
+        match result {
+            Drive::Wait => {}
+            Drive::Yield => self.ready.push_back(Ready::Session { slot, generation }),
+            Drive::Linger => {
+                let at = self.now + LINGER_POLL;
+                self.timers.arm(Timer { at, kind: TimerKind::Linger, slot, generation });
+            }
+            Drive::Close(reason) => {
+                if reason == CloseReason::Reset {
+                    inc(&self.stats.resets);
+                }
+                self.close(slot, reason);
+            }
+        }
+    }
+
+    fn resume_ready(&mut self) {
+        for _ in 0..self.ready.len() {
+            match self.ready.pop_front() {
+                Some(Ready::Listener(i)) => self.accept(i),
+                Some(Ready::Session { slot, generation }) => {
+                    if self.generation_at(slot) == Some(generation) {
+                        self.drive(slot);
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+
+    // === timers ===
+
+    fn fire_timers(&mut self) {
+        while let Some(t) = self.timers.pop_due(self.now) {
+            if t.kind == TimerKind::Accept {
+                self.accept(t.slot);
+                continue;
+            }
+            if self.generation_at(t.slot) != Some(t.generation) {
+                continue; // the session that armed it is gone
+            }
+            let Some(s) = self.sessions[t.slot].as_ref() else { continue };
+            match (t.kind, s.state) {
+                // Still waiting on the attempt that armed this timer.
+                (TimerKind::Connect, State::Connecting { deadline }) if deadline == t.at => {
+                    log::debug!(
+                        "connect to {} timed out",
+                        self.shared.routing.backends[s.target].addr
+                    );
+                    self.connect_failed(t.slot, true);
+                }
+                (TimerKind::Connect, _) => {}
+                // Idle means no byte either way since last_active; otherwise re-arm.
+                (TimerKind::Idle, _) => {
+                    let due = s.last_active + self.shared.idle_timeout;
+                    if due <= self.now {
+                        inc(&self.stats.idle_timeouts);
+                        self.close(t.slot, CloseReason::Idle);
+                    } else {
+                        self.timers.arm(Timer { at: due, ..t });
+                    }
+                }
+                // A lingering reset checks the send queue again.
+                (TimerKind::Linger, _) => self.drive(t.slot),
+                (TimerKind::Accept, _) => {}
+            }
+        }
+    }
+
+    // === closing ===
+
+    fn generation_at(&self, slot: usize) -> Option<u64> {
+        self.sessions.get(slot).and_then(Option::as_ref).map(|s| s.generation)
+    }
+
+    fn close(&mut self, slot: usize, reason: CloseReason) {
+        let Some(mut s) = self.sessions.get_mut(slot).and_then(Option::take) else { return };
+        log::debug!(
+            "session {} closed: {reason:?} ({} in, {} out)",
+            s.peer,
+            s.c2b.moved,
+            s.b2c.moved
+        );
+        let registry: &Registry = self.poll.registry();
+        let _ = registry.deregister(&mut s.client.stream);
+        let _ = registry.deregister(&mut s.backend.stream);
+        s.c2b.release(&mut self.pools);
+        s.b2c.release(&mut self.pools);
+        if s.counted {
+            self.shared.routing.backends[s.target].active.fetch_sub(1, Relaxed);
+        }
+        if let (Some(key), true) = (s.key, s.attached) {
+            self.shared.sticky.detach(key, self.shared.now_ms(self.now));
+        }
+        self.shared.active.fetch_sub(1, AcqRel);
+        inc(&self.stats.closed);
+        self.free.push(slot);
+    }
+
+    fn close_all(&mut self) {
+        for slot in 0..self.sessions.len() {
+            self.close(slot, CloseReason::Shutdown);
+        }
+    }
+}
+
+/// First backend in the key's fallback order that is usable and not yet tried; if every backend
+/// looks down, the first not yet tried (a stale failure mark must not turn everyone away).
+fn choose(shared: &Shared, hash: u64, tried: &Tried, now_ms: u64) -> Option<usize> {
+    let ring = &shared.routing.ring;
+    ring.pick(hash, |i| !tried.contains(i) && shared.routing.usable(i, now_ms))
+        .or_else(|| ring.pick(hash, |i| !tried.contains(i)))
+}
+
+/// Turn a client away with a reset, so it sees an error rather than an empty session.
+fn refuse(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+}
+
+fn is_resource_error(e: &io::Error) -> bool {
+    use nix::libc::{EMFILE, ENFILE, ENOBUFS, ENOMEM};
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+}
+
+/// Bytes of a connection's 5-tuple (protocol is always TCP here).
+fn five_tuple(peer: SocketAddr, local: SocketAddr) -> [u8; 37] {
+    let mut out = [0u8; 37];
+    out[0] = 6; // IPPROTO_TCP
+    out[1..17].copy_from_slice(&AffinityKey::from_ip(peer.ip()).to_bytes());
+    out[17..19].copy_from_slice(&peer.port().to_be_bytes());
+    out[19..35].copy_from_slice(&AffinityKey::from_ip(local.ip()).to_bytes());
+    out[35..37].copy_from_slice(&local.port().to_be_bytes());
+    out
+}
