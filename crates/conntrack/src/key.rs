@@ -1,0 +1,102 @@
+//! Affinity keys: what stickiness is keyed on.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, Ipv6Addr};
+
+/// Index of a backend in the routing snapshot's backend list.
+pub type BackendId = u32;
+
+/// Canonical affinity key: a client IP held as the 16 bytes of an IPv6 address.
+///
+/// An IPv4 client is stored as its IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, RFC 4291
+/// section 2.5.5.2), so a client that reaches a v4 listener and a dual-stack v6 listener gets
+/// one key and one backend. Every other IPv6 address, including the deprecated
+/// IPv4-compatible form `::a.b.c.d`, is its own key. Any 16 bytes are a valid key, so
+/// [`AffinityKey::from_bytes`] and [`AffinityKey::to_bytes`] are exact inverses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AffinityKey([u8; 16]);
+
+impl AffinityKey {
+    /// The key of a client address; v4 and its `::ffff:` mapped form give the same key.
+    pub fn from_ip(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self(v4.to_ipv6_mapped().octets()),
+            IpAddr::V6(v6) => Self(v6.octets()),
+        }
+    }
+
+    /// The key whose [`to_bytes`](Self::to_bytes) is `bytes` (e.g. read back from the admin API).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
+    /// The canonical 16-byte form: IPv6 octets, v4 clients as `::ffff:a.b.c.d`.
+    pub fn to_bytes(&self) -> [u8; 16] {
+        self.0
+    }
+
+    /// The client address in canonical form: `V4` for a mapped address, `V6` otherwise.
+    pub fn ip(&self) -> IpAddr {
+        Ipv6Addr::from(self.0).to_canonical()
+    }
+}
+
+impl From<IpAddr> for AffinityKey {
+    fn from(ip: IpAddr) -> Self {
+        Self::from_ip(ip)
+    }
+}
+
+// Written by hand rather than derived: the derived impl hashes the array as a slice, which
+// feeds SipHash an extra 8-byte length prefix on every lookup. One 16-byte write hashes the same
+// bytes `Eq` compares, so the two stay consistent.
+impl Hash for AffinityKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(&self.0);
+    }
+}
+
+impl fmt::Debug for AffinityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AffinityKey({})", self.ip())
+    }
+}
+
+impl fmt::Display for AffinityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.ip().fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> AffinityKey {
+        AffinityKey::from_ip(s.parse().unwrap())
+    }
+
+    #[test]
+    fn v4_and_mapped_v6_are_one_key() {
+        assert_eq!(key("192.0.2.7"), key("::ffff:192.0.2.7"));
+        assert_eq!(key("::ffff:192.0.2.7").ip(), "192.0.2.7".parse::<IpAddr>().unwrap());
+        assert_eq!(key("192.0.2.7").to_bytes()[10..], [0xff, 0xff, 192, 0, 2, 7]);
+    }
+
+    #[test]
+    fn v6_keys_are_distinct() {
+        assert_ne!(key("2001:db8::1"), key("2001:db8::2"));
+        assert_ne!(key("2001:db8::1"), key("192.0.2.1"));
+        // The deprecated IPv4-compatible form is not the mapped form: a different client.
+        assert_ne!(key("::192.0.2.7"), key("192.0.2.7"));
+        assert_eq!(key("2001:db8::1").ip(), "2001:db8::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn bytes_round_trip() {
+        let k = key("2001:db8::42");
+        assert_eq!(AffinityKey::from_bytes(k.to_bytes()), k);
+        assert_eq!(format!("{k} {k:?}"), "2001:db8::42 AffinityKey(2001:db8::42)");
+    }
+}
