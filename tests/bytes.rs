@@ -1,0 +1,175 @@
+//! Byte-exactness through both pumps (splice and buffer): half-close both ways, large transfers
+//! with a slow reader, send-then-close, and resets forwarded as resets (FAILURE-MODES F1, F2).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// Client sends 1 MiB and shuts down its write side; the backend replies with a digest after EOF.
+fn half_close_client_to_backend(net: u8, splice: &str) {
+    let pool = backends(net, 1);
+    let t = tether(net, &pool, &["--splice", splice]);
+    let mut s = connect_from(client_ip(1), t.addr(), DEADLINE).unwrap();
+    send_command(&mut s, "sink").unwrap();
+    let sent = write_pattern(&mut s, 1 << 20).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let reply = read_line(&mut s).unwrap();
+    assert_eq!(parse_sink_reply(&reply), Some((1 << 20, sent)), "reply {reply:?}");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
+
+/// Backend sends 1 MiB and shuts down its write side; the client reads to EOF, then sends the
+/// digest, which must still reach the backend.
+fn half_close_backend_to_client(net: u8, splice: &str) {
+    let pool = backends(net, 1);
+    let t = tether(net, &pool, &["--splice", splice]);
+    let mut s = connect_from(client_ip(2), t.addr(), DEADLINE).unwrap();
+    send_command(&mut s, &format!("source-then-read {}", 1 << 20)).unwrap();
+    let (n, digest) = read_to_end_digest(&mut s, None).unwrap();
+    assert_eq!((n, digest), (1 << 20, digest_of_pattern(1 << 20)));
+    s.write_all(hex(digest).as_bytes()).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let want = Outcome::ReceivedLine(hex(digest));
+    assert!(
+        pool[0].wait_for(|log| log.iter().any(|e| e.outcome == want), DEADLINE),
+        "backend never received the digest: {:?}",
+        pool[0].log()
+    );
+}
+
+/// 64 MiB each way at once through `echo`, read slowly; tether's memory must stay bounded.
+fn large_transfer_with_slow_reader(net: u8, splice: &str) {
+    const SIZE: u64 = 64 << 20;
+    let pool = backends(net, 1);
+    let t = tether(net, &pool, &["--splice", splice]);
+    let mut s = connect_from(client_ip(3), t.addr(), DEADLINE).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    send_command(&mut s, "echo").unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let sent = std::thread::spawn(move || {
+        let digest = write_pattern(&mut writer, SIZE);
+        let _ = writer.shutdown(Shutdown::Write);
+        digest
+    });
+    // Sample tether's RSS while the transfer runs.
+    let done = Arc::new(AtomicBool::new(false));
+    let max_rss = Arc::new(AtomicU64::new(0));
+    let pid = t.pid();
+    let sampler = {
+        let (done, max_rss) = (Arc::clone(&done), Arc::clone(&max_rss));
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                    let rss = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+                        .unwrap_or(0);
+                    max_rss.fetch_max(rss, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(20)); // a sampling period, not a wait
+            }
+        })
+    };
+    // Slow for the first 4 MiB (4 KiB reads with pauses: the proxy must hold back), then fast.
+    let mut digest = Digest::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let slow = digest.bytes() < 4 << 20;
+        let want = if slow { 4096 } else { buf.len() };
+        match s.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => digest.update(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("read failed after {} bytes: {e}", digest.bytes()),
+        }
+        if slow {
+            std::thread::sleep(Duration::from_micros(200)); // slowness, not synchronisation
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let sent = sent.join().unwrap().unwrap();
+    assert_eq!(digest.bytes(), SIZE);
+    assert_eq!(digest.finish(), sent, "echoed bytes differ from those sent");
+    assert_eq!(sent, digest_of_pattern(SIZE));
+    // Backpressure: a session holds at most one 64 KiB store per direction; a proxy that kept
+    // reading while the client was slow would hold tens of MiB.
+    let rss = max_rss.load(Ordering::Relaxed);
+    assert!(rss > 0 && rss < 48 * 1024, "tether RSS peaked at {rss} KiB");
+}
+
+/// The backend writes N bytes and closes at once: the client gets all N, then EOF.
+fn send_then_close_never_truncates(net: u8, splice: &str) {
+    let pool = backends(net, 1);
+    let t = tether(net, &pool, &["--splice", splice]);
+    for round in 0..5 {
+        for n in [0u64, 1, 1000, 65_536, (1 << 20) + 7, 8 << 20] {
+            let mut s = connect_from(client_ip(4 + round), t.addr(), DEADLINE).unwrap();
+            send_command(&mut s, &format!("source {n}")).unwrap();
+            let (got, digest) = read_to_end_digest(&mut s, None).unwrap();
+            assert_eq!(got, n, "round {round}: truncated");
+            assert_eq!(digest, digest_of_pattern(n));
+        }
+    }
+}
+
+/// The backend writes `bye\n` and resets: the client reads `bye\n`, then gets a reset.
+fn backend_reset_reaches_client_after_its_data(net: u8, splice: &str) {
+    let pool = backends(net, 1);
+    let t = tether(net, &pool, &["--splice", splice]);
+    for i in 0..5 {
+        let mut s = connect_from(client_ip(10 + i), t.addr(), DEADLINE).unwrap();
+        send_command(&mut s, "reset").unwrap();
+        assert_eq!(read_line(&mut s).unwrap(), "bye");
+        let mut rest = Vec::new();
+        let err = s.read_to_end(&mut rest).expect_err("a reset, not EOF");
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+        assert!(rest.is_empty());
+    }
+}
+
+/// The client resets: the backend sees a reset, not a clean EOF.
+fn client_reset_reaches_backend(net: u8, splice: &str) {
+    let pool = backends(net, 1);
+    let t = tether(net, &pool, &["--splice", splice]);
+    let mut s = connect_from(client_ip(20), t.addr(), DEADLINE).unwrap();
+    send_command(&mut s, "await").unwrap();
+    assert!(pool[0].wait_for(|log| log.iter().any(|e| e.outcome == Outcome::Started), DEADLINE));
+    send_reset(s).unwrap();
+    assert!(
+        pool[0].wait_for(|log| log.iter().any(|e| e.outcome == Outcome::Reset), DEADLINE),
+        "backend log: {:?}",
+        pool[0].log()
+    );
+    assert!(!pool[0].log().iter().any(|e| matches!(e.outcome, Outcome::Eof { .. })));
+}
+
+macro_rules! both_pumps {
+    ($($name:ident: $net_splice:literal, $net_buffer:literal;)*) => {
+        mod splice {
+            $(#[test] fn $name() { super::$name($net_splice, "auto") })*
+        }
+        mod buffer {
+            $(#[test] fn $name() { super::$name($net_buffer, "off") })*
+        }
+    };
+}
+
+both_pumps! {
+    half_close_client_to_backend: 20, 30;
+    half_close_backend_to_client: 21, 31;
+    large_transfer_with_slow_reader: 22, 32;
+    send_then_close_never_truncates: 23, 33;
+    backend_reset_reaches_client_after_its_data: 24, 34;
+    client_reset_reaches_backend: 25, 35;
+}

@@ -1,0 +1,148 @@
+//! Flags, limits, timeouts and shutdown: what an operator sees from outside.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn run(args: &[&str]) -> Exit {
+    run_to_exit(bin(), args, DEADLINE).expect("run tether")
+}
+
+#[test]
+fn bad_flags_exit_non_zero_with_one_line_naming_the_flag() {
+    let taken = std::net::TcpListener::bind("127.0.40.1:0").unwrap();
+    let in_use = taken.local_addr().unwrap().to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--listen", "127.0.0.1:notaport", "--backend", "127.0.0.1:1"], "--listen"),
+        (&["--listen", "127.0.0.1:0"], "--backend"),
+        (&["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1,weight=0"], "--backend"),
+        (&["--listen", "127.0.0.1:0", "--backend", "bad:1"], "--backend"),
+        (
+            &["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--affinity", "cookie"],
+            "--affinity",
+        ),
+        (
+            &["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--idle-timeout", "5"],
+            "--idle-timeout",
+        ),
+        (&["--listen", &in_use, "--backend", "127.0.0.1:1"], "--listen"),
+        (&["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--bogus"], "--bogus"),
+    ];
+    for (args, flag) in cases {
+        let exit = run(args);
+        assert!(!exit.status.success(), "{args:?} was accepted");
+        let lines: Vec<&str> = exit.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {:?}", exit.stderr);
+        assert!(lines[0].contains(flag), "{args:?}: {:?} does not name {flag}", lines[0]);
+        assert!(exit.stdout.is_empty(), "{args:?} printed {:?}", exit.stdout);
+    }
+    // The port that was in use is still only ours: nothing was left bound by the failed start.
+    drop(taken);
+}
+
+#[test]
+fn help_lists_every_flag() {
+    let exit = run(&["--help"]);
+    assert!(exit.status.success());
+    for flag in [
+        "--listen",
+        "--backend",
+        "--affinity",
+        "--sticky-timeout",
+        "--connect-timeout",
+        "--idle-timeout",
+        "--workers",
+        "--max-conns",
+        "--splice",
+        "--grace",
+        "--seed",
+    ] {
+        assert!(exit.stdout.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn sigterm_stops_accepting_and_lets_open_sessions_finish() {
+    let pool = backends(41, 1);
+    let mut t = tether(41, &pool, &["--grace", "60s"]);
+    let (mut held, name) = hold(client_ip(1), t.addr()).unwrap();
+    assert_eq!(name, "b0");
+    t.signal(Signal::SIGTERM).unwrap();
+    // New clients are refused once the listeners are closed...
+    assert!(
+        wait_until(DEADLINE, || connect_from(client_ip(2), t.addr(), DEADLINE).is_err()),
+        "listener still accepting after SIGTERM"
+    );
+    // ...while the open session still works and the process waits for it.
+    assert!(t.wait_exit(Duration::from_millis(300)).is_none(), "exited with a session open");
+    held.write_all(b"x").unwrap(); // `hold` closes when the client sends anything
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).unwrap();
+    drop(held);
+    let status = t.wait_exit(DEADLINE).expect("tether exits once the session ended");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn grace_period_ends_sessions_that_do_not_finish() {
+    let pool = backends(42, 1);
+    let mut t = tether(42, &pool, &["--grace", "1s"]);
+    let (mut held, _) = hold(client_ip(1), t.addr()).unwrap();
+    let started = Instant::now();
+    t.signal(Signal::SIGTERM).unwrap();
+    let status = t.wait_exit(DEADLINE).expect("tether exits after the grace period");
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "exited before the grace period");
+    let mut rest = Vec::new();
+    let _ = held.read_to_end(&mut rest); // closed by tether: EOF (or a reset), never a hang
+}
+
+#[test]
+fn idle_sessions_are_closed_after_the_idle_timeout() {
+    let pool = backends(43, 1);
+    let t = tether(43, &pool, &["--idle-timeout", "500ms"]);
+    let (mut held, _) = hold(client_ip(1), t.addr()).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    held.set_read_timeout(Some(DEADLINE)).unwrap();
+    let n = held.read(&mut buf).expect("EOF from tether, not a timeout");
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // A session with traffic is not idle: an echo kept busy for longer than the timeout lives.
+    let mut s = connect_from(client_ip(2), t.addr(), DEADLINE).unwrap();
+    send_command(&mut s, "echo").unwrap();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        s.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).unwrap();
+        std::thread::sleep(Duration::from_millis(100)); // traffic pacing, not synchronisation
+    }
+}
+
+#[test]
+fn max_conns_refuses_extra_clients_and_recovers() {
+    let pool = backends(44, 1);
+    let t = tether(44, &pool, &["--max-conns", "2"]);
+    let (a, _) = hold(client_ip(1), t.addr()).unwrap();
+    let (_b, _) = hold(client_ip(2), t.addr()).unwrap();
+    let mut s = connect_from(client_ip(3), t.addr(), DEADLINE).unwrap();
+    let _ = send_command(&mut s, "name");
+    let mut buf = Vec::new();
+    match s.read_to_end(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
+        Ok(_) => assert!(buf.is_empty(), "third client was served: {buf:?}"),
+    }
+    drop(a);
+    assert!(
+        wait_until(DEADLINE, || ask_name(client_ip(3), t.addr()).is_ok()),
+        "a slot never freed up"
+    );
+}
