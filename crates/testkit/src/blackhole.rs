@@ -5,7 +5,7 @@
 //! side retransmits its SYN until its own timeout. A listener with backlog 0 that never accepts
 //! has a queue full after one or two handshakes, which the helper makes itself.
 
-use std::io::{self, ErrorKind};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -62,16 +62,15 @@ pub fn blackhole(ip: IpAddr) -> io::Result<Blackhole> {
             return Ok(Blackhole { addr, _listener: listener, _fillers: fillers });
         }
     }
-    Err(io::Error::new(
-        ErrorKind::Other,
-        format!("{addr}: accept queue still open after {MAX_FILLERS} connects"),
-    ))
+    Err(io::Error::other(format!("{addr}: accept queue still open after {MAX_FILLERS} connects")))
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
     use std::time::Instant;
+
+    use std::io::ErrorKind;
 
     use super::*;
     use crate::client::{client_ip, connect_from};

@@ -14,7 +14,8 @@
 //!   [`write_pattern`], [`send_reset`], [`client_ip`].
 //! - [`Tether`]: starts the real binary, waits for its `ready` line and kills it on drop.
 //! - [`blackhole()`]: an address where a connect hangs, for connect-timeout tests.
-//! - [`survey()`]: asks many sources for their backend over several rounds (`tether-bench`).
+//! - [`survey()`]: asks many sources for their backend over several rounds, and
+//!   [`StopSignals`] waits for SIGINT or SIGTERM (both for `tether-bench`).
 //!
 //! Every thread or process started here is stopped by a `Drop`, and nothing waits by sleeping:
 //! waits poll a condition against a deadline ([`wait_until`], [`Backend::wait_for`]).
@@ -41,6 +42,7 @@ mod client;
 mod data;
 mod journal;
 mod process;
+mod signals;
 mod survey;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -57,6 +59,7 @@ pub use client::{
 pub use data::{digest_of, digest_of_pattern, hex, pattern, Digest};
 pub use nix::sys::signal::Signal;
 pub use process::{run_to_exit, Exit, Tether, READY_TIMEOUT, TERM_GRACE};
+pub use signals::StopSignals;
 pub use survey::{survey, Survey, Tally};
 
 /// Pause between two checks of a polled condition: short against the timeouts used in tests,

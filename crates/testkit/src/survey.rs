@@ -72,17 +72,17 @@ impl Survey {
         let rounds = self.answers.first().map_or(0, Vec::len);
         let width = self.answers.iter().flatten().map(|a| a.as_ref().map_or(1, String::len));
         let width = width.max().unwrap_or(0).max("round 99".len());
-        write!(out, "{:<17}", "source")?;
+        let mut header = format!("{:<17}", "source");
         for round in 1..=rounds {
-            write!(out, " {:<width$}", format!("round {round}"))?;
+            header += &format!(" {:<width$}", format!("round {round}"));
         }
-        writeln!(out)?;
+        writeln!(out, "{}", header.trim_end())?;
         for (source, answers) in self.sources.iter().zip(&self.answers) {
-            write!(out, "{:<17}", source.to_string())?;
+            let mut row = format!("{:<17}", source.to_string());
             for answer in answers {
-                write!(out, " {:<width$}", answer.as_deref().unwrap_or("!"))?;
+                row += &format!(" {:<width$}", answer.as_deref().unwrap_or("!"));
             }
-            writeln!(out)?;
+            writeln!(out, "{}", row.trim_end())?;
         }
         for (source, answers) in self.sources.iter().zip(&self.answers) {
             for (round, answer) in answers.iter().enumerate() {
