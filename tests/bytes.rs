@@ -105,7 +105,8 @@ fn large_transfer_with_slow_reader(net: u8, splice: &str) {
     // Backpressure: a session holds at most one 64 KiB store per direction; a proxy that kept
     // reading while the client was slow would hold tens of MiB.
     let rss = max_rss.load(Ordering::Relaxed);
-    assert!(rss > 0 && rss < 48 * 1024, "tether RSS peaked at {rss} KiB");
+    eprintln!("tether RSS peaked at {rss} KiB ({splice})");
+    assert!(rss > 0 && rss < 24 * 1024, "tether RSS peaked at {rss} KiB");
 }
 
 /// The backend writes N bytes and closes at once: the client gets all N, then EOF.

@@ -168,7 +168,8 @@ impl Session {
                     // The survivor died too: nothing left to tell anyone.
                     Err(_) => return Drive::Close(CloseReason::Reset),
                     Ok(false) if dst.writable => return Drive::Yield,
-                    Ok(false) if now < until => return Drive::Wait,
+                    // Re-checked on the linger timer: no event may ever come from a stuck peer.
+                    Ok(false) if now < until => return Drive::Linger,
                     Ok(_) => {}
                 }
                 if now < until && unsent(dst) > 0 {
