@@ -1,0 +1,89 @@
+//! Sticky table hot paths: lookup of a pinned client (every new session) and attach/detach
+//! (session start and end), alone and with a second thread hammering the same table.
+//! Target (issue 3): lookup < 100 ns.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tether_conntrack::{AffinityKey, Sticky, StickyConfig};
+
+const KEYS: u32 = 100_000;
+
+fn key(i: u32) -> AffinityKey {
+    AffinityKey::from_ip(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)))
+}
+
+fn filled() -> Arc<Sticky> {
+    let sticky = Sticky::new(StickyConfig { capacity: 1 << 20, timeout_ms: 60_000 }, [7; 16]);
+    for i in 0..KEYS {
+        sticky.attach(key(i), i % 10, 0);
+        sticky.detach(key(i), 0);
+    }
+    Arc::new(sticky)
+}
+
+/// Runs `f` while another thread does attach/detach on the same table (two workers).
+fn contended<R>(sticky: &Arc<Sticky>, f: impl FnOnce() -> R) -> R {
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = {
+        let (sticky, stop) = (Arc::clone(sticky), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                i = (i + 7919) % KEYS;
+                sticky.attach(key(i), 1, 10);
+                sticky.detach(key(i), 10);
+            }
+        })
+    };
+    let r = f();
+    stop.store(true, Ordering::Relaxed);
+    other.join().unwrap();
+    r
+}
+
+fn sticky(c: &mut Criterion) {
+    let sticky = filled();
+    let mut i = 0u32;
+    // A hot set that stays in cache: the CPU cost of a lookup without memory latency.
+    c.bench_function("sticky lookup, 1k hot keys of 100k", |b| {
+        b.iter(|| {
+            i = (i + 1) % 1000;
+            sticky.lookup(black_box(key(i)), 20)
+        })
+    });
+    c.bench_function("sticky lookup, 100k entries", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            sticky.lookup(black_box(key(i)), 20)
+        })
+    });
+    c.bench_function("sticky attach+detach, 100k entries", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            sticky.attach(black_box(key(i)), 3, 20);
+            sticky.detach(key(i), 20);
+        })
+    });
+    contended(&sticky, || {
+        c.bench_function("sticky lookup, second thread attaching", |b| {
+            b.iter(|| {
+                i = (i + 1) % KEYS;
+                sticky.lookup(black_box(key(i)), 20)
+            })
+        });
+        c.bench_function("sticky attach+detach, second thread attaching", |b| {
+            b.iter(|| {
+                i = (i + 1) % KEYS;
+                sticky.attach(black_box(key(i)), 3, 20);
+                sticky.detach(key(i), 20);
+            })
+        });
+    });
+}
+
+criterion_group!(benches, sticky);
+criterion_main!(benches);
