@@ -1,0 +1,571 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of tether, HAProxy and nginx (stream) on loopback. Run via bench.sh.
+
+Fairness rules (docs/performance.md): every load balancer runs pinned to CPU 1 with one worker
+(haproxy `nbthread 1`, nginx `worker_processes 1`, tether `--workers 1`) and balances by client
+IP; load generators and backends run pinned to CPU 0. For each metric the balancers are
+interleaved (rep 1: direct, tether, haproxy, nginx; rep 2: ...) and medians are reported. The
+balancer's CPU cost is its busy CPU time (utime+stime of its whole process tree, from /proc)
+divided by the work done. Every process started here is stopped by PID at the end.
+"""
+
+import argparse
+import atexit
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TETHER = os.path.join(ROOT, "target", "release", "tether")
+BENCH = os.path.join(ROOT, "target", "release", "tether-bench")
+LB_CPU = "1"
+GEN_CPU = "0"
+BACKEND_IPS = ["127.0.0.21", "127.0.0.22"]
+LB_IP = "127.0.0.1"
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+procs = []  # every Popen we started, stopped at exit
+
+
+def stop_all():
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    procs.clear()
+
+
+atexit.register(stop_all)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+
+
+def start(cmd, cpu, log, env=None):
+    p = subprocess.Popen(["taskset", "-c", cpu] + cmd, stdout=log, stderr=subprocess.STDOUT,
+                         env=env, start_new_session=True)
+    procs.append(p)
+    return p
+
+
+def stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p in procs:
+        procs.remove(p)
+
+
+def free_port(ip="127.0.0.1"):
+    s = socket.socket()
+    s.bind((ip, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(ip, port, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection((ip, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {ip}:{port}")
+
+
+def tree(pid):
+    """pid and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / TICK
+
+
+def rss_bytes(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except OSError:
+            pass
+    return total
+
+
+def hold_dma_latency():
+    """Keep idle CPUs out of deep C-states while the benchmark runs (cpuidle PM QoS interface:
+    write a 32-bit 0 to /dev/cpu_dma_latency and keep the file open)."""
+    try:
+        f = open("/dev/cpu_dma_latency", "wb", buffering=0)
+        f.write(struct.pack("i", 0))
+        return f
+    except OSError as e:
+        print(f"bench: cannot hold /dev/cpu_dma_latency ({e}); latencies include wake-up time",
+              file=sys.stderr)
+        return None
+
+
+# === load balancers ===
+
+
+class Direct:
+    name = "direct"
+
+    def __init__(self, backends, work):
+        self.addr = backends[0]
+        self.proc = None
+
+    def cpu(self):
+        return 0.0
+
+    def rss(self):
+        return 0
+
+
+class Balancer:
+    def __init__(self, backends, work):
+        self.port = free_port()
+        self.addr = (LB_IP, self.port)
+        self.log = open(os.path.join(work, f"{self.name}.log"), "w")
+        self.proc = start(self.command(backends, work), LB_CPU, self.log, self.env())
+        wait_port(*self.addr)
+
+    def env(self):
+        return None
+
+    def cpu(self):
+        return cpu_seconds(self.proc.pid)
+
+    def rss(self):
+        return rss_bytes(self.proc.pid)
+
+
+class Tether(Balancer):
+    name = "tether"
+
+    def command(self, backends, work):
+        cmd = [TETHER, "--listen", f"{LB_IP}:{self.port}", "--workers", "1"]
+        for ip, port in backends:
+            cmd += ["--backend", f"{ip}:{port}"]
+        return cmd + self.extra
+
+    extra = []
+
+    def env(self):
+        return dict(os.environ, RUST_LOG="warn")
+
+
+class HAProxy(Balancer):
+    name = "haproxy"
+    splice = False
+
+    def command(self, backends, work):
+        cfg = os.path.join(work, f"{self.name}.cfg")
+        servers = "\n".join(f"  server s{i} {ip}:{port}" for i, (ip, port) in enumerate(backends))
+        splice = "  option splice-request\n  option splice-response\n" if self.splice else ""
+        with open(cfg, "w") as f:
+            f.write(f"""global
+  nbthread 1
+  maxconn 40000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend fe
+  bind {LB_IP}:{self.port}
+  default_backend be
+backend be
+  balance source
+  hash-type consistent
+{splice}{servers}
+""")
+        return ["haproxy", "-f", cfg, "-db"]
+
+
+class HAProxySplice(HAProxy):
+    name = "haproxy-splice"
+    splice = True
+
+
+class Nginx(Balancer):
+    name = "nginx"
+
+    def command(self, backends, work):
+        d = os.path.join(work, self.name)
+        os.makedirs(d, exist_ok=True)
+        servers = "\n".join(f"    server {ip}:{port};" for ip, port in backends)
+        with open(os.path.join(d, "nginx.conf"), "w") as f:
+            f.write(f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile 60000;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+user root;
+events {{ worker_connections 30000; }}
+stream {{
+  upstream be {{
+    hash $remote_addr consistent;
+{servers}
+  }}
+  server {{
+    listen {LB_IP}:{self.port};
+    proxy_pass be;
+    proxy_timeout 1h;
+  }}
+}}
+""")
+        return ["nginx", "-p", d, "-c", os.path.join(d, "nginx.conf")]
+
+
+# === backends ===
+
+
+def iperf_backends(work):
+    out = []
+    for ip in BACKEND_IPS:
+        port = free_port(ip)
+        start(["iperf3", "-s", "-B", ip, "-p", str(port)], GEN_CPU, open(os.devnull, "w"))
+        wait_port(ip, port)
+        out.append((ip, port))
+    return out
+
+
+def redis_backends(work):
+    out = []
+    for ip in BACKEND_IPS:
+        port = free_port(ip)
+        start(["redis-server", "--bind", ip, "--port", str(port), "--save", "", "--appendonly",
+               "no", "--maxclients", "20000", "--protected-mode", "no"], GEN_CPU,
+              open(os.devnull, "w"))
+        wait_port(ip, port)
+        out.append((ip, port))
+    return out
+
+
+def sockperf_backends(work):
+    out = []
+    for ip in BACKEND_IPS:
+        port = free_port(ip)
+        start(["sockperf", "server", "--tcp", "-i", ip, "-p", str(port)], GEN_CPU,
+              open(os.devnull, "w"))
+        wait_port(ip, port)
+        out.append((ip, port))
+    return out
+
+
+def http_backends(work):
+    d = os.path.join(work, "http")
+    os.makedirs(d, exist_ok=True)
+    ports = [(ip, free_port(ip)) for ip in BACKEND_IPS]
+    listens = "\n".join(f"    listen {ip}:{port} backlog=4096;" for ip, port in ports)
+    with open(os.path.join(d, "nginx.conf"), "w") as f:
+        f.write(f"""daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+user root;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  server {{
+{listens}
+    location / {{ return 200 "ok\\n"; }}
+  }}
+}}
+""")
+    start(["nginx", "-p", d, "-c", os.path.join(d, "nginx.conf")], GEN_CPU, open(os.devnull, "w"))
+    for ip, port in ports:
+        wait_port(ip, port)
+    return ports
+
+
+# === metrics ===
+
+
+def gen(cmd, timeout):
+    r = subprocess.run(["taskset", "-c", GEN_CPU] + cmd, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {r.stderr.strip()[:400]}")
+    return r.stdout
+
+
+def measure(lb, fn):
+    c0 = lb.cpu()
+    t0 = time.time()
+    result = fn()
+    result["lb_cpu_s"] = lb.cpu() - c0
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+def bulk(lb, args, streams):
+    def run():
+        out = json.loads(gen(["iperf3", "-c", lb.addr[0], "-p", str(lb.addr[1]), "-t",
+                              str(args.seconds), "-P", str(streams), "-J"], args.seconds + 30))
+        end = out["end"]
+        return {"gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
+                "bytes": end["sum_received"]["bytes"]}
+    r = measure(lb, run)
+    r["cpu_ms_per_gb"] = r["lb_cpu_s"] * 1e3 / (r["bytes"] / 1e9)
+    return r
+
+
+def connrate(lb, args):
+    def run():
+        out = gen(["wrk", "-t1", "-c32", f"-d{args.seconds}s", "--latency", "-H",
+                   "Connection: close", f"http://{lb.addr[0]}:{lb.addr[1]}/"], args.seconds + 30)
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        total = int(re.search(r"(\d+) requests in", out).group(1))
+        errors = re.search(r"Socket errors: (.*)", out)
+        return {"conn_s": rps, "conns": total, "errors": errors.group(1) if errors else ""}
+    r = measure(lb, run)
+    r["cpu_us_per_conn"] = r["lb_cpu_s"] * 1e6 / max(1, r["conns"])
+    return r
+
+
+def redis(lb, args):
+    n = args.redis_requests
+
+    def run():
+        out = gen(["redis-benchmark", "-h", lb.addr[0], "-p", str(lb.addr[1]), "-t",
+                   "ping,set,get", "-c", "50", "-n", str(n), "--csv"], 600)
+        rows = list(csv.DictReader(io.StringIO(out)))
+        return {"rows": {r["test"]: {"rps": float(r["rps"]), "p50_ms": float(r["p50_latency_ms"]),
+                                     "p99_ms": float(r["p99_latency_ms"])} for r in rows}}
+    r = measure(lb, run)
+    rows = r.pop("rows")
+    requests = n * len(rows)
+    r["rps"] = statistics.mean(v["rps"] for v in rows.values())
+    r["p50_ms"] = statistics.mean(v["p50_ms"] for v in rows.values())
+    r["p99_ms"] = max(v["p99_ms"] for v in rows.values())
+    r["cpu_us_per_req"] = r["lb_cpu_s"] * 1e6 / requests
+    return r
+
+
+def pingpong(lb, args):
+    def run():
+        out = gen(["sockperf", "ping-pong", "--tcp", "-i", lb.addr[0], "-p", str(lb.addr[1]),
+                   "-m", "64", "-t", str(args.seconds)], args.seconds + 30)
+        pct = {m.group(1): float(m.group(2))
+               for m in re.finditer(r"percentile (\d+\.\d+) =\s+([\d.]+)", out)}
+        return {"p50_us": pct["50.000"], "p99_us": pct["99.000"]}
+    return measure(lb, run)
+
+
+def memory(lb, args):
+    """RSS per idle connection: open N connections through the balancer to redis, check each
+    with a PING, and compare the balancer's RSS before and after."""
+    n = args.idle_conns
+    before = lb.rss()
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(lb.addr, timeout=10)
+            socks.append(s)
+        for s in socks:
+            s.sendall(b"PING\r\n")
+        for s in socks:
+            if not s.recv(16).startswith(b"+PONG"):
+                raise RuntimeError("no PONG through the balancer")
+        time.sleep(1)  # let the balancer settle before sampling (a measurement pause)
+        after = lb.rss()
+    finally:
+        for s in socks:
+            s.close()
+    return {"conns": n, "rss_before_kib": before // 1024, "rss_after_kib": after // 1024,
+            "bytes_per_conn": (after - before) / n}
+
+
+# === driver ===
+
+METRICS = {
+    "bulk": (iperf_backends, [Direct, Tether, HAProxy, HAProxySplice, Nginx]),
+    "connrate": (http_backends, [Direct, Tether, HAProxy, Nginx]),
+    "redis": (redis_backends, [Direct, Tether, HAProxy, Nginx]),
+    "pingpong": (sockperf_backends, [Direct, Tether, HAProxy, Nginx]),
+    "memory": (redis_backends, [Tether, HAProxy, Nginx]),
+}
+
+
+def median_of(runs):
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+
+def run_metric(name, args, work, results):
+    make_backends, lbs = METRICS[name]
+    backends = make_backends(work)
+    started = [cls(backends, work) for cls in lbs]
+    tests = {
+        "bulk": [("bulk-P1", lambda lb: bulk(lb, args, 1)), ("bulk-P4", lambda lb: bulk(lb, args, 4))],
+        "connrate": [("connrate", lambda lb: connrate(lb, args))],
+        "redis": [("redis", lambda lb: redis(lb, args))],
+        "pingpong": [("pingpong", lambda lb: pingpong(lb, args))],
+        "memory": [("memory", lambda lb: memory(lb, args))],
+    }[name]
+    try:
+        for test, fn in tests:
+            reps = 1 if name == "memory" else args.reps
+            runs = {lb.name: [] for lb in started}
+            for rep in range(reps):
+                for lb in started:
+                    if test == "bulk-P1" or test == "bulk-P4" or lb.name != "haproxy-splice":
+                        r = fn(lb)
+                        runs[lb.name].append(r)
+                        print(f"  {test} rep {rep + 1} {lb.name}: " +
+                              ", ".join(f"{k}={v:.4g}" for k, v in r.items()
+                                        if isinstance(v, float)), flush=True)
+            results[test] = {lb: median_of(rs) for lb, rs in runs.items() if rs}
+    finally:
+        for lb in started:
+            if lb.proc is not None:
+                stop(lb.proc)
+        stop_all()
+
+
+def ratio(a, b):
+    return a / b if b else float("nan")
+
+
+def table(results):
+    lines = []
+    peers = ["haproxy", "nginx"]
+
+    def row(test, metric, unit, lower_better, lbs=None):
+        res = results.get(test)
+        if not res:
+            return
+        lbs = lbs or [k for k in ["direct", "tether", "haproxy", "haproxy-splice", "nginx"] if k in res]
+        cells = [f"{res[k][metric]:.4g}" if k in res else "" for k in
+                 ["direct", "tether", "haproxy", "haproxy-splice", "nginx"]]
+        t = res.get("tether", {}).get(metric)
+        ratios = []
+        for p in ["haproxy", "haproxy-splice", "nginx"]:
+            if p in res and t is not None:
+                ratios.append(f"{ratio(t, res[p][metric]):.2f}")
+            else:
+                ratios.append("")
+        lines.append(f"| {test} | {metric} ({unit}, {'lower' if lower_better else 'higher'} is better) | "
+                     + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+
+    lines.append("| test | metric | direct | tether | haproxy | haproxy-splice | nginx "
+                 "| tether/haproxy | tether/haproxy-splice | tether/nginx |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for test in ["bulk-P1", "bulk-P4"]:
+        row(test, "gbit_s", "Gbit/s", False)
+        row(test, "cpu_ms_per_gb", "LB CPU ms/GB", True)
+    row("connrate", "conn_s", "conn/s", False)
+    row("connrate", "cpu_us_per_conn", "LB CPU µs/conn", True)
+    row("redis", "rps", "req/s", False)
+    row("redis", "p50_ms", "ms", True)
+    row("redis", "p99_ms", "ms", True)
+    row("redis", "cpu_us_per_req", "LB CPU µs/req", True)
+    row("pingpong", "p50_us", "µs", True)
+    row("pingpong", "p99_us", "µs", True)
+    row("memory", "bytes_per_conn", "RSS bytes/idle conn", True)
+    if "pingpong" in results and "direct" in results["pingpong"]:
+        d = results["pingpong"]["direct"]["p50_us"]
+        added = {k: v["p50_us"] - d for k, v in results["pingpong"].items() if k != "direct"}
+        lines.append("")
+        lines.append("Added p50 latency over direct (µs): " +
+                     ", ".join(f"{k} {v:.2f}" for k, v in added.items()) +
+                     (f"; tether/best peer = {ratio(added['tether'], min(added[p] for p in peers if p in added)):.2f}"
+                      if "tether" in added else ""))
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="1 repetition of 2 s (smoke run)")
+    ap.add_argument("--only", action="append", choices=list(METRICS), help="run only these")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--redis-requests", type=int, default=200000)
+    ap.add_argument("--idle-conns", type=int, default=5000)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
+    args = ap.parse_args()
+    if args.quick:
+        args.reps, args.seconds, args.redis_requests = 1, 2, 50000
+    for tool in ["taskset", "haproxy", "nginx", "iperf3", "sockperf", "wrk", "redis-server"]:
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} not found (run scripts/bench.sh, which installs it)")
+    if os.cpu_count() < 2:
+        sys.exit("bench: needs 2 CPUs (balancer on CPU 1, load on CPU 0)")
+    dma = hold_dma_latency()
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="tether-bench-")
+    results = {}
+    try:
+        for name in args.only or list(METRICS):
+            print(f"== {name}", flush=True)
+            run_metric(name, args, work, results)
+    finally:
+        stop_all()
+        if dma:
+            dma.close()
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps, "seconds": args.seconds,
+            "kernel": os.uname().release, "dma_latency_held": dma is not None,
+            "versions": {
+                "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
+                "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+            }}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    md = table(results)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print()
+    print(md)
+    print(f"\n(written to {args.out}/results.json and results.md; work dir {work})")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
