@@ -210,7 +210,7 @@ class HAProxy(Balancer):
         with open(cfg, "w") as f:
             f.write(f"""global
   nbthread 1
-  maxconn 40000
+  maxconn 7000
 defaults
   mode tcp
   timeout connect 5s
@@ -243,11 +243,11 @@ class Nginx(Balancer):
             f.write(f"""load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 daemon off;
 worker_processes 1;
-worker_rlimit_nofile 60000;
+worker_rlimit_nofile 20000;
 pid {d}/nginx.pid;
 error_log {d}/error.log;
 user root;
-events {{ worker_connections 30000; }}
+events {{ worker_connections 12000; }}
 stream {{
   upstream be {{
     hash $remote_addr consistent;
