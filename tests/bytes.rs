@@ -155,6 +155,84 @@ fn client_reset_reaches_backend(net: u8, splice: &str) {
     assert!(!pool[0].log().iter().any(|e| matches!(e.outcome, Outcome::Eof { .. })));
 }
 
+/// Urgent data in the middle of a bulk transfer: splice(2) cannot read past the urgent mark, so
+/// a pump that took its `EAGAIN` for "drained" would stall and turn the FIN into a truncation.
+/// The urgent byte itself is out of band and not part of the stream (no SO_OOBINLINE).
+fn urgent_data_does_not_truncate(net: u8, splice: &str) {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let pool = backends(net, 1);
+    let t = tether(net, &pool, &["--splice", splice]);
+    let mut s = connect_from(client_ip(30), t.addr(), DEADLINE).unwrap();
+    send_command(&mut s, "sink").unwrap();
+    let mut want = Digest::new();
+    // Enough bulk ahead of the mark that tether is splicing a backlog when it reaches it.
+    let mut buf = vec![0u8; 16 << 20];
+    pattern(0, &mut buf);
+    want.update(&buf);
+    want.update(b"preBCDEF");
+    s.write_all(&buf).unwrap();
+    s.write_all(b"pre").unwrap();
+    send(s.as_raw_fd(), b"A", MsgFlags::MSG_OOB).unwrap();
+    s.write_all(b"BCDEF").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let reply = read_line(&mut s).unwrap();
+    assert_eq!(parse_sink_reply(&reply), Some((want.bytes(), want.finish())), "reply {reply:?}");
+}
+
+/// The backend sends data and resets while the client is still uploading and not reading: the
+/// reset is noticed on the upload first, and what tether's kernel already received from the
+/// backend must still reach the client before the reset does (F2).
+fn reset_after_data_loses_nothing(net: u8, splice: &str) {
+    use socket2::{Domain, Socket, Type};
+    // More than tether's socket buffers toward the client can take, so part of it is still in
+    // tether's receive queue from the backend when the reset arrives.
+    const N: u64 = 3 << 20;
+    let pool = backends(net, 1);
+    let t = tether(net, &pool, &["--splice", splice]);
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    // A small receive buffer, so most of the reply waits inside tether when the reset comes.
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind(&std::net::SocketAddr::new(client_ip(31), 0).into()).unwrap();
+    socket.connect(&t.addr().into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    send_command(&mut s, &format!("source-then-reset {N}")).unwrap();
+    let mut upload = s.try_clone().unwrap();
+    let uploader = std::thread::spawn(move || {
+        let chunk = [7u8; 16 * 1024];
+        for _ in 0..4096 {
+            if let Err(e) = upload.write_all(&chunk) {
+                return Some(e.kind());
+            }
+        }
+        None
+    });
+    let sent = |log: &[Event]| log.iter().any(|e| e.command.starts_with("source-then-reset"));
+    assert!(pool[0].wait_for(sent, DEADLINE), "backend never finished");
+    let outcome = pool[0].events_for(&format!("source-then-reset {N}"))[0].outcome.clone();
+    assert_eq!(outcome, Outcome::Sent { bytes: N });
+    let mut digest = Digest::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => digest.update(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    assert_eq!(digest.bytes(), N, "bytes before the reset were lost");
+    assert_eq!(digest.finish(), digest_of_pattern(N));
+    drop(s);
+    // The socket reports a reset once: to the reader, or to the uploader's write if that came
+    // first (the reader then sees EOF). Either way the connection ended in a reset.
+    let upload_end = uploader.join().unwrap();
+    let reset = matches!(&end, Err(e) if e.kind() == ErrorKind::ConnectionReset)
+        || matches!(upload_end, Some(ErrorKind::ConnectionReset | ErrorKind::BrokenPipe));
+    assert!(reset, "no reset seen: reader {end:?}, uploader {upload_end:?}");
+}
+
 macro_rules! both_pumps {
     ($($name:ident: $net_splice:literal, $net_buffer:literal;)*) => {
         mod splice {
@@ -173,4 +251,6 @@ both_pumps! {
     send_then_close_never_truncates: 23, 33;
     backend_reset_reaches_client_after_its_data: 24, 34;
     client_reset_reaches_backend: 25, 35;
+    urgent_data_does_not_truncate: 26, 36;
+    reset_after_data_loses_nothing: 27, 37;
 }

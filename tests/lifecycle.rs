@@ -101,6 +101,22 @@ fn grace_period_ends_sessions_that_do_not_finish() {
 }
 
 #[test]
+fn a_session_cut_by_the_grace_period_ends_in_a_reset_not_a_clean_eof() {
+    let pool = backends(45, 1);
+    let mut t = tether(45, &pool, &["--grace", "500ms"]);
+    let mut s = connect_from(client_ip(1), t.addr(), DEADLINE).unwrap();
+    send_command(&mut s, &format!("source {}", 64 << 20)).unwrap();
+    let mut first = [0u8; 1024];
+    s.read_exact(&mut first).unwrap();
+    t.signal(Signal::SIGTERM).unwrap();
+    assert!(t.wait_exit(DEADLINE).expect("exits after the grace period").success());
+    let mut rest = Vec::new();
+    let end = s.read_to_end(&mut rest);
+    // A clean EOF here would be a silent truncation of the 64 MiB stream.
+    assert_eq!(end.expect_err("a reset").kind(), ErrorKind::ConnectionReset);
+}
+
+#[test]
 fn idle_sessions_are_closed_after_the_idle_timeout() {
     let pool = backends(43, 1);
     let t = tether(43, &pool, &["--idle-timeout", "2s"]);
@@ -108,8 +124,9 @@ fn idle_sessions_are_closed_after_the_idle_timeout() {
     let started = Instant::now();
     let mut buf = [0u8; 16];
     held.set_read_timeout(Some(DEADLINE)).unwrap();
-    let n = held.read(&mut buf).expect("EOF from tether, not a timeout");
-    assert_eq!(n, 0);
+    // Cut while open both ways: a reset, so the client cannot take it for the server's close.
+    let err = held.read(&mut buf).expect_err("a reset from tether, not data or EOF");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
     assert!(
         started.elapsed() >= Duration::from_millis(450),
         "closed after {:?}",
@@ -133,12 +150,17 @@ fn max_conns_refuses_extra_clients_and_recovers() {
     let t = tether(44, &pool, &["--max-conns", "2"]);
     let (a, _) = hold(client_ip(1), t.addr()).unwrap();
     let (_b, _) = hold(client_ip(2), t.addr()).unwrap();
-    let mut s = connect_from(client_ip(3), t.addr(), DEADLINE).unwrap();
-    let _ = send_command(&mut s, "name");
-    let mut buf = Vec::new();
-    match s.read_to_end(&mut buf) {
-        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
-        Ok(_) => assert!(buf.is_empty(), "third client was served: {buf:?}"),
+    // Refused with a reset: it may even beat the end of connect(2).
+    match connect_from(client_ip(3), t.addr(), DEADLINE) {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        Ok(mut s) => {
+            let _ = send_command(&mut s, "name");
+            let mut buf = Vec::new();
+            match s.read_to_end(&mut buf) {
+                Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
+                Ok(_) => assert!(buf.is_empty(), "third client was served: {buf:?}"),
+            }
+        }
     }
     drop(a);
     assert!(

@@ -49,6 +49,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// Maglev table size (prime, NSDI 2016 section 3.4 suggests M >> number of backends).
 pub const DEFAULT_TABLE_SIZE: usize = 65_537;
+/// Longest duration accepted anywhere: a year is already "never" for a proxy timer, and a bound
+/// keeps deadline arithmetic far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Highest backend weight accepted.
 pub const MAX_WEIGHT: u32 = 1000;
 
@@ -323,6 +326,9 @@ fn opt_duration(
     if d.is_zero() {
         return Err(ConfigError::new(flag, raw, "must be greater than zero"));
     }
+    if d > MAX_DURATION {
+        return Err(ConfigError::new(flag, raw, "must be at most a year (8760h)"));
+    }
     Ok(d)
 }
 
@@ -445,6 +451,8 @@ mod tests {
         assert!(err(&["--splice", "yes"]).starts_with("--splice"));
         assert!(err(&["--idle-timeout", "10"]).starts_with("--idle-timeout \"10\""));
         assert!(err(&["--connect-timeout", "0s"]).contains("greater than zero"));
+        assert!(err(&["--idle-timeout", "9999999999999999h"]).contains("at most a year"));
+        assert!(err(&["--grace", "8761h"]).contains("at most a year"));
         assert!(err(&["--workers", "0"]).starts_with("--workers"));
         assert!(err(&["--workers", "-1"]).starts_with("--workers"));
         assert!(err(&["--table-size", "65536"]).contains("prime"));

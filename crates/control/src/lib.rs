@@ -94,6 +94,9 @@ pub fn run(config: Config) -> Result<(), RunError> {
         .map_err(RunError::Table)?;
     let (listeners, bound) = proxy::bind_all(&config.listen, workers).map_err(RunError::Bind)?;
     let splice = config.splice == Splice::Auto && proxy::pump::splice_supported();
+    // Pipes get the fds the sessions cannot use: two sockets per session come first.
+    let spare_fds = nofile.saturating_sub(FD_RESERVE).saturating_sub(2 * max_conns as u64);
+    let max_pipes = if splice { (spare_fds / 2 / workers as u64) as usize } else { 0 };
     let sticky = Sticky::new(
         StickyConfig {
             capacity: config.sticky_capacity,
@@ -108,7 +111,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         connect_timeout: config.connect_timeout,
         idle_timeout: config.idle_timeout,
         max_conns,
-        splice,
+        max_pipes,
         active: AtomicUsize::new(0),
         epoch: Instant::now(),
     });
@@ -139,13 +142,18 @@ pub fn run(config: Config) -> Result<(), RunError> {
         workers,
         config.backends.len(),
         max_conns,
-        if splice { "splice" } else { "buffer" },
+        if max_pipes > 0 { "copy+splice" } else { "copy" },
         config.affinity
     );
     announce(&bound);
 
-    let signal_rx = signal_thread(signals);
-    supervise(&shared, &mut running, &signal_rx, config.grace)
+    // Our own sender keeps the channel open even if the signal thread dies, so the supervisor's
+    // timed receive never turns into a spin on `Disconnected`.
+    let (signal_tx, signal_rx) = crossbeam_channel::unbounded();
+    signal_thread(signals, signal_tx.clone());
+    let result = supervise(&shared, &mut running, &signal_rx, config.grace);
+    drop(signal_tx);
+    result
 }
 
 /// One worker thread and how to reach it.
@@ -183,8 +191,7 @@ fn supervise(
                 deadline = Some(at);
                 tell_all(running, Command::Shutdown { deadline: at });
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {}
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
         }
         let removed = shared.sticky.sweep(shared.now_ms(Instant::now()));
         if removed > 0 {
@@ -243,8 +250,7 @@ fn announce(bound: &[std::net::SocketAddr]) {
     let _ = out.flush();
 }
 
-fn signal_thread(signals: SigSet) -> Receiver<Signal> {
-    let (tx, rx) = crossbeam_channel::unbounded();
+fn signal_thread(signals: SigSet, tx: crossbeam_channel::Sender<Signal>) {
     let spawned = std::thread::Builder::new().name("tether-signals".into()).spawn(move || loop {
         match signals.wait() {
             Ok(sig) => {
@@ -261,7 +267,6 @@ fn signal_thread(signals: SigSet) -> Receiver<Signal> {
     if let Err(e) = spawned {
         log::error!("cannot start the signal thread: {e}; signals will not be handled");
     }
-    rx
 }
 
 /// Raise the soft fd limit to the hard one; returns the soft limit in force.

@@ -33,6 +33,7 @@ pub mod pump;
 mod routing;
 mod session;
 mod stats;
+mod sys;
 mod timer;
 mod token;
 mod worker;
@@ -64,8 +65,8 @@ pub struct Shared {
     pub idle_timeout: Duration,
     /// Sessions allowed open at once across all workers.
     pub max_conns: usize,
-    /// Use splice(2) pipes (else userspace buffers).
-    pub splice: bool,
+    /// Pipes each worker may hold for splice(2) (0: userspace buffers only).
+    pub max_pipes: usize,
     /// Sessions open now across all workers.
     pub active: AtomicUsize,
     /// Origin of the millisecond clock the sticky table runs on.

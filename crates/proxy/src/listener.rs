@@ -57,6 +57,9 @@ fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // A listener on [::] follows the system default (Linux: dual-stack), so IPv4 clients arrive
     // as ::ffff:a.b.c.d; affinity keys canonicalise those to the IPv4 address.
+    // Inherited by every accepted socket (Linux copies the listener's options into the child),
+    // so clients get TCP_NODELAY without one setsockopt per session.
+    socket.set_nodelay(true)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
@@ -76,6 +79,15 @@ mod tests {
         for w in &sockets {
             assert_eq!(w[0].local_addr().unwrap(), bound[0]);
         }
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        let (sockets, bound) = bind_all(&["127.0.0.1:0".parse().unwrap()], 1).unwrap();
+        let _client = std::net::TcpStream::connect(bound[0]).unwrap();
+        sockets[0][0].set_nonblocking(false).unwrap();
+        let (accepted, _) = sockets[0][0].accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]

@@ -8,16 +8,27 @@
 //! than the other side has taken) and it removes the one ambiguity of `splice`: an `EAGAIN` from
 //! a socket into an *empty* pipe can only mean the socket has nothing to give.
 //!
+//! Small transfers are copied and bulk ones spliced: a direction starts in copy mode and switches
+//! to splice after a read fills a whole buffer (more is waiting), and back after a splice read
+//! moves less than a quarter of that. Request/response traffic (databases, games) thus costs one
+//! `read` and one `write` per message, and a bulk transfer never enters user space.
+//!
 //! Close handling follows what `read`/`write` return, never the event flags (FAILURE-MODES F4;
-//! mio documents `is_read_closed` as best effort).
+//! mio documents `is_read_closed` as best effort). The one use of a flag is conservative: a copy
+//! read that returns less than the buffer normally proves the socket drained (edge-triggered
+//! epoll reports any later arrival), which saves the `read` that would return `EAGAIN`; but if a
+//! hang-up was already reported, the read-until-`EAGAIN` rule applies, so an EOF that arrived
+//! before the read is never missed.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use mio::net::TcpStream;
 use nix::errno::Errno;
-use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+
+use crate::sys;
 
 /// Size of one userspace buffer; also the most one splice read asks for.
 pub const BUF_SIZE: usize = 64 * 1024;
@@ -26,6 +37,12 @@ pub const BUF_SIZE: usize = 64 * 1024;
 const BUDGET: usize = 16;
 /// Empty buffers and pipes a worker keeps for reuse; more are freed.
 const MAX_FREE: usize = 256;
+/// A splice read moving less than this goes back to copying.
+const BULK_MIN: usize = BUF_SIZE / 4;
+/// Pipe capacity asked for with F_SETPIPE_SZ (fcntl(2)): a bigger pipe moves more per splice
+/// call. The kernel may refuse (pipe-max-size, or an unprivileged user over
+/// pipe-user-pages-soft); the pipe then keeps its default size, which only costs more calls.
+pub const PIPE_SIZE: usize = 256 * 1024;
 
 /// One socket of a session with the readiness the pump believes it has. Edge-triggered events
 /// set a flag; only a `WouldBlock` clears it, so no edge is ever lost.
@@ -34,11 +51,13 @@ pub struct Side {
     pub stream: TcpStream,
     pub readable: bool,
     pub writable: bool,
+    /// An event reported the peer's FIN or an error: read until `WouldBlock` or EOF from now on.
+    pub hung_up: bool,
 }
 
 impl Side {
     pub fn new(stream: TcpStream) -> Self {
-        Side { stream, readable: true, writable: true }
+        Side { stream, readable: true, writable: true, hung_up: false }
     }
 }
 
@@ -54,28 +73,35 @@ pub struct Pipe {
 pub struct Pools {
     bufs: Vec<Box<[u8]>>,
     pipes: Vec<Pipe>,
-    splice: bool,
+    /// Most pipes this worker may hold open at once (in use or pooled): its share of the fd
+    /// budget left after two sockets per session. 0 turns splice off.
+    max_pipes: usize,
+    /// Pipes open now (in use or pooled).
+    pipes_open: usize,
 }
 
 impl Pools {
-    pub fn new(splice: bool) -> Self {
-        Pools { bufs: Vec::new(), pipes: Vec::new(), splice }
+    pub fn new(max_pipes: usize) -> Self {
+        Pools { bufs: Vec::new(), pipes: Vec::new(), max_pipes, pipes_open: 0 }
     }
 
-    /// Whether the splice path is in use (it may be off by flag, or unsupported).
-    pub fn splice(&self) -> bool {
-        self.splice
-    }
-
-    fn take(&mut self) -> Store {
-        if self.splice {
+    /// A store for the next read: a pipe for a bulk transfer when one can be had, else a buffer.
+    fn take(&mut self, bulk: bool) -> Store {
+        if bulk {
             if let Some(pipe) = self.pipes.pop() {
                 return Store::Pipe { pipe, pending: 0 };
             }
-            match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
-                Ok((r, w)) => return Store::Pipe { pipe: Pipe { r, w }, pending: 0 },
-                // Out of fds: this transfer uses a buffer instead; the session goes on.
-                Err(e) => log::debug!("pipe2 failed ({e}); using a buffer"),
+            if self.pipes_open < self.max_pipes {
+                match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+                    Ok((r, w)) => {
+                        // Best effort: a refused resize leaves the default 64 KiB.
+                        let _ = fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32));
+                        self.pipes_open += 1;
+                        return Store::Pipe { pipe: Pipe { r, w }, pending: 0 };
+                    }
+                    // Out of fds: this transfer uses a buffer instead; the session goes on.
+                    Err(e) => log::debug!("pipe2 failed ({e}); using a buffer"),
+                }
             }
         }
         let buf = self.bufs.pop().unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice());
@@ -85,12 +111,17 @@ impl Pools {
     fn give(&mut self, store: Store) {
         match store {
             Store::Empty => {}
-            Store::Buf { buf, .. } if self.bufs.len() < MAX_FREE => self.bufs.push(buf),
+            Store::Buf { buf, .. } => {
+                if self.bufs.len() < MAX_FREE {
+                    self.bufs.push(buf);
+                }
+            }
             // A pipe goes back only when empty, or the next user would read stale bytes.
             Store::Pipe { pipe, pending: 0 } if self.pipes.len() < MAX_FREE => {
                 self.pipes.push(pipe)
             }
-            _ => {}
+            // Dropped: both fds closed.
+            Store::Pipe { .. } => self.pipes_open -= 1,
         }
     }
 }
@@ -144,11 +175,24 @@ pub struct HalfPipe {
     pub shut: bool,
     /// Bytes written to the destination so far.
     pub moved: u64,
+    /// The last read suggests a bulk transfer: splice the next one.
+    bulk: bool,
+    /// The source's end will be forwarded as a reset, not a FIN: at EOF, do not shut down the
+    /// destination (a FIN before the reset would read as a clean end).
+    pub abort: bool,
 }
 
 impl HalfPipe {
     pub fn new(label: &'static str) -> Self {
-        HalfPipe { label, store: Store::Empty, eof: false, shut: false, moved: 0 }
+        HalfPipe {
+            label,
+            store: Store::Empty,
+            eof: false,
+            shut: false,
+            moved: 0,
+            bulk: false,
+            abort: false,
+        }
     }
 
     /// Bytes read from the source and not yet written.
@@ -172,7 +216,7 @@ impl HalfPipe {
                 continue;
             }
             if self.eof {
-                if !self.shut {
+                if !self.shut && !self.abort {
                     self.shut = true;
                     // The peer may already be gone; the other direction will see it.
                     let _ = dst.stream.shutdown(Shutdown::Write);
@@ -209,9 +253,9 @@ impl HalfPipe {
 
     fn read(&mut self, src: &mut Side, pools: &mut Pools) -> Result<(), PumpError> {
         if let Store::Empty = self.store {
-            self.store = pools.take();
+            self.store = pools.take(self.bulk);
         }
-        let got = match &mut self.store {
+        let (got, spliced) = match &mut self.store {
             Store::Empty => unreachable!("a store was just taken"),
             Store::Buf { buf, start, end } => {
                 *start = 0;
@@ -220,33 +264,57 @@ impl HalfPipe {
                 if let Ok(n) = r {
                     *end = n;
                 }
-                r
+                (r, false)
             }
             Store::Pipe { pipe, pending } => {
                 // splice(2): "SPLICE_F_NONBLOCK: do not block on I/O"; SPLICE_F_MOVE is a hint.
                 let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-                let r = splice(src.stream.as_fd(), None, pipe.w.as_fd(), None, BUF_SIZE, flags)
+                let r = splice(src.stream.as_fd(), None, pipe.w.as_fd(), None, PIPE_SIZE, flags)
                     .map_err(io::Error::from);
                 if let Ok(n) = r {
                     *pending = n;
                 }
-                r
+                (r, true)
             }
         };
+        // splice(2) stops at the TCP urgent mark and then says EAGAIN, or 0 if the FIN is also
+        // in (the kernel's tcp_splice_read: "This might happen with URG data"). recv(2) reads
+        // past the mark: copy the next read instead of taking either answer at face value.
+        let nothing = matches!(&got, Ok(0))
+            || matches!(&got, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        if spliced && nothing && sys::at_urgent_mark(&src.stream) {
+            self.bulk = false;
+            self.release(pools);
+            return Ok(());
+        }
         match got {
             Ok(0) => {
                 self.eof = true;
                 self.release(pools);
                 Ok(())
             }
-            Ok(_) => Ok(()),
+            Ok(n) if spliced => {
+                self.bulk = n >= BULK_MIN;
+                Ok(())
+            }
+            Ok(n) => {
+                self.bulk = n == BUF_SIZE;
+                // A short copy read drained the socket, unless a hang-up was reported (see the
+                // module doc): skip the read that would only say EAGAIN.
+                if n < BUF_SIZE && !src.hung_up {
+                    src.readable = false;
+                }
+                Ok(())
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                src.readable = false;
                 self.release(pools);
+                src.readable = false;
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
             Err(e) => {
+                // The error is reported once (the next read would say EOF): the source is over.
+                self.eof = true;
                 self.release(pools);
                 Err(PumpError::Source(e))
             }

@@ -2,12 +2,12 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use conntrack::AffinityKey;
 
 use crate::pump::{HalfPipe, Pools, Progress, PumpError, Side};
+use crate::sys;
 
 /// Most backends one client is tried on before it is turned away.
 pub const MAX_TRIES: usize = 8;
@@ -110,6 +110,10 @@ pub struct Session {
     pub c2b: HalfPipe,
     pub b2c: HalfPipe,
     pub last_active: Instant,
+    /// A linger timer is armed (at most one at a time).
+    pub linger_armed: bool,
+    /// The session is in the worker's ready queue (at most once).
+    pub queued: bool,
 }
 
 impl Session {
@@ -128,7 +132,13 @@ impl Session {
             State::Established => {
                 let before = self.c2b.moved + self.b2c.moved;
                 let up = self.c2b.pump(&mut self.client, &mut self.backend, pools);
-                let down = self.b2c.pump(&mut self.backend, &mut self.client, pools);
+                // After a failure, the other direction is left to `Resetting`: pumped here, a read
+                // of the failed socket would say EOF (its error was reported once, by `up`) and
+                // turn the abort into a FIN.
+                let down = match up {
+                    Err(_) => Ok(Progress::Blocked),
+                    Ok(_) => self.b2c.pump(&mut self.backend, &mut self.client, pools),
+                };
                 if self.c2b.moved + self.b2c.moved != before {
                     self.last_active = now;
                 }
@@ -158,21 +168,30 @@ impl Session {
                     _ => Drive::Wait,
                 }
             }
-            // Flush what the dead side sent, wait for the kernel to send it, then reset.
+            // Forward what the dead side sent (its socket still holds data received before the
+            // reset, and reads return it before the error), wait until the kernel has sent it,
+            // then reset the survivor.
             State::Resetting { survivor, until } => {
-                let (pipe, dst) = match survivor {
-                    Which::Backend => (&mut self.c2b, &mut self.backend),
-                    Which::Client => (&mut self.b2c, &mut self.client),
+                let (pipe, src, dst) = match survivor {
+                    Which::Backend => (&mut self.c2b, &mut self.client, &mut self.backend),
+                    Which::Client => (&mut self.b2c, &mut self.backend, &mut self.client),
                 };
-                match pipe.flush(dst, pools) {
+                pipe.abort = true;
+                let drained = match pipe.pump(src, dst, pools) {
+                    // The dead side is read to its error: everything it had is forwarded.
+                    Err(PumpError::Source(_)) | Ok(Progress::Done) => true,
                     // The survivor died too: nothing left to tell anyone.
-                    Err(_) => return Drive::Close(CloseReason::Reset),
-                    Ok(false) if dst.writable => return Drive::Yield,
-                    // Re-checked on the linger timer: no event may ever come from a stuck peer.
-                    Ok(false) if now < until => return Drive::Linger,
-                    Ok(_) => {}
+                    Err(PumpError::Destination(_)) => return Drive::Close(CloseReason::Reset),
+                    Ok(Progress::Yield) => return Drive::Yield,
+                    // Not reset after all (a write to it failed, it may still be open): what it
+                    // sent so far has been forwarded.
+                    Ok(Progress::Blocked) => pipe.pending() == 0,
+                };
+                if !drained && now < until {
+                    // Re-checked on the linger timer: a stuck peer may never send an event.
+                    return Drive::Linger;
                 }
-                if now < until && unsent(dst) > 0 {
+                if now < until && sys::unsent(&dst.stream) > 0 {
                     return Drive::Linger;
                 }
                 set_reset_on_close(dst);
@@ -181,17 +200,19 @@ impl Session {
         }
     }
 
-    /// Check a connecting backend socket after an event: `Ok(true)` connected, `Ok(false)` still
-    /// in progress, `Err` failed (mio: take_error, then peer_addr).
+    /// Check a connecting backend socket after a writable or error event: `Ok(true)` connected,
+    /// `Err` failed. A connecting socket becomes writable only once the handshake is over
+    /// (connect(2), EINPROGRESS), so `SO_ERROR` alone tells which.
     pub fn connect_result(&self) -> io::Result<bool> {
-        if let Some(e) = self.backend.stream.take_error()? {
-            return Err(e);
+        match self.backend.stream.take_error()? {
+            Some(e) => Err(e),
+            None => Ok(true),
         }
-        match self.backend.stream.peer_addr() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-            Err(e) => Err(e),
-        }
+    }
+
+    /// Whether both directions ended cleanly with nothing left to write.
+    pub fn finished(&self) -> bool {
+        self.c2b.shut && self.b2c.shut && self.c2b.pending() == 0 && self.b2c.pending() == 0
     }
 }
 
@@ -205,18 +226,4 @@ fn other(w: Which) -> Which {
 /// Close with a reset instead of a FIN (SO_LINGER with a zero timeout, socket(7)).
 pub fn set_reset_on_close(side: &Side) {
     let _ = socket2::SockRef::from(&side.stream).set_linger(Some(Duration::ZERO));
-}
-
-/// Bytes written to the socket that the kernel has not yet had acknowledged (TIOCOUTQ, tcp(7):
-/// "SIOCOUTQ returns the amount of unsent data in the socket send queue").
-fn unsent(side: &Side) -> i32 {
-    let mut n: nix::libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one c_int through the pointer, which points at a live local; the
-    // fd is owned by `side.stream` for the duration of the call.
-    let rc = unsafe { nix::libc::ioctl(side.stream.as_raw_fd(), nix::libc::TIOCOUTQ, &mut n) };
-    if rc == 0 {
-        n
-    } else {
-        0
-    }
 }

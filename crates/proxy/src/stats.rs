@@ -61,8 +61,8 @@ counters! {
     sticky_full,
     /// accept(2) failures (EMFILE and friends), each followed by a back-off.
     accept_errors,
-    /// Sessions closed because a socket or pipe operation failed unexpectedly.
-    io_errors,
+    /// Clients refused because this host ran out of fds, ports or memory for the backend side.
+    local_errors,
 }
 
 /// Add one to a counter.

@@ -56,8 +56,12 @@ impl Timers {
         }
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    /// Keep only the timers `keep` accepts (O(n); the caller amortises it).
+    pub fn retain(&mut self, mut keep: impl FnMut(&Timer) -> bool) {
+        self.heap.retain(|Reverse(t)| keep(t));
+    }
+
+    pub fn len(&self) -> usize {
         self.heap.len()
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Registry, Waker};
+use mio::{Events, Interest, Poll, Waker};
 
 use conntrack::{AffinityKey, Attach};
 
@@ -43,6 +43,9 @@ pub struct Worker {
     stats: Arc<Stats>,
     commands: Receiver<Command>,
     listeners: Vec<Option<TcpListener>>,
+    /// Per listener: an accept retry is armed after accept(2) failed for lack of resources;
+    /// events are ignored until it fires (one retry chain, not one per event).
+    backing_off: Vec<bool>,
     sessions: Vec<Option<Session>>,
     free: Vec<usize>,
     timers: Timers,
@@ -72,7 +75,7 @@ impl Worker {
             poll.registry().register(&mut l, Slot::Listener(i).token(), Interest::READABLE)?;
             registered.push(Some(l));
         }
-        let pools = Pools::new(shared.splice);
+        let pools = Pools::new(shared.max_pipes);
         let now = Instant::now();
         let worker = Worker {
             id,
@@ -80,6 +83,7 @@ impl Worker {
             shared,
             stats,
             commands,
+            backing_off: vec![false; registered.len()],
             listeners: registered,
             sessions: Vec::new(),
             free: Vec::new(),
@@ -160,6 +164,9 @@ impl Worker {
     // === accepting ===
 
     fn accept(&mut self, i: usize) {
+        if self.backing_off.get(i).copied().unwrap_or(true) {
+            return;
+        }
         for _ in 0..ACCEPT_BUDGET {
             let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else { return };
             match listener.accept() {
@@ -176,6 +183,7 @@ impl Worker {
                     log::warn!("accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
                     let at = self.now + ACCEPT_BACKOFF;
                     self.timers.arm(Timer { at, kind: TimerKind::Accept, slot: i, generation: 0 });
+                    self.backing_off[i] = true;
                     return;
                 }
                 // ECONNABORTED and the like concern one connection only.
@@ -197,7 +205,7 @@ impl Worker {
             refuse(stream);
             return;
         }
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY is inherited from the listener (set there once, see listener.rs).
         let routing = &shared.routing;
         let now_ms = shared.now_ms(self.now);
         let (key, hash) = match shared.affinity {
@@ -243,6 +251,8 @@ impl Worker {
             c2b: HalfPipe::new("client->backend"),
             b2c: HalfPipe::new("backend->client"),
             last_active: self.now,
+            linger_armed: false,
+            queued: false,
         };
         let registry = self.poll.registry();
         let both = Interest::READABLE | Interest::WRITABLE;
@@ -283,10 +293,23 @@ impl Worker {
             tried.push(t);
             let addr = self.shared.routing.backends[t].addr;
             match TcpStream::connect(addr) {
-                Ok(stream) => return Some((t, stream)),
+                Ok(stream) => {
+                    // Set before the handshake, so it costs no extra call later.
+                    let _ = stream.set_nodelay(true);
+                    return Some((t, stream));
+                }
+                // Out of fds or memory here: no other backend would do better, and none is
+                // to blame.
+                Err(e) if is_resource_error(&e) => {
+                    log::warn!("connect to {addr}: {e}");
+                    inc(&self.stats.local_errors);
+                    return None;
+                }
                 Err(e) => {
                     log::debug!("connect to {addr} failed at once: {e}");
-                    self.shared.routing.mark_failing(t, now_ms);
+                    if blames_backend(&e) {
+                        self.shared.routing.mark_failing(t, now_ms);
+                    }
                     inc(&self.stats.connect_failures);
                 }
             }
@@ -299,11 +322,13 @@ impl Worker {
     }
 
     /// The connect in progress failed or timed out: mark the backend and try the next one.
-    fn connect_failed(&mut self, slot: usize, timed_out: bool) {
+    fn connect_failed(&mut self, slot: usize, timed_out: bool, blame: bool) {
         let shared = Arc::clone(&self.shared);
         let now_ms = shared.now_ms(self.now);
         let Some(mut s) = self.sessions[slot].take() else { return };
-        shared.routing.mark_failing(s.target, now_ms);
+        if blame {
+            shared.routing.mark_failing(s.target, now_ms);
+        }
         inc(if timed_out { &self.stats.connect_timeouts } else { &self.stats.connect_failures });
         let next = if s.tried.len() < crate::session::MAX_TRIES {
             choose(&shared, s.hash, &s.tried, now_ms)
@@ -312,7 +337,6 @@ impl Worker {
         };
         let started = self.begin_connect(s.hash, next, &mut s.tried, now_ms);
         let registry = self.poll.registry();
-        let _ = registry.deregister(&mut s.backend.stream);
         let generation = s.generation;
         match started {
             Some((target, mut stream)) => {
@@ -343,7 +367,7 @@ impl Worker {
         let shared = Arc::clone(&self.shared);
         let now_ms = shared.now_ms(self.now);
         let Some(s) = self.sessions[slot].as_mut() else { return };
-        let _ = s.backend.stream.set_nodelay(true);
+
         s.set_state(State::Established);
         s.last_active = self.now;
         inc(&self.stats.established);
@@ -373,16 +397,18 @@ impl Worker {
         let side = if client { &mut s.client } else { &mut s.backend };
         side.readable |= event.is_readable() || failed;
         side.writable |= event.is_writable() || failed;
+        side.hung_up |= failed;
         if let (State::Connecting { .. }, false) = (s.state, client) {
+            if !(event.is_writable() || failed) {
+                return;
+            }
             match s.connect_result() {
-                Ok(true) => self.established(slot),
-                Ok(false) => {}
+                Ok(_) => self.established(slot),
                 Err(e) => {
-                    log::debug!(
-                        "connect to {} failed: {e}",
-                        self.shared.routing.backends[s.target].addr
-                    );
-                    self.connect_failed(slot, false);
+                    let addr = self.shared.routing.backends[s.target].addr;
+                    log::debug!("connect to {addr} failed: {e}");
+                    let blame = blames_backend(&e);
+                    self.connect_failed(slot, false, blame);
                 }
             }
             return;
@@ -394,15 +420,26 @@ impl Worker {
         let Some(s) = self.sessions[slot].as_mut() else { return };
         let (in_before, out_before) = (s.c2b.moved, s.b2c.moved);
         let result = s.drive(&mut self.pools, self.now);
-        self.stats.bytes_in.fetch_add(s.c2b.moved - in_before, Relaxed);
-        self.stats.bytes_out.fetch_add(s.b2c.moved - out_before, Relaxed);
+        let (moved_in, moved_out) = (s.c2b.moved - in_before, s.b2c.moved - out_before);
+        if moved_in > 0 {
+            self.stats.bytes_in.fetch_add(moved_in, Relaxed);
+        }
+        if moved_out > 0 {
+            self.stats.bytes_out.fetch_add(moved_out, Relaxed);
+        }
         let generation = s.generation;
         match result {
             Drive::Wait => {}
-            Drive::Yield => self.ready.push_back(Ready::Session { slot, generation }),
+            Drive::Yield => {
+                if !std::mem::replace(&mut s.queued, true) {
+                    self.ready.push_back(Ready::Session { slot, generation });
+                }
+            }
             Drive::Linger => {
-                let at = self.now + LINGER_POLL;
-                self.timers.arm(Timer { at, kind: TimerKind::Linger, slot, generation });
+                if !std::mem::replace(&mut s.linger_armed, true) {
+                    let at = self.now + LINGER_POLL;
+                    self.timers.arm(Timer { at, kind: TimerKind::Linger, slot, generation });
+                }
             }
             Drive::Close(reason) => {
                 if reason == CloseReason::Reset {
@@ -419,6 +456,9 @@ impl Worker {
                 Some(Ready::Listener(i)) => self.accept(i),
                 Some(Ready::Session { slot, generation }) => {
                     if self.generation_at(slot) == Some(generation) {
+                        if let Some(s) = self.sessions[slot].as_mut() {
+                            s.queued = false;
+                        }
                         self.drive(slot);
                     }
                 }
@@ -432,6 +472,9 @@ impl Worker {
     fn fire_timers(&mut self) {
         while let Some(t) = self.timers.pop_due(self.now) {
             if t.kind == TimerKind::Accept {
+                if let Some(b) = self.backing_off.get_mut(t.slot) {
+                    *b = false;
+                }
                 self.accept(t.slot);
                 continue;
             }
@@ -446,7 +489,7 @@ impl Worker {
                         "connect to {} timed out",
                         self.shared.routing.backends[s.target].addr
                     );
-                    self.connect_failed(t.slot, true);
+                    self.connect_failed(t.slot, true, true);
                 }
                 (TimerKind::Connect, _) => {}
                 // Idle means no byte either way since last_active; otherwise re-arm.
@@ -460,7 +503,12 @@ impl Worker {
                     }
                 }
                 // A lingering reset checks the send queue again.
-                (TimerKind::Linger, _) => self.drive(t.slot),
+                (TimerKind::Linger, _) => {
+                    if let Some(s) = self.sessions[t.slot].as_mut() {
+                        s.linger_armed = false;
+                    }
+                    self.drive(t.slot);
+                }
                 (TimerKind::Accept, _) => {}
             }
         }
@@ -480,9 +528,14 @@ impl Worker {
             s.c2b.moved,
             s.b2c.moved
         );
-        let registry: &Registry = self.poll.registry();
-        let _ = registry.deregister(&mut s.client.stream);
-        let _ = registry.deregister(&mut s.backend.stream);
+        // Cut short (idle, shutdown, no backend) with anything unfinished: reset both sides, so
+        // neither mistakes the cut for the end of the stream (a FIN would truncate silently).
+        if reason != CloseReason::Done && !s.finished() {
+            set_reset_on_close(&s.client);
+            set_reset_on_close(&s.backend);
+        }
+        // No deregister: closing the last fd of a socket removes it from the epoll interest
+        // list (epoll(7)), and a session's sockets are never duplicated. Saves two syscalls.
         s.c2b.release(&mut self.pools);
         s.b2c.release(&mut self.pools);
         if s.counted {
@@ -494,6 +547,24 @@ impl Worker {
         self.shared.active.fetch_sub(1, AcqRel);
         inc(&self.stats.closed);
         self.free.push(slot);
+        self.compact_timers();
+    }
+
+    /// Drop timers of closed sessions once they outnumber the live ones: an idle timer waits
+    /// the whole idle timeout (an hour by default) after its session is gone, and at thousands
+    /// of sessions a second the heap would otherwise grow by millions.
+    fn compact_timers(&mut self) {
+        let live = self.sessions.len() - self.free.len();
+        if self.timers.len() > 4 * live + 1024 {
+            let sessions = &self.sessions;
+            self.timers.retain(|t| {
+                t.kind == TimerKind::Accept
+                    || sessions
+                        .get(t.slot)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|s| s.generation == t.generation)
+            });
+        }
     }
 
     fn close_all(&mut self) {
@@ -514,6 +585,16 @@ fn choose(shared: &Shared, hash: u64, tried: &Tried, now_ms: u64) -> Option<usiz
 /// Turn a client away with a reset, so it sees an error rather than an empty session.
 fn refuse(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+}
+
+/// Whether a failed connect says something about the backend (refused, unreachable, timed out)
+/// rather than about this host (ports, fds, memory), which must not mark a healthy backend down.
+fn blames_backend(e: &io::Error) -> bool {
+    use nix::libc::{ECONNREFUSED, ECONNRESET, EHOSTUNREACH, ENETUNREACH, ETIMEDOUT};
+    matches!(
+        e.raw_os_error(),
+        Some(ECONNREFUSED | ECONNRESET | EHOSTUNREACH | ENETUNREACH | ETIMEDOUT)
+    )
 }
 
 fn is_resource_error(e: &io::Error) -> bool {

@@ -11,6 +11,7 @@
 //! | `source N` | writes N [`pattern`](crate::pattern) bytes and closes at once |
 //! | `source-then-read N` | writes N pattern bytes, shuts down its write side, reads until EOF |
 //! | `reset` | writes `bye\n`, closes with `SO_LINGER` 0 (an RST) |
+//! | `source-then-reset N` | writes N pattern bytes, waits until the peer has acknowledged all of them, then sends an RST |
 //! | `await` | logs [`Outcome::Started`], reads until EOF or reset |
 //! | anything else | writes `error unknown command\n` (`error bad count\n` for a bad N), closes |
 //!
@@ -115,6 +116,7 @@ enum Command {
     Sink,
     Source(u64),
     SourceThenRead(u64),
+    SourceThenReset(u64),
     Reset,
     Await,
 }
@@ -345,6 +347,7 @@ impl Shared {
             Command::Sink => sink(rest, stream),
             Command::Source(n) => write_pattern(stream, n).map(|()| Outcome::Sent { bytes: n }),
             Command::SourceThenRead(n) => source_then_read(n, rest, stream),
+            Command::SourceThenReset(n) => source_then_reset(n, stream),
             Command::Reset => reset(stream),
             Command::Await => {
                 self.record(conn, peer, line, Outcome::Started);
@@ -415,6 +418,7 @@ impl Command {
             ("sink", None) => Ok(Command::Sink),
             ("source", Some(n)) => parse_count(n).map(Command::Source),
             ("source-then-read", Some(n)) => parse_count(n).map(Command::SourceThenRead),
+            ("source-then-reset", Some(n)) => parse_count(n).map(Command::SourceThenReset),
             ("reset", None) => Ok(Command::Reset),
             ("await", None) => Ok(Command::Await),
             _ => Err("unknown command"),
@@ -485,6 +489,19 @@ fn source_then_read(n: u64, rest: Vec<u8>, stream: &mut TcpStream) -> io::Result
         received.extend_from_slice(&buf[..n.min(room)]);
     }
     Ok(Outcome::ReceivedLine(lossy_trimmed(&received)))
+}
+
+/// `source-then-reset`: N pattern bytes, then an RST once the peer's kernel has acknowledged
+/// every one of them, so whatever the peer's application has not read yet sits in its receive
+/// queue when the reset arrives (the case of FAILURE-MODES F2: data before a reset).
+fn source_then_reset(n: u64, stream: &mut TcpStream) -> io::Result<Outcome> {
+    write_pattern(stream, n)?;
+    let acked = crate::wait_until(Duration::from_secs(20), || crate::sys::unsent(stream) == 0);
+    SockRef::from(&*stream).set_linger(Some(Duration::ZERO))?;
+    if !acked {
+        return Ok(Outcome::Error("peer did not acknowledge everything before the reset".into()));
+    }
+    Ok(Outcome::Sent { bytes: n })
 }
 
 /// `reset`: `bye\n`, then an RST instead of a FIN: with SO_LINGER on and a zero timeout,
