@@ -180,6 +180,9 @@ pub struct HalfPipe {
     /// The source's end will be forwarded as a reset, not a FIN: at EOF, do not shut down the
     /// destination (a FIN before the reset would read as a clean end).
     pub abort: bool,
+    /// The other direction is over: this one ending ends the session, whose close(2) sends the
+    /// FIN, so the shutdown(2) can be skipped.
+    pub last: bool,
 }
 
 impl HalfPipe {
@@ -192,6 +195,7 @@ impl HalfPipe {
             moved: 0,
             bulk: false,
             abort: false,
+            last: false,
         }
     }
 
@@ -218,8 +222,10 @@ impl HalfPipe {
             if self.eof {
                 if !self.shut && !self.abort {
                     self.shut = true;
-                    // The peer may already be gone; the other direction will see it.
-                    let _ = dst.stream.shutdown(Shutdown::Write);
+                    if !self.last {
+                        // The peer may already be gone; the other direction will see it.
+                        let _ = dst.stream.shutdown(Shutdown::Write);
+                    }
                 }
                 return Ok(Progress::Done);
             }

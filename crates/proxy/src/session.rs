@@ -131,7 +131,9 @@ impl Session {
             // Pump both directions.
             State::Established => {
                 let before = self.c2b.moved + self.b2c.moved;
+                self.c2b.last = self.b2c.shut;
                 let up = self.c2b.pump(&mut self.client, &mut self.backend, pools);
+                self.b2c.last = self.c2b.shut;
                 // After a failure, the other direction is left to `Resetting`: pumped here, a read
                 // of the failed socket would say EOF (its error was reported once, by `up`) and
                 // turn the abort into a FIN.
@@ -200,12 +202,18 @@ impl Session {
         }
     }
 
-    /// Check a connecting backend socket after a writable or error event: `Ok(true)` connected,
-    /// `Err` failed. A connecting socket becomes writable only once the handshake is over
-    /// (connect(2), EINPROGRESS), so `SO_ERROR` alone tells which.
-    pub fn connect_result(&self) -> io::Result<bool> {
+    /// Check a connecting backend socket after an event: `Ok(true)` connected, `Ok(false)`
+    /// still connecting, `Err` failed. A connecting socket becomes writable only once the
+    /// handshake is over (connect(2), EINPROGRESS), and a failed one also reports an error or
+    /// hang-up; so a plain writable event means connected without asking `SO_ERROR`.
+    pub fn connect_result(&self, event: &mio::event::Event) -> io::Result<bool> {
+        let failed = event.is_error() || event.is_read_closed() || event.is_write_closed();
+        if !failed {
+            return Ok(event.is_writable());
+        }
         match self.backend.stream.take_error()? {
             Some(e) => Err(e),
+            // A hang-up without an error: let a read find out what happened.
             None => Ok(true),
         }
     }

@@ -399,11 +399,9 @@ impl Worker {
         side.writable |= event.is_writable() || failed;
         side.hung_up |= failed;
         if let (State::Connecting { .. }, false) = (s.state, client) {
-            if !(event.is_writable() || failed) {
-                return;
-            }
-            match s.connect_result() {
-                Ok(_) => self.established(slot),
+            match s.connect_result(event) {
+                Ok(false) => {}
+                Ok(true) => self.established(slot),
                 Err(e) => {
                     let addr = self.shared.routing.backends[s.target].addr;
                     log::debug!("connect to {addr} failed: {e}");
