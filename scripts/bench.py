@@ -187,6 +187,18 @@ class Balancer:
 class Tether(Balancer):
     name = "tether"
 
+    def __init__(self, backends, work):
+        super().__init__(backends, work)
+        # Listening starts before a pre-filled table is ready; `ready` comes after.
+        path = os.path.join(work, f"{self.name}.log")
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with open(path) as f:
+                if "ready" in f.read():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} never printed ready")
+
     def command(self, backends, work):
         cmd = [TETHER, "--listen", f"{LB_IP}:{self.port}", "--workers", "1"]
         for ip, port in backends:
@@ -423,6 +435,27 @@ def memory(lb, args):
             "bytes_per_conn": (after - before) / n}
 
 
+def state(lb, args):
+    """New connections from many source addresses (each a sticky lookup and pin)."""
+    def run():
+        out = gen([BENCH, "connrate", "--connect", f"{lb.addr[0]}:{lb.addr[1]}", "--sources",
+                   str(args.state_sources), "--threads", "8", "--seconds", str(args.seconds)],
+                  args.seconds + 60)
+        return json.loads(out)
+    r = measure(lb, run)
+    r["cpu_us_per_conn"] = r["lb_cpu_s"] * 1e6 / max(1, r["conns"])
+    return r
+
+
+class TetherEmpty(Tether):
+    name = "tether-empty"
+
+
+class TetherMillion(Tether):
+    name = "tether-1M"
+    extra = ["--sticky-prefill", "1000000"]
+
+
 # === driver ===
 
 METRICS = {
@@ -431,6 +464,7 @@ METRICS = {
     "redis": (redis_backends, [Direct, Tether, HAProxy, Nginx]),
     "pingpong": (sockperf_backends, [Direct, Tether, HAProxy, Nginx]),
     "memory": (redis_backends, [Tether, HAProxy, Nginx]),
+    "state": (http_backends, [TetherEmpty, TetherMillion]),
 }
 
 
@@ -449,6 +483,7 @@ def run_metric(name, args, work, results):
         "redis": [("redis", lambda lb: redis(lb, args))],
         "pingpong": [("pingpong", lambda lb: pingpong(lb, args))],
         "memory": [("memory", lambda lb: memory(lb, args))],
+        "state": [("state", lambda lb: state(lb, args))],
     }[name]
     try:
         for test, fn in tests:
@@ -463,6 +498,9 @@ def run_metric(name, args, work, results):
                               ", ".join(f"{k}={v:.4g}" for k, v in r.items()
                                         if isinstance(v, float)), flush=True)
             results[test] = {lb: median_of(rs) for lb, rs in runs.items() if rs}
+        if name == "state":
+            empty, full = (lb.rss() for lb in started)
+            results["state"]["tether-1M"]["bytes_per_sticky_entry"] = (full - empty) / 1e6
     finally:
         for lb in started:
             if lb.proc is not None:
@@ -510,6 +548,22 @@ def table(results):
     row("pingpong", "p50_us", "µs", True)
     row("pingpong", "p99_us", "µs", True)
     row("memory", "bytes_per_conn", "RSS bytes/idle conn", True)
+    st = results.get("state")
+    if st and "tether-empty" in st and "tether-1M" in st:
+        e, m = st["tether-empty"], st["tether-1M"]
+        lines.append("")
+        lines.append("Sticky table at scale (tether only; new connections from "
+                     "many source addresses):")
+        lines.append("")
+        lines.append("| table | conn/s | p50 µs | p99 µs | LB CPU µs/conn |")
+        lines.append("|---|---|---|---|---|")
+        for k, v in (("empty", e), ("1M entries", m)):
+            lines.append(f"| {k} | {v['conn_s']:.0f} | {v['p50_us']:.0f} | {v['p99_us']:.0f} "
+                         f"| {v['cpu_us_per_conn']:.1f} |")
+        lines.append("")
+        lines.append(f"1M/empty: conn/s {m['conn_s'] / e['conn_s']:.2f}, "
+                     f"CPU per conn {m['cpu_us_per_conn'] / e['cpu_us_per_conn']:.2f}; "
+                     f"RSS per sticky entry {m.get('bytes_per_sticky_entry', float('nan')):.1f} bytes")
     if "pingpong" in results and "direct" in results["pingpong"]:
         d = results["pingpong"]["direct"]["p50_us"]
         added = {k: v["p50_us"] - d for k, v in results["pingpong"].items() if k != "direct"}
@@ -527,8 +581,9 @@ def main():
     ap.add_argument("--only", action="append", choices=list(METRICS), help="run only these")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--redis-requests", type=int, default=200000)
+    ap.add_argument("--redis-requests", type=int, default=100000)
     ap.add_argument("--idle-conns", type=int, default=5000)
+    ap.add_argument("--state-sources", type=int, default=20000)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
     args = ap.parse_args()
     if args.quick:

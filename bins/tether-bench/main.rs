@@ -10,6 +10,7 @@
 use std::io::{self, BufWriter, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use argh::FromArgs;
 use testkit::{client_ips, survey, Backend, StopSignals};
@@ -26,6 +27,26 @@ struct Args {
 enum Command {
     Backend(BackendArgs),
     Clients(ClientsArgs),
+    Connrate(ConnrateArgs),
+}
+
+/// Open connections as fast as possible, each from the next of many source addresses; each
+/// sends an HTTP/1.0 request and reads the reply to EOF. Prints one JSON line.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "connrate")]
+struct ConnrateArgs {
+    /// address to connect to
+    #[argh(option)]
+    connect: SocketAddr,
+    /// number of distinct source addresses (127.2.0.1 upward)
+    #[argh(option)]
+    sources: usize,
+    /// client threads (default 8)
+    #[argh(option, default = "8")]
+    threads: usize,
+    /// seconds to run (default 5)
+    #[argh(option, default = "5")]
+    seconds: u64,
 }
 
 /// Run one named test backend until SIGINT or SIGTERM.
@@ -64,6 +85,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Backend(args) => backend(args),
         Command::Clients(args) => clients(args),
+        Command::Connrate(args) => connrate(args),
     };
     match result {
         Ok(code) => code,
@@ -93,4 +115,26 @@ fn clients(args: ClientsArgs) -> io::Result<ExitCode> {
     survey.write_table(&mut out)?;
     out.flush()?;
     Ok(if survey.failures() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn connrate(args: ConnrateArgs) -> io::Result<ExitCode> {
+    let sources = client_ips(Ipv4Addr::new(127, 2, 0, 1), args.sources)?;
+    let duration = Duration::from_secs(args.seconds);
+    let r = testkit::connrate(
+        args.connect,
+        &sources,
+        args.threads,
+        duration,
+        b"GET / HTTP/1.0\r\n\r\n",
+    );
+    println!(
+        "{{\"conns\": {}, \"errors\": {}, \"seconds\": {:.3}, \"conn_s\": {:.1}, \"p50_us\": {}, \"p99_us\": {}}}",
+        r.conns,
+        r.errors,
+        r.seconds,
+        r.rate(),
+        r.p50_us,
+        r.p99_us
+    );
+    Ok(if r.conns > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

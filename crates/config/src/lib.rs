@@ -98,6 +98,10 @@ pub struct Args {
     /// size of the Maglev table, a prime larger than the backend count (default 65537)
     #[argh(option)]
     pub table_size: Option<String>,
+    /// benchmark aid: start with N idle sticky entries for documentation addresses
+    /// (2001:db8::/32) to measure tether with a large table (default 0)
+    #[argh(option)]
+    pub sticky_prefill: Option<String>,
 }
 
 /// What a client is pinned by.
@@ -144,6 +148,8 @@ pub struct Config {
     pub grace: Duration,
     pub seed: u64,
     pub table_size: usize,
+    /// Idle sticky entries inserted at start (benchmarks only).
+    pub sticky_prefill: usize,
 }
 
 /// A flag that could not be accepted: which flag, the value given, and why.
@@ -263,6 +269,12 @@ impl TryFrom<Args> for Config {
             grace: opt_duration("grace", &args.grace, DEFAULT_GRACE)?,
             seed,
             table_size,
+            sticky_prefill: match &args.sticky_prefill {
+                None => 0,
+                Some(raw) => raw.parse().map_err(|_| {
+                    ConfigError::new("sticky-prefill", raw, "expected a whole number")
+                })?,
+            },
         })
     }
 }

@@ -104,6 +104,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         },
         random_key(),
     );
+    prefill(&sticky, config.sticky_prefill, config.backends.len());
     let shared = Arc::new(Shared {
         routing,
         sticky,
@@ -304,6 +305,20 @@ fn pin_to(cpu: usize) {
         if let Err(e) = sched_setaffinity(Pid::from_raw(0), &set) {
             log::debug!("pinning to CPU {cpu}: {e}");
         }
+    }
+}
+
+/// Benchmark aid (`--sticky-prefill`): `n` idle entries for addresses of the IPv6 documentation
+/// prefix 2001:db8::/32 (RFC 3849), which no real client has.
+fn prefill(sticky: &Sticky, n: usize, backends: usize) {
+    for i in 0..n {
+        let ip = std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | i as u128);
+        let key = conntrack::AffinityKey::from_ip(ip.into());
+        sticky.attach(key, (i % backends.max(1)) as u32, 0);
+        sticky.detach(key, 0);
+    }
+    if n > 0 {
+        log::info!("sticky table pre-filled with {} entries", sticky.len());
     }
 }
 

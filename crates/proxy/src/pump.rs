@@ -42,7 +42,7 @@ const BULK_MIN: usize = BUF_SIZE / 4;
 /// Pipe capacity asked for with F_SETPIPE_SZ (fcntl(2)): a bigger pipe moves more per splice
 /// call. The kernel may refuse (pipe-max-size, or an unprivileged user over
 /// pipe-user-pages-soft); the pipe then keeps its default size, which only costs more calls.
-pub const PIPE_SIZE: usize = 256 * 1024;
+pub const PIPE_SIZE: usize = 1024 * 1024;
 
 /// One socket of a session with the readiness the pump believes it has. Edge-triggered events
 /// set a flag; only a `WouldBlock` clears it, so no edge is ever lost.

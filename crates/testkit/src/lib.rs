@@ -41,6 +41,7 @@ mod blackhole;
 mod client;
 mod data;
 mod journal;
+mod load;
 mod process;
 mod signals;
 mod survey;
@@ -58,6 +59,7 @@ pub use client::{
     IO_TIMEOUT,
 };
 pub use data::{digest_of, digest_of_pattern, hex, pattern, Digest};
+pub use load::{connrate, LoadReport};
 pub use nix::sys::signal::Signal;
 pub use process::{run_to_exit, Exit, Tether, READY_TIMEOUT, TERM_GRACE};
 pub use signals::StopSignals;
