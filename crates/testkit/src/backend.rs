@@ -11,7 +11,7 @@
 //! | `source N` | writes N [`pattern`](crate::pattern) bytes and closes at once |
 //! | `source-then-read N` | writes N pattern bytes, shuts down its write side, reads until EOF |
 //! | `reset` | writes `bye\n`, closes with `SO_LINGER` 0 (an RST) |
-//! | `source-then-reset N` | writes N pattern bytes, waits until the peer has acknowledged all of them, then sends an RST |
+//! | `source-then-reset N` | writes up to N pattern bytes until the peer stops taking them, then sends an RST; logs how many the peer acknowledged |
 //! | `await` | logs [`Outcome::Started`], reads until EOF or reset |
 //! | anything else | writes `error unknown command\n` (`error bad count\n` for a bad N), closes |
 //!
@@ -491,17 +491,41 @@ fn source_then_read(n: u64, rest: Vec<u8>, stream: &mut TcpStream) -> io::Result
     Ok(Outcome::ReceivedLine(lossy_trimmed(&received)))
 }
 
-/// `source-then-reset`: N pattern bytes, then an RST once the peer's kernel has acknowledged
-/// every one of them, so whatever the peer's application has not read yet sits in its receive
-/// queue when the reset arrives (the case of FAILURE-MODES F2: data before a reset).
+/// `source-then-reset`: up to N pattern bytes, as many as the peer takes until the pipeline
+/// stalls (a write blocks for 300 ms), then an RST once the send queue has settled. Whatever the
+/// peer's kernel acknowledged (`written - unsent`) sits in its receive queue or beyond when the
+/// reset arrives: the case of FAILURE-MODES F2, data before a reset. Logs `Sent` with that
+/// acknowledged count; the unacknowledged rest dies with the reset here, not in the peer.
 fn source_then_reset(n: u64, stream: &mut TcpStream) -> io::Result<Outcome> {
-    write_pattern(stream, n)?;
-    let acked = crate::wait_until(Duration::from_secs(20), || crate::sys::unsent(stream) == 0);
-    SockRef::from(&*stream).set_linger(Some(Duration::ZERO))?;
-    if !acked {
-        return Ok(Outcome::Error("peer did not acknowledge everything before the reset".into()));
+    stream.set_write_timeout(Some(Duration::from_millis(300)))?;
+    let mut buf = vec![0; CHUNK];
+    let mut written = 0u64;
+    while written < n {
+        let len = (n - written).min(CHUNK as u64) as usize;
+        crate::pattern(written, &mut buf[..len]);
+        match stream.write(&buf[..len]) {
+            Ok(k) => written += k as u64,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    Ok(Outcome::Sent { bytes: n })
+    // Settled: the unsent count has not changed over three checks 50 ms apart.
+    let mut last = -1;
+    let mut same = 0;
+    let settled = crate::wait_until(Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(50)); // the settling interval itself
+        let now = crate::sys::unsent(stream);
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+        same >= 3
+    });
+    let unsent = crate::sys::unsent(stream).max(0) as u64;
+    SockRef::from(&*stream).set_linger(Some(Duration::ZERO))?;
+    if !settled {
+        return Ok(Outcome::Error("send queue never settled".into()));
+    }
+    Ok(Outcome::Sent { bytes: written - unsent })
 }
 
 /// `reset`: `bye\n`, then an RST instead of a FIN: with SO_LINGER on and a zero timeout,
