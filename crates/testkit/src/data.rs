@@ -8,9 +8,6 @@ use std::hash::Hasher;
 
 use siphasher::sip::SipHasher13;
 
-/// Chunk size used to generate or hash long pattern streams.
-const CHUNK: usize = 64 * 1024;
-
 /// Fills `buf` with the pattern bytes at stream offsets `offset..offset + buf.len()`.
 ///
 /// Byte `p` of the stream is byte `p % 8` (little endian) of `splitmix64(p / 8)`, so any
@@ -100,16 +97,8 @@ pub fn digest_of(data: &[u8]) -> u64 {
 
 /// The digest of the first `n` bytes of the [`pattern`] stream.
 pub fn digest_of_pattern(n: u64) -> u64 {
-    let mut digest = Digest::new();
-    let mut buf = vec![0; CHUNK];
-    let mut offset = 0;
-    while offset < n {
-        let len = (n - offset).min(CHUNK as u64) as usize;
-        pattern(offset, &mut buf[..len]);
-        digest.update(&buf[..len]);
-        offset += len as u64;
-    }
-    digest.finish()
+    // Writing to io::sink cannot fail.
+    crate::client::write_pattern(&mut std::io::sink(), n).unwrap_or_default()
 }
 
 #[cfg(test)]
