@@ -30,6 +30,10 @@ fn bad_flags_exit_non_zero_with_one_line_naming_the_flag() {
         ),
         (&["--listen", &in_use, "--backend", "127.0.0.1:1"], "--listen"),
         (&["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--bogus"], "--bogus"),
+        (
+            &["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--max-conns", "999999999"],
+            "--max-conns",
+        ),
     ];
     for (args, flag) in cases {
         let exit = run(args);
@@ -167,4 +171,19 @@ fn max_conns_refuses_extra_clients_and_recovers() {
         wait_until(DEADLINE, || ask_name(client_ip(3), t.addr()).is_ok()),
         "a slot never freed up"
     );
+}
+
+#[test]
+fn a_small_fd_limit_still_serves_many_sessions() {
+    // Hosts with a hard limit of 1024 exist; tether must size its limits from it, not refuse.
+    let pool = backends(46, 1);
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=1024:1024", "--"]).arg(bin());
+    cmd.args(["--listen", "127.0.46.1:0", "--workers", "2"]).args(backend_args(&pool));
+    let t = Tether::start_command(cmd).expect("start tether under prlimit");
+    let held: Vec<_> = (0..100)
+        .map(|i| hold(client_ip(i), t.addr()).unwrap_or_else(|e| panic!("session {i}: {e}")))
+        .collect();
+    assert_eq!(held.len(), 100);
+    assert_eq!(ask_name(client_ip(200), t.addr()).unwrap(), "b0");
 }

@@ -32,7 +32,13 @@ use proxy::{Command, Shared, Snapshot, Stats};
 
 /// File descriptors kept out of the session budget: listeners, epoll, wakers, logs, pooled
 /// pipes and room for the accept back-off to recover in.
+/// An eighth of the limit when that is less, so a host whose hard limit is 1024 still serves.
 const FD_RESERVE: u64 = 1024;
+
+/// File descriptors kept out of the session budget for a limit of `nofile`.
+fn fd_reserve(nofile: u64) -> u64 {
+    FD_RESERVE.min(nofile / 8)
+}
 /// How often expired sticky entries are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -44,7 +50,7 @@ pub enum RunError {
     /// The backend pool cannot make a table.
     Table(ring::BuildError),
     /// `--max-conns` is more than the file-descriptor limit allows.
-    MaxConns { asked: usize, allowed: usize, nofile: u64 },
+    MaxConns { asked: usize, allowed: usize, nofile: u64, reserved: u64 },
     /// A system call needed to start failed.
     Os(&'static str, io::Error),
     /// A worker's event loop failed.
@@ -56,9 +62,9 @@ impl fmt::Display for RunError {
         match self {
             RunError::Bind(e) => write!(f, "{e}"),
             RunError::Table(e) => write!(f, "--backend: {e}"),
-            RunError::MaxConns { asked, allowed, nofile } => write!(
+            RunError::MaxConns { asked, allowed, nofile, reserved } => write!(
                 f,
-                "--max-conns {asked}: at most {allowed} fit in the file-descriptor limit of {nofile} (2 per session plus {FD_RESERVE} reserved); raise `ulimit -n` or lower --max-conns"
+                "--max-conns {asked}: at most {allowed} fit in the file-descriptor limit of {nofile} (2 per session plus {reserved} reserved); raise `ulimit -n` or lower --max-conns"
             ),
             RunError::Os(what, e) => write!(f, "{what}: {e}"),
             RunError::Worker(i, e) => write!(f, "worker {i} failed: {e}"),
@@ -79,15 +85,16 @@ pub fn run(config: Config) -> Result<(), RunError> {
     signals.thread_block().map_err(|e| RunError::Os("blocking signals", e.into()))?;
 
     let nofile = raise_nofile();
-    let allowed = (nofile.saturating_sub(FD_RESERVE) / 2).max(1) as usize;
+    let reserved = fd_reserve(nofile);
+    let allowed = (nofile.saturating_sub(reserved) / 2).max(1) as usize;
     let max_conns = match config.max_conns {
         Some(asked) if asked.get() > allowed => {
-            return Err(RunError::MaxConns { asked: asked.get(), allowed, nofile })
+            return Err(RunError::MaxConns { asked: asked.get(), allowed, nofile, reserved })
         }
         Some(asked) => asked.get(),
         // Leave a third of the budget for splice pipes (pooled; a transfer falls back to a
         // buffer when none can be made).
-        None => (nofile.saturating_sub(FD_RESERVE) / 3).max(1) as usize,
+        None => (nofile.saturating_sub(reserved) / 3).max(1) as usize,
     };
     let workers = config.workers.map_or_else(cpu_count, |w| w.get());
     let routing = proxy::Routing::new(&config.backends, config.table_size, config.seed)
@@ -95,7 +102,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let (listeners, bound) = proxy::bind_all(&config.listen, workers).map_err(RunError::Bind)?;
     let splice = config.splice == Splice::Auto && proxy::pump::splice_supported();
     // Pipes get the fds the sessions cannot use: two sockets per session come first.
-    let spare_fds = nofile.saturating_sub(FD_RESERVE).saturating_sub(2 * max_conns as u64);
+    let spare_fds = nofile.saturating_sub(reserved).saturating_sub(2 * max_conns as u64);
     let max_pipes = if splice { (spare_fds / 2 / workers as u64) as usize } else { 0 };
     let sticky = Sticky::new(
         StickyConfig {
@@ -337,4 +344,16 @@ fn random_key() -> [u8; 16] {
         key[8..].copy_from_slice(&b.finish().to_le_bytes());
     }
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_fd_limits_still_leave_room_for_sessions() {
+        assert_eq!(fd_reserve(1024), 128);
+        assert_eq!(fd_reserve(20_000), 1024);
+        assert_eq!(fd_reserve(0), 0);
+    }
 }
