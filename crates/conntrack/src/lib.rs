@@ -1,15 +1,19 @@
-//! Connection tracking for tether: the sticky table that pins each client to a backend.
+//! Connection tracking for tether: the sticky table that pins each client to a backend, and the
+//! per-worker UDP flow table.
 //!
 //! This is a pure core, like `ring` and `health`: it never reads the clock (every call takes
 //! `now` in milliseconds from an epoch the caller chooses), does no I/O and starts no threads.
 //! It does not choose backends (the Maglev table in `ring` does), does not know whether a
-//! backend is healthy (`health`), and does not own sockets (`proxy`). The per-worker UDP flow
-//! table will live beside the sticky table as its own module.
+//! backend is healthy (`health`), and does not own sockets (`proxy`: a flow holds whatever value
+//! the worker gives it, e.g. the slot of its backend socket).
 //!
 //! - [`AffinityKey`]: a client IP in canonical form (v4 and `::ffff:` mapped v4 are one key).
 //! - [`Sticky`]: affinity key -> backend, shared by all workers as an `Arc<Sticky>`. Entries
 //!   count their client's live sessions and expire `timeout_ms` after the last one closes; the
 //!   table is capped and, when full, reclaims expired then idle entries, never live ones.
+//! - [`FlowTable`]: one worker's UDP flows, (client, listener) -> backend and the caller's value,
+//!   with idle expiry. All workers' tables share one process-wide cap, an `Arc<`[`FlowBudget`]`>`;
+//!   when it is exhausted a new flow may take the slot of an expired flow, never an active one.
 //! - [`KeyedHasher`]: SipHash-1-3 under a per-process random key, against hash flooding.
 //!
 //! # Example
@@ -45,10 +49,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod flow;
 mod hash;
 mod key;
 mod sticky;
 
+pub use flow::{
+    Admit, Expired, Flow, FlowBudget, FlowKey, FlowStats, FlowTable, Inserted, Refused,
+};
 pub use hash::KeyedHasher;
 pub use key::{AffinityKey, BackendId};
 pub use sticky::{Attach, EntryView, Sticky, StickyConfig, StickyStats};
