@@ -942,7 +942,12 @@ mod tests {
                 let x = &before[usize::from(x)].name;
                 x != &before[removed].name && x != &after[usize::from(y)].name
             }).count();
-            prop_assert!(extra as f64 <= 0.01 * DEFAULT_SIZE as f64, "n={} extra={}", n, extra);
+            // Over random seeds Maglev's extra disruption averages 0.04-0.4% (n = 3..37, 40
+            // seeds, 200k keys) but has a rare tail: proptest found seeds where removing one of
+            // 7 members moved 1.17% and 2.9% of other members' slots (saved in
+            // proptest-regressions/). The 1% bound is asserted for fixed seeds above;
+            // this bound catches a broken fill (which moves tens of percent), not the tail.
+            prop_assert!(extra as f64 <= 0.05 * DEFAULT_SIZE as f64, "n={} extra={}", n, extra);
         }
     }
 }
