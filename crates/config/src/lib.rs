@@ -49,6 +49,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// Maglev table size (prime, NSDI 2016 section 3.4 suggests M >> number of backends).
 pub const DEFAULT_TABLE_SIZE: usize = 65_537;
+/// How long a UDP flow lives without a datagram either way. Game clients send several
+/// datagrams a second; a minute outlasts any pause short of a disconnect, the way NATs do.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest duration accepted anywhere: a year is already "never" for a proxy timer, and a bound
 /// keeps deadline arithmetic far from overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -98,6 +101,16 @@ pub struct Args {
     /// size of the Maglev table, a prime larger than the backend count (default 65537)
     #[argh(option)]
     pub table_size: Option<String>,
+    /// listeners given by --listen take `tcp` (default), `udp` or `both`
+    #[argh(option)]
+    pub protocol: Option<String>,
+    /// how long a UDP flow lives without a datagram either way (default 1m)
+    #[argh(option)]
+    pub udp_idle_timeout: Option<String>,
+    /// most UDP flows open at once across all workers; new flows past it are dropped
+    /// (default: from the fd limit, at most 65536)
+    #[argh(option)]
+    pub max_flows: Option<String>,
     /// benchmark aid: start with N idle sticky entries for documentation addresses
     /// (2001:db8::/32) to measure tether with a large table (default 0)
     #[argh(option)]
@@ -111,6 +124,24 @@ pub enum Affinity {
     Source,
     /// Each connection is hashed on its own 5-tuple; no sticky entry.
     FiveTuple,
+}
+
+/// Which transports the listeners given by flags take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Both,
+}
+
+impl Protocol {
+    pub fn tcp(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Both)
+    }
+
+    pub fn udp(self) -> bool {
+        matches!(self, Protocol::Udp | Protocol::Both)
+    }
 }
 
 /// Which byte pump sessions use.
@@ -134,6 +165,7 @@ pub struct BackendSpec {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
+    pub protocol: Protocol,
     pub backends: Vec<BackendSpec>,
     pub affinity: Affinity,
     pub sticky_timeout: Duration,
@@ -150,6 +182,9 @@ pub struct Config {
     pub table_size: usize,
     /// Idle sticky entries inserted at start (benchmarks only).
     pub sticky_prefill: usize,
+    pub udp_idle_timeout: Duration,
+    /// `None`: derived from the file-descriptor limit at start.
+    pub max_flows: Option<NonZeroUsize>,
 }
 
 /// A flag that could not be accepted: which flag, the value given, and why.
@@ -215,6 +250,14 @@ impl TryFrom<Args> for Config {
                 return Err(ConfigError::new("affinity", other, "expected `source` or `5tuple`"))
             }
         };
+        let protocol = match args.protocol.as_deref() {
+            None | Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
+            Some("both") => Protocol::Both,
+            Some(other) => {
+                return Err(ConfigError::new("protocol", other, "expected `tcp`, `udp` or `both`"))
+            }
+        };
         let splice = match args.splice.as_deref() {
             None | Some("auto") => Splice::Auto,
             Some("off") => Splice::Off,
@@ -245,6 +288,7 @@ impl TryFrom<Args> for Config {
         };
         Ok(Config {
             listen,
+            protocol,
             backends,
             affinity,
             sticky_timeout: opt_duration(
@@ -275,6 +319,12 @@ impl TryFrom<Args> for Config {
                     ConfigError::new("sticky-prefill", raw, "expected a whole number")
                 })?,
             },
+            udp_idle_timeout: opt_duration(
+                "udp-idle-timeout",
+                &args.udp_idle_timeout,
+                DEFAULT_UDP_IDLE_TIMEOUT,
+            )?,
+            max_flows: opt_nonzero("max-flows", &args.max_flows)?,
         })
     }
 }
@@ -412,6 +462,12 @@ mod tests {
         assert_eq!(c.table_size, DEFAULT_TABLE_SIZE);
         assert_eq!(c.workers, None);
         assert_eq!(c.backends[0].weight.get(), 1);
+        assert_eq!(c.protocol, Protocol::Tcp);
+        assert_eq!(c.udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+        assert_eq!(c.max_flows, None);
+        let both = with(&["--protocol", "both", "--max-flows", "10"]).unwrap();
+        assert!(both.protocol.tcp() && both.protocol.udp());
+        assert_eq!(both.max_flows.map(NonZeroUsize::get), Some(10));
     }
 
     #[test]
@@ -478,6 +534,9 @@ mod tests {
         ])
         .contains("larger than"));
         assert!(err(&["--seed", "abc"]).starts_with("--seed"));
+        assert!(err(&["--protocol", "sctp"]).starts_with("--protocol \"sctp\""));
+        assert!(err(&["--udp-idle-timeout", "0s"]).starts_with("--udp-idle-timeout"));
+        assert!(err(&["--max-flows", "0"]).starts_with("--max-flows"));
         assert!(err(&["--listen", "127.0.0.1:1"]).contains("given twice"));
     }
 

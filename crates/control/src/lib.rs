@@ -39,6 +39,9 @@ const FD_RESERVE: u64 = 1024;
 fn fd_reserve(nofile: u64) -> u64 {
     FD_RESERVE.min(nofile / 8)
 }
+/// Most UDP flows by default: 64k connected sockets is a busy game fleet's worth, and about
+/// 7 MB of flow table plus the kernel's socket memory.
+const DEFAULT_MAX_FLOWS: u64 = 65_536;
 /// How often expired sticky entries are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -51,6 +54,8 @@ pub enum RunError {
     Table(ring::BuildError),
     /// `--max-conns` is more than the file-descriptor limit allows.
     MaxConns { asked: usize, allowed: usize, nofile: u64, reserved: u64 },
+    /// `--max-flows` is more than the file-descriptor limit allows.
+    MaxFlows { asked: usize, allowed: usize, nofile: u64 },
     /// A system call needed to start failed.
     Os(&'static str, io::Error),
     /// A worker's event loop failed.
@@ -65,6 +70,10 @@ impl fmt::Display for RunError {
             RunError::MaxConns { asked, allowed, nofile, reserved } => write!(
                 f,
                 "--max-conns {asked}: at most {allowed} fit in the file-descriptor limit of {nofile} (2 per session plus {reserved} reserved); raise `ulimit -n` or lower --max-conns"
+            ),
+            RunError::MaxFlows { asked, allowed, nofile } => write!(
+                f,
+                "--max-flows {asked}: at most {allowed} fit in the file-descriptor limit of {nofile} (one per flow, half the limit at most); raise `ulimit -n` or lower --max-flows"
             ),
             RunError::Os(what, e) => write!(f, "{what}: {e}"),
             RunError::Worker(i, e) => write!(f, "worker {i} failed: {e}"),
@@ -86,7 +95,23 @@ pub fn run(config: Config) -> Result<(), RunError> {
 
     let nofile = raise_nofile();
     let reserved = fd_reserve(nofile);
-    let allowed = (nofile.saturating_sub(reserved) / 2).max(1) as usize;
+    let usable = nofile.saturating_sub(reserved);
+    // UDP flows take one fd each and come first when UDP is on; TCP sessions (two fds each)
+    // and splice pipes share the rest.
+    let max_flows = match (config.protocol.udp(), config.max_flows) {
+        (false, _) => 0,
+        (true, Some(asked)) if asked.get() as u64 > usable / 2 => {
+            return Err(RunError::MaxFlows {
+                asked: asked.get(),
+                allowed: (usable / 2) as usize,
+                nofile,
+            })
+        }
+        (true, Some(asked)) => asked.get(),
+        (true, None) => (usable / 4).clamp(1, DEFAULT_MAX_FLOWS) as usize,
+    };
+    let usable = usable - max_flows as u64;
+    let allowed = (usable / 2).max(1) as usize;
     let max_conns = match config.max_conns {
         Some(asked) if asked.get() > allowed => {
             return Err(RunError::MaxConns { asked: asked.get(), allowed, nofile, reserved })
@@ -94,15 +119,16 @@ pub fn run(config: Config) -> Result<(), RunError> {
         Some(asked) => asked.get(),
         // Leave a third of the budget for splice pipes (pooled; a transfer falls back to a
         // buffer when none can be made).
-        None => (nofile.saturating_sub(reserved) / 3).max(1) as usize,
+        None => (usable / 3).max(1) as usize,
     };
     let workers = config.workers.map_or_else(cpu_count, |w| w.get());
     let routing = proxy::Routing::new(&config.backends, config.table_size, config.seed)
         .map_err(RunError::Table)?;
-    let (listeners, bound) = proxy::bind_all(&config.listen, workers).map_err(RunError::Bind)?;
+    let bound = proxy::bind(&config.listen, workers, config.protocol.tcp(), config.protocol.udp())
+        .map_err(RunError::Bind)?;
     let splice = config.splice == Splice::Auto && proxy::pump::splice_supported();
     // Pipes get the fds the sessions cannot use: two sockets per session come first.
-    let spare_fds = nofile.saturating_sub(reserved).saturating_sub(2 * max_conns as u64);
+    let spare_fds = usable.saturating_sub(2 * max_conns as u64);
     let max_pipes = if splice { (spare_fds / 2 / workers as u64) as usize } else { 0 };
     let sticky = Sticky::new(
         StickyConfig {
@@ -122,16 +148,26 @@ pub fn run(config: Config) -> Result<(), RunError> {
         max_pipes,
         active: AtomicUsize::new(0),
         epoch: Instant::now(),
+        flow_budget: Arc::new(conntrack::FlowBudget::new(max_flows)),
+        udp_idle_timeout: config.udp_idle_timeout,
+        flow_hash_key: random_key(),
     });
 
     let cpus = allowed_cpus();
     let mut running = Vec::with_capacity(workers);
-    for (i, sockets) in listeners.into_iter().enumerate() {
+    let proxy::Bound { tcp, udp, tcp_addrs, udp_addrs } = bound;
+    for (i, (sockets, udp_sockets)) in tcp.into_iter().zip(udp).enumerate() {
         let stats = Arc::new(Stats::default());
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (worker, waker) =
-            proxy::Worker::new(i, Arc::clone(&shared), sockets, Arc::clone(&stats), rx)
-                .map_err(|e| RunError::Os("starting a worker", e))?;
+        let (worker, waker) = proxy::Worker::new(
+            i,
+            Arc::clone(&shared),
+            sockets,
+            udp_sockets,
+            Arc::clone(&stats),
+            rx,
+        )
+        .map_err(|e| RunError::Os("starting a worker", e))?;
         let cpu = cpus.get(i % cpus.len().max(1)).copied();
         let thread = std::thread::Builder::new()
             .name(format!("tether-w{i}"))
@@ -146,14 +182,15 @@ pub fn run(config: Config) -> Result<(), RunError> {
     }
 
     log::info!(
-        "tether {} workers, {} backends, max {} sessions, pump {}, affinity {:?}",
+        "tether {} workers, {} backends, max {} sessions, max {} flows, pump {}, affinity {:?}",
         workers,
         config.backends.len(),
         max_conns,
+        max_flows,
         if max_pipes > 0 { "copy+splice" } else { "copy" },
         config.affinity
     );
-    announce(&bound);
+    announce(&tcp_addrs, &udp_addrs);
 
     // Our own sender keeps the channel open even if the signal thread dies, so the supervisor's
     // timed receive never turns into a spin on `Disconnected`.
@@ -249,10 +286,13 @@ fn tell_all(running: &[Running], cmd: Command) {
 
 /// Tell whoever started us where we listen: one line per listener, then `ready`. Tests and
 /// scripts read these lines (ports given as 0 are resolved here).
-fn announce(bound: &[std::net::SocketAddr]) {
+fn announce(tcp: &[std::net::SocketAddr], udp: &[std::net::SocketAddr]) {
     let mut out = io::stdout().lock();
-    for addr in bound {
+    for addr in tcp {
         let _ = writeln!(out, "listening tcp {addr}");
+    }
+    for addr in udp {
+        let _ = writeln!(out, "listening udp {addr}");
     }
     let _ = writeln!(out, "ready");
     let _ = out.flush();

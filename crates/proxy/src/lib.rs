@@ -20,7 +20,7 @@
 //! # fn demo(shared: Arc<tether_proxy::Shared>, listeners: Vec<std::net::TcpListener>) -> std::io::Result<()> {
 //! let stats = Arc::new(tether_proxy::Stats::default());
 //! let (tx, rx) = crossbeam_channel::unbounded();
-//! let (worker, waker) = tether_proxy::Worker::new(0, shared, listeners, stats, rx)?;
+//! let (worker, waker) = tether_proxy::Worker::new(0, shared, listeners, Vec::new(), stats, rx)?;
 //! let handle = std::thread::spawn(move || worker.run());
 //! tx.send(tether_proxy::Command::Shutdown { deadline: std::time::Instant::now() }).unwrap();
 //! waker.wake()?;
@@ -36,6 +36,7 @@ mod stats;
 mod sys;
 mod timer;
 mod token;
+mod udp;
 mod worker;
 
 use std::sync::atomic::AtomicUsize;
@@ -43,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use conntrack::Sticky;
 
-pub use listener::{bind_all, BindError};
+pub use listener::{bind, bind_all, BindError, Bound};
 pub use routing::{Backend, Routing, PASSIVE_HOLD};
 pub use stats::{Snapshot, Stats};
 pub use worker::Worker;
@@ -71,6 +72,11 @@ pub struct Shared {
     pub active: AtomicUsize,
     /// Origin of the millisecond clock the sticky table runs on.
     pub epoch: Instant,
+    /// UDP flows allowed open at once across all workers.
+    pub flow_budget: std::sync::Arc<conntrack::FlowBudget>,
+    pub udp_idle_timeout: Duration,
+    /// SipHash key of the flow tables (random per process).
+    pub flow_hash_key: [u8; 16],
 }
 
 impl Shared {

@@ -13,7 +13,78 @@ const BACKLOG: i32 = 4096;
 #[derive(Debug)]
 pub struct BindError {
     pub addr: SocketAddr,
+    pub udp: bool,
     pub error: io::Error,
+}
+
+/// Every listener socket of every worker, and the addresses they are bound to.
+#[derive(Debug, Default)]
+pub struct Bound {
+    /// `tcp[worker][listener]`
+    pub tcp: Vec<Vec<std::net::TcpListener>>,
+    /// `udp[worker][listener]`
+    pub udp: Vec<Vec<std::net::UdpSocket>>,
+    pub tcp_addrs: Vec<SocketAddr>,
+    pub udp_addrs: Vec<SocketAddr>,
+}
+
+/// Bind `workers` sockets per address for each transport asked for. A port 0 is resolved by
+/// the first bind and reused by the others (TCP first, then UDP on the same port).
+pub fn bind(
+    addrs: &[SocketAddr],
+    workers: usize,
+    tcp: bool,
+    udp: bool,
+) -> Result<Bound, BindError> {
+    let mut bound = Bound {
+        tcp: (0..workers).map(|_| Vec::new()).collect(),
+        udp: (0..workers).map(|_| Vec::new()).collect(),
+        ..Bound::default()
+    };
+    for &want in addrs {
+        let mut addr = want;
+        if tcp {
+            let (sockets, at) = bind_all(&[addr], workers)?;
+            for (w, mut s) in sockets.into_iter().enumerate() {
+                bound.tcp[w].append(&mut s);
+            }
+            addr = at[0];
+            bound.tcp_addrs.push(addr);
+        }
+        if udp {
+            for sockets in bound.udp.iter_mut() {
+                let s =
+                    bind_udp(addr).map_err(|error| BindError { addr: want, udp: true, error })?;
+                addr =
+                    s.local_addr().map_err(|error| BindError { addr: want, udp: true, error })?;
+                sockets.push(s);
+            }
+            bound.udp_addrs.push(addr);
+        }
+    }
+    Ok(bound)
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    // The kernel hashes each client's 4-tuple to one of the workers' sockets, so a flow stays
+    // on one worker (socket(7), SO_REUSEPORT).
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    if addr.ip().is_unspecified() {
+        // Learn each datagram's destination address, to reply from it (ip(7) IP_PKTINFO,
+        // ipv6(7) IPV6_RECVPKTINFO; a dual-stack [::] socket gets IPv4 traffic's as well).
+        use nix::sys::socket::{setsockopt, sockopt};
+        if addr.is_ipv4() {
+            setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
+        } else {
+            setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)?;
+            let _ = setsockopt(&socket, sockopt::Ipv4PacketInfo, &true);
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 impl std::fmt::Display for BindError {
@@ -26,7 +97,8 @@ impl std::fmt::Display for BindError {
             }
             _ => self.error.to_string(),
         };
-        write!(f, "--listen {}: {}", self.addr, what)
+        let proto = if self.udp { " (udp)" } else { "" };
+        write!(f, "--listen {}{proto}: {}", self.addr, what)
     }
 }
 
@@ -44,8 +116,8 @@ pub fn bind_all(
     for &want in addrs {
         let mut addr = want;
         for sockets in per_worker.iter_mut() {
-            let l = bind_one(addr).map_err(|error| BindError { addr: want, error })?;
-            addr = l.local_addr().map_err(|error| BindError { addr: want, error })?;
+            let l = bind_one(addr).map_err(|error| BindError { addr: want, udp: false, error })?;
+            addr = l.local_addr().map_err(|error| BindError { addr: want, udp: false, error })?;
             sockets.push(l);
         }
         bound.push(addr);

@@ -76,3 +76,15 @@ impl Routing {
         b.failing_until.fetch_max(now_ms + PASSIVE_HOLD.as_millis() as u64, Relaxed);
     }
 }
+
+/// Bytes of a connection's or flow's 5-tuple, for `5tuple` affinity: protocol number, client
+/// address and port, listener address and port (addresses in canonical 16-byte form).
+pub fn five_tuple(protocol: u8, peer: SocketAddr, local: SocketAddr) -> [u8; 37] {
+    let mut out = [0u8; 37];
+    out[0] = protocol;
+    out[1..17].copy_from_slice(&conntrack::AffinityKey::from_ip(peer.ip()).to_bytes());
+    out[17..19].copy_from_slice(&peer.port().to_be_bytes());
+    out[19..35].copy_from_slice(&conntrack::AffinityKey::from_ip(local.ip()).to_bytes());
+    out[35..37].copy_from_slice(&local.port().to_be_bytes());
+    out
+}

@@ -63,6 +63,18 @@ counters! {
     accept_errors,
     /// Clients refused because this host ran out of fds, ports or memory for the backend side.
     local_errors,
+    /// UDP datagrams received from clients.
+    datagrams_in,
+    /// UDP datagrams sent back to clients.
+    datagrams_out,
+    /// UDP datagrams dropped (full socket buffers, unreachable peers, refused flows).
+    datagrams_dropped,
+    /// UDP flows created.
+    flows_created,
+    /// UDP flows closed by the idle timeout.
+    flows_expired,
+    /// New UDP flows refused because `--max-flows` flows were open.
+    flows_refused,
 }
 
 /// Add one to a counter.

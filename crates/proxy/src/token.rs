@@ -2,41 +2,56 @@
 
 use mio::Token;
 
-/// Listener tokens are below this; session tokens at and above.
-const SESSION_BASE: usize = 1 << 20;
+/// The low bits of a token say what it is; the rest is the index.
+const TAG_BITS: usize = 3;
+const TCP_LISTENER: usize = 0;
+const UDP_LISTENER: usize = 1;
+const CLIENT: usize = 2;
+const BACKEND: usize = 3;
+const FLOW: usize = 4;
 
 /// What an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slot {
     /// Control wants the worker's attention (message or shutdown).
     Waker,
-    /// Listener number n of this worker.
+    /// TCP listener number n of this worker.
     Listener(usize),
+    /// UDP listener socket number n of this worker.
+    UdpListener(usize),
     /// The client socket of session n.
     Client(usize),
     /// The backend socket of session n.
     Backend(usize),
+    /// The backend socket of UDP flow n.
+    Flow(usize),
 }
 
 impl Slot {
     pub fn token(self) -> Token {
-        match self {
-            Slot::Waker => Token(usize::MAX),
-            Slot::Listener(n) => {
-                debug_assert!(n < SESSION_BASE);
-                Token(n)
-            }
-            Slot::Client(n) => Token(SESSION_BASE + 2 * n),
-            Slot::Backend(n) => Token(SESSION_BASE + 2 * n + 1),
-        }
+        let (index, tag) = match self {
+            Slot::Waker => return Token(usize::MAX),
+            Slot::Listener(n) => (n, TCP_LISTENER),
+            Slot::UdpListener(n) => (n, UDP_LISTENER),
+            Slot::Client(n) => (n, CLIENT),
+            Slot::Backend(n) => (n, BACKEND),
+            Slot::Flow(n) => (n, FLOW),
+        };
+        Token(index << TAG_BITS | tag)
     }
 
     pub fn from_token(token: Token) -> Slot {
-        match token.0 {
-            usize::MAX => Slot::Waker,
-            n if n < SESSION_BASE => Slot::Listener(n),
-            n if (n - SESSION_BASE) % 2 == 0 => Slot::Client((n - SESSION_BASE) / 2),
-            n => Slot::Backend((n - SESSION_BASE) / 2),
+        if token.0 == usize::MAX {
+            return Slot::Waker;
+        }
+        let index = token.0 >> TAG_BITS;
+        match token.0 & ((1 << TAG_BITS) - 1) {
+            TCP_LISTENER => Slot::Listener(index),
+            UDP_LISTENER => Slot::UdpListener(index),
+            CLIENT => Slot::Client(index),
+            BACKEND => Slot::Backend(index),
+            // FLOW, and tags never issued (an event cannot carry a token we did not register).
+            _ => Slot::Flow(index),
         }
     }
 }
@@ -55,6 +70,9 @@ mod tests {
             Slot::Backend(0),
             Slot::Client(12345),
             Slot::Backend(999_999),
+            Slot::UdpListener(3),
+            Slot::Flow(0),
+            Slot::Flow(77),
         ] {
             assert_eq!(Slot::from_token(slot.token()), slot);
         }

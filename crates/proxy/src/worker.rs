@@ -18,6 +18,7 @@ use crate::session::{set_reset_on_close, CloseReason, Drive, Session, State, Tri
 use crate::stats::{inc, Stats};
 use crate::timer::{Timer, TimerKind, Timers};
 use crate::token::Slot;
+use crate::udp::{Ctx, More, Udp};
 use crate::{Command, Shared};
 
 /// Events taken from one poll.
@@ -32,6 +33,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone, Copy)]
 enum Ready {
     Listener(usize),
+    UdpListener(usize),
+    Flow(usize),
     Session { slot: usize, generation: u64 },
 }
 
@@ -51,6 +54,7 @@ pub struct Worker {
     timers: Timers,
     ready: VecDeque<Ready>,
     pools: Pools,
+    udp: Udp,
     next_generation: u64,
     /// Set by a shutdown command: no listener left, exit when sessions end or at this deadline.
     stopping: Option<Instant>,
@@ -64,6 +68,7 @@ impl Worker {
         id: usize,
         shared: Arc<Shared>,
         listeners: Vec<std::net::TcpListener>,
+        udp_sockets: Vec<std::net::UdpSocket>,
         stats: Arc<Stats>,
         commands: Receiver<Command>,
     ) -> io::Result<(Worker, Arc<Waker>)> {
@@ -76,6 +81,13 @@ impl Worker {
             registered.push(Some(l));
         }
         let pools = Pools::new(shared.max_pipes);
+        let udp = Udp::new(
+            udp_sockets,
+            poll.registry(),
+            Arc::clone(&shared.flow_budget),
+            shared.udp_idle_timeout.as_millis() as u64,
+            shared.flow_hash_key,
+        )?;
         let now = Instant::now();
         let worker = Worker {
             id,
@@ -90,6 +102,7 @@ impl Worker {
             timers: Timers::default(),
             ready: VecDeque::new(),
             pools,
+            udp,
             next_generation: 0,
             stopping: None,
             now,
@@ -116,10 +129,19 @@ impl Worker {
                     Slot::Listener(i) => self.accept(i),
                     Slot::Client(n) => self.session_event(n, true, event),
                     Slot::Backend(n) => self.session_event(n, false, event),
+                    Slot::UdpListener(i) => self.udp_event(Ready::UdpListener(i)),
+                    Slot::Flow(n) => self.udp_event(Ready::Flow(n)),
                 }
             }
             self.resume_ready();
             self.fire_timers();
+            let ctx = Ctx {
+                registry: self.poll.registry(),
+                shared: &self.shared,
+                stats: &self.stats,
+                now_ms: self.shared.now_ms(self.now),
+            };
+            self.udp.expire(&ctx);
             if let Some(deadline) = self.stopping {
                 let live = self.sessions.len() - self.free.len();
                 if live == 0 || self.now >= deadline {
@@ -135,10 +157,8 @@ impl Worker {
         if !self.ready.is_empty() {
             return Some(Duration::ZERO);
         }
-        let next = match (self.timers.next(), self.stopping) {
-            (Some(t), Some(s)) => Some(t.min(s)),
-            (t, s) => t.or(s),
-        };
+        let flows = self.udp.next_expiry().map(|ms| self.shared.epoch + Duration::from_millis(ms));
+        let next = [self.timers.next(), self.stopping, flows].into_iter().flatten().min();
         next.map(|t| t.saturating_duration_since(Instant::now()))
     }
 
@@ -155,6 +175,7 @@ impl Worker {
                             log::debug!("worker {} closed listener {i}", self.id);
                         }
                     }
+                    self.udp.close_listeners(self.poll.registry());
                     self.stopping = Some(deadline);
                 }
             }
@@ -215,7 +236,7 @@ impl Worker {
             }
             config::Affinity::FiveTuple => {
                 let local = stream.local_addr().unwrap_or(peer);
-                (None, routing.ring.hash_key(&five_tuple(peer, local)))
+                (None, routing.ring.hash_key(&crate::routing::five_tuple(6, peer, local)))
             }
         };
         // A sticky entry wins over the table while its backend is usable.
@@ -448,10 +469,31 @@ impl Worker {
         }
     }
 
+    // === UDP ===
+
+    /// Datagrams waiting on a UDP listener or a flow's backend socket.
+    fn udp_event(&mut self, what: Ready) {
+        let ctx = Ctx {
+            registry: self.poll.registry(),
+            shared: &self.shared,
+            stats: &self.stats,
+            now_ms: self.shared.now_ms(self.now),
+        };
+        let more = match what {
+            Ready::UdpListener(i) => self.udp.listener_readable(i, &ctx),
+            Ready::Flow(n) => self.udp.flow_readable(n, &ctx),
+            _ => More::No,
+        };
+        if more == More::Yes {
+            self.ready.push_back(what);
+        }
+    }
+
     fn resume_ready(&mut self) {
         for _ in 0..self.ready.len() {
             match self.ready.pop_front() {
                 Some(Ready::Listener(i)) => self.accept(i),
+                Some(r @ (Ready::UdpListener(_) | Ready::Flow(_))) => self.udp_event(r),
                 Some(Ready::Session { slot, generation }) => {
                     if self.generation_at(slot) == Some(generation) {
                         if let Some(s) = self.sessions[slot].as_mut() {
@@ -598,15 +640,4 @@ fn blames_backend(e: &io::Error) -> bool {
 fn is_resource_error(e: &io::Error) -> bool {
     use nix::libc::{EMFILE, ENFILE, ENOBUFS, ENOMEM};
     matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
-}
-
-/// Bytes of a connection's 5-tuple (protocol is always TCP here).
-fn five_tuple(peer: SocketAddr, local: SocketAddr) -> [u8; 37] {
-    let mut out = [0u8; 37];
-    out[0] = 6; // IPPROTO_TCP
-    out[1..17].copy_from_slice(&AffinityKey::from_ip(peer.ip()).to_bytes());
-    out[17..19].copy_from_slice(&peer.port().to_be_bytes());
-    out[19..35].copy_from_slice(&AffinityKey::from_ip(local.ip()).to_bytes());
-    out[35..37].copy_from_slice(&local.port().to_be_bytes());
-    out
 }

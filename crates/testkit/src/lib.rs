@@ -46,6 +46,7 @@ mod process;
 mod signals;
 mod survey;
 mod sys;
+mod udp;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -64,6 +65,7 @@ pub use nix::sys::signal::Signal;
 pub use process::{run_to_exit, Exit, Tether, READY_TIMEOUT, TERM_GRACE};
 pub use signals::StopSignals;
 pub use survey::{survey, Survey, Tally};
+pub use udp::{udp_ask, udp_client, UdpBackend};
 
 /// Pause between two checks of a polled condition: short against the timeouts used in tests,
 /// long enough that a waiting thread costs nothing next to the process under test.

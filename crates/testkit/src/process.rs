@@ -32,6 +32,7 @@ pub const TERM_GRACE: Duration = Duration::from_secs(5);
 const READY_LINE: &str = "ready";
 /// Prefix of the line the binary prints per listener, before [`READY_LINE`].
 const LISTENING_PREFIX: &str = "listening tcp ";
+const LISTENING_UDP_PREFIX: &str = "listening udp ";
 /// Pause between two `try_wait`s while waiting for an exit.
 const EXIT_POLL: Duration = Duration::from_millis(10);
 
@@ -40,6 +41,7 @@ const EXIT_POLL: Duration = Duration::from_millis(10);
 pub struct Tether {
     process: Process,
     addrs: Vec<SocketAddr>,
+    udp_addrs: Vec<SocketAddr>,
 }
 
 /// What [`run_to_exit`] saw.
@@ -93,15 +95,29 @@ impl Tether {
             .wait_for(|lines| lines.iter().any(|line| line.trim() == READY_LINE), READY_TIMEOUT);
         let parsed = if ready { listening_addrs(&process.stdout.lines.snapshot()) } else { None };
         match parsed {
-            Some(Ok(addrs)) => Ok(Tether { process, addrs }),
+            Some(Ok((addrs, udp_addrs))) => Ok(Tether { process, addrs, udp_addrs }),
             Some(Err(bad)) => Err(process.fail(&format!("printed a bad listening line {bad:?}"))),
             None => Err(process.fail(&format!("did not print `{READY_LINE}`"))),
         }
     }
 
-    /// The listener addresses, in the order the binary printed them.
+    /// The TCP listener addresses, in the order the binary printed them.
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The UDP listener addresses, in the order the binary printed them.
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.udp_addrs
+    }
+
+    /// The first UDP listener address.
+    ///
+    /// # Panics
+    ///
+    /// If the binary printed `ready` without a `listening udp` line.
+    pub fn udp_addr(&self) -> SocketAddr {
+        *self.udp_addrs.first().expect("tether printed no `listening udp` line before `ready`")
     }
 
     /// The first listener address.
@@ -221,19 +237,27 @@ where
     }
 }
 
-/// Parses the `listening tcp <addr>` lines before `ready`; the bad line as error.
-fn listening_addrs(lines: &[String]) -> Option<Result<Vec<SocketAddr>, String>> {
-    let mut addrs = Vec::new();
+/// TCP and UDP listener addresses.
+type Listening = (Vec<SocketAddr>, Vec<SocketAddr>);
+
+/// Parses the `listening tcp|udp <addr>` lines before `ready`; the bad line as error.
+fn listening_addrs(lines: &[String]) -> Option<Result<Listening, String>> {
+    let (mut tcp, mut udp) = (Vec::new(), Vec::new());
     for line in lines {
         let line = line.trim();
         if line == READY_LINE {
-            return Some(Ok(addrs));
+            return Some(Ok((tcp, udp)));
         }
-        if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
-            match addr.trim().parse() {
-                Ok(addr) => addrs.push(addr),
-                Err(_) => return Some(Err(line.to_owned())),
-            }
+        let (list, addr) = if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
+            (&mut tcp, addr)
+        } else if let Some(addr) = line.strip_prefix(LISTENING_UDP_PREFIX) {
+            (&mut udp, addr)
+        } else {
+            continue;
+        };
+        match addr.trim().parse() {
+            Ok(addr) => list.push(addr),
+            Err(_) => return Some(Err(line.to_owned())),
         }
     }
     None

@@ -1,0 +1,241 @@
+//! UDP flows through the real binary: replies from the listener address, stickiness shared with
+//! TCP, idle expiry, sizes, the flow cap, failover, bad flags (issue 4).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Time to wait for one reply: generous, the machine may be loaded.
+const REPLY: Duration = Duration::from_secs(5);
+
+fn udp_backends(net: u8, n: usize) -> Vec<UdpBackend> {
+    (0..n)
+        .map(|i| {
+            let ip = IpAddr::V4(Ipv4Addr::new(127, 0, net, 10 + i as u8));
+            UdpBackend::start(&format!("u{i}"), SocketAddr::new(ip, 0)).expect("udp backend")
+        })
+        .collect()
+}
+
+fn udp_tether(listen: &str, backends: &[SocketAddr], extra: &[&str]) -> Tether {
+    let mut args = vec!["--listen".to_string(), listen.to_string(), "--workers".into(), "2".into()];
+    for (i, b) in backends.iter().enumerate() {
+        args.extend(["--backend".to_string(), format!("{b},name=u{i}")]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Tether::start(bin(), &args).expect("start tether")
+}
+
+fn name_of(socket: &UdpSocket, to: SocketAddr) -> (String, SocketAddr) {
+    let (reply, from) = udp_ask(socket, to, b"name", REPLY).expect("a reply");
+    (String::from_utf8(reply).unwrap(), from)
+}
+
+#[test]
+fn replies_come_from_the_address_the_client_sent_to_and_sources_stick() {
+    let pool = udp_backends(50, 3);
+    let addrs: Vec<_> = pool.iter().map(UdpBackend::addr).collect();
+    // A wildcard listener: the reply's source comes from IP_PKTINFO.
+    let t = udp_tether("0.0.0.0:0", &addrs, &["--protocol", "udp"]);
+    let port = t.udp_addr().port();
+    let mut owner: HashMap<u32, String> = HashMap::new();
+    for round in 0..3 {
+        for i in 0..60 {
+            let socket = udp_client(client_ip(i)).unwrap();
+            // Clients send to different local addresses of the same wildcard listener.
+            let to =
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 50, 1 + (i % 3) as u8)), port);
+            let (name, from) = name_of(&socket, to);
+            assert_eq!(from, to, "reply came from {from}, client sent to {to}");
+            let first = owner.entry(i).or_insert_with(|| name.clone());
+            assert_eq!(&name, first, "source {} moved in round {round}", client_ip(i));
+        }
+    }
+    let mut per: HashMap<&str, usize> = HashMap::new();
+    for n in owner.values() {
+        *per.entry(n).or_default() += 1;
+    }
+    assert_eq!(per.len(), 3, "60 sources all on {per:?}");
+}
+
+#[test]
+fn tcp_and_udp_of_one_client_reach_the_same_backend() {
+    // One backend host per name serving both TCP and UDP on one address each.
+    let tcp = backends(51, 3);
+    let udp: Vec<UdpBackend> = tcp
+        .iter()
+        .map(|b| {
+            UdpBackend::start(b.name(), SocketAddr::new(b.addr().ip(), b.addr().port())).unwrap()
+        })
+        .collect();
+    let mut args =
+        vec!["--listen".to_string(), "127.0.51.1:0".into(), "--protocol".into(), "both".into()];
+    args.extend(backend_args(&tcp));
+    let t = Tether::start(bin(), &args).unwrap();
+    assert_eq!(t.addr().port(), t.udp_addr().port());
+    for i in 0..40 {
+        // UDP first for half the clients, TCP first for the others: whichever comes first pins.
+        let socket = udp_client(client_ip(i)).unwrap();
+        let (by_udp, by_tcp) = if i % 2 == 0 {
+            let u = name_of(&socket, t.udp_addr()).0;
+            (u, ask_name(client_ip(i), t.addr()).unwrap())
+        } else {
+            let tc = ask_name(client_ip(i), t.addr()).unwrap();
+            (name_of(&socket, t.udp_addr()).0, tc)
+        };
+        assert_eq!(by_udp, by_tcp, "client {} split across backends", client_ip(i));
+    }
+    drop(udp);
+}
+
+#[test]
+fn datagram_sizes_round_trip_intact() {
+    let pool = udp_backends(52, 1);
+    let t = udp_tether("127.0.52.1:0", &[pool[0].addr()], &["--protocol", "udp"]);
+    let socket = udp_client(client_ip(1)).unwrap();
+    for size in [0usize, 1, 1472, 65_507] {
+        let mut payload = vec![0u8; size];
+        pattern(size as u64, &mut payload);
+        if payload == b"name" {
+            payload[0] ^= 1;
+        }
+        let (reply, from) = udp_ask(&socket, t.udp_addr(), &payload, REPLY).expect("echo");
+        assert_eq!(from, t.udp_addr());
+        assert_eq!(reply.len(), size);
+        assert!(reply == payload, "{size}-byte datagram changed on the way");
+    }
+}
+
+#[test]
+fn idle_flows_expire_and_the_next_datagram_opens_a_new_one() {
+    let pool = udp_backends(53, 1);
+    let t = udp_tether(
+        "127.0.53.1:0",
+        &[pool[0].addr()],
+        &["--protocol", "udp", "--udp-idle-timeout", "300ms"],
+    );
+    let socket = udp_client(client_ip(1)).unwrap();
+    // Traffic more often than the timeout keeps one flow (one source port at the backend).
+    let until = Instant::now() + Duration::from_millis(900);
+    while Instant::now() < until {
+        udp_ask(&socket, t.udp_addr(), b"ping", REPLY).unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // traffic pacing
+    }
+    assert_eq!(pool[0].sources().len(), 1, "flow did not survive steady traffic");
+    // Silence longer than the timeout ends it: the next datagram comes from a new port.
+    let first = pool[0].sources();
+    assert!(
+        wait_until(DEADLINE, || {
+            std::thread::sleep(Duration::from_millis(400)); // let the flow go idle
+            udp_ask(&socket, t.udp_addr(), b"ping", REPLY).is_ok() && pool[0].sources() != first
+        }),
+        "no new flow after the idle timeout"
+    );
+}
+
+#[test]
+fn a_flood_beyond_max_flows_is_dropped_and_established_flows_keep_working() {
+    let pool = udp_backends(54, 1);
+    let t = udp_tether(
+        "127.0.54.1:0",
+        &[pool[0].addr()],
+        &["--protocol", "udp", "--max-flows", "20", "--udp-idle-timeout", "1h"],
+    );
+    let established: Vec<UdpSocket> = (0..10).map(|i| udp_client(client_ip(i)).unwrap()).collect();
+    for s in &established {
+        udp_ask(s, t.udp_addr(), b"ping", REPLY).expect("established flow");
+    }
+    let rss_before = t.rss_kib().unwrap();
+    // 500 new sources: 10 more flows fit, the rest are dropped.
+    let flood: Vec<UdpSocket> = (100..600).map(|i| udp_client(client_ip(i)).unwrap()).collect();
+    for s in &flood {
+        s.send_to(b"ping", t.udp_addr()).unwrap();
+    }
+    for s in &established {
+        udp_ask(s, t.udp_addr(), b"ping", REPLY).expect("established flow still served");
+    }
+    let grew = t.rss_kib().unwrap().saturating_sub(rss_before);
+    assert!(grew < 8 * 1024, "RSS grew by {grew} KiB under a 500-source flood");
+    // Every flow has its own source port at the backend: at most 20 were ever made.
+    let flows = pool[0].sources().len();
+    assert!((11..=20).contains(&flows), "{flows} flows reached the backend with --max-flows 20");
+}
+
+#[test]
+fn a_stopped_backends_flows_move_to_another() {
+    let mut pool = udp_backends(55, 2);
+    let addrs: Vec<_> = pool.iter().map(UdpBackend::addr).collect();
+    let t = udp_tether("127.0.55.1:0", &addrs, &["--protocol", "udp"]);
+    let sockets: Vec<UdpSocket> = (0..20).map(|i| udp_client(client_ip(i)).unwrap()).collect();
+    let before: Vec<String> = sockets.iter().map(|s| name_of(s, t.udp_addr()).0).collect();
+    let victim = before[0].clone();
+    let v = pool.iter().position(|b| b.name() == victim).unwrap();
+    pool[v].stop();
+    for (i, s) in sockets.iter().enumerate() {
+        // The first datagram after the stop may be lost (UDP); keep asking until answered.
+        let mut answer = None;
+        assert!(
+            wait_until(DEADLINE, || {
+                answer = udp_ask(s, t.udp_addr(), b"name", Duration::from_millis(200)).ok();
+                answer.is_some()
+            }),
+            "source {} never answered after the stop",
+            client_ip(i as u32)
+        );
+        let name = String::from_utf8(answer.unwrap().0).unwrap();
+        if before[i] == victim {
+            assert_ne!(name, victim);
+        } else {
+            assert_eq!(name, before[i], "a healthy backend's client moved");
+        }
+    }
+}
+
+#[test]
+fn bad_udp_flags_are_refused() {
+    for (args, flag) in [
+        (
+            &["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--protocol", "quic"][..],
+            "--protocol",
+        ),
+        (
+            &["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--udp-idle-timeout", "5"][..],
+            "--udp-idle-timeout",
+        ),
+        (
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                "127.0.0.1:1",
+                "--protocol",
+                "udp",
+                "--max-flows",
+                "0",
+            ][..],
+            "--max-flows",
+        ),
+        (
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                "127.0.0.1:1",
+                "--protocol",
+                "udp",
+                "--max-flows",
+                "999999999",
+            ][..],
+            "--max-flows",
+        ),
+    ] {
+        let exit = run_to_exit(bin(), args, DEADLINE).unwrap();
+        assert!(!exit.status.success(), "{args:?} accepted");
+        assert_eq!(exit.stderr.lines().count(), 1, "{args:?}: {}", exit.stderr);
+        assert!(exit.stderr.contains(flag), "{args:?}: {}", exit.stderr);
+    }
+}
