@@ -172,10 +172,13 @@ class Balancer:
         self.addr = (LB_IP, self.port)
         self.log = open(os.path.join(work, f"{self.name}.log"), "w")
         self.proc = start(self.command(backends, work), LB_CPU, self.log, self.env())
-        wait_port(*self.addr)
+        self.wait()
 
     def env(self):
         return None
+
+    def wait(self):
+        wait_port(*self.addr)
 
     def cpu(self):
         return cpu_seconds(self.proc.pid)
@@ -246,6 +249,7 @@ class HAProxySplice(HAProxy):
 
 class Nginx(Balancer):
     name = "nginx"
+    udp = ""
 
     def command(self, backends, work):
         d = os.path.join(work, self.name)
@@ -266,9 +270,9 @@ stream {{
 {servers}
   }}
   server {{
-    listen {LB_IP}:{self.port};
+    listen {LB_IP}:{self.port}{self.udp};
     proxy_pass be;
-    proxy_timeout 1h;
+    proxy_timeout {"60s" if self.udp else "1h"};
   }}
 }}
 """)
@@ -447,6 +451,64 @@ def state(lb, args):
     return r
 
 
+class TetherUdp(Tether):
+    name = "tether"
+    extra = ["--protocol", "udp"]
+
+    def wait(self):
+        pass  # UDP: nothing to connect to; Tether.__init__ waits for `ready`
+
+
+class NginxUdp(Nginx):
+    name = "nginx"
+    udp = " udp"
+
+    def wait(self):
+        time.sleep(1)  # nginx prints nothing when ready; UDP cannot be probed with a connect
+
+
+class DirectUdp(Direct):
+    pass
+
+
+def udp_backends(work):
+    out = []
+    for ip in BACKEND_IPS:
+        port = free_port(ip)
+        start(["sockperf", "server", "-i", ip, "-p", str(port)], GEN_CPU, open(os.devnull, "w"))
+        time.sleep(0.3)  # sockperf gives no readiness signal for UDP
+        out.append((ip, port))
+    return out
+
+
+def udp_pingpong(lb, args):
+    def run():
+        out = gen(["sockperf", "ping-pong", "-i", lb.addr[0], "-p", str(lb.addr[1]), "-m", "64",
+                   "-t", str(args.seconds)], args.seconds + 30)
+        pct = {m.group(1): float(m.group(2))
+               for m in re.finditer(r"percentile (\d+\.\d+) =\s+([\d.]+)", out)}
+        return {"p50_us": pct["50.000"], "p99_us": pct["99.000"]}
+    return measure(lb, run)
+
+
+def udp_rate(lb, args):
+    """Round trips per second with 4 concurrent ping-pong clients (4 flows)."""
+    def run():
+        procs_ = [subprocess.Popen(["taskset", "-c", GEN_CPU, "sockperf", "ping-pong", "-i",
+                                    lb.addr[0], "-p", str(lb.addr[1]), "-m", "64", "-t",
+                                    str(args.seconds)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+        total = 0
+        for p in procs_:
+            out, _ = p.communicate(timeout=args.seconds + 30)
+            m = re.search(r"ReceivedMessages=(\d+)", out)
+            total += int(m.group(1)) if m else 0
+        return {"round_trips": total, "rt_s": total / args.seconds}
+    r = measure(lb, run)
+    r["cpu_us_per_rt"] = r["lb_cpu_s"] * 1e6 / max(1, r["round_trips"])
+    return r
+
+
 class TetherEmpty(Tether):
     name = "tether-empty"
 
@@ -465,6 +527,7 @@ METRICS = {
     "pingpong": (sockperf_backends, [Direct, Tether, HAProxy, Nginx]),
     "memory": (redis_backends, [Tether, HAProxy, Nginx]),
     "state": (http_backends, [TetherEmpty, TetherMillion]),
+    "udp": (udp_backends, [DirectUdp, TetherUdp, NginxUdp]),
 }
 
 
@@ -484,6 +547,8 @@ def run_metric(name, args, work, results):
         "pingpong": [("pingpong", lambda lb: pingpong(lb, args))],
         "memory": [("memory", lambda lb: memory(lb, args))],
         "state": [("state", lambda lb: state(lb, args))],
+        "udp": [("udp-pingpong", lambda lb: udp_pingpong(lb, args)),
+                ("udp-rate", lambda lb: udp_rate(lb, args))],
     }[name]
     try:
         for test, fn in tests:
@@ -548,6 +613,10 @@ def table(results):
     row("pingpong", "p50_us", "µs", True)
     row("pingpong", "p99_us", "µs", True)
     row("memory", "bytes_per_conn", "RSS bytes/idle conn", True)
+    row("udp-pingpong", "p50_us", "µs", True)
+    row("udp-pingpong", "p99_us", "µs", True)
+    row("udp-rate", "rt_s", "round trips/s, 4 flows", False)
+    row("udp-rate", "cpu_us_per_rt", "LB CPU µs/round trip", True)
     st = results.get("state")
     if st and "tether-empty" in st and "tether-1M" in st:
         e, m = st["tether-empty"], st["tether-1M"]
