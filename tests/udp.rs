@@ -239,3 +239,37 @@ fn bad_udp_flags_are_refused() {
         assert!(exit.stderr.contains(flag), "{args:?}: {}", exit.stderr);
     }
 }
+
+#[test]
+fn datagrams_from_anyone_but_the_backend_never_reach_the_client() {
+    let pool = udp_backends(56, 1);
+    let t = udp_tether("127.0.56.1:0", &[pool[0].addr()], &["--protocol", "udp"]);
+    let client = udp_client(client_ip(1)).unwrap();
+    assert_eq!(name_of(&client, t.udp_addr()).0, "u0");
+    // The flow's backend socket, as the backend saw it.
+    let flow_socket = pool[0].seen()[0];
+    let rogue = UdpSocket::bind("127.0.56.99:0").unwrap();
+    rogue.send_to(b"evil", flow_socket).unwrap();
+    // The next reply the client gets is the backend's, not the rogue datagram.
+    let (reply, _) = udp_ask(&client, t.udp_addr(), b"name", REPLY).unwrap();
+    assert_eq!(reply, b"u0");
+    client.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(client.recv_from(&mut buf).is_err(), "an extra datagram reached the client");
+}
+
+#[test]
+fn a_closed_client_port_does_not_disturb_other_flows() {
+    let pool = udp_backends(57, 1);
+    let t = udp_tether("127.0.57.1:0", &[pool[0].addr()], &["--protocol", "udp"]);
+    let steady = udp_client(client_ip(1)).unwrap();
+    assert_eq!(name_of(&steady, t.udp_addr()).0, "u0");
+    for i in 0..20 {
+        // A client that sends and closes at once: the reply draws ICMP port unreachable.
+        let gone = udp_client(client_ip(100 + i)).unwrap();
+        gone.send_to(b"name", t.udp_addr()).unwrap();
+        drop(gone);
+        // The other client's flow is untouched: every one of its requests is answered.
+        assert_eq!(name_of(&steady, t.udp_addr()).0, "u0", "round {i}");
+    }
+}
