@@ -273,3 +273,20 @@ fn a_closed_client_port_does_not_disturb_other_flows() {
         assert_eq!(name_of(&steady, t.udp_addr()).0, "u0", "round {i}");
     }
 }
+
+#[test]
+fn five_tuple_affinity_pins_each_flow_on_its_own() {
+    let pool = udp_backends(59, 3);
+    let addrs: Vec<_> = pool.iter().map(UdpBackend::addr).collect();
+    let t = udp_tether("127.0.59.1:0", &addrs, &["--protocol", "udp", "--affinity", "5tuple"]);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..30 {
+        // One client IP, a new source port each time: a new flow each time.
+        let socket = udp_client(client_ip(9)).unwrap();
+        let (name, _) = name_of(&socket, t.udp_addr());
+        // The flow itself stays put.
+        assert_eq!(name_of(&socket, t.udp_addr()).0, name);
+        seen.insert(name);
+    }
+    assert!(seen.len() >= 2, "30 flows of one client IP all went to {seen:?}");
+}
