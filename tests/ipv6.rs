@@ -12,7 +12,7 @@ const V6_LOOPBACK: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 #[test]
 fn ipv6_listener_and_backends_carry_tcp_and_udp() {
     let tcp = Backend::start("v6", SocketAddr::new(V6_LOOPBACK, 0)).unwrap();
-    let udp = UdpBackend::start("v6", tcp.addr()).unwrap();
+    let _udp = UdpBackend::start("v6", tcp.addr()).unwrap();
     let args = [
         "--listen".to_string(),
         "[::1]:0".into(),
