@@ -116,11 +116,11 @@ fn idle_flows_expire_and_the_next_datagram_opens_a_new_one() {
     let t = udp_tether(
         "127.0.53.1:0",
         &[pool[0].addr()],
-        &["--protocol", "udp", "--udp-idle-timeout", "300ms"],
+        &["--protocol", "udp", "--udp-idle-timeout", "1s"],
     );
     let socket = udp_client(client_ip(1)).unwrap();
     // Traffic more often than the timeout keeps one flow (one source port at the backend).
-    let until = Instant::now() + Duration::from_millis(900);
+    let until = Instant::now() + Duration::from_millis(2500);
     while Instant::now() < until {
         udp_ask(&socket, t.udp_addr(), b"ping", REPLY).unwrap();
         std::thread::sleep(Duration::from_millis(50)); // traffic pacing
@@ -130,7 +130,7 @@ fn idle_flows_expire_and_the_next_datagram_opens_a_new_one() {
     let first = pool[0].sources();
     assert!(
         wait_until(DEADLINE, || {
-            std::thread::sleep(Duration::from_millis(400)); // let the flow go idle
+            std::thread::sleep(Duration::from_millis(1200)); // let the flow go idle
             udp_ask(&socket, t.udp_addr(), b"ping", REPLY).is_ok() && pool[0].sources() != first
         }),
         "no new flow after the idle timeout"

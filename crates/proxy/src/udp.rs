@@ -14,7 +14,7 @@
 //! The flow table (`conntrack::FlowTable`) caps flows process-wide; when full, new flows are
 //! dropped and counted rather than evicting live ones (F5).
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,9 +22,7 @@ use std::sync::Arc;
 
 use mio::net::UdpSocket;
 use mio::{Interest, Registry};
-use nix::sys::socket::{
-    recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage,
-};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
 
 use conntrack::{AffinityKey, Attach, FlowBudget, FlowKey, FlowTable};
 
@@ -381,52 +379,17 @@ fn recv_with_dst(
     Ok((msg.bytes, from, dst))
 }
 
-/// sendmsg(2) to `to`, from `src` when given (IP_PKTINFO's `ipi_spec_dst`, ip(7); IPV6_PKTINFO,
-/// ipv6(7)), so a reply leaves from the address its client sent to.
+/// Send a reply to `to`, from `src` when the listener is a wildcard one (no allocation).
 fn send_from(
     socket: &UdpSocket,
     data: &[u8],
     to: SocketAddr,
     src: Option<IpAddr>,
 ) -> io::Result<usize> {
-    let iov = [IoSlice::new(data)];
-    let dest = SockaddrStorage::from(to);
-    let fd = socket.as_raw_fd();
-    let sent = match (src, to) {
-        (Some(IpAddr::V4(ip)), SocketAddr::V4(_)) => {
-            let pi = nix::libc::in_pktinfo {
-                ipi_ifindex: 0,
-                ipi_spec_dst: nix::libc::in_addr { s_addr: u32::from(ip).to_be() },
-                ipi_addr: nix::libc::in_addr { s_addr: 0 },
-            };
-            sendmsg(
-                fd,
-                &iov,
-                &[ControlMessage::Ipv4PacketInfo(&pi)],
-                MsgFlags::empty(),
-                Some(&dest),
-            )
-        }
-        (Some(ip), SocketAddr::V6(_)) => {
-            let v6 = match ip {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                IpAddr::V6(v6) => v6,
-            };
-            let pi = nix::libc::in6_pktinfo {
-                ipi6_addr: nix::libc::in6_addr { s6_addr: v6.octets() },
-                ipi6_ifindex: 0,
-            };
-            sendmsg(
-                fd,
-                &iov,
-                &[ControlMessage::Ipv6PacketInfo(&pi)],
-                MsgFlags::empty(),
-                Some(&dest),
-            )
-        }
-        _ => sendmsg::<SockaddrStorage>(fd, &iov, &[], MsgFlags::empty(), Some(&dest)),
-    };
-    sent.map_err(io::Error::from)
+    match src {
+        Some(src) => crate::sys::send_from(socket, data, to, src),
+        None => socket.send_to(data, to),
+    }
 }
 
 fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
