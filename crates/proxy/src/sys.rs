@@ -106,3 +106,112 @@ pub fn send_from(
         Ok(sent as usize)
     }
 }
+
+/// Datagrams one recvmmsg(2) call takes at most.
+pub const BATCH: usize = 16;
+/// Room per datagram: the largest UDP payload (65,507 bytes) fits.
+const SLOT: usize = 65_536;
+
+/// Buffers for recvmmsg(2), reused for every call: no allocation per datagram. A call that
+/// returns fewer than [`BATCH`] datagrams drained the socket (edge-triggered epoll reports any
+/// later arrival), which saves the receive that would only say `EAGAIN`.
+pub struct RecvBatch {
+    bufs: Vec<u8>,
+    names: Vec<nix::libc::sockaddr_storage>,
+    name_lens: [nix::libc::socklen_t; BATCH],
+    /// Control messages, 8-byte aligned, 128 bytes per datagram: a dual-stack socket may get
+    /// both an IP_PKTINFO (32 bytes with its header) and an IPV6_PKTINFO (40).
+    controls: Vec<[u64; 16]>,
+    control_lens: [usize; BATCH],
+    lens: [usize; BATCH],
+}
+
+impl RecvBatch {
+    pub fn new() -> Self {
+        // SAFETY: an all-zero sockaddr_storage is a valid (unspecified) address.
+        let zero: nix::libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        RecvBatch {
+            bufs: vec![0; BATCH * SLOT],
+            names: vec![zero; BATCH],
+            name_lens: [0; BATCH],
+            controls: vec![[0; 16]; BATCH],
+            control_lens: [0; BATCH],
+            lens: [0; BATCH],
+        }
+    }
+
+    /// Receive up to [`BATCH`] datagrams without blocking; returns how many.
+    pub fn recv(&mut self, fd: &impl AsRawFd) -> std::io::Result<usize> {
+        use nix::libc;
+        // SAFETY: all-zero iovec and mmsghdr are valid empty values; every pointer set below
+        // points into this struct's own heap buffers (sized BATCH slots each), which outlive
+        // the call and are not otherwise borrowed during it.
+        let n = unsafe {
+            let mut iovs: [libc::iovec; BATCH] = std::mem::zeroed();
+            let mut hdrs: [libc::mmsghdr; BATCH] = std::mem::zeroed();
+            for i in 0..BATCH {
+                iovs[i].iov_base = self.bufs.as_mut_ptr().add(i * SLOT) as *mut libc::c_void;
+                iovs[i].iov_len = SLOT;
+                let h = &mut hdrs[i].msg_hdr;
+                h.msg_name = &mut self.names[i] as *mut _ as *mut libc::c_void;
+                h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_iov = &mut iovs[i];
+                h.msg_iovlen = 1;
+                h.msg_control = self.controls[i].as_mut_ptr() as *mut libc::c_void;
+                h.msg_controllen = std::mem::size_of::<[u64; 16]>();
+            }
+            let n = libc::recvmmsg(
+                fd.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            );
+            for (i, h) in hdrs.iter().take(n.max(0) as usize).enumerate() {
+                self.lens[i] = h.msg_len as usize;
+                self.name_lens[i] = h.msg_hdr.msg_namelen;
+                self.control_lens[i] = h.msg_hdr.msg_controllen;
+            }
+            n
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// Datagram `i` of the last call: payload, source address, destination address (from
+    /// IP_PKTINFO / IPV6_PKTINFO, if the socket asked for it).
+    pub fn get(&self, i: usize) -> (&[u8], Option<std::net::SocketAddr>, Option<std::net::IpAddr>) {
+        use nix::libc;
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let data = &self.bufs[i * SLOT..i * SLOT + self.lens[i].min(SLOT)];
+        // SAFETY: the kernel wrote a valid address of `name_lens[i]` bytes into `names[i]`.
+        let from = unsafe { socket2::SockAddr::new(self.names[i], self.name_lens[i]) }.as_socket();
+        let mut dst = None;
+        // SAFETY: a msghdr describing only the control buffer the kernel filled for datagram
+        // `i`; the CMSG_* macros walk it within `control_lens[i]` bytes, and payloads are read
+        // unaligned.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_control = self.controls[i].as_ptr() as *mut libc::c_void;
+            msg.msg_controllen = self.control_lens[i];
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                let c = &*cmsg;
+                if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO {
+                    let pi: libc::in_pktinfo =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const _);
+                    dst = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))));
+                } else if c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_PKTINFO {
+                    let pi: libc::in6_pktinfo =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const _);
+                    dst = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)).to_canonical());
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        (data, from, dst)
+    }
+}

@@ -14,26 +14,23 @@
 //! The flow table (`conntrack::FlowTable`) caps flows process-wide; when full, new flows are
 //! dropped and counted rather than evicting live ones (F5).
 
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use mio::net::UdpSocket;
 use mio::{Interest, Registry};
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
 
 use conntrack::{AffinityKey, Attach, FlowBudget, FlowKey, FlowTable};
 
 use crate::stats::{inc, Stats};
+use crate::sys::{RecvBatch, BATCH};
 use crate::token::Slot;
 use crate::Shared;
 
-/// Receive buffer: holds the largest UDP payload over IPv4 (65,535 - 20 - 8 = 65,507 bytes).
-const BUF_SIZE: usize = 65_536;
-/// Datagrams taken from one socket before other work gets a turn.
-const RECV_BUDGET: usize = 128;
+/// recvmmsg(2) calls on one socket before other work gets a turn (8 x 16 datagrams).
+const RECV_ROUNDS: usize = 8;
 
 /// What the worker needs from its surroundings for one call.
 pub struct Ctx<'a> {
@@ -70,8 +67,8 @@ pub struct Udp {
     flows: Vec<Option<Flow>>,
     free: Vec<usize>,
     table: FlowTable<usize>,
-    buf: Box<[u8]>,
-    cmsg: Vec<u8>,
+    /// Receive buffers (taken out while a batch is handled, so the handlers may borrow self).
+    batch: Option<Box<RecvBatch>>,
     expired: Vec<usize>,
 }
 
@@ -105,8 +102,7 @@ impl Udp {
             flows: Vec::new(),
             free: Vec::new(),
             table: FlowTable::new(budget, idle_timeout_ms, hash_key),
-            buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
-            cmsg: nix::cmsg_space!(nix::libc::in6_pktinfo, nix::libc::in_pktinfo),
+            batch: Some(Box::new(RecvBatch::new())),
             expired: Vec::new(),
         })
     }
@@ -129,33 +125,49 @@ impl Udp {
 
     /// Datagrams from clients on listener `i`.
     pub fn listener_readable(&mut self, i: usize, ctx: &Ctx<'_>) -> More {
-        for _ in 0..RECV_BUDGET {
+        let Some(mut batch) = self.batch.take() else { return More::No };
+        let more = self.take_from_clients(i, &mut batch, ctx);
+        self.batch = Some(batch);
+        more
+    }
+
+    fn take_from_clients(&mut self, i: usize, batch: &mut RecvBatch, ctx: &Ctx<'_>) -> More {
+        for _ in 0..RECV_ROUNDS {
             let Some(l) = self.listeners.get(i).and_then(Option::as_ref) else { return More::No };
-            let (n, client, dst) = match recv_with_dst(&l.socket, &mut self.buf, &mut self.cmsg) {
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return More::No,
+            let (wildcard, local) = (l.wildcard, l.local);
+            let n = match batch.recv(&l.socket) {
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::debug!("udp recv on {}: {e}", l.local);
-                    continue;
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        log::debug!("udp recv on {local}: {e}");
+                    }
+                    return More::No;
                 }
             };
-            inc(&ctx.stats.datagrams_in);
-            let local_ip = if l.wildcard { dst } else { None };
-            let local = SocketAddr::new(local_ip.unwrap_or(l.local.ip()), l.local.port());
-            self.forward(i, client, local, local_ip, n, ctx);
+            for k in 0..n {
+                let (data, from, dst) = batch.get(k);
+                let Some(client) = from else { continue };
+                inc(&ctx.stats.datagrams_in);
+                let local_ip = if wildcard { dst } else { None };
+                let to = SocketAddr::new(local_ip.unwrap_or(local.ip()), local.port());
+                self.forward(i, client, to, local_ip, data, ctx);
+            }
+            if n < BATCH {
+                return More::No; // a short batch drained the socket
+            }
         }
         More::Yes
     }
 
-    /// Send the datagram in `buf[..n]` from `client` on its flow, making the flow if needed.
+    /// Send `data` from `client` on its flow, making the flow if needed.
     fn forward(
         &mut self,
         i: usize,
         client: SocketAddr,
         local: SocketAddr,
         local_ip: Option<IpAddr>,
-        n: usize,
+        data: &[u8],
         ctx: &Ctx<'_>,
     ) {
         let key = FlowKey::new(client, local);
@@ -169,7 +181,7 @@ impl Udp {
                 },
             };
             let Some(flow) = self.flows.get(slot).and_then(Option::as_ref) else { return };
-            match flow.socket.send(&self.buf[..n]) {
+            match flow.socket.send(data) {
                 Ok(_) => return,
                 // An ICMP error from an earlier datagram (connect(2) on UDP: the kernel reports
                 // it on the next call): the backend is not there. Re-pin and resend.
@@ -279,9 +291,16 @@ impl Udp {
 
     /// Datagrams from the backend of the flow in `slot`.
     pub fn flow_readable(&mut self, slot: usize, ctx: &Ctx<'_>) -> More {
-        for _ in 0..RECV_BUDGET {
+        let Some(mut batch) = self.batch.take() else { return More::No };
+        let more = self.take_from_backend(slot, &mut batch, ctx);
+        self.batch = Some(batch);
+        more
+    }
+
+    fn take_from_backend(&mut self, slot: usize, batch: &mut RecvBatch, ctx: &Ctx<'_>) -> More {
+        for _ in 0..RECV_ROUNDS {
             let Some(flow) = self.flows.get(slot).and_then(Option::as_ref) else { return More::No };
-            let n = match flow.socket.recv(&mut self.buf) {
+            let n = match batch.recv(&flow.socket) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return More::No,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -304,13 +323,18 @@ impl Udp {
             let Some(l) = self.listeners.get(listener).and_then(Option::as_ref) else {
                 return More::No;
             };
-            match send_from(&l.socket, &self.buf[..n], client, local_ip) {
-                Ok(_) => inc(&ctx.stats.datagrams_out),
-                // A full socket buffer or an unreachable client: drop this one, keep the flow.
-                Err(e) => {
-                    log::debug!("udp reply to {client}: {e}");
-                    inc(&ctx.stats.datagrams_dropped);
+            for k in 0..n {
+                match send_from(&l.socket, batch.get(k).0, client, local_ip) {
+                    Ok(_) => inc(&ctx.stats.datagrams_out),
+                    // A full socket buffer or an unreachable client: drop this one, keep the flow.
+                    Err(e) => {
+                        log::debug!("udp reply to {client}: {e}");
+                        inc(&ctx.stats.datagrams_dropped);
+                    }
                 }
+            }
+            if n < BATCH {
+                return More::No;
             }
         }
         More::Yes
@@ -352,33 +376,6 @@ fn connected_socket(backend: SocketAddr) -> io::Result<UdpSocket> {
     Ok(UdpSocket::from_std(socket))
 }
 
-/// recvmsg(2) with the datagram's destination address from IP_PKTINFO / IPV6_PKTINFO when the
-/// socket asked for it. The control buffer is the worker's own, reused: no allocation.
-fn recv_with_dst(
-    socket: &UdpSocket,
-    buf: &mut [u8],
-    cmsg: &mut Vec<u8>,
-) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg =
-        recvmsg::<SockaddrStorage>(socket.as_raw_fd(), &mut iov, Some(cmsg), MsgFlags::empty())?;
-    let from =
-        msg.address.as_ref().and_then(to_std).ok_or_else(|| io::Error::other("no source"))?;
-    let mut dst = None;
-    for c in msg.cmsgs()? {
-        match c {
-            ControlMessageOwned::Ipv4PacketInfo(pi) => {
-                dst = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))));
-            }
-            ControlMessageOwned::Ipv6PacketInfo(pi) => {
-                dst = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)).to_canonical());
-            }
-            _ => {}
-        }
-    }
-    Ok((msg.bytes, from, dst))
-}
-
 /// Send a reply to `to`, from `src` when the listener is a wildcard one (no allocation).
 fn send_from(
     socket: &UdpSocket,
@@ -390,11 +387,4 @@ fn send_from(
         Some(src) => crate::sys::send_from(socket, data, to, src),
         None => socket.send_to(data, to),
     }
-}
-
-fn to_std(addr: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
