@@ -282,37 +282,29 @@ stream {{
 # === backends ===
 
 
-def iperf_backends(work):
+def backends_of(command, ready=wait_port):
+    """One backend per address of BACKEND_IPS; `command(ip, port)` gives its argv."""
     out = []
     for ip in BACKEND_IPS:
         port = free_port(ip)
-        start(["iperf3", "-s", "-B", ip, "-p", str(port)], GEN_CPU, open(os.devnull, "w"))
-        wait_port(ip, port)
+        start(command(ip, port), GEN_CPU, open(os.devnull, "w"))
+        ready(ip, port)
         out.append((ip, port))
     return out
+
+
+def iperf_backends(work):
+    return backends_of(lambda ip, port: ["iperf3", "-s", "-B", ip, "-p", str(port)])
 
 
 def redis_backends(work):
-    out = []
-    for ip in BACKEND_IPS:
-        port = free_port(ip)
-        start(["redis-server", "--bind", ip, "--port", str(port), "--save", "", "--appendonly",
-               "no", "--maxclients", "20000", "--protected-mode", "no"], GEN_CPU,
-              open(os.devnull, "w"))
-        wait_port(ip, port)
-        out.append((ip, port))
-    return out
+    return backends_of(lambda ip, port: [
+        "redis-server", "--bind", ip, "--port", str(port), "--save", "", "--appendonly", "no",
+        "--maxclients", "20000", "--protected-mode", "no"])
 
 
 def sockperf_backends(work):
-    out = []
-    for ip in BACKEND_IPS:
-        port = free_port(ip)
-        start(["sockperf", "server", "--tcp", "-i", ip, "-p", str(port)], GEN_CPU,
-              open(os.devnull, "w"))
-        wait_port(ip, port)
-        out.append((ip, port))
-    return out
+    return backends_of(lambda ip, port: ["sockperf", "server", "--tcp", "-i", ip, "-p", str(port)])
 
 
 def http_backends(work):
@@ -472,13 +464,9 @@ class DirectUdp(Direct):
 
 
 def udp_backends(work):
-    out = []
-    for ip in BACKEND_IPS:
-        port = free_port(ip)
-        start(["sockperf", "server", "-i", ip, "-p", str(port)], GEN_CPU, open(os.devnull, "w"))
-        time.sleep(0.3)  # sockperf gives no readiness signal for UDP
-        out.append((ip, port))
-    return out
+    # sockperf gives no readiness signal for UDP: a short pause instead of a probe.
+    return backends_of(lambda ip, port: ["sockperf", "server", "-i", ip, "-p", str(port)],
+                       ready=lambda ip, port: time.sleep(0.3))
 
 
 def udp_pingpong(lb, args):
