@@ -197,43 +197,15 @@ fn a_stopped_backends_flows_move_to_another() {
 
 #[test]
 fn bad_udp_flags_are_refused() {
-    for (args, flag) in [
-        (
-            &["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--protocol", "quic"][..],
-            "--protocol",
-        ),
-        (
-            &["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--udp-idle-timeout", "5"][..],
-            "--udp-idle-timeout",
-        ),
-        (
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--backend",
-                "127.0.0.1:1",
-                "--protocol",
-                "udp",
-                "--max-flows",
-                "0",
-            ][..],
-            "--max-flows",
-        ),
-        (
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--backend",
-                "127.0.0.1:1",
-                "--protocol",
-                "udp",
-                "--max-flows",
-                "999999999",
-            ][..],
-            "--max-flows",
-        ),
+    let base = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"];
+    for (extra, flag) in [
+        (&["--protocol", "quic"][..], "--protocol"),
+        (&["--udp-idle-timeout", "5"][..], "--udp-idle-timeout"),
+        (&["--protocol", "udp", "--max-flows", "0"][..], "--max-flows"),
+        (&["--protocol", "udp", "--max-flows", "999999999"][..], "--max-flows"),
     ] {
-        let exit = run_to_exit(bin(), args, DEADLINE).unwrap();
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let exit = run_to_exit(bin(), &args, DEADLINE).unwrap();
         assert!(!exit.status.success(), "{args:?} accepted");
         assert_eq!(exit.stderr.lines().count(), 1, "{args:?}: {}", exit.stderr);
         assert!(exit.stderr.contains(flag), "{args:?}: {}", exit.stderr);

@@ -125,8 +125,13 @@ impl Udp {
 
     /// Datagrams from clients on listener `i`.
     pub fn listener_readable(&mut self, i: usize, ctx: &Ctx<'_>) -> More {
+        self.with_batch(|udp, batch| udp.take_from_clients(i, batch, ctx))
+    }
+
+    /// Lend the receive buffers out of `self`, so the handler may borrow `self` mutably too.
+    fn with_batch(&mut self, f: impl FnOnce(&mut Self, &mut RecvBatch) -> More) -> More {
         let Some(mut batch) = self.batch.take() else { return More::No };
-        let more = self.take_from_clients(i, &mut batch, ctx);
+        let more = f(self, &mut batch);
         self.batch = Some(batch);
         more
     }
@@ -291,10 +296,7 @@ impl Udp {
 
     /// Datagrams from the backend of the flow in `slot`.
     pub fn flow_readable(&mut self, slot: usize, ctx: &Ctx<'_>) -> More {
-        let Some(mut batch) = self.batch.take() else { return More::No };
-        let more = self.take_from_backend(slot, &mut batch, ctx);
-        self.batch = Some(batch);
-        more
+        self.with_batch(|udp, batch| udp.take_from_backend(slot, batch, ctx))
     }
 
     fn take_from_backend(&mut self, slot: usize, batch: &mut RecvBatch, ctx: &Ctx<'_>) -> More {
