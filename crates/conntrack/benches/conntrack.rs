@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tether_conntrack::{AffinityKey, FlowBudget, FlowKey, FlowTable, Sticky, StickyConfig};
+use tether_conntrack::{
+    AffinityKey, FlowBudget, FlowKey, FlowTable, KeyedHasher, Sticky, StickyConfig,
+};
 
 const KEYS: u32 = 100_000;
 
@@ -59,6 +61,25 @@ fn sticky(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % KEYS;
             sticky.lookup(black_box(key(i)), 20)
+        })
+    });
+    // The floor: std's HashMap (no shards, no locks) under the same keyed SipHash, same keys.
+    // What it costs is the hash plus the cache and TLB misses of a table larger than L2.
+    let plain: std::collections::HashMap<AffinityKey, u32, KeyedHasher> = {
+        let mut map = std::collections::HashMap::with_hasher(KeyedHasher::new([7; 16]));
+        map.extend((0..KEYS).map(|i| (key(i), i % 10)));
+        map
+    };
+    c.bench_function("std HashMap lookup (baseline), 1k hot keys of 100k", |b| {
+        b.iter(|| {
+            i = (i + 1) % 1000;
+            plain.get(&black_box(key(i))).copied()
+        })
+    });
+    c.bench_function("std HashMap lookup (baseline), 100k entries", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            plain.get(&black_box(key(i))).copied()
         })
     });
     c.bench_function("sticky attach+detach, 100k entries", |b| {
