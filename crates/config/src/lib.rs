@@ -1,4 +1,4 @@
-//! Configuration: command-line flags -> one validated [`Config`].
+//! Configuration: command-line flags or a TOML file -> one validated [`Config`].
 //!
 //! This layer parses and validates; it opens no socket and reads no file besides what it is
 //! handed. Raw flags ([`Args`], parsed by argh) are converted by `TryFrom` into types that cannot
@@ -15,8 +15,8 @@
 //! )
 //! .unwrap();
 //! let config = Config::try_from(args).unwrap();
-//! assert_eq!(config.backends[0].weight.get(), 2);
-//! assert_eq!(config.backends[1].name, "10.0.0.2:5432");
+//! assert_eq!(config.services[0].backends[0].weight.get(), 2);
+//! assert_eq!(config.services[0].backends[1].name, "10.0.0.2:5432");
 //! ```
 //!
 //! The defaults are named constants below; docs/configuration.md says why each was chosen.
@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 mod duration;
+pub mod file;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -58,9 +59,23 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Highest backend weight accepted.
 pub const MAX_WEIGHT: u32 = 1000;
 
-/// tether: an L4 TCP load balancer that pins each client to one backend.
+/// How often a backend is probed (HAProxy's `inter 2s`).
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a probe may take before it counts as failed.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Consecutive good probes that bring a down backend back (HAProxy's `rise 2`).
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+/// Consecutive failures (probes or passive) that take a backend down (HAProxy's `fall 3`).
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Name of the service the flags define.
+pub const DEFAULT_SERVICE: &str = "default";
+
+/// tether: an L4 TCP/UDP load balancer that pins each client to one backend.
 #[derive(FromArgs, Debug, Default)]
 pub struct Args {
+    /// TOML file with one or more services (see docs/configuration.md); replaces the service flags
+    #[argh(option)]
+    pub config: Option<String>,
     /// address to accept clients on, e.g. 0.0.0.0:5432 or [::]:5432 (repeatable)
     #[argh(option)]
     pub listen: Vec<String>,
@@ -111,6 +126,34 @@ pub struct Args {
     /// (default: from the fd limit, at most 65536)
     #[argh(option)]
     pub max_flows: Option<String>,
+    /// active health probe: `tcp` (connect), `udp` (send --health-send, expect --health-expect)
+    /// or `off` (default: `udp` if --health-send is given, else `tcp` for TCP services, else off)
+    #[argh(option)]
+    pub health_check: Option<String>,
+    /// time between two probes of one backend (default 2s)
+    #[argh(option)]
+    pub health_interval: Option<String>,
+    /// a probe not answered by then failed; at most the interval (default 1s)
+    #[argh(option)]
+    pub health_timeout: Option<String>,
+    /// consecutive good probes that bring a down backend back up (default 2)
+    #[argh(option)]
+    pub health_rise: Option<String>,
+    /// consecutive failures, probes or passive, that take a backend down (default 3)
+    #[argh(option)]
+    pub health_fall: Option<String>,
+    /// UDP probe payload (text; \xNN escapes allowed)
+    #[argh(option)]
+    pub health_send: Option<String>,
+    /// UDP probe: the reply must start with these bytes (text; \xNN escapes; default: any reply)
+    #[argh(option)]
+    pub health_expect: Option<String>,
+    /// admin HTTP address (API, /metrics, status page), e.g. 127.0.0.1:9100 (default: off)
+    #[argh(option)]
+    pub admin: Option<String>,
+    /// allow --admin on an address other than loopback (anyone who reaches it can steer tether)
+    #[argh(switch)]
+    pub admin_allow_remote: bool,
     /// benchmark aid: start with N idle sticky entries for documentation addresses
     /// (2001:db8::/32) to measure tether with a large table (default 0)
     #[argh(option)]
@@ -126,7 +169,7 @@ pub enum Affinity {
     FiveTuple,
 }
 
-/// Which transports the listeners given by flags take.
+/// Which transports a service's listeners take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Tcp,
@@ -161,9 +204,31 @@ pub struct BackendSpec {
     pub weight: NonZeroU32,
 }
 
-/// A validated configuration: every field holds a usable value.
-#[derive(Debug, Clone)]
-pub struct Config {
+/// What an active health probe does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// No probes: only passive failures from the data path count.
+    Off,
+    /// A TCP connect to the backend's address.
+    Tcp,
+    /// Send `send` over UDP; a reply starting with `expect` is good (empty: any reply).
+    Udp { send: Vec<u8>, expect: Vec<u8> },
+}
+
+/// Health checking of one service's backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// One service: its listeners, its pool and its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
     pub listen: Vec<SocketAddr>,
     pub protocol: Protocol,
     pub backends: Vec<BackendSpec>,
@@ -172,161 +237,414 @@ pub struct Config {
     pub sticky_capacity: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+    pub seed: u64,
+    pub table_size: usize,
+    pub health: HealthConfig,
+}
+
+/// A validated configuration: every field holds a usable value.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// At least one; names and listen addresses unique across services.
+    pub services: Vec<Service>,
+    /// The file the services came from (`--config`); reloads read it again.
+    pub file: Option<std::path::PathBuf>,
+    pub admin: Option<SocketAddr>,
     /// `None`: one per CPU, decided at start.
     pub workers: Option<NonZeroUsize>,
     /// `None`: derived from the file-descriptor limit at start.
     pub max_conns: Option<NonZeroUsize>,
-    pub splice: Splice,
-    pub grace: Duration,
-    pub seed: u64,
-    pub table_size: usize,
-    /// Idle sticky entries inserted at start (benchmarks only).
-    pub sticky_prefill: usize,
-    pub udp_idle_timeout: Duration,
     /// `None`: derived from the file-descriptor limit at start.
     pub max_flows: Option<NonZeroUsize>,
+    pub splice: Splice,
+    pub grace: Duration,
+    /// Idle sticky entries inserted at start in the first service (benchmarks only).
+    pub sticky_prefill: usize,
 }
 
-/// A flag that could not be accepted: which flag, the value given, and why.
+/// A setting that could not be accepted: where it was (a flag such as `--listen`, or a key path
+/// in the config file such as `service[0].backend[1].weight`), the value given, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub flag: &'static str,
+    pub place: String,
     pub value: Option<String>,
     pub problem: String,
 }
 
 impl ConfigError {
-    fn new(flag: &'static str, value: &str, problem: impl Into<String>) -> Self {
-        ConfigError { flag, value: Some(value.to_string()), problem: problem.into() }
+    fn new(flag: &str, value: &str, problem: impl Into<String>) -> Self {
+        ConfigError {
+            place: format!("--{flag}"),
+            value: Some(value.to_string()),
+            problem: problem.into(),
+        }
     }
 
-    fn missing(flag: &'static str, problem: impl Into<String>) -> Self {
-        ConfigError { flag, value: None, problem: problem.into() }
+    fn missing(flag: &str, problem: impl Into<String>) -> Self {
+        ConfigError { place: format!("--{flag}"), value: None, problem: problem.into() }
+    }
+
+    /// An error at key path `place` of a config file.
+    pub fn at(place: impl Into<String>, value: Option<String>, problem: impl Into<String>) -> Self {
+        ConfigError { place: place.into(), value, problem: problem.into() }
     }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.value {
-            Some(v) => write!(f, "--{} {:?}: {}", self.flag, v, self.problem),
-            None => write!(f, "--{}: {}", self.flag, self.problem),
+            Some(v) => write!(f, "{} {:?}: {}", self.place, v, self.problem),
+            None => write!(f, "{}: {}", self.place, self.problem),
         }
     }
 }
 
 impl std::error::Error for ConfigError {}
 
+/// Flags that describe the one service of the flag form; refused next to `--config`.
+fn service_flags(args: &Args) -> Vec<&'static str> {
+    let mut given = Vec::new();
+    let opts: [(&'static str, bool); 20] = [
+        ("listen", !args.listen.is_empty()),
+        ("backend", !args.backend.is_empty()),
+        ("affinity", args.affinity.is_some()),
+        ("sticky-timeout", args.sticky_timeout.is_some()),
+        ("sticky-capacity", args.sticky_capacity.is_some()),
+        ("connect-timeout", args.connect_timeout.is_some()),
+        ("idle-timeout", args.idle_timeout.is_some()),
+        ("seed", args.seed.is_some()),
+        ("table-size", args.table_size.is_some()),
+        ("protocol", args.protocol.is_some()),
+        ("udp-idle-timeout", args.udp_idle_timeout.is_some()),
+        ("health-check", args.health_check.is_some()),
+        ("health-interval", args.health_interval.is_some()),
+        ("health-timeout", args.health_timeout.is_some()),
+        ("health-rise", args.health_rise.is_some()),
+        ("health-fall", args.health_fall.is_some()),
+        ("health-send", args.health_send.is_some()),
+        ("health-expect", args.health_expect.is_some()),
+        ("workers", args.workers.is_some()),
+        ("max-conns", args.max_conns.is_some()),
+    ];
+    for (flag, set) in opts {
+        if set {
+            given.push(flag);
+        }
+    }
+    for (flag, set) in [
+        ("max-flows", args.max_flows.is_some()),
+        ("splice", args.splice.is_some()),
+        ("grace", args.grace.is_some()),
+        ("admin", args.admin.is_some()),
+        ("admin-allow-remote", args.admin_allow_remote),
+    ] {
+        if set {
+            given.push(flag);
+        }
+    }
+    given
+}
+
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Config, ConfigError> {
-        if args.listen.is_empty() {
-            return Err(ConfigError::missing("listen", "at least one listen address is required"));
-        }
-        let mut listen = Vec::with_capacity(args.listen.len());
-        for raw in &args.listen {
-            let addr = parse_addr(raw).map_err(|p| ConfigError::new("listen", raw, p))?;
-            if listen.contains(&addr) {
-                return Err(ConfigError::new("listen", raw, "given twice"));
+        if let Some(path) = &args.config {
+            if let Some(flag) = service_flags(&args).first() {
+                return Err(ConfigError::missing(
+                    flag,
+                    "cannot be combined with --config: set it in the file (same key name)",
+                ));
             }
-            listen.push(addr);
+            let mut config = file::load_path(std::path::Path::new(path))?;
+            config.sticky_prefill = prefill(&args)?;
+            return Ok(config);
         }
-        if args.backend.is_empty() {
-            return Err(ConfigError::missing("backend", "at least one backend is required"));
-        }
-        let mut backends: Vec<BackendSpec> = Vec::with_capacity(args.backend.len());
-        for raw in &args.backend {
-            let spec = parse_backend(raw).map_err(|p| ConfigError::new("backend", raw, p))?;
-            if backends.iter().any(|b| b.name == spec.name) {
-                let problem = format!("backend name {:?} is used twice", spec.name);
-                return Err(ConfigError::new("backend", raw, problem));
-            }
-            backends.push(spec);
-        }
-        let affinity = match args.affinity.as_deref() {
-            None | Some("source") => Affinity::Source,
-            Some("5tuple") => Affinity::FiveTuple,
-            Some(other) => {
-                return Err(ConfigError::new("affinity", other, "expected `source` or `5tuple`"))
-            }
-        };
-        let protocol = match args.protocol.as_deref() {
-            None | Some("tcp") => Protocol::Tcp,
-            Some("udp") => Protocol::Udp,
-            Some("both") => Protocol::Both,
-            Some(other) => {
-                return Err(ConfigError::new("protocol", other, "expected `tcp`, `udp` or `both`"))
-            }
+        let service = flag_service(&args)?;
+        let admin = match &args.admin {
+            None => None,
+            Some(raw) => Some(
+                check_admin(raw, args.admin_allow_remote)
+                    .map_err(|p| ConfigError::new("admin", raw, p))?,
+            ),
         };
         let splice = match args.splice.as_deref() {
-            None | Some("auto") => Splice::Auto,
-            Some("off") => Splice::Off,
-            Some(other) => {
-                return Err(ConfigError::new("splice", other, "expected `auto` or `off`"))
-            }
-        };
-        let table_size = opt_count("table-size", &args.table_size, DEFAULT_TABLE_SIZE)?;
-        if !is_prime(table_size) {
-            return Err(ConfigError::new(
-                "table-size",
-                args.table_size.as_deref().unwrap_or_default(),
-                "must be a prime number",
-            ));
-        }
-        if table_size <= backends.len() {
-            return Err(ConfigError::new(
-                "table-size",
-                args.table_size.as_deref().unwrap_or_default(),
-                "must be larger than the number of backends",
-            ));
-        }
-        let seed = match &args.seed {
-            None => 0,
-            Some(raw) => raw.parse::<u64>().map_err(|_| {
-                ConfigError::new("seed", raw, "expected an unsigned 64-bit integer")
-            })?,
+            None => Splice::Auto,
+            Some(raw) => parse_splice(raw).map_err(|p| ConfigError::new("splice", raw, p))?,
         };
         Ok(Config {
-            listen,
-            protocol,
-            backends,
-            affinity,
-            sticky_timeout: opt_duration(
-                "sticky-timeout",
-                &args.sticky_timeout,
-                DEFAULT_STICKY_TIMEOUT,
-            )?,
-            sticky_capacity: opt_count(
-                "sticky-capacity",
-                &args.sticky_capacity,
-                DEFAULT_STICKY_CAPACITY,
-            )?,
-            connect_timeout: opt_duration(
-                "connect-timeout",
-                &args.connect_timeout,
-                DEFAULT_CONNECT_TIMEOUT,
-            )?,
-            idle_timeout: opt_duration("idle-timeout", &args.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+            services: vec![service],
+            file: None,
+            admin,
             workers: opt_nonzero("workers", &args.workers)?,
             max_conns: opt_nonzero("max-conns", &args.max_conns)?,
+            max_flows: opt_nonzero("max-flows", &args.max_flows)?,
             splice,
             grace: opt_duration("grace", &args.grace, DEFAULT_GRACE)?,
-            seed,
-            table_size,
-            sticky_prefill: match &args.sticky_prefill {
-                None => 0,
-                Some(raw) => raw.parse().map_err(|_| {
-                    ConfigError::new("sticky-prefill", raw, "expected a whole number")
-                })?,
-            },
-            udp_idle_timeout: opt_duration(
-                "udp-idle-timeout",
-                &args.udp_idle_timeout,
-                DEFAULT_UDP_IDLE_TIMEOUT,
-            )?,
-            max_flows: opt_nonzero("max-flows", &args.max_flows)?,
+            sticky_prefill: prefill(&args)?,
         })
     }
+}
+
+fn prefill(args: &Args) -> Result<usize, ConfigError> {
+    match &args.sticky_prefill {
+        None => Ok(0),
+        Some(raw) => raw
+            .parse()
+            .map_err(|_| ConfigError::new("sticky-prefill", raw, "expected a whole number")),
+    }
+}
+
+/// The service `default` from the flags.
+fn flag_service(args: &Args) -> Result<Service, ConfigError> {
+    if args.listen.is_empty() {
+        return Err(ConfigError::missing("listen", "at least one listen address is required"));
+    }
+    let mut listen = Vec::with_capacity(args.listen.len());
+    for raw in &args.listen {
+        let addr = parse_addr(raw).map_err(|p| ConfigError::new("listen", raw, p))?;
+        if listen.contains(&addr) {
+            return Err(ConfigError::new("listen", raw, "given twice"));
+        }
+        listen.push(addr);
+    }
+    if args.backend.is_empty() {
+        return Err(ConfigError::missing("backend", "at least one backend is required"));
+    }
+    let mut backends: Vec<BackendSpec> = Vec::with_capacity(args.backend.len());
+    for raw in &args.backend {
+        let spec = parse_backend(raw).map_err(|p| ConfigError::new("backend", raw, p))?;
+        if backends.iter().any(|b| b.name == spec.name) {
+            let problem = format!("backend name {:?} is used twice", spec.name);
+            return Err(ConfigError::new("backend", raw, problem));
+        }
+        backends.push(spec);
+    }
+    let affinity = match args.affinity.as_deref() {
+        None => Affinity::Source,
+        Some(raw) => parse_affinity(raw).map_err(|p| ConfigError::new("affinity", raw, p))?,
+    };
+    let protocol = match args.protocol.as_deref() {
+        None => Protocol::Tcp,
+        Some(raw) => parse_protocol(raw).map_err(|p| ConfigError::new("protocol", raw, p))?,
+    };
+    let table_size = opt_count("table-size", &args.table_size, DEFAULT_TABLE_SIZE)?;
+    let raw_size = args.table_size.as_deref().unwrap_or_default();
+    check_table_size(table_size, backends.len())
+        .map_err(|p| ConfigError::new("table-size", raw_size, p))?;
+    let seed = match &args.seed {
+        None => 0,
+        Some(raw) => raw
+            .parse::<u64>()
+            .map_err(|_| ConfigError::new("seed", raw, "expected an unsigned 64-bit integer"))?,
+    };
+    let health = flag_health(args, protocol)?;
+    Ok(Service {
+        name: DEFAULT_SERVICE.to_string(),
+        listen,
+        protocol,
+        backends,
+        affinity,
+        sticky_timeout: opt_duration(
+            "sticky-timeout",
+            &args.sticky_timeout,
+            DEFAULT_STICKY_TIMEOUT,
+        )?,
+        sticky_capacity: opt_count(
+            "sticky-capacity",
+            &args.sticky_capacity,
+            DEFAULT_STICKY_CAPACITY,
+        )?,
+        connect_timeout: opt_duration(
+            "connect-timeout",
+            &args.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?,
+        idle_timeout: opt_duration("idle-timeout", &args.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+        udp_idle_timeout: opt_duration(
+            "udp-idle-timeout",
+            &args.udp_idle_timeout,
+            DEFAULT_UDP_IDLE_TIMEOUT,
+        )?,
+        seed,
+        table_size,
+        health,
+    })
+}
+
+fn flag_health(args: &Args, protocol: Protocol) -> Result<HealthConfig, ConfigError> {
+    let send = match &args.health_send {
+        None => None,
+        Some(raw) => Some(unescape(raw).map_err(|p| ConfigError::new("health-send", raw, p))?),
+    };
+    let expect = match &args.health_expect {
+        None => None,
+        Some(raw) => Some(unescape(raw).map_err(|p| ConfigError::new("health-expect", raw, p))?),
+    };
+    let check = health_check(args.health_check.as_deref(), send, expect, protocol).map_err(
+        |(flag, p)| match flag {
+            "health-check" => {
+                ConfigError::new(flag, args.health_check.as_deref().unwrap_or_default(), p)
+            }
+            _ => ConfigError::missing(flag, p),
+        },
+    )?;
+    let interval = opt_duration("health-interval", &args.health_interval, DEFAULT_HEALTH_INTERVAL)?;
+    let timeout = opt_duration("health-timeout", &args.health_timeout, DEFAULT_HEALTH_TIMEOUT)?;
+    if timeout > interval {
+        return Err(ConfigError::new(
+            "health-timeout",
+            args.health_timeout.as_deref().unwrap_or("1s"),
+            format!("must be at most the interval ({})", format_duration(interval)),
+        ));
+    }
+    let rise = opt_small("health-rise", &args.health_rise, DEFAULT_HEALTH_RISE)?;
+    let fall = opt_small("health-fall", &args.health_fall, DEFAULT_HEALTH_FALL)?;
+    Ok(HealthConfig { check, interval, timeout, rise, fall })
+}
+
+/// Most consecutive results `rise`/`fall` may ask for.
+pub const MAX_HEALTH_COUNT: u32 = 100;
+
+fn opt_small(flag: &'static str, raw: &Option<String>, default: u32) -> Result<u32, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
+    parse_small(raw).map_err(|p| ConfigError::new(flag, raw, p))
+}
+
+/// A rise/fall count: 1..=100.
+pub fn parse_small(raw: &str) -> Result<u32, String> {
+    match raw.parse::<u32>() {
+        Ok(n) if (1..=MAX_HEALTH_COUNT).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {MAX_HEALTH_COUNT}")),
+    }
+}
+
+/// Decide the probe from the `health-check` setting, the UDP payloads and the protocol.
+/// Errors carry the setting's name (`health-check`, `health-send`) and the problem.
+pub fn health_check(
+    check: Option<&str>,
+    send: Option<Vec<u8>>,
+    expect: Option<Vec<u8>>,
+    protocol: Protocol,
+) -> Result<HealthCheck, (&'static str, String)> {
+    let udp = |send: Option<Vec<u8>>, expect: Option<Vec<u8>>| match send {
+        Some(send) => Ok(HealthCheck::Udp { send, expect: expect.unwrap_or_default() }),
+        None => Err(("health-send", "a UDP probe needs a payload to send".to_string())),
+    };
+    match check {
+        None if send.is_some() => udp(send, expect),
+        None if protocol.tcp() => Ok(HealthCheck::Tcp),
+        None => Ok(HealthCheck::Off),
+        Some("udp") => udp(send, expect),
+        Some(other) if send.is_some() || expect.is_some() => {
+            Err(("health-send", format!("only a `udp` probe sends a payload, not `{other}`")))
+        }
+        Some("tcp") => Ok(HealthCheck::Tcp),
+        Some("off") => Ok(HealthCheck::Off),
+        Some(_) => Err(("health-check", "expected `tcp`, `udp` or `off`".to_string())),
+    }
+}
+
+/// Bytes from text with `\xNN` escapes (and `\\`, `\n`, `\r`, `\0`).
+pub fn unescape(raw: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(raw.len());
+    let bytes = raw.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        match bytes.get(i + 1) {
+            Some(b'\\') => out.push(b'\\'),
+            Some(b'n') => out.push(b'\n'),
+            Some(b'r') => out.push(b'\r'),
+            Some(b'0') => out.push(0),
+            Some(b'x') => {
+                let hex = raw.get(i + 2..i + 4).ok_or("\\x needs two hex digits")?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| "\\x needs two hex digits")?);
+                i += 2;
+            }
+            _ => return Err("unknown escape (use \\xNN, \\\\, \\n, \\r or \\0)".into()),
+        }
+        i += 2;
+    }
+    if out.len() > 1024 {
+        return Err("at most 1024 bytes".into());
+    }
+    Ok(out)
+}
+
+/// The admin address: loopback only unless `allow_remote`.
+pub fn check_admin(raw: &str, allow_remote: bool) -> Result<SocketAddr, String> {
+    let addr = parse_addr(raw)?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err("not a loopback address: the admin interface can steer every backend; \
+                    pass --admin-allow-remote (key `admin-allow-remote`) to expose it"
+            .into());
+    }
+    Ok(addr)
+}
+
+pub fn parse_affinity(raw: &str) -> Result<Affinity, String> {
+    match raw {
+        "source" => Ok(Affinity::Source),
+        "5tuple" => Ok(Affinity::FiveTuple),
+        _ => Err("expected `source` or `5tuple`".into()),
+    }
+}
+
+pub fn parse_protocol(raw: &str) -> Result<Protocol, String> {
+    match raw {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        "both" => Ok(Protocol::Both),
+        _ => Err("expected `tcp`, `udp` or `both`".into()),
+    }
+}
+
+pub fn parse_splice(raw: &str) -> Result<Splice, String> {
+    match raw {
+        "auto" => Ok(Splice::Auto),
+        "off" => Ok(Splice::Off),
+        _ => Err("expected `auto` or `off`".into()),
+    }
+}
+
+/// A Maglev table size: prime and larger than the pool.
+pub fn check_table_size(size: usize, backends: usize) -> Result<(), String> {
+    if !is_prime(size) {
+        return Err("must be a prime number".into());
+    }
+    if size <= backends {
+        return Err("must be larger than the number of backends".into());
+    }
+    Ok(())
+}
+
+/// A duration setting: parsed, more than zero, at most a year.
+pub fn check_duration(raw: &str) -> Result<Duration, String> {
+    let d = parse_duration(raw)?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    if d > MAX_DURATION {
+        return Err("must be at most a year (8760h)".into());
+    }
+    Ok(d)
+}
+
+/// A service or backend name: 1 to 128 of letters, digits and `-_.:[]`.
+pub fn check_name(v: &str) -> Result<(), String> {
+    if v.is_empty() || v.len() > 128 {
+        return Err("name must be 1 to 128 characters".into());
+    }
+    if !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:[]".contains(c)) {
+        return Err(format!("name {v:?} may only hold letters, digits and -_.:[]"));
+    }
+    Ok(())
 }
 
 /// Parse `ADDR[,weight=N][,name=NAME]`.
@@ -353,12 +671,7 @@ pub fn parse_backend(raw: &str) -> Result<BackendSpec, String> {
                 weight = NonZeroU32::new(w);
             }
             "name" => {
-                if v.is_empty() || v.len() > 128 {
-                    return Err("name must be 1 to 128 characters".into());
-                }
-                if !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:[]".contains(c)) {
-                    return Err(format!("name {v:?} may only hold letters, digits and -_.:[]"));
-                }
+                check_name(v)?;
                 name = Some(v.to_string());
             }
             other => {
@@ -373,7 +686,7 @@ pub fn parse_backend(raw: &str) -> Result<BackendSpec, String> {
     })
 }
 
-fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
+pub fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
     raw.parse::<SocketAddr>()
         .map_err(|_| "not an IP:port address (IPv6 goes in brackets: [::1]:5432)".to_string())
 }
@@ -384,14 +697,7 @@ fn opt_duration(
     default: Duration,
 ) -> Result<Duration, ConfigError> {
     let Some(raw) = raw else { return Ok(default) };
-    let d = parse_duration(raw).map_err(|p| ConfigError::new(flag, raw, p))?;
-    if d.is_zero() {
-        return Err(ConfigError::new(flag, raw, "must be greater than zero"));
-    }
-    if d > MAX_DURATION {
-        return Err(ConfigError::new(flag, raw, "must be at most a year (8760h)"));
-    }
-    Ok(d)
+    check_duration(raw).map_err(|p| ConfigError::new(flag, raw, p))
 }
 
 fn opt_count(
@@ -454,19 +760,19 @@ mod tests {
     #[test]
     fn defaults_are_the_named_constants() {
         let c = with(&[]).unwrap();
-        assert_eq!(c.affinity, Affinity::Source);
+        assert_eq!(c.services[0].affinity, Affinity::Source);
         assert_eq!(c.splice, Splice::Auto);
-        assert_eq!(c.sticky_timeout, DEFAULT_STICKY_TIMEOUT);
-        assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
-        assert_eq!(c.idle_timeout, DEFAULT_IDLE_TIMEOUT);
-        assert_eq!(c.table_size, DEFAULT_TABLE_SIZE);
+        assert_eq!(c.services[0].sticky_timeout, DEFAULT_STICKY_TIMEOUT);
+        assert_eq!(c.services[0].connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(c.services[0].idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.services[0].table_size, DEFAULT_TABLE_SIZE);
         assert_eq!(c.workers, None);
-        assert_eq!(c.backends[0].weight.get(), 1);
-        assert_eq!(c.protocol, Protocol::Tcp);
-        assert_eq!(c.udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+        assert_eq!(c.services[0].backends[0].weight.get(), 1);
+        assert_eq!(c.services[0].protocol, Protocol::Tcp);
+        assert_eq!(c.services[0].udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
         assert_eq!(c.max_flows, None);
         let both = with(&["--protocol", "both", "--max-flows", "10"]).unwrap();
-        assert!(both.protocol.tcp() && both.protocol.udp());
+        assert!(both.services[0].protocol.tcp() && both.services[0].protocol.udp());
         assert_eq!(both.max_flows.map(NonZeroUsize::get), Some(10));
     }
 
@@ -487,12 +793,12 @@ mod tests {
             "off",
         ])
         .unwrap();
-        assert_eq!(c.listen[0], "[::1]:5432".parse().unwrap());
-        assert_eq!(c.backends[0].name, "db-1");
-        assert_eq!(c.backends[0].weight.get(), 1000);
-        assert_eq!(c.backends[1].weight.get(), 3);
-        assert_eq!(c.affinity, Affinity::FiveTuple);
-        assert_eq!(c.idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.services[0].listen[0], "[::1]:5432".parse().unwrap());
+        assert_eq!(c.services[0].backends[0].name, "db-1");
+        assert_eq!(c.services[0].backends[0].weight.get(), 1000);
+        assert_eq!(c.services[0].backends[1].weight.get(), 3);
+        assert_eq!(c.services[0].affinity, Affinity::FiveTuple);
+        assert_eq!(c.services[0].idle_timeout, Duration::from_secs(90));
         assert_eq!(c.splice, Splice::Off);
     }
 
