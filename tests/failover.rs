@@ -51,7 +51,7 @@ fn blackholed_backend_times_out_and_clients_are_served_elsewhere() {
         "--connect-timeout".into(),
         "300ms".into(),
     ];
-    let t = Tether::start(bin(), &args).unwrap();
+    let t = Tether::start(bin(), no_probes(&args)).unwrap();
     let mut slow = 0;
     for i in 0..20 {
         let started = Instant::now();
@@ -83,7 +83,7 @@ fn client_is_reset_when_no_backend_can_take_it() {
         "--connect-timeout".into(),
         "300ms".into(),
     ];
-    let t = Tether::start(bin(), &args).unwrap();
+    let t = Tether::start(bin(), no_probes(&args)).unwrap();
     for i in 0..3 {
         let started = Instant::now();
         let mut s = connect_from(client_ip(i), t.addr(), DEADLINE).unwrap();

@@ -21,7 +21,7 @@ fn ipv6_listener_and_backends_carry_tcp_and_udp() {
         "--backend".into(),
         format!("{},name=v6", tcp.addr()),
     ];
-    let t = Tether::start(bin(), &args).unwrap();
+    let t = Tether::start(bin(), no_probes(&args)).unwrap();
     assert!(t.addr().is_ipv6());
     assert_eq!(ask_name(V6_LOOPBACK, t.addr()).unwrap(), "v6");
     let socket = udp_client(V6_LOOPBACK).unwrap();
@@ -39,7 +39,7 @@ fn dual_stack_listener_serves_ipv4_clients_with_one_pin_for_tcp_and_udp() {
     let mut args =
         vec!["--listen".to_string(), "[::]:0".into(), "--protocol".into(), "both".into()];
     args.extend(backend_args(&tcp));
-    let t = Tether::start(bin(), &args).unwrap();
+    let t = Tether::start(bin(), no_probes(&args)).unwrap();
     let port = t.addr().port();
     // IPv4 clients reach the [::] listener through its IPv4 side (as ::ffff:a.b.c.d).
     let v4_tcp = SocketAddr::from(([127, 0, 58, 1], port));

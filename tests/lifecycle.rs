@@ -179,7 +179,8 @@ fn a_small_fd_limit_still_serves_many_sessions() {
     let pool = backends(46, 1);
     let mut cmd = std::process::Command::new("prlimit");
     cmd.args(["--nofile=1024:1024", "--"]).arg(bin());
-    cmd.args(["--listen", "127.0.46.1:0", "--workers", "2"]).args(backend_args(&pool));
+    cmd.args(["--listen", "127.0.46.1:0", "--workers", "2", "--health-check", "off"]);
+    cmd.args(backend_args(&pool));
     let t = Tether::start_command(cmd).expect("start tether under prlimit");
     let held: Vec<_> = (0..100)
         .map(|i| hold(client_ip(i), t.addr()).unwrap_or_else(|e| panic!("session {i}: {e}")))

@@ -63,7 +63,7 @@ fn weight_two_backend_gets_twice_the_clients() {
             format!("{},name={},weight={weight}", b.addr(), b.name()),
         ]);
     }
-    let t = Tether::start(bin(), &args).unwrap();
+    let t = Tether::start(bin(), no_probes(&args)).unwrap();
     let mut heavy = 0;
     let n = 400;
     for i in 0..n {
@@ -85,7 +85,7 @@ fn two_processes_with_the_same_pool_agree_on_every_client() {
     for b in pool.iter().rev() {
         reversed.extend(["--backend".to_string(), format!("{},name={}", b.addr(), b.name())]);
     }
-    let b = Tether::start(bin(), &reversed).unwrap();
+    let b = Tether::start(bin(), no_probes(&reversed)).unwrap();
     let other_seed = tether(4, &pool, &["--seed", "43"]);
     let mut differ_with_other_seed = 0;
     for i in 0..100 {

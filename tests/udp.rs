@@ -27,7 +27,7 @@ fn udp_tether(listen: &str, backends: &[SocketAddr], extra: &[&str]) -> Tether {
         args.extend(["--backend".to_string(), format!("{b},name=u{i}")]);
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    Tether::start(bin(), &args).expect("start tether")
+    Tether::start(bin(), no_probes(&args)).expect("start tether")
 }
 
 fn name_of(socket: &UdpSocket, to: SocketAddr) -> (String, SocketAddr) {
@@ -75,7 +75,7 @@ fn tcp_and_udp_of_one_client_reach_the_same_backend() {
     let mut args =
         vec!["--listen".to_string(), "127.0.51.1:0".into(), "--protocol".into(), "both".into()];
     args.extend(backend_args(&tcp));
-    let t = Tether::start(bin(), &args).unwrap();
+    let t = Tether::start(bin(), no_probes(&args)).unwrap();
     assert_eq!(t.addr().port(), t.udp_addr().port());
     for i in 0..40 {
         // UDP first for half the clients, TCP first for the others: whichever comes first pins.

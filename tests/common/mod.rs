@@ -40,7 +40,7 @@ pub fn tether(net: u8, backends: &[Backend], extra: &[&str]) -> Tether {
         vec!["--listen".to_string(), format!("127.0.{net}.1:0"), "--workers".into(), "2".into()];
     args.extend(backend_args(backends));
     args.extend(extra.iter().map(|s| s.to_string()));
-    Tether::start(bin(), &args).expect("start tether")
+    Tether::start(bin(), no_probes(&args)).expect("start tether")
 }
 
 /// Index of the backend with this name.

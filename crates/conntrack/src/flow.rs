@@ -304,6 +304,23 @@ impl<V> FlowTable<V> {
         self.idle_timeout_ms
     }
 
+    /// Change the idle timeout (a reload); it applies to every flow from now on, counted from
+    /// each flow's last activity. A longer one needs nothing more (a queued deadline that comes
+    /// due re-queues its flow at the true one); a shorter one re-queues every flow at once, so
+    /// none outlives the new timeout. O(n log n) then, once per change.
+    pub fn set_idle_timeout_ms(&mut self, idle_timeout_ms: u64) {
+        let shorter = idle_timeout_ms < self.idle_timeout_ms;
+        self.idle_timeout_ms = idle_timeout_ms;
+        if shorter {
+            for flow in self.map.values_mut() {
+                flow.queued = flow.deadline(idle_timeout_ms);
+            }
+            let timers: Vec<_> =
+                self.map.iter().map(|(key, flow)| Reverse((flow.queued, *key))).collect();
+            self.timers = BinaryHeap::from(timers);
+        }
+    }
+
     /// The budget this table draws on.
     pub fn budget(&self) -> &Arc<FlowBudget> {
         &self.budget
@@ -931,5 +948,20 @@ mod tests {
         assert_eq!(std::mem::size_of::<Flow<u32>>(), 24);
         assert_eq!(std::mem::size_of::<(FlowKey, Flow<u32>)>(), 64);
         assert_eq!(std::mem::size_of::<Reverse<(u64, FlowKey)>>(), 48);
+    }
+
+    #[test]
+    fn a_changed_idle_timeout_applies_to_existing_flows() {
+        let budget = Arc::new(FlowBudget::new(8));
+        let mut t = table(&budget, 1000);
+        let _ = t.insert(k(1), 0, 1, 0);
+        let _ = t.insert(k(2), 0, 2, 500);
+        t.set_idle_timeout_ms(100);
+        assert_eq!(t.next_expiry(), Some(100));
+        assert_eq!(t.expire(150).count(), 1, "the shorter timeout ends the older flow");
+        t.set_idle_timeout_ms(10_000);
+        assert_eq!(t.expire(9_000).count(), 0, "the longer timeout keeps the other");
+        assert_eq!(t.expire(10_500).count(), 1);
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -17,18 +17,28 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::Receiver;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{SigSet, Signal};
 
 use config::{Config, Splice};
-use conntrack::{Sticky, StickyConfig};
-use proxy::{Command, Shared, Snapshot, Stats};
+use conntrack::Sticky;
+use proxy::{Command, Listeners, Shared, Snapshot, Stats};
+
+use admin::{Admin, Ask};
+use registry::Registry;
+
+mod admin;
+mod checks;
+mod metrics;
+pub mod probe;
+mod registry;
 
 /// File descriptors kept out of the session budget: listeners, epoll, wakers, logs, pooled
 /// pipes and room for the accept back-off to recover in.
@@ -96,9 +106,10 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let nofile = raise_nofile();
     let reserved = fd_reserve(nofile);
     let usable = nofile.saturating_sub(reserved);
+    let udp = config.services.iter().any(|s| s.protocol.udp());
     // UDP flows take one fd each and come first when UDP is on; TCP sessions (two fds each)
     // and splice pipes share the rest.
-    let max_flows = match (config.protocol.udp(), config.max_flows) {
+    let max_flows = match (udp, config.max_flows) {
         (false, _) => 0,
         (true, Some(asked)) if asked.get() as u64 > usable / 2 => {
             return Err(RunError::MaxFlows {
@@ -122,48 +133,43 @@ pub fn run(config: Config) -> Result<(), RunError> {
         None => (usable / 3).max(1) as usize,
     };
     let workers = config.workers.map_or_else(cpu_count, |w| w.get());
-    let routing = proxy::Routing::new(&config.backends, config.table_size, config.seed)
-        .map_err(RunError::Table)?;
-    let bound = proxy::bind(&config.listen, workers, config.protocol.tcp(), config.protocol.udp())
-        .map_err(RunError::Bind)?;
     let splice = config.splice == Splice::Auto && proxy::pump::splice_supported();
     // Pipes get the fds the sessions cannot use: two sockets per session come first.
     let spare_fds = usable.saturating_sub(2 * max_conns as u64);
     let max_pipes = if splice { (spare_fds / 2 / workers as u64) as usize } else { 0 };
-    let sticky = Sticky::new(
-        StickyConfig {
-            capacity: config.sticky_capacity,
-            timeout_ms: config.sticky_timeout.as_millis() as u64,
-        },
-        random_key(),
-    );
-    prefill(&sticky, config.sticky_prefill, config.backends.len());
     let shared = Arc::new(Shared {
-        routing,
-        sticky,
-        affinity: config.affinity,
-        connect_timeout: config.connect_timeout,
-        idle_timeout: config.idle_timeout,
         max_conns,
         max_pipes,
         active: AtomicUsize::new(0),
         epoch: Instant::now(),
         flow_budget: Arc::new(conntrack::FlowBudget::new(max_flows)),
-        udp_idle_timeout: config.udp_idle_timeout,
         flow_hash_key: random_key(),
     });
+    let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
+        .map_err(RunError::Table)?;
+    let mut per_worker: Vec<Listeners> = (0..workers).map(|_| Listeners::default()).collect();
+    let mut announced = Vec::new();
+    for (slot, service) in config.services.iter().enumerate() {
+        let bound = bind_service(service, slot, workers, &mut per_worker)?;
+        announced.extend(bound.iter().copied());
+        if let Some(Some(s)) = registry.services.get_mut(slot) {
+            s.listeners = bound;
+        }
+    }
+    if let Some(Some(first)) = registry.services.first() {
+        prefill(&first.sticky, config.sticky_prefill, &first.snapshot);
+    }
 
     let cpus = allowed_cpus();
     let mut running = Vec::with_capacity(workers);
-    let proxy::Bound { tcp, udp, tcp_addrs, udp_addrs } = bound;
-    for (i, (sockets, udp_sockets)) in tcp.into_iter().zip(udp).enumerate() {
+    for (i, listeners) in per_worker.into_iter().enumerate() {
         let stats = Arc::new(Stats::default());
         let (tx, rx) = crossbeam_channel::unbounded();
         let (worker, waker) = proxy::Worker::new(
             i,
             Arc::clone(&shared),
-            sockets,
-            udp_sockets,
+            registry.snapshots(),
+            listeners,
             Arc::clone(&stats),
             rx,
         )
@@ -178,27 +184,70 @@ pub fn run(config: Config) -> Result<(), RunError> {
                 worker.run()
             })
             .map_err(|e| RunError::Os("spawning a worker thread", e))?;
-        running.push(Running { thread: Some(thread), tx, waker, stats });
+        registry.workers.links.push((tx.clone(), Arc::clone(&waker)));
+        registry.stats.push(Arc::clone(&stats));
+        running.push(Running { thread: Some(thread), tx, waker });
     }
+    let registry = Arc::new(Mutex::new(registry));
+
+    let (asks_tx, asks_rx) = crossbeam_channel::unbounded();
+    let admin = match config.admin {
+        Some(addr) => Some(
+            Admin::start(addr, Arc::clone(&registry), asks_tx.clone())
+                .map_err(|e| RunError::Os("admin", io::Error::other(e)))?,
+        ),
+        None => None,
+    };
+    let (stop_checks, checks_stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let checks = checks::spawn(Arc::clone(&registry), checks_stop_rx)
+        .map_err(|e| RunError::Os("spawning the health-check thread", e))?;
 
     log::info!(
-        "tether {} workers, {} backends, max {} sessions, max {} flows, pump {}, affinity {:?}",
+        "tether {} workers, {} services, max {} sessions, max {} flows, pump {}",
         workers,
-        config.backends.len(),
+        config.services.len(),
         max_conns,
         max_flows,
         if max_pipes > 0 { "copy+splice" } else { "copy" },
-        config.affinity
     );
-    announce(&tcp_addrs, &udp_addrs);
+    announce(&announced, admin.as_ref().map(|a| a.addr));
 
     // Our own sender keeps the channel open even if the signal thread dies, so the supervisor's
     // timed receive never turns into a spin on `Disconnected`.
     let (signal_tx, signal_rx) = crossbeam_channel::unbounded();
     signal_thread(signals, signal_tx.clone());
-    let result = supervise(&shared, &mut running, &signal_rx, config.grace);
+    let context = Supervisor { registry: &registry, file: config.file.clone(), workers, config };
+    let result = context.supervise(&mut running, &signal_rx, &asks_rx);
     drop(signal_tx);
+    drop(admin);
+    let _ = stop_checks.send(());
+    let _ = checks.join();
     result
+}
+
+/// Bind a service's listeners for every worker; returns (configured, bound, udp) per listener.
+fn bind_service(
+    service: &config::Service,
+    slot: usize,
+    workers: usize,
+    per_worker: &mut [Listeners],
+) -> Result<Vec<(SocketAddr, SocketAddr, bool)>, RunError> {
+    let mut out = Vec::new();
+    for &want in &service.listen {
+        let bound = proxy::bind(&[want], workers, service.protocol.tcp(), service.protocol.udp())
+            .map_err(RunError::Bind)?;
+        for addr in &bound.tcp_addrs {
+            out.push((want, *addr, false));
+        }
+        for addr in &bound.udp_addrs {
+            out.push((want, *addr, true));
+        }
+        for (w, (tcp, udp)) in bound.tcp.into_iter().zip(bound.udp).enumerate() {
+            per_worker[w].tcp.extend(tcp.into_iter().map(|l| (slot, l)));
+            per_worker[w].udp.extend(udp.into_iter().map(|l| (slot, l)));
+        }
+    }
+    Ok(out)
 }
 
 /// One worker thread and how to reach it.
@@ -206,95 +255,280 @@ struct Running {
     thread: Option<JoinHandle<io::Result<()>>>,
     tx: crossbeam_channel::Sender<Command>,
     waker: Arc<mio::Waker>,
-    stats: Arc<Stats>,
 }
 
-/// Sweep the sticky table, watch signals and workers; shut down on SIGTERM/SIGINT.
-fn supervise(
-    shared: &Shared,
-    running: &mut [Running],
-    signals: &Receiver<Signal>,
-    grace: Duration,
-) -> Result<(), RunError> {
-    let mut deadline: Option<Instant> = None;
-    let mut failure = None;
-    loop {
-        match signals.recv_timeout(SWEEP_EVERY.min(Duration::from_millis(200))) {
-            Ok(Signal::SIGHUP) => log::info!("SIGHUP: reloading is not supported yet; ignored"),
-            Ok(sig) => {
-                // A second signal during the grace period cuts it short.
-                let at = match deadline {
-                    None => {
-                        log::info!("{sig}: closing listeners; open sessions have {grace:?}");
-                        Instant::now() + grace
+/// The main thread's loop: signals, reloads, sticky sweeps, worker health.
+struct Supervisor<'a> {
+    registry: &'a Mutex<Registry>,
+    file: Option<std::path::PathBuf>,
+    workers: usize,
+    /// The configuration in force (process-wide settings are kept from the start).
+    config: Config,
+}
+
+impl Supervisor<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sweep the sticky tables, watch signals and workers; shut down on SIGTERM/SIGINT.
+    fn supervise(
+        mut self,
+        running: &mut [Running],
+        signals: &Receiver<Signal>,
+        asks: &Receiver<Ask>,
+    ) -> Result<(), RunError> {
+        let grace = self.config.grace;
+        let mut deadline: Option<Instant> = None;
+        let mut failure = None;
+        let mut next_sweep = Instant::now() + SWEEP_EVERY;
+        loop {
+            crossbeam_channel::select! {
+                recv(signals) -> sig => match sig {
+                    Ok(Signal::SIGHUP) => match self.reload() {
+                        Ok(summary) => log::info!("SIGHUP: reloaded: {summary}"),
+                        Err(e) => log::error!("SIGHUP: reload refused, configuration unchanged: {e}"),
+                    },
+                    Ok(sig) => {
+                        // A second signal during the grace period cuts it short.
+                        let at = match deadline {
+                            None => {
+                                log::info!("{sig}: closing listeners; open sessions have {grace:?}");
+                                Instant::now() + grace
+                            }
+                            Some(_) => {
+                                log::info!("{sig} again: closing open sessions now");
+                                Instant::now()
+                            }
+                        };
+                        deadline = Some(at);
+                        tell_all(running, || Command::Shutdown { deadline: at });
                     }
-                    Some(_) => {
-                        log::info!("{sig} again: closing open sessions now");
-                        Instant::now()
+                    Err(_) => {}
+                },
+                recv(asks) -> ask => if let Ok(Ask::Reload(reply)) = ask {
+                    let result = self.reload();
+                    match &result {
+                        Ok(summary) => log::info!("admin: reloaded: {summary}"),
+                        Err(e) => log::error!("admin: reload refused, configuration unchanged: {e}"),
                     }
-                };
-                deadline = Some(at);
-                tell_all(running, Command::Shutdown { deadline: at });
+                    let _ = reply.send(result);
+                },
+                default(Duration::from_millis(200)) => {}
             }
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
-        }
-        let removed = shared.sticky.sweep(shared.now_ms(Instant::now()));
-        if removed > 0 {
-            log::debug!("sticky sweep removed {removed} expired entries");
-        }
-        for (i, r) in running.iter_mut().enumerate() {
-            if r.thread.as_ref().is_some_and(JoinHandle::is_finished) {
-                match r.thread.take().map(JoinHandle::join) {
-                    Some(Ok(Ok(()))) | None => {}
-                    Some(Ok(Err(e))) => {
-                        log::error!("worker {i} failed: {e}");
-                        failure.get_or_insert(RunError::Worker(i, e));
-                    }
-                    Some(Err(_)) => {
-                        log::error!("worker {i} panicked");
-                        failure.get_or_insert(RunError::Worker(i, io::Error::other("panicked")));
+            if Instant::now() >= next_sweep {
+                next_sweep = Instant::now() + SWEEP_EVERY;
+                let removed = self.lock().sweep();
+                if removed > 0 {
+                    log::debug!("sticky sweep removed {removed} expired entries");
+                }
+            }
+            for (i, r) in running.iter_mut().enumerate() {
+                if r.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+                    match r.thread.take().map(JoinHandle::join) {
+                        Some(Ok(Ok(()))) | None => {}
+                        Some(Ok(Err(e))) => {
+                            log::error!("worker {i} failed: {e}");
+                            failure.get_or_insert(RunError::Worker(i, e));
+                        }
+                        Some(Err(_)) => {
+                            log::error!("worker {i} panicked");
+                            failure
+                                .get_or_insert(RunError::Worker(i, io::Error::other("panicked")));
+                        }
                     }
                 }
             }
+            if running.iter().all(|r| r.thread.is_none()) {
+                break;
+            }
+            if failure.is_some() && deadline.is_none() {
+                // One loop gone means its share of clients goes unserved: stop everything.
+                let at = Instant::now() + grace;
+                deadline = Some(at);
+                tell_all(running, || Command::Shutdown { deadline: at });
+            }
         }
-        if running.iter().all(|r| r.thread.is_none()) {
-            break;
+        let mut total = Snapshot::default();
+        for stats in &self.lock().stats {
+            total += stats.snapshot();
         }
-        if failure.is_some() && deadline.is_none() {
-            // One loop gone means its share of clients goes unserved: stop everything.
-            let at = Instant::now() + grace;
-            deadline = Some(at);
-            tell_all(running, Command::Shutdown { deadline: at });
-        }
+        let summary: Vec<String> = total
+            .fields()
+            .iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        log::info!("stopped: {}", summary.join(" "));
+        failure.map_or(Ok(()), Err)
     }
-    let mut total = Snapshot::default();
-    for r in running.iter() {
-        total += r.stats.snapshot();
+
+    /// Read the config file again and apply it. Everything that can fail (reading, validating,
+    /// building tables, binding new listeners) happens before anything changes, so a refused
+    /// reload leaves the running configuration exactly as it was.
+    fn reload(&mut self) -> Result<String, String> {
+        let Some(path) = self.file.clone() else {
+            return Err("tether was started without --config: nothing to reload".into());
+        };
+        let next = config::file::load_path(&path).map_err(|e| e.to_string())?;
+        for (what, same) in [
+            ("workers", next.workers == self.config.workers),
+            ("max-conns", next.max_conns == self.config.max_conns),
+            ("max-flows", next.max_flows == self.config.max_flows),
+            ("splice", next.splice == self.config.splice),
+            ("admin", next.admin == self.config.admin),
+        ] {
+            if !same {
+                log::warn!("reload: `{what}` changed; it takes effect at the next restart");
+            }
+        }
+        let mut reg = self.lock();
+        // Check every service's table builds, and bind every new listener, first.
+        for service in &next.services {
+            let backends: Vec<ring::Member> = service
+                .backends
+                .iter()
+                .map(|b| ring::Member { name: b.name.clone(), weight: b.weight.get() })
+                .collect();
+            ring::Ring::build(&backends, service.table_size, service.seed)
+                .map_err(|e| format!("service {:?}: {e}", service.name))?;
+        }
+        let slot_of = |name: &str| {
+            reg.services.iter().position(|s| s.as_ref().is_some_and(|s| s.config.name == name))
+        };
+        let mut new_slot = reg.services.len();
+        let mut per_worker: Vec<Listeners> =
+            (0..self.workers).map(|_| Listeners::default()).collect();
+        let mut bound_by_service = Vec::new();
+        let mut closing = Vec::new();
+        for service in &next.services {
+            let existing = slot_of(&service.name);
+            let slot = existing.unwrap_or_else(|| {
+                new_slot += 1;
+                new_slot - 1
+            });
+            let kept: Vec<(SocketAddr, SocketAddr, bool)> = match existing {
+                Some(i) => reg.services[i].as_ref().expect("found").listeners.clone(),
+                None => Vec::new(),
+            };
+            let keep = |want: &SocketAddr, udp: bool| {
+                kept.iter().find(|(w, _, u)| w == want && *u == udp).copied()
+            };
+            let mut listeners = Vec::new();
+            for &want in &service.listen {
+                let (tcp, udp) = (service.protocol.tcp(), service.protocol.udp());
+                let (tcp_kept, udp_kept) = (keep(&want, false), keep(&want, true));
+                listeners.extend(tcp_kept.filter(|_| tcp));
+                listeners.extend(udp_kept.filter(|_| udp));
+                let need_tcp = tcp && tcp_kept.is_none();
+                let need_udp = udp && udp_kept.is_none();
+                if need_tcp || need_udp {
+                    // A port already bound by one transport is reused for the other.
+                    let at = tcp_kept.or(udp_kept).map_or(want, |(_, bound, _)| bound);
+                    let bound = proxy::bind(&[at], self.workers, need_tcp, need_udp)
+                        .map_err(|e| e.to_string())?;
+                    for addr in &bound.tcp_addrs {
+                        listeners.push((want, *addr, false));
+                    }
+                    for addr in &bound.udp_addrs {
+                        listeners.push((want, *addr, true));
+                    }
+                    for (w, (t, u)) in bound.tcp.into_iter().zip(bound.udp).enumerate() {
+                        per_worker[w].tcp.extend(t.into_iter().map(|l| (slot, l)));
+                        per_worker[w].udp.extend(u.into_iter().map(|l| (slot, l)));
+                    }
+                }
+            }
+            for old in &kept {
+                if !listeners.contains(old) {
+                    closing.push(old.1);
+                }
+            }
+            bound_by_service.push((slot, existing.is_some(), listeners));
+        }
+        for (i, s) in reg.services.iter().enumerate() {
+            if let Some(s) = s {
+                if !next.services.iter().any(|n| n.name == s.config.name) {
+                    closing.extend(s.listeners.iter().map(|l| l.1));
+                    log::info!("reload: service {:?} removed (slot {i})", s.config.name);
+                }
+            }
+        }
+        // Nothing below can fail for a reason the checks above did not already rule out.
+        let mut summary = Vec::new();
+        let mut announced = Vec::new();
+        for (service, (slot, existed, listeners)) in next.services.iter().zip(bound_by_service) {
+            if existed {
+                reg.reconfigure(slot, service.clone()).map_err(|e| e.to_string())?;
+            } else {
+                let got = reg.add_service(service.clone()).map_err(|e| e.to_string())?;
+                debug_assert_eq!(got, slot);
+                summary.push(format!("service {:?} added", service.name));
+            }
+            for l in &listeners {
+                if !reg.services[slot].as_ref().expect("just set").listeners.contains(l) {
+                    announced.push(*l);
+                }
+            }
+            reg.services[slot].as_mut().expect("just set").listeners = listeners;
+        }
+        let removed: Vec<usize> = reg
+            .services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.as_ref().is_some_and(|s| !next.services.iter().any(|n| n.name == s.config.name))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for i in removed {
+            let name = reg.services[i].take().map(|s| s.config.name).unwrap_or_default();
+            reg.event(format!("service {name:?} removed by reload"));
+            summary.push(format!("service {name:?} removed"));
+        }
+        reg.listen(per_worker);
+        if !closing.is_empty() {
+            for (tx, waker) in &reg.workers.links {
+                let _ = tx.send(Command::Unlisten(closing.clone()));
+                let _ = waker.wake();
+            }
+        }
+        reg.event(format!("configuration reloaded from {}", path.display()));
+        drop(reg);
+        announce_listeners(&announced);
+        self.config.services = next.services;
+        summary.push(format!("{} services", self.config.services.len()));
+        Ok(summary.join(", "))
     }
-    let summary: Vec<String> =
-        total.fields().iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
-    log::info!("stopped: {}", summary.join(" "));
-    failure.map_or(Ok(()), Err)
 }
 
-fn tell_all(running: &[Running], cmd: Command) {
+fn tell_all(running: &[Running], cmd: impl Fn() -> Command) {
     for r in running {
-        let _ = r.tx.send(cmd.clone());
+        let _ = r.tx.send(cmd());
         let _ = r.waker.wake();
     }
 }
 
-/// Tell whoever started us where we listen: one line per listener, then `ready`. Tests and
-/// scripts read these lines (ports given as 0 are resolved here).
-fn announce(tcp: &[std::net::SocketAddr], udp: &[std::net::SocketAddr]) {
+/// Tell whoever started us where we listen: one line per listener, then the admin address and
+/// `ready`. Tests and scripts read these lines (ports given as 0 are resolved here).
+fn announce(listeners: &[(SocketAddr, SocketAddr, bool)], admin: Option<SocketAddr>) {
+    announce_listeners(listeners);
     let mut out = io::stdout().lock();
-    for addr in tcp {
-        let _ = writeln!(out, "listening tcp {addr}");
-    }
-    for addr in udp {
-        let _ = writeln!(out, "listening udp {addr}");
+    if let Some(addr) = admin {
+        let _ = writeln!(out, "admin http://{addr}/");
     }
     let _ = writeln!(out, "ready");
+    let _ = out.flush();
+}
+
+/// `listening tcp ADDR` / `listening udp ADDR`, TCP first, in configuration order.
+fn announce_listeners(listeners: &[(SocketAddr, SocketAddr, bool)]) {
+    let mut out = io::stdout().lock();
+    for udp in [false, true] {
+        for (_, addr, _) in listeners.iter().filter(|l| l.2 == udp) {
+            let _ = writeln!(out, "listening {} {addr}", if udp { "udp" } else { "tcp" });
+        }
+    }
     let _ = out.flush();
 }
 
@@ -357,11 +591,13 @@ fn pin_to(cpu: usize) {
 
 /// Benchmark aid (`--sticky-prefill`): `n` idle entries for addresses of the IPv6 documentation
 /// prefix 2001:db8::/32 (RFC 3849), which no real client has.
-fn prefill(sticky: &Sticky, n: usize, backends: usize) {
+fn prefill(sticky: &Sticky, n: usize, service: &proxy::Service) {
+    let backends = service.backends.len().max(1);
     for i in 0..n {
         let ip = std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | i as u128);
         let key = conntrack::AffinityKey::from_ip(ip.into());
-        sticky.attach(key, (i % backends.max(1)) as u32, 0);
+        let id = service.backends.get(i % backends).map_or(0, |b| b.id);
+        sticky.attach(key, id, 0);
         sticky.detach(key, 0);
     }
     if n > 0 {

@@ -8,8 +8,9 @@
 //! A session's life (see docs/architecture.md for the picture):
 //!
 //! 1. A worker accepts on its own `SO_REUSEPORT` listener until `WouldBlock`.
-//! 2. The affinity key (client IP, or the 5-tuple) is looked up in the shared sticky table; a
-//!    pinned backend that is usable wins, otherwise the Maglev table's fallback order picks.
+//! 2. The affinity key (client IP, or the 5-tuple) is looked up in the service's sticky table;
+//!    a pinned backend that may keep its clients wins, otherwise the Maglev table's fallback
+//!    order picks (see [`Service::choose`]).
 //! 3. A non-blocking connect with a timeout; a refused or timed-out connect marks the backend as
 //!    failing for a moment and the next backend of the key's order is tried.
 //! 4. Established: two [`pump::HalfPipe`]s move bytes (splice or buffer), with backpressure,
@@ -20,7 +21,9 @@
 //! # fn demo(shared: Arc<tether_proxy::Shared>, listeners: Vec<std::net::TcpListener>) -> std::io::Result<()> {
 //! let stats = Arc::new(tether_proxy::Stats::default());
 //! let (tx, rx) = crossbeam_channel::unbounded();
-//! let (worker, waker) = tether_proxy::Worker::new(0, shared, listeners, Vec::new(), stats, rx)?;
+//! let listeners = tether_proxy::Listeners { tcp: listeners.into_iter().map(|l| (0, l)).collect(), udp: Vec::new() };
+//! # let services = Vec::new();
+//! let (worker, waker) = tether_proxy::Worker::new(0, shared, services, listeners, stats, rx)?;
 //! let handle = std::thread::spawn(move || worker.run());
 //! tx.send(tether_proxy::Command::Shutdown { deadline: std::time::Instant::now() }).unwrap();
 //! waker.wake()?;
@@ -39,31 +42,40 @@ mod token;
 mod udp;
 mod worker;
 
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
-use std::time::{Duration, Instant};
-
-use conntrack::Sticky;
+use std::sync::Arc;
+use std::time::Instant;
 
 pub use listener::{bind, bind_all, BindError, Bound};
-pub use routing::{Backend, Routing, PASSIVE_HOLD};
+pub use routing::{BackendState, Service, Settings, PASSIVE_HOLD};
 pub use stats::{Snapshot, Stats};
 pub use worker::Worker;
 
+/// Listener sockets handed to one worker, each with the slot of the service it feeds.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub tcp: Vec<(usize, std::net::TcpListener)>,
+    pub udp: Vec<(usize, std::net::UdpSocket)>,
+}
+
 /// What control tells a worker.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Command {
     /// Stop accepting now; let sessions run until `deadline`, then close them and return.
     Shutdown { deadline: Instant },
+    /// Route new sessions and flows of service `service.slot` by this snapshot from now on.
+    Publish(Arc<Service>),
+    /// Start accepting on these sockets too.
+    Listen(Listeners),
+    /// Stop accepting on these addresses (TCP and UDP): close the sockets. Open sessions
+    /// continue; UDP flows that came in on a closed socket end (their replies had no way out).
+    Unlisten(Vec<SocketAddr>),
 }
 
 /// State every worker of a process shares (read-only apart from atomics).
 #[derive(Debug)]
 pub struct Shared {
-    pub routing: Routing,
-    pub sticky: Sticky,
-    pub affinity: config::Affinity,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
     /// Sessions allowed open at once across all workers.
     pub max_conns: usize,
     /// Pipes each worker may hold for splice(2) (0: userspace buffers only).
@@ -73,8 +85,7 @@ pub struct Shared {
     /// Origin of the millisecond clock the sticky table runs on.
     pub epoch: Instant,
     /// UDP flows allowed open at once across all workers.
-    pub flow_budget: std::sync::Arc<conntrack::FlowBudget>,
-    pub udp_idle_timeout: Duration,
+    pub flow_budget: Arc<conntrack::FlowBudget>,
     /// SipHash key of the flow tables (random per process).
     pub flow_hash_key: [u8; 16],
 }
@@ -83,5 +94,10 @@ impl Shared {
     /// Milliseconds since `epoch`: the clock handed to the pure crates.
     pub fn now_ms(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// The same clock for a caller without an `Instant` at hand.
+    pub fn clock_ms(&self) -> u64 {
+        self.now_ms(Instant::now())
     }
 }

@@ -1,14 +1,25 @@
-//! The routing snapshot workers read: backends, the Maglev table and per-backend live state.
+//! What workers route by: per service, an immutable snapshot (settings, backends, the Maglev
+//! table, the sticky table) that control replaces as a whole, and per backend a long-lived
+//! [`BackendState`] of atomics that every snapshot naming the backend shares.
 //!
-//! The snapshot is immutable apart from atomics (passive-failure marks and counters), shared by
-//! every worker behind an `Arc`. A configuration change builds a new snapshot off the hot path;
-//! a health change only flips an atomic, so a flapping backend never costs a table rebuild
+//! A configuration change (add, remove, re-weight, reload) builds a new [`Service`] off the hot
+//! path and sends it to the workers; sessions keep the snapshot they started with (an `Arc`), so
+//! a removed backend's open sessions run on and count down its gauges. A health or admin change
+//! only flips an atomic of the backend, so a flapping backend never costs a table rebuild
 //! (FAILURE-MODES F16).
+//!
+//! Sticky entries hold a backend's [`BackendId`], which is never reused within a process: after
+//! a backend is removed, a client pinned to it finds no such backend in the new snapshot and is
+//! routed afresh, never to whichever backend took its index.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
+use conntrack::{BackendId, Sticky};
+use health::{AdminState, Health};
 use ring::{Member, Ring};
 
 /// How long a refused or timed-out connect keeps a backend out of new sessions' choices.
@@ -16,64 +27,185 @@ use ring::{Member, Ring};
 /// is re-pinned elsewhere, so a long hold would scatter clients on one transient error.
 pub const PASSIVE_HOLD: Duration = Duration::from_secs(2);
 
-/// One backend of the snapshot.
+/// One backend as the whole process knows it, across snapshots: identity, operator and health
+/// state, and counters.
 #[derive(Debug)]
-pub struct Backend {
+pub struct BackendState {
+    /// Unique within the process, never reused (what sticky entries hold).
+    pub id: BackendId,
     pub name: String,
     pub addr: SocketAddr,
-    pub weight: u32,
+    admin: AtomicU8,
+    up: AtomicBool,
     /// Milliseconds (on the proxy clock) until which the backend counts as failing.
     failing_until: AtomicU64,
-    /// Sessions established to this backend and not yet closed.
-    pub active: AtomicU64,
-    /// Sessions established to this backend since start.
-    pub total: AtomicU64,
-    /// Connect attempts that were refused or timed out.
-    pub connect_failures: AtomicU64,
+    /// TCP sessions established to this backend and not yet closed.
+    pub sessions: AtomicU64,
+    /// TCP sessions established to this backend since it was added.
+    pub sessions_total: AtomicU64,
+    /// UDP flows open to this backend.
+    pub flows: AtomicU64,
+    /// UDP flows opened to this backend since it was added.
+    pub flows_total: AtomicU64,
+    /// Connect attempts that were refused, unreachable or timed out, and UDP flows that met
+    /// ECONNREFUSED: the passive failures that count toward `fall`.
+    pub failures: AtomicU64,
+    /// Bytes of TCP sessions client -> backend.
+    pub bytes_in: AtomicU64,
+    /// Bytes of TCP sessions backend -> client.
+    pub bytes_out: AtomicU64,
 }
 
-/// Backends plus the table that maps keys to them.
+impl BackendState {
+    /// A new backend: ready, up, no counts.
+    pub fn new(id: BackendId, name: String, addr: SocketAddr) -> BackendState {
+        BackendState {
+            id,
+            name,
+            addr,
+            admin: AtomicU8::new(AdminState::Ready.to_u8()),
+            up: AtomicBool::new(true),
+            failing_until: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            sessions_total: AtomicU64::new(0),
+            flows: AtomicU64::new(0),
+            flows_total: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+        }
+    }
+
+    pub fn admin(&self) -> AdminState {
+        AdminState::from_u8(self.admin.load(Relaxed))
+    }
+
+    pub fn set_admin(&self, state: AdminState) {
+        self.admin.store(state.to_u8(), Relaxed);
+    }
+
+    pub fn health(&self) -> Health {
+        if self.up.load(Relaxed) {
+            Health::Up
+        } else {
+            Health::Down
+        }
+    }
+
+    pub fn set_health(&self, health: Health) {
+        self.up.store(health == Health::Up, Relaxed);
+    }
+
+    /// Whether a recent passive failure keeps it out at `now_ms`.
+    pub fn failing(&self, now_ms: u64) -> bool {
+        self.failing_until.load(Relaxed) > now_ms
+    }
+
+    /// Record a refused or timed-out connect: keep the backend out of choices for a while, and
+    /// count a passive failure (health checking reads the count).
+    pub fn mark_failing(&self, now_ms: u64) {
+        self.failures.fetch_add(1, Relaxed);
+        self.failing_until.fetch_max(now_ms + PASSIVE_HOLD.as_millis() as u64, Relaxed);
+    }
+
+    /// May take a client that is not pinned to it.
+    fn accepts_new(&self, now_ms: u64) -> bool {
+        self.admin() == AdminState::Ready && self.up.load(Relaxed) && !self.failing(now_ms)
+    }
+
+    /// May take a client pinned to it (draining backends keep theirs).
+    fn keeps_pinned(&self, now_ms: u64) -> bool {
+        self.admin() != AdminState::Maint && self.up.load(Relaxed) && !self.failing(now_ms)
+    }
+}
+
+/// Per-service settings a session or flow reads when it starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub affinity: config::Affinity,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+}
+
+impl Settings {
+    pub fn of(service: &config::Service) -> Settings {
+        Settings {
+            affinity: service.affinity,
+            connect_timeout: service.connect_timeout,
+            idle_timeout: service.idle_timeout,
+            udp_idle_timeout: service.udp_idle_timeout,
+        }
+    }
+}
+
+/// One service's routing snapshot. Immutable apart from the atomics of its backends.
 #[derive(Debug)]
-pub struct Routing {
-    pub backends: Vec<Backend>,
-    pub ring: Ring,
+pub struct Service {
+    pub name: String,
+    /// Where workers keep it (the same for every snapshot of this service).
+    pub slot: usize,
+    pub settings: Settings,
+    /// Table member `i` is `backends[i]`.
+    pub backends: Vec<Arc<BackendState>>,
+    pub weights: Vec<u32>,
+    /// `None` when the pool is empty (every backend removed at run time).
+    pub ring: Option<Ring>,
+    /// Shared by every snapshot of the service: changes never clear it.
+    pub sticky: Arc<Sticky>,
+    by_id: HashMap<BackendId, usize>,
 }
 
-impl Routing {
-    /// Build a snapshot from configured backends.
+impl Service {
+    /// A snapshot of `backends` (with their weights) under a table of `table_size` slots.
     pub fn new(
-        specs: &[config::BackendSpec],
+        name: String,
+        slot: usize,
+        settings: Settings,
+        backends: Vec<(Arc<BackendState>, u32)>,
         table_size: usize,
         seed: u64,
-    ) -> Result<Self, ring::BuildError> {
+        sticky: Arc<Sticky>,
+    ) -> Result<Service, ring::BuildError> {
         let members: Vec<Member> =
-            specs.iter().map(|b| Member { name: b.name.clone(), weight: b.weight.get() }).collect();
-        let ring = Ring::build(&members, table_size, seed)?;
-        let backends = specs
-            .iter()
-            .map(|b| Backend {
-                name: b.name.clone(),
-                addr: b.addr,
-                weight: b.weight.get(),
-                failing_until: AtomicU64::new(0),
-                active: AtomicU64::new(0),
-                total: AtomicU64::new(0),
-                connect_failures: AtomicU64::new(0),
-            })
-            .collect();
-        Ok(Routing { backends, ring })
+            backends.iter().map(|(b, w)| Member { name: b.name.clone(), weight: *w }).collect();
+        let ring =
+            if members.is_empty() { None } else { Some(Ring::build(&members, table_size, seed)?) };
+        let by_id = backends.iter().enumerate().map(|(i, (b, _))| (b.id, i)).collect();
+        let (backends, weights) = backends.into_iter().unzip();
+        Ok(Service { name, slot, settings, backends, weights, ring, sticky, by_id })
     }
 
-    /// Whether new sessions may be sent to backend `i` at `now_ms`.
-    pub fn usable(&self, i: usize, now_ms: u64) -> bool {
-        self.backends[i].failing_until.load(Relaxed) <= now_ms
+    /// The index of the backend with `id` in this snapshot.
+    pub fn index_of(&self, id: BackendId) -> Option<usize> {
+        self.by_id.get(&id).copied()
     }
 
-    /// Record a refused or timed-out connect: keep the backend out of choices for a while.
-    pub fn mark_failing(&self, i: usize, now_ms: u64) {
-        let b = &self.backends[i];
-        b.connect_failures.fetch_add(1, Relaxed);
-        b.failing_until.fetch_max(now_ms + PASSIVE_HOLD.as_millis() as u64, Relaxed);
+    /// The hash of an affinity key's bytes under this service's table (0 for an empty pool).
+    pub fn hash_key(&self, key: &[u8]) -> u64 {
+        self.ring.as_ref().map_or(0, |r| r.hash_key(key))
+    }
+
+    /// The backend a client pinned to `id` should go back to, if that backend still may take
+    /// it: present, not in maintenance, up and not failing. Draining backends keep their pins.
+    pub fn pinned(&self, id: BackendId, now_ms: u64) -> Option<usize> {
+        self.index_of(id).filter(|&i| self.backends[i].keeps_pinned(now_ms))
+    }
+
+    /// First backend of the key's fallback order that takes new clients and is not excluded;
+    /// if none does, the first `ready` one not excluded whatever its health (a probe or a
+    /// failure mark can be wrong, and trying beats turning everyone away). Never a draining or
+    /// maintained backend.
+    pub fn choose(
+        &self,
+        hash: u64,
+        now_ms: u64,
+        excluded: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let ring = self.ring.as_ref()?;
+        ring.pick(hash, |i| !excluded(i) && self.backends[i].accepts_new(now_ms)).or_else(|| {
+            ring.pick(hash, |i| !excluded(i) && self.backends[i].admin() == AdminState::Ready)
+        })
     }
 }
 
@@ -87,4 +219,80 @@ pub fn five_tuple(protocol: u8, peer: SocketAddr, local: SocketAddr) -> [u8; 37]
     out[19..35].copy_from_slice(&conntrack::AffinityKey::from_ip(local.ip()).to_bytes());
     out[35..37].copy_from_slice(&local.port().to_be_bytes());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conntrack::StickyConfig;
+
+    fn service(states: &[AdminState]) -> Service {
+        let backends = states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let b = BackendState::new(
+                    100 + i as u32,
+                    format!("b{i}"),
+                    SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                );
+                b.set_admin(*s);
+                (Arc::new(b), 1)
+            })
+            .collect();
+        let settings = Settings {
+            affinity: config::Affinity::Source,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            udp_idle_timeout: Duration::from_secs(1),
+        };
+        let sticky =
+            Arc::new(Sticky::new(StickyConfig { capacity: 16, timeout_ms: 1000 }, [1; 16]));
+        Service::new("s".into(), 0, settings, backends, 13, 0, sticky).unwrap()
+    }
+
+    #[test]
+    fn drain_keeps_pins_and_takes_no_one_new() {
+        let s = service(&[AdminState::Drain, AdminState::Ready]);
+        assert_eq!(s.pinned(100, 0), Some(0));
+        for hash in 0..200u64 {
+            assert_eq!(s.choose(hash.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, |_| false), Some(1));
+        }
+    }
+
+    #[test]
+    fn maint_loses_pins_and_is_never_a_last_resort() {
+        let s = service(&[AdminState::Maint, AdminState::Maint]);
+        assert_eq!(s.pinned(100, 0), None);
+        assert_eq!(s.choose(7, 0, |_| false), None);
+    }
+
+    #[test]
+    fn down_backends_are_a_last_resort_only() {
+        let s = service(&[AdminState::Ready, AdminState::Ready]);
+        s.backends[0].set_health(Health::Down);
+        assert_eq!(s.pinned(100, 0), None);
+        for hash in 0..50u64 {
+            assert_eq!(s.choose(hash.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, |_| false), Some(1));
+        }
+        s.backends[1].set_health(Health::Down);
+        assert!(s.choose(7, 0, |_| false).is_some(), "all down: try one anyway");
+        s.backends[1].mark_failing(0);
+        assert!(s.backends[1].failing(1));
+        assert!(!s.backends[1].failing(PASSIVE_HOLD.as_millis() as u64));
+    }
+
+    #[test]
+    fn ids_survive_reordering_and_unknown_ids_route_afresh() {
+        let s = service(&[AdminState::Ready, AdminState::Ready]);
+        assert_eq!(s.index_of(101), Some(1));
+        assert_eq!(s.pinned(999, 0), None);
+    }
+
+    #[test]
+    fn an_empty_pool_routes_nowhere() {
+        let s = service(&[]);
+        assert_eq!(s.choose(1, 0, |_| false), None);
+        assert_eq!(s.hash_key(b"x"), 0);
+    }
 }

@@ -96,11 +96,14 @@ pub struct Session {
     pub client: Side,
     pub backend: Side,
     pub peer: SocketAddr,
+    /// The routing snapshot of the service at accept time: the session's backends, sticky table
+    /// and timeouts, whatever later changes publish.
+    pub service: std::sync::Arc<crate::Service>,
     /// Sticky key (source affinity) or `None` (5-tuple affinity).
     pub key: Option<AffinityKey>,
     /// Hash of the affinity key; the table's fallback order follows it.
     pub hash: u64,
-    /// Backend currently connected or being connected to.
+    /// Backend currently connected or being connected to (index in `service.backends`).
     pub target: usize,
     pub tried: Tried,
     /// A sticky entry counts this session as live.

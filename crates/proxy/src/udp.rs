@@ -18,6 +18,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mio::net::UdpSocket;
 use mio::{Interest, Registry};
@@ -27,7 +28,7 @@ use conntrack::{AffinityKey, Attach, FlowBudget, FlowKey, FlowTable};
 use crate::stats::{inc, Stats};
 use crate::sys::{RecvBatch, BATCH};
 use crate::token::Slot;
-use crate::Shared;
+use crate::Service;
 
 /// recvmmsg(2) calls on one socket before other work gets a turn (8 x 16 datagrams).
 const RECV_ROUNDS: usize = 8;
@@ -35,7 +36,8 @@ const RECV_ROUNDS: usize = 8;
 /// What the worker needs from its surroundings for one call.
 pub struct Ctx<'a> {
     pub registry: &'a Registry,
-    pub shared: &'a Shared,
+    /// Routing snapshots by service slot.
+    pub services: &'a [Option<Arc<Service>>],
     pub stats: &'a Stats,
     pub now_ms: u64,
 }
@@ -46,6 +48,8 @@ struct Listener {
     local: SocketAddr,
     /// Bound to 0.0.0.0 or [::]: the destination address comes with each datagram.
     wildcard: bool,
+    /// Slot of the service it feeds.
+    service: usize,
 }
 
 /// One flow's state beyond what the flow table keeps.
@@ -56,6 +60,8 @@ struct Flow {
     client: SocketAddr,
     /// The address the client sent to: the source of every reply.
     local_ip: Option<IpAddr>,
+    /// The service's snapshot when the flow began, and its backend's index in it.
+    service: Arc<Service>,
     backend: usize,
     affinity: Option<AffinityKey>,
     attached: bool,
@@ -66,7 +72,10 @@ pub struct Udp {
     listeners: Vec<Option<Listener>>,
     flows: Vec<Option<Flow>>,
     free: Vec<usize>,
-    table: FlowTable<usize>,
+    /// Flow tables by service slot (each service has its own idle timeout).
+    tables: Vec<FlowTable<usize>>,
+    budget: Arc<FlowBudget>,
+    hash_key: [u8; 16],
     /// Receive buffers (taken out while a batch is handled, so the handlers may borrow self).
     batch: Option<Box<RecvBatch>>,
     expired: Vec<usize>,
@@ -82,34 +91,77 @@ pub enum More {
 }
 
 impl Udp {
-    /// Register this worker's UDP listener sockets.
-    pub fn new(
-        sockets: Vec<std::net::UdpSocket>,
-        registry: &Registry,
-        budget: Arc<FlowBudget>,
-        idle_timeout_ms: u64,
-        hash_key: [u8; 16],
-    ) -> io::Result<Udp> {
-        let mut listeners = Vec::with_capacity(sockets.len());
-        for (i, s) in sockets.into_iter().enumerate() {
-            let local = s.local_addr()?;
-            let mut socket = UdpSocket::from_std(s);
-            registry.register(&mut socket, Slot::UdpListener(i).token(), Interest::READABLE)?;
-            listeners.push(Some(Listener { socket, local, wildcard: local.ip().is_unspecified() }));
-        }
-        Ok(Udp {
-            listeners,
+    /// No listeners yet: see [`listen`](Self::listen).
+    pub fn new(budget: Arc<FlowBudget>, hash_key: [u8; 16]) -> Udp {
+        Udp {
+            listeners: Vec::new(),
             flows: Vec::new(),
             free: Vec::new(),
-            table: FlowTable::new(budget, idle_timeout_ms, hash_key),
+            tables: Vec::new(),
+            budget,
+            hash_key,
             batch: Some(Box::new(RecvBatch::new())),
             expired: Vec::new(),
-        })
+        }
+    }
+
+    /// Take datagrams on `socket` for service slot `service`.
+    pub fn listen(
+        &mut self,
+        socket: std::net::UdpSocket,
+        service: usize,
+        registry: &Registry,
+    ) -> io::Result<()> {
+        let local = socket.local_addr()?;
+        let mut socket = UdpSocket::from_std(socket);
+        let i = self.listeners.len();
+        registry.register(&mut socket, Slot::UdpListener(i).token(), Interest::READABLE)?;
+        let wildcard = local.ip().is_unspecified();
+        self.listeners.push(Some(Listener { socket, local, wildcard, service }));
+        Ok(())
+    }
+
+    /// Close the listeners bound to any of `addrs`, and end their flows (no way to reply).
+    pub fn unlisten(&mut self, addrs: &[SocketAddr], ctx: &Ctx<'_>) {
+        for i in 0..self.listeners.len() {
+            let Some(l) = self.listeners[i].as_ref() else { continue };
+            if !addrs.contains(&l.local) {
+                continue;
+            }
+            if let Some(mut l) = self.listeners[i].take() {
+                let _ = ctx.registry.deregister(&mut l.socket);
+            }
+            for slot in 0..self.flows.len() {
+                if let Some(flow) = self.flows[slot].as_ref().filter(|f| f.listener == i) {
+                    let key = flow.key;
+                    self.tables[flow.service.slot].remove(&key);
+                    self.close(slot, ctx);
+                }
+            }
+        }
+    }
+
+    /// The flow table of service slot `service`, made on first use.
+    fn table(&mut self, service: usize) -> &mut FlowTable<usize> {
+        while self.tables.len() <= service {
+            let table = FlowTable::new(
+                Arc::clone(&self.budget),
+                config::DEFAULT_UDP_IDLE_TIMEOUT.as_millis() as u64,
+                self.hash_key,
+            );
+            self.tables.push(table);
+        }
+        &mut self.tables[service]
+    }
+
+    /// Flows of service slot `service` live `timeout` without a datagram.
+    pub fn set_idle_timeout(&mut self, service: usize, timeout: Duration) {
+        self.table(service).set_idle_timeout_ms(timeout.as_millis() as u64);
     }
 
     /// Earliest time (proxy milliseconds) a flow may expire.
     pub fn next_expiry(&self) -> Option<u64> {
-        self.table.next_expiry()
+        self.tables.iter().filter_map(FlowTable::next_expiry).min()
     }
 
     /// Stop taking datagrams (shutdown): flows end with the worker.
@@ -139,7 +191,10 @@ impl Udp {
     fn take_from_clients(&mut self, i: usize, batch: &mut RecvBatch, ctx: &Ctx<'_>) -> More {
         for _ in 0..RECV_ROUNDS {
             let Some(l) = self.listeners.get(i).and_then(Option::as_ref) else { return More::No };
-            let (wildcard, local) = (l.wildcard, l.local);
+            let (wildcard, local, service) = (l.wildcard, l.local, l.service);
+            let Some(service) = ctx.services.get(service).and_then(Option::as_ref) else {
+                return More::No;
+            };
             let n = match batch.recv(&l.socket) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -156,7 +211,7 @@ impl Udp {
                 inc(&ctx.stats.datagrams_in);
                 let local_ip = if wildcard { dst } else { None };
                 let to = SocketAddr::new(local_ip.unwrap_or(local.ip()), local.port());
-                self.forward(i, client, to, local_ip, data, ctx);
+                self.forward(i, service, client, to, local_ip, data, ctx);
             }
             if n < BATCH {
                 return More::No; // a short batch drained the socket
@@ -166,9 +221,11 @@ impl Udp {
     }
 
     /// Send `data` from `client` on its flow, making the flow if needed.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
         i: usize,
+        service: &Arc<Service>,
         client: SocketAddr,
         local: SocketAddr,
         local_ip: Option<IpAddr>,
@@ -178,9 +235,9 @@ impl Udp {
         let key = FlowKey::new(client, local);
         // At most two rounds: a flow whose backend turned out dead is replaced once.
         for _ in 0..2 {
-            let slot = match self.table.get(&key, ctx.now_ms) {
+            let slot = match self.table(service.slot).get(&key, ctx.now_ms) {
                 Some(flow) => *flow.value(),
-                None => match self.open(key, i, client, local_ip, ctx) {
+                None => match self.open(key, i, service, client, local_ip, ctx) {
                     Some(slot) => slot,
                     None => return,
                 },
@@ -191,8 +248,9 @@ impl Udp {
                 // An ICMP error from an earlier datagram (connect(2) on UDP: the kernel reports
                 // it on the next call): the backend is not there. Re-pin and resend.
                 Err(e) if e.raw_os_error() == Some(nix::libc::ECONNREFUSED) => {
-                    ctx.shared.routing.mark_failing(flow.backend, ctx.now_ms);
-                    self.table.remove(&key);
+                    flow.service.backends[flow.backend].mark_failing(ctx.now_ms);
+                    let table = flow.service.slot;
+                    self.tables[table].remove(&key);
                     self.close(slot, ctx);
                 }
                 Err(e) => {
@@ -211,40 +269,39 @@ impl Udp {
         &mut self,
         key: FlowKey,
         i: usize,
+        service: &Arc<Service>,
         client: SocketAddr,
         local_ip: Option<IpAddr>,
         ctx: &Ctx<'_>,
     ) -> Option<usize> {
         // Full and nothing of ours has expired: refuse before paying for a socket.
-        let expiry_due = self.table.next_expiry().is_some_and(|t| t <= ctx.now_ms);
-        if self.table.budget().available() == 0 && !expiry_due {
+        let expiry_due = self.next_expiry().is_some_and(|t| t <= ctx.now_ms);
+        if self.budget.available() == 0 && !expiry_due {
             inc(&ctx.stats.flows_refused);
             return None;
         }
-        let shared = ctx.shared;
-        let routing = &shared.routing;
-        let (affinity, hash) = match shared.affinity {
+        if self.budget.available() == 0 {
+            self.expire(ctx);
+        }
+        let (affinity, hash) = match service.settings.affinity {
             config::Affinity::Source => {
                 let k = AffinityKey::from_ip(client.ip());
-                (Some(k), routing.ring.hash_key(&k.to_bytes()))
+                (Some(k), service.hash_key(&k.to_bytes()))
             }
             config::Affinity::FiveTuple => {
                 let tuple = crate::routing::five_tuple(17, client, key.listener()); // IPPROTO_UDP
-                (None, routing.ring.hash_key(&tuple))
+                (None, service.hash_key(&tuple))
             }
         };
-        let usable = |b: usize| routing.usable(b, ctx.now_ms);
         let pinned = affinity
-            .and_then(|k| shared.sticky.lookup(k, ctx.now_ms))
-            .map(|b| b as usize)
-            .filter(|&b| b < routing.backends.len() && usable(b));
-        let backend = pinned
-            .or_else(|| routing.ring.pick(hash, usable))
-            .or_else(|| routing.ring.pick(hash, |_| true))?;
-        let mut socket = match connected_socket(routing.backends[backend].addr) {
+            .and_then(|k| service.sticky.lookup(k, ctx.now_ms))
+            .and_then(|id| service.pinned(id, ctx.now_ms));
+        let backend = pinned.or_else(|| service.choose(hash, ctx.now_ms, |_| false))?;
+        let target = &service.backends[backend];
+        let mut socket = match connected_socket(target.addr) {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("udp socket toward {}: {e}", routing.backends[backend].addr);
+                log::warn!("udp socket toward {}: {e}", target.addr);
                 inc(&ctx.stats.local_errors);
                 return None;
             }
@@ -260,7 +317,7 @@ impl Udp {
             self.free.push(slot);
             return None;
         }
-        match self.table.insert(key, backend as u32, slot, ctx.now_ms) {
+        match self.table(service.slot).insert(key, target.id, slot, ctx.now_ms) {
             Ok(inserted) => {
                 if let Some((_, old)) = inserted.reclaimed {
                     let old_slot = *old.value();
@@ -275,7 +332,7 @@ impl Udp {
             }
         }
         let attached = match affinity {
-            Some(k) => match shared.sticky.attach(k, backend as u32, ctx.now_ms) {
+            Some(k) => match service.sticky.attach(k, target.id, ctx.now_ms) {
                 Attach::Full => {
                     inc(&ctx.stats.sticky_full);
                     false
@@ -285,10 +342,20 @@ impl Udp {
             None => false,
         };
         inc(&ctx.stats.flows_created);
-        routing.backends[backend].active.fetch_add(1, Relaxed);
-        routing.backends[backend].total.fetch_add(1, Relaxed);
-        self.flows[slot] =
-            Some(Flow { socket, key, listener: i, client, local_ip, backend, affinity, attached });
+        target.flows.fetch_add(1, Relaxed);
+        target.flows_total.fetch_add(1, Relaxed);
+        let service = Arc::clone(service);
+        self.flows[slot] = Some(Flow {
+            socket,
+            key,
+            listener: i,
+            client,
+            local_ip,
+            service,
+            backend,
+            affinity,
+            attached,
+        });
         Some(slot)
     }
 
@@ -310,18 +377,18 @@ impl Udp {
                     // ECONNREFUSED: the backend's port is closed. The flow ends; the client's
                     // next datagram makes a new one on the next backend of its order.
                     if e.raw_os_error() == Some(nix::libc::ECONNREFUSED) {
-                        ctx.shared.routing.mark_failing(flow.backend, ctx.now_ms);
+                        flow.service.backends[flow.backend].mark_failing(ctx.now_ms);
                     }
                     log::debug!("udp flow {}: {e}", flow.key);
-                    let key = flow.key;
-                    self.table.remove(&key);
+                    let (key, table) = (flow.key, flow.service.slot);
+                    self.tables[table].remove(&key);
                     self.close(slot, ctx);
                     return More::No;
                 }
             };
-            let (client, local_ip, listener, key) =
-                (flow.client, flow.local_ip, flow.listener, flow.key);
-            self.table.get(&key, ctx.now_ms); // activity either way keeps the flow
+            let (client, local_ip, listener, key, table) =
+                (flow.client, flow.local_ip, flow.listener, flow.key, flow.service.slot);
+            self.tables[table].get(&key, ctx.now_ms); // activity either way keeps the flow
             let Some(l) = self.listeners.get(listener).and_then(Option::as_ref) else {
                 return More::No;
             };
@@ -347,7 +414,9 @@ impl Udp {
     /// Close the flows idle for the idle timeout.
     pub fn expire(&mut self, ctx: &Ctx<'_>) {
         self.expired.clear();
-        self.expired.extend(self.table.expire(ctx.now_ms).map(|(_, flow)| *flow.value()));
+        for table in self.tables.iter_mut() {
+            self.expired.extend(table.expire(ctx.now_ms).map(|(_, flow)| *flow.value()));
+        }
         for i in 0..self.expired.len() {
             inc(&ctx.stats.flows_expired);
             self.close(self.expired[i], ctx);
@@ -358,9 +427,9 @@ impl Udp {
     /// with it), its sticky entry loses a live session.
     fn close(&mut self, slot: usize, ctx: &Ctx<'_>) {
         let Some(flow) = self.flows.get_mut(slot).and_then(Option::take) else { return };
-        ctx.shared.routing.backends[flow.backend].active.fetch_sub(1, Relaxed);
+        flow.service.backends[flow.backend].flows.fetch_sub(1, Relaxed);
         if let (Some(k), true) = (flow.affinity, flow.attached) {
-            ctx.shared.sticky.detach(k, ctx.now_ms);
+            flow.service.sticky.detach(k, ctx.now_ms);
         }
         self.free.push(slot);
     }

@@ -19,7 +19,7 @@ use crate::stats::{inc, Stats};
 use crate::timer::{Timer, TimerKind, Timers};
 use crate::token::Slot;
 use crate::udp::{Ctx, More, Udp};
-use crate::{Command, Shared};
+use crate::{Command, Listeners, Service, Shared};
 
 /// Events taken from one poll.
 const EVENTS: usize = 1024;
@@ -45,7 +45,10 @@ pub struct Worker {
     shared: Arc<Shared>,
     stats: Arc<Stats>,
     commands: Receiver<Command>,
-    listeners: Vec<Option<TcpListener>>,
+    /// Routing snapshots by service slot (`None`: no such service, or retired).
+    services: Vec<Option<Arc<Service>>>,
+    /// TCP listeners and the service slot each feeds.
+    listeners: Vec<Option<(TcpListener, usize)>>,
     /// Per listener: an accept retry is armed after accept(2) failed for lack of resources;
     /// events are ignored until it fires (one retry chain, not one per event).
     backing_off: Vec<bool>,
@@ -67,36 +70,25 @@ impl Worker {
     pub fn new(
         id: usize,
         shared: Arc<Shared>,
-        listeners: Vec<std::net::TcpListener>,
-        udp_sockets: Vec<std::net::UdpSocket>,
+        services: Vec<Arc<Service>>,
+        listeners: Listeners,
         stats: Arc<Stats>,
         commands: Receiver<Command>,
     ) -> io::Result<(Worker, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), Slot::Waker.token())?);
-        let mut registered = Vec::with_capacity(listeners.len());
-        for (i, l) in listeners.into_iter().enumerate() {
-            let mut l = TcpListener::from_std(l);
-            poll.registry().register(&mut l, Slot::Listener(i).token(), Interest::READABLE)?;
-            registered.push(Some(l));
-        }
         let pools = Pools::new(shared.max_pipes);
-        let udp = Udp::new(
-            udp_sockets,
-            poll.registry(),
-            Arc::clone(&shared.flow_budget),
-            shared.udp_idle_timeout.as_millis() as u64,
-            shared.flow_hash_key,
-        )?;
+        let udp = Udp::new(Arc::clone(&shared.flow_budget), shared.flow_hash_key);
         let now = Instant::now();
-        let worker = Worker {
+        let mut worker = Worker {
             id,
             poll,
             shared,
             stats,
             commands,
-            backing_off: vec![false; registered.len()],
-            listeners: registered,
+            services: Vec::new(),
+            backing_off: Vec::new(),
+            listeners: Vec::new(),
             sessions: Vec::new(),
             free: Vec::new(),
             timers: Timers::default(),
@@ -107,7 +99,55 @@ impl Worker {
             stopping: None,
             now,
         };
+        for service in services {
+            worker.publish(service);
+        }
+        worker.listen(listeners)?;
         Ok((worker, waker))
+    }
+
+    /// Route service `service.slot` by this snapshot from now on.
+    fn publish(&mut self, service: Arc<Service>) {
+        let slot = service.slot;
+        if self.services.len() <= slot {
+            self.services.resize(slot + 1, None);
+        }
+        self.udp.set_idle_timeout(slot, service.settings.udp_idle_timeout);
+        self.services[slot] = Some(service);
+    }
+
+    /// Register listener sockets (at start, and for services added later).
+    fn listen(&mut self, listeners: Listeners) -> io::Result<()> {
+        for (service, l) in listeners.tcp {
+            let mut l = TcpListener::from_std(l);
+            let i = self.listeners.len();
+            self.poll.registry().register(&mut l, Slot::Listener(i).token(), Interest::READABLE)?;
+            self.listeners.push(Some((l, service)));
+            self.backing_off.push(false);
+        }
+        for (service, socket) in listeners.udp {
+            self.udp.listen(socket, service, self.poll.registry())?;
+        }
+        Ok(())
+    }
+
+    /// Close the listeners bound to any of `addrs`.
+    fn unlisten(&mut self, addrs: &[SocketAddr]) {
+        for slot in self.listeners.iter_mut() {
+            let bound = slot.as_ref().and_then(|(l, _)| l.local_addr().ok());
+            if bound.is_some_and(|a| addrs.contains(&a)) {
+                if let Some((mut l, _)) = slot.take() {
+                    let _ = self.poll.registry().deregister(&mut l);
+                }
+            }
+        }
+        let ctx = Ctx {
+            registry: self.poll.registry(),
+            services: &self.services,
+            stats: &self.stats,
+            now_ms: self.shared.now_ms(self.now),
+        };
+        self.udp.unlisten(addrs, &ctx);
     }
 
     /// Run until shut down and every session has ended (or the grace period is over).
@@ -137,7 +177,7 @@ impl Worker {
             self.fire_timers();
             let ctx = Ctx {
                 registry: self.poll.registry(),
-                shared: &self.shared,
+                services: &self.services,
                 stats: &self.stats,
                 now_ms: self.shared.now_ms(self.now),
             };
@@ -170,7 +210,7 @@ impl Worker {
                 // Stop accepting; sessions get until the deadline.
                 Command::Shutdown { deadline } => {
                     for (i, l) in self.listeners.iter_mut().enumerate() {
-                        if let Some(mut l) = l.take() {
+                        if let Some((mut l, _)) = l.take() {
                             let _ = self.poll.registry().deregister(&mut l);
                             log::debug!("worker {} closed listener {i}", self.id);
                         }
@@ -178,6 +218,15 @@ impl Worker {
                     self.udp.close_listeners(self.poll.registry());
                     self.stopping = Some(deadline);
                 }
+                Command::Publish(service) => self.publish(service),
+                Command::Listen(listeners) => {
+                    if self.stopping.is_none() {
+                        if let Err(e) = self.listen(listeners) {
+                            log::error!("worker {}: registering new listeners: {e}", self.id);
+                        }
+                    }
+                }
+                Command::Unlisten(addrs) => self.unlisten(&addrs),
             }
         }
     }
@@ -189,11 +238,23 @@ impl Worker {
             return;
         }
         for _ in 0..ACCEPT_BUDGET {
-            let Some(listener) = self.listeners.get(i).and_then(Option::as_ref) else { return };
+            let Some((listener, service)) = self.listeners.get(i).and_then(Option::as_ref) else {
+                return;
+            };
+            let service = *service;
             match listener.accept() {
                 Ok((stream, peer)) => {
                     inc(&self.stats.accepted);
-                    self.open(stream, peer);
+                    match self.services.get(service).and_then(Option::as_ref) {
+                        Some(service) => {
+                            let service = Arc::clone(service);
+                            self.open(stream, peer, service);
+                        }
+                        None => {
+                            inc(&self.stats.no_backend);
+                            refuse(stream);
+                        }
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -217,7 +278,7 @@ impl Worker {
         self.ready.push_back(Ready::Listener(i));
     }
 
-    fn open(&mut self, stream: TcpStream, peer: SocketAddr) {
+    fn open(&mut self, stream: TcpStream, peer: SocketAddr, service: Arc<Service>) {
         let shared = Arc::clone(&self.shared);
         let before = shared.active.fetch_add(1, AcqRel);
         if before >= shared.max_conns {
@@ -227,26 +288,25 @@ impl Worker {
             return;
         }
         // TCP_NODELAY is inherited from the listener (set there once, see listener.rs).
-        let routing = &shared.routing;
         let now_ms = shared.now_ms(self.now);
-        let (key, hash) = match shared.affinity {
+        let (key, hash) = match service.settings.affinity {
             config::Affinity::Source => {
                 let key = AffinityKey::from_ip(peer.ip());
-                (Some(key), routing.ring.hash_key(&key.to_bytes()))
+                (Some(key), service.hash_key(&key.to_bytes()))
             }
             config::Affinity::FiveTuple => {
                 let local = stream.local_addr().unwrap_or(peer);
-                (None, routing.ring.hash_key(&crate::routing::five_tuple(6, peer, local)))
+                (None, service.hash_key(&crate::routing::five_tuple(6, peer, local)))
             }
         };
-        // A sticky entry wins over the table while its backend is usable.
+        // A sticky entry wins over the table while its backend may keep its clients.
         let pinned = key
-            .and_then(|k| shared.sticky.lookup(k, now_ms))
-            .map(|b| b as usize)
-            .filter(|&b| b < routing.backends.len() && routing.usable(b, now_ms));
+            .and_then(|k| service.sticky.lookup(k, now_ms))
+            .and_then(|id| service.pinned(id, now_ms));
         let mut tried = Tried::default();
-        let first = pinned.or_else(|| choose(&shared, hash, &tried, now_ms));
-        let Some((target, backend)) = self.begin_connect(hash, first, &mut tried, now_ms) else {
+        let first = pinned.or_else(|| service.choose(hash, now_ms, |i| tried.contains(i)));
+        let Some((target, backend)) = self.begin_connect(&service, hash, first, &mut tried, now_ms)
+        else {
             inc(&self.stats.no_backend);
             shared.active.fetch_sub(1, AcqRel);
             refuse(stream);
@@ -259,10 +319,11 @@ impl Worker {
         self.next_generation += 1;
         let mut session = Session {
             generation: self.next_generation,
-            state: State::Connecting { deadline: self.now + shared.connect_timeout },
+            state: State::Connecting { deadline: self.now + service.settings.connect_timeout },
             client: Side::new(stream),
             backend: Side::new(backend),
             peer,
+            service,
             key,
             hash,
             target,
@@ -293,7 +354,7 @@ impl Worker {
         if let State::Connecting { deadline } = session.state {
             self.timers.arm(Timer { at: deadline, kind: TimerKind::Connect, slot, generation });
         }
-        let at = self.now + shared.idle_timeout;
+        let at = self.now + session.service.settings.idle_timeout;
         self.timers.arm(Timer { at, kind: TimerKind::Idle, slot, generation });
         self.sessions[slot] = Some(session);
     }
@@ -304,6 +365,7 @@ impl Worker {
     /// order while even starting one fails. Returns the backend and its connecting socket.
     fn begin_connect(
         &self,
+        service: &Service,
         hash: u64,
         first: Option<usize>,
         tried: &mut Tried,
@@ -312,7 +374,7 @@ impl Worker {
         let mut target = first;
         while let Some(t) = target {
             tried.push(t);
-            let addr = self.shared.routing.backends[t].addr;
+            let addr = service.backends[t].addr;
             match TcpStream::connect(addr) {
                 Ok(stream) => {
                     // Set before the handshake, so it costs no extra call later.
@@ -329,7 +391,7 @@ impl Worker {
                 Err(e) => {
                     log::debug!("connect to {addr} failed at once: {e}");
                     if blames_backend(&e) {
-                        self.shared.routing.mark_failing(t, now_ms);
+                        service.backends[t].mark_failing(now_ms);
                     }
                     inc(&self.stats.connect_failures);
                 }
@@ -337,7 +399,7 @@ impl Worker {
             if tried.len() >= crate::session::MAX_TRIES {
                 return None;
             }
-            target = choose(&self.shared, hash, tried, now_ms);
+            target = service.choose(hash, now_ms, |i| tried.contains(i));
         }
         None
     }
@@ -347,16 +409,17 @@ impl Worker {
         let shared = Arc::clone(&self.shared);
         let now_ms = shared.now_ms(self.now);
         let Some(mut s) = self.sessions[slot].take() else { return };
+        let service = Arc::clone(&s.service);
         if blame {
-            shared.routing.mark_failing(s.target, now_ms);
+            service.backends[s.target].mark_failing(now_ms);
         }
         inc(if timed_out { &self.stats.connect_timeouts } else { &self.stats.connect_failures });
         let next = if s.tried.len() < crate::session::MAX_TRIES {
-            choose(&shared, s.hash, &s.tried, now_ms)
+            service.choose(s.hash, now_ms, |i| s.tried.contains(i))
         } else {
             None
         };
-        let started = self.begin_connect(s.hash, next, &mut s.tried, now_ms);
+        let started = self.begin_connect(&service, s.hash, next, &mut s.tried, now_ms);
         let registry = self.poll.registry();
         let generation = s.generation;
         match started {
@@ -370,7 +433,7 @@ impl Worker {
                 }
                 s.target = target;
                 s.backend = Side::new(stream);
-                let deadline = self.now + shared.connect_timeout;
+                let deadline = self.now + service.settings.connect_timeout;
                 s.set_state(State::Connecting { deadline });
                 self.timers.arm(Timer { at: deadline, kind: TimerKind::Connect, slot, generation });
                 self.sessions[slot] = Some(s);
@@ -392,13 +455,13 @@ impl Worker {
         s.set_state(State::Established);
         s.last_active = self.now;
         inc(&self.stats.established);
-        let b = &shared.routing.backends[s.target];
-        b.active.fetch_add(1, Relaxed);
-        b.total.fetch_add(1, Relaxed);
+        let b = &s.service.backends[s.target];
+        b.sessions.fetch_add(1, Relaxed);
+        b.sessions_total.fetch_add(1, Relaxed);
         s.counted = true;
         if let Some(key) = s.key {
             // Pin the client to the backend it actually reached (re-pins after a failover).
-            match shared.sticky.attach(key, s.target as u32, now_ms) {
+            match s.service.sticky.attach(key, b.id, now_ms) {
                 Attach::Full => inc(&self.stats.sticky_full),
                 Attach::Pinned | Attach::Repinned { .. } => s.attached = true,
             }
@@ -424,7 +487,7 @@ impl Worker {
                 Ok(false) => {}
                 Ok(true) => self.established(slot),
                 Err(e) => {
-                    let addr = self.shared.routing.backends[s.target].addr;
+                    let addr = s.service.backends[s.target].addr;
                     log::debug!("connect to {addr} failed: {e}");
                     let blame = blames_backend(&e);
                     self.connect_failed(slot, false, blame);
@@ -442,9 +505,11 @@ impl Worker {
         let (moved_in, moved_out) = (s.c2b.moved - in_before, s.b2c.moved - out_before);
         if moved_in > 0 {
             self.stats.bytes_in.fetch_add(moved_in, Relaxed);
+            s.service.backends[s.target].bytes_in.fetch_add(moved_in, Relaxed);
         }
         if moved_out > 0 {
             self.stats.bytes_out.fetch_add(moved_out, Relaxed);
+            s.service.backends[s.target].bytes_out.fetch_add(moved_out, Relaxed);
         }
         let generation = s.generation;
         match result {
@@ -475,7 +540,7 @@ impl Worker {
     fn udp_event(&mut self, what: Ready) {
         let ctx = Ctx {
             registry: self.poll.registry(),
-            shared: &self.shared,
+            services: &self.services,
             stats: &self.stats,
             now_ms: self.shared.now_ms(self.now),
         };
@@ -525,16 +590,13 @@ impl Worker {
             match (t.kind, s.state) {
                 // Still waiting on the attempt that armed this timer.
                 (TimerKind::Connect, State::Connecting { deadline }) if deadline == t.at => {
-                    log::debug!(
-                        "connect to {} timed out",
-                        self.shared.routing.backends[s.target].addr
-                    );
+                    log::debug!("connect to {} timed out", s.service.backends[s.target].addr);
                     self.connect_failed(t.slot, true, true);
                 }
                 (TimerKind::Connect, _) => {}
                 // Idle means no byte either way since last_active; otherwise re-arm.
                 (TimerKind::Idle, _) => {
-                    let due = s.last_active + self.shared.idle_timeout;
+                    let due = s.last_active + s.service.settings.idle_timeout;
                     if due <= self.now {
                         inc(&self.stats.idle_timeouts);
                         self.close(t.slot, CloseReason::Idle);
@@ -579,10 +641,10 @@ impl Worker {
         s.c2b.release(&mut self.pools);
         s.b2c.release(&mut self.pools);
         if s.counted {
-            self.shared.routing.backends[s.target].active.fetch_sub(1, Relaxed);
+            s.service.backends[s.target].sessions.fetch_sub(1, Relaxed);
         }
         if let (Some(key), true) = (s.key, s.attached) {
-            self.shared.sticky.detach(key, self.shared.now_ms(self.now));
+            s.service.sticky.detach(key, self.shared.now_ms(self.now));
         }
         self.shared.active.fetch_sub(1, AcqRel);
         inc(&self.stats.closed);
@@ -612,14 +674,6 @@ impl Worker {
             self.close(slot, CloseReason::Shutdown);
         }
     }
-}
-
-/// First backend in the key's fallback order that is usable and not yet tried; if every backend
-/// looks down, the first not yet tried (a stale failure mark must not turn everyone away).
-fn choose(shared: &Shared, hash: u64, tried: &Tried, now_ms: u64) -> Option<usize> {
-    let ring = &shared.routing.ring;
-    ring.pick(hash, |i| !tried.contains(i) && shared.routing.usable(i, now_ms))
-        .or_else(|| ring.pick(hash, |i| !tried.contains(i)))
 }
 
 /// Turn a client away with a reset, so it sees an error rather than an empty session.

@@ -62,7 +62,7 @@ pub use client::{
 pub use data::{digest_of, digest_of_pattern, hex, pattern, Digest};
 pub use load::{connrate, LoadReport};
 pub use nix::sys::signal::Signal;
-pub use process::{run_to_exit, Exit, Tether, READY_TIMEOUT, TERM_GRACE};
+pub use process::{no_probes, run_to_exit, Exit, Tether, READY_TIMEOUT, TERM_GRACE};
 pub use signals::StopSignals;
 pub use survey::{survey, Survey, Tally};
 pub use udp::{udp_ask, udp_client, UdpBackend};

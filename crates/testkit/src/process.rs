@@ -69,6 +69,17 @@ struct Capture {
     reader: Option<JoinHandle<()>>,
 }
 
+/// `args` with active health probes turned off (`--health-check off`) unless they choose a
+/// probe themselves or use a config file. Probes are real connections: tests that read their
+/// backends' logs would see them among the clients' sessions.
+pub fn no_probes<S: AsRef<str>>(args: &[S]) -> Vec<String> {
+    let mut out: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+    if !out.iter().any(|a| a == "--health-check" || a == "--config") {
+        out.extend(["--health-check".to_string(), "off".to_string()]);
+    }
+    out
+}
+
 impl Tether {
     /// Starts `bin` with `args` and waits up to [`READY_TIMEOUT`] for its `ready` line,
     /// recording the address of every `listening tcp <addr>` line before it.

@@ -1,0 +1,264 @@
+//! `/metrics` in the Prometheus text exposition format (version 0.0.4).
+
+use std::fmt::Write;
+
+use crate::registry::Registry;
+
+/// Render every metric. Counters end in `_total`; label values are escaped.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(8192);
+    let mut total = proxy::Snapshot::default();
+    for s in &registry.stats {
+        total += s.snapshot();
+    }
+    let process: [(&str, &str, &str, u64); 22] = [
+        ("tether_sessions_accepted_total", "counter", "TCP clients accepted", total.accepted),
+        (
+            "tether_sessions_established_total",
+            "counter",
+            "TCP sessions whose backend connect completed",
+            total.established,
+        ),
+        ("tether_sessions_closed_total", "counter", "TCP sessions closed", total.closed),
+        (
+            "tether_sessions_refused_max_conns_total",
+            "counter",
+            "clients refused at --max-conns",
+            total.refused_max_conns,
+        ),
+        (
+            "tether_sessions_no_backend_total",
+            "counter",
+            "clients closed because no backend could take them",
+            total.no_backend,
+        ),
+        (
+            "tether_sessions_idle_timeouts_total",
+            "counter",
+            "sessions closed by the idle timeout",
+            total.idle_timeouts,
+        ),
+        (
+            "tether_resets_forwarded_total",
+            "counter",
+            "resets forwarded from one side to the other",
+            total.resets,
+        ),
+        (
+            "tether_connect_failures_total",
+            "counter",
+            "backend connects refused or failed",
+            total.connect_failures,
+        ),
+        (
+            "tether_connect_timeouts_total",
+            "counter",
+            "backend connects timed out",
+            total.connect_timeouts,
+        ),
+        (
+            "tether_connect_retries_total",
+            "counter",
+            "connects retried on the next backend",
+            total.retries,
+        ),
+        ("tether_bytes_in_total", "counter", "TCP bytes client -> backend", total.bytes_in),
+        ("tether_bytes_out_total", "counter", "TCP bytes backend -> client", total.bytes_out),
+        (
+            "tether_sticky_full_total",
+            "counter",
+            "sessions and flows served unpinned: sticky table full",
+            total.sticky_full,
+        ),
+        (
+            "tether_accept_errors_total",
+            "counter",
+            "accept(2) failures (fd exhaustion and the like)",
+            total.accept_errors,
+        ),
+        (
+            "tether_local_errors_total",
+            "counter",
+            "clients refused for lack of local fds, ports or memory",
+            total.local_errors,
+        ),
+        ("tether_datagrams_in_total", "counter", "UDP datagrams from clients", total.datagrams_in),
+        ("tether_datagrams_out_total", "counter", "UDP datagrams to clients", total.datagrams_out),
+        (
+            "tether_datagrams_dropped_total",
+            "counter",
+            "UDP datagrams dropped (full buffers, unreachable peers, refused flows)",
+            total.datagrams_dropped,
+        ),
+        ("tether_flows_created_total", "counter", "UDP flows created", total.flows_created),
+        (
+            "tether_flows_expired_total",
+            "counter",
+            "UDP flows ended by the idle timeout",
+            total.flows_expired,
+        ),
+        (
+            "tether_flows_refused_total",
+            "counter",
+            "new UDP flows dropped at --max-flows",
+            total.flows_refused,
+        ),
+        (
+            "tether_health_transitions_total",
+            "counter",
+            "backend health changes (up <-> down)",
+            registry.transitions,
+        ),
+    ];
+    for (name, kind, help, value) in process {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+    let active = registry.shared.active.load(std::sync::atomic::Ordering::Relaxed);
+    gauge(&mut out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);
+    let flows = registry.shared.flow_budget.used();
+    gauge(&mut out, "tether_flows_active", "UDP flows open now", &[("", flows as f64)]);
+
+    // Per service: sticky table.
+    let mut sticky_size = Vec::new();
+    let mut sticky_evicted = Vec::new();
+    for s in registry.services.iter().flatten() {
+        let label = format!("service=\"{}\"", escape(&s.config.name));
+        let st = s.sticky.stats();
+        sticky_size.push((label.clone(), s.sticky.len() as f64));
+        sticky_evicted.push((label, (st.evicted_expired + st.evicted_idle) as f64));
+    }
+    labelled(&mut out, "tether_sticky_entries", "gauge", "sticky entries held", &sticky_size);
+    labelled(
+        &mut out,
+        "tether_sticky_evictions_total",
+        "counter",
+        "idle sticky entries evicted to make room",
+        &sticky_evicted,
+    );
+
+    // Per backend.
+    let views = registry.backends();
+    let per = |f: &dyn Fn(&crate::registry::BackendView) -> f64| -> Vec<(String, f64)> {
+        views
+            .iter()
+            .map(|b| {
+                let label = format!(
+                    "service=\"{}\",backend=\"{}\",address=\"{}\"",
+                    escape(&b.service),
+                    escape(&b.name),
+                    b.address
+                );
+                (label, f(b))
+            })
+            .collect()
+    };
+    let rows: [Family; 11] = [
+        (
+            "tether_backend_sessions",
+            "gauge",
+            "TCP sessions open to the backend",
+            per(&|b| b.sessions as f64),
+        ),
+        (
+            "tether_backend_sessions_total",
+            "counter",
+            "TCP sessions established to the backend",
+            per(&|b| b.sessions_total as f64),
+        ),
+        (
+            "tether_backend_flows",
+            "gauge",
+            "UDP flows open to the backend",
+            per(&|b| b.flows as f64),
+        ),
+        (
+            "tether_backend_flows_total",
+            "counter",
+            "UDP flows opened to the backend",
+            per(&|b| b.flows_total as f64),
+        ),
+        (
+            "tether_backend_sticky_clients",
+            "gauge",
+            "clients pinned to the backend",
+            per(&|b| b.sticky_clients as f64),
+        ),
+        (
+            "tether_backend_failures_total",
+            "counter",
+            "passive failures: refused or timed-out connects, UDP port unreachable",
+            per(&|b| b.failures as f64),
+        ),
+        (
+            "tether_backend_bytes_in_total",
+            "counter",
+            "TCP bytes client -> backend",
+            per(&|b| b.bytes_in as f64),
+        ),
+        (
+            "tether_backend_bytes_out_total",
+            "counter",
+            "TCP bytes backend -> client",
+            per(&|b| b.bytes_out as f64),
+        ),
+        ("tether_backend_weight", "gauge", "the backend's weight", per(&|b| b.weight as f64)),
+        (
+            "tether_backend_up",
+            "gauge",
+            "1 if health checks say up",
+            per(&|b| f64::from(u8::from(b.health == health::Health::Up))),
+        ),
+        (
+            "tether_backend_ready",
+            "gauge",
+            "1 if the admin state is ready (0: drain or maint)",
+            per(&|b| f64::from(u8::from(b.state == health::AdminState::Ready))),
+        ),
+    ];
+    for (name, kind, help, values) in rows {
+        labelled(&mut out, name, kind, help, &values);
+    }
+    let states: Vec<(String, f64)> = views
+        .iter()
+        .flat_map(|b| {
+            ["ready", "drain", "maint"].into_iter().map(move |s| {
+                let label = format!(
+                    "service=\"{}\",backend=\"{}\",state=\"{s}\"",
+                    escape(&b.service),
+                    escape(&b.name)
+                );
+                (label, f64::from(u8::from(b.state.as_str() == s)))
+            })
+        })
+        .collect();
+    labelled(
+        &mut out,
+        "tether_backend_state",
+        "gauge",
+        "admin state (1 for the current one)",
+        &states,
+    );
+    out
+}
+
+/// Name, type, help text and labelled values of one metric family.
+type Family = (&'static str, &'static str, &'static str, Vec<(String, f64)>);
+
+fn gauge(out: &mut String, name: &str, help: &str, values: &[(&str, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (_, v) in values {
+        let _ = writeln!(out, "{name} {v}");
+    }
+}
+
+fn labelled(out: &mut String, name: &str, kind: &str, help: &str, values: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in values {
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+}
+
+/// Escape a label value: backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

@@ -1,0 +1,429 @@
+//! The control side's record of every service and backend, and the only writer of routing
+//! snapshots. Admin requests, health results and reloads all come through here, under one
+//! mutex, so two changes never race; each change that touches routing builds a new snapshot and
+//! sends it to every worker.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use conntrack::{AffinityKey, BackendId, Sticky, StickyConfig};
+use health::{AdminState, Checker, Health};
+use proxy::{BackendState, Command, Listeners, Service, Settings, Shared, Stats};
+
+/// Events kept for the status page and `/api/events`.
+const EVENTS_KEPT: usize = 200;
+
+/// Why a change was refused; the admin API maps each to a status code. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such service or backend (404).
+    NotFound(String),
+    /// The request is malformed or asks for something impossible (400).
+    Bad(String),
+    /// It conflicts with what exists (409).
+    Conflict(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::NotFound(m) | Refusal::Bad(m) | Refusal::Conflict(m) => f.write_str(m),
+        }
+    }
+}
+
+/// One thing that happened, for people.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: SystemTime,
+    pub text: String,
+}
+
+/// How to reach the workers.
+#[derive(Clone)]
+pub struct Workers {
+    pub links: Vec<(crossbeam_channel::Sender<Command>, Arc<mio::Waker>)>,
+}
+
+impl Workers {
+    fn send(&self, make: impl Fn() -> Command) {
+        for (tx, waker) in &self.links {
+            let _ = tx.send(make());
+            let _ = waker.wake();
+        }
+    }
+}
+
+/// One backend under control.
+pub struct BackendCtl {
+    pub state: Arc<BackendState>,
+    pub weight: NonZeroU32,
+    pub checker: Checker,
+    /// The backend's passive-failure count already fed to the checker.
+    pub failures_seen: u64,
+}
+
+/// One service under control.
+pub struct ServiceCtl {
+    /// As configured (backends as they are now, run-time changes included).
+    pub config: config::Service,
+    pub backends: Vec<BackendCtl>,
+    pub sticky: Arc<Sticky>,
+    pub snapshot: Arc<Service>,
+    /// (configured address, bound address, udp) of each listener.
+    pub listeners: Vec<(SocketAddr, SocketAddr, bool)>,
+}
+
+/// Everything control steers.
+pub struct Registry {
+    /// By slot; `None` once a reload removed the service.
+    pub services: Vec<Option<ServiceCtl>>,
+    next_id: BackendId,
+    pub shared: Arc<Shared>,
+    pub stats: Vec<Arc<Stats>>,
+    pub workers: Workers,
+    pub events: VecDeque<Event>,
+    sticky_key: [u8; 16],
+    /// Health state changes since start.
+    pub transitions: u64,
+}
+
+/// A backend as the API shows it.
+#[derive(Debug, Clone)]
+pub struct BackendView {
+    pub service: String,
+    pub name: String,
+    pub address: SocketAddr,
+    pub state: AdminState,
+    pub health: Health,
+    pub weight: u32,
+    pub sessions: u64,
+    pub sessions_total: u64,
+    pub flows: u64,
+    pub flows_total: u64,
+    pub sticky_clients: usize,
+    pub failures: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Registry {
+    /// A registry for `services` (validated), none bound yet.
+    pub fn new(
+        services: &[config::Service],
+        shared: Arc<Shared>,
+        sticky_key: [u8; 16],
+    ) -> Result<Registry, ring::BuildError> {
+        let mut registry = Registry {
+            services: Vec::new(),
+            next_id: 0,
+            shared,
+            stats: Vec::new(),
+            workers: Workers { links: Vec::new() },
+            events: VecDeque::new(),
+            sticky_key,
+            transitions: 0,
+        };
+        for s in services {
+            let ctl = registry.make_service(s.clone(), registry.services.len())?;
+            registry.services.push(Some(ctl));
+        }
+        Ok(registry)
+    }
+
+    fn make_service(
+        &mut self,
+        config: config::Service,
+        slot: usize,
+    ) -> Result<ServiceCtl, ring::BuildError> {
+        let sticky = Arc::new(Sticky::new(
+            StickyConfig {
+                capacity: config.sticky_capacity,
+                timeout_ms: config.sticky_timeout.as_millis() as u64,
+            },
+            self.sticky_key,
+        ));
+        let backends: Vec<BackendCtl> =
+            config.backends.iter().map(|b| self.new_backend(b, &config)).collect();
+        let snapshot = Arc::new(snapshot(&config, slot, &backends, &sticky)?);
+        Ok(ServiceCtl { config, backends, sticky, snapshot, listeners: Vec::new() })
+    }
+
+    fn new_backend(&mut self, spec: &config::BackendSpec, service: &config::Service) -> BackendCtl {
+        let id = self.next_id;
+        self.next_id += 1;
+        BackendCtl {
+            state: Arc::new(BackendState::new(id, spec.name.clone(), spec.addr)),
+            weight: spec.weight,
+            checker: Checker::new(service.health.rise, service.health.fall),
+            failures_seen: 0,
+        }
+    }
+
+    /// Every current snapshot (for starting workers).
+    pub fn snapshots(&self) -> Vec<Arc<Service>> {
+        self.services.iter().flatten().map(|s| Arc::clone(&s.snapshot)).collect()
+    }
+
+    pub fn event(&mut self, text: String) {
+        log::info!("{text}");
+        if self.events.len() == EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event { at: SystemTime::now(), text });
+    }
+
+    /// Rebuild service `slot`'s snapshot from its record and send it to the workers.
+    fn publish(&mut self, slot: usize) -> Result<(), Refusal> {
+        let Some(s) = self.services[slot].as_mut() else { return Ok(()) };
+        let snap = snapshot(&s.config, slot, &s.backends, &s.sticky)
+            .map_err(|e| Refusal::Bad(e.to_string()))?;
+        s.snapshot = Arc::new(snap);
+        let snap = Arc::clone(&s.snapshot);
+        self.workers.send(|| Command::Publish(Arc::clone(&snap)));
+        Ok(())
+    }
+
+    fn find(&self, service: &str) -> Result<usize, Refusal> {
+        self.services
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.config.name == service))
+            .ok_or_else(|| Refusal::NotFound(format!("no service {service:?}")))
+    }
+
+    /// The (slot, index) of backend `name` of `service`.
+    pub fn find_backend(&self, service: &str, name: &str) -> Result<(usize, usize), Refusal> {
+        let slot = self.find(service)?;
+        let s = self.services[slot].as_ref().expect("found");
+        let i = s.backends.iter().position(|b| b.state.name == name).ok_or_else(|| {
+            Refusal::NotFound(format!("no backend {name:?} in service {service:?}"))
+        })?;
+        Ok((slot, i))
+    }
+
+    /// Set a backend's admin state.
+    pub fn set_state(
+        &mut self,
+        service: &str,
+        name: &str,
+        state: AdminState,
+    ) -> Result<(), Refusal> {
+        let (slot, i) = self.find_backend(service, name)?;
+        let b = &self.services[slot].as_ref().expect("found").backends[i].state;
+        let before = b.admin();
+        if before != state {
+            b.set_admin(state);
+            self.event(format!("{service}/{name}: state {before} -> {state}"));
+        }
+        Ok(())
+    }
+
+    /// Set a backend's weight (rebuilds the table; pinned clients stay where they are).
+    pub fn set_weight(&mut self, service: &str, name: &str, weight: u32) -> Result<(), Refusal> {
+        let weight = NonZeroU32::new(weight)
+            .filter(|w| w.get() <= config::MAX_WEIGHT)
+            .ok_or_else(|| Refusal::Bad(format!("weight {weight} out of range 1..=1000")))?;
+        let (slot, i) = self.find_backend(service, name)?;
+        let s = self.services[slot].as_mut().expect("found");
+        let before = s.backends[i].weight;
+        if before == weight {
+            return Ok(());
+        }
+        s.backends[i].weight = weight;
+        s.config.backends[i].weight = weight;
+        if let Err(e) = self.publish(slot) {
+            let s = self.services[slot].as_mut().expect("found");
+            s.backends[i].weight = before;
+            s.config.backends[i].weight = before;
+            return Err(e);
+        }
+        self.event(format!("{service}/{name}: weight {before} -> {weight}"));
+        Ok(())
+    }
+
+    /// Add a backend to a service.
+    pub fn add_backend(&mut self, service: &str, spec: config::BackendSpec) -> Result<(), Refusal> {
+        let slot = self.find(service)?;
+        let s = self.services[slot].as_ref().expect("found");
+        if s.backends.iter().any(|b| b.state.name == spec.name) {
+            return Err(Refusal::Conflict(format!(
+                "service {service:?} already has a backend named {:?}",
+                spec.name
+            )));
+        }
+        if s.backends.len() + 1 >= s.config.table_size {
+            return Err(Refusal::Bad("the table size must stay larger than the pool".into()));
+        }
+        let config = s.config.clone();
+        let backend = self.new_backend(&spec, &config);
+        let s = self.services[slot].as_mut().expect("found");
+        s.backends.push(backend);
+        s.config.backends.push(spec.clone());
+        if let Err(e) = self.publish(slot) {
+            let s = self.services[slot].as_mut().expect("found");
+            s.backends.pop();
+            s.config.backends.pop();
+            return Err(e);
+        }
+        self.event(format!(
+            "{service}/{}: added at {}, weight {}",
+            spec.name, spec.addr, spec.weight
+        ));
+        Ok(())
+    }
+
+    /// Remove a backend: no new sessions reach it; open ones run on; its pins route afresh.
+    pub fn remove_backend(&mut self, service: &str, name: &str) -> Result<(), Refusal> {
+        let (slot, i) = self.find_backend(service, name)?;
+        let s = self.services[slot].as_mut().expect("found");
+        let removed = s.backends.remove(i);
+        let spec = s.config.backends.remove(i);
+        if let Err(e) = self.publish(slot) {
+            let s = self.services[slot].as_mut().expect("found");
+            s.backends.insert(i, removed);
+            s.config.backends.insert(i, spec);
+            return Err(e);
+        }
+        let live = removed.state.sessions.load(std::sync::atomic::Ordering::Relaxed);
+        self.event(format!("{service}/{name}: removed ({live} open sessions continue)"));
+        Ok(())
+    }
+
+    /// Every backend of every service, with live counts.
+    pub fn backends(&self) -> Vec<BackendView> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.shared.clock_ms();
+        let mut out = Vec::new();
+        for s in self.services.iter().flatten() {
+            let pins = s.sticky.per_backend(now, self.next_id as usize);
+            for b in &s.backends {
+                let st = &b.state;
+                out.push(BackendView {
+                    service: s.config.name.clone(),
+                    name: st.name.clone(),
+                    address: st.addr,
+                    state: st.admin(),
+                    health: st.health(),
+                    weight: b.weight.get(),
+                    sessions: st.sessions.load(Relaxed),
+                    sessions_total: st.sessions_total.load(Relaxed),
+                    flows: st.flows.load(Relaxed),
+                    flows_total: st.flows_total.load(Relaxed),
+                    sticky_clients: pins.get(st.id as usize).copied().unwrap_or(0),
+                    failures: st.failures.load(Relaxed),
+                    bytes_in: st.bytes_in.load(Relaxed),
+                    bytes_out: st.bytes_out.load(Relaxed),
+                });
+            }
+        }
+        out
+    }
+
+    /// Where `client` is pinned in `service`: (backend name, live sessions, expires in ms).
+    pub fn sticky(&self, service: &str, client: std::net::IpAddr) -> Result<Pin, Refusal> {
+        let slot = self.find(service)?;
+        let s = self.services[slot].as_ref().expect("found");
+        let now = self.shared.clock_ms();
+        let Some(entry) = s.sticky.get(AffinityKey::from_ip(client), now) else {
+            return Ok(Pin { backend: None, live: 0, expires_in_ms: None });
+        };
+        let name =
+            s.backends.iter().find(|b| b.state.id == entry.backend).map(|b| b.state.name.clone());
+        Ok(Pin {
+            backend: Some(name.unwrap_or_else(|| "(removed)".into())),
+            live: entry.live,
+            expires_in_ms: entry.expires_in_ms,
+        })
+    }
+
+    /// Hand new listeners to the workers (they register them at once).
+    pub fn listen(&self, per_worker: Vec<Listeners>) {
+        for ((tx, waker), l) in self.workers.links.iter().zip(per_worker) {
+            let _ = tx.send(Command::Listen(l));
+            let _ = waker.wake();
+        }
+    }
+
+    /// Replace service `slot`'s configuration (a reload): backends matched by name keep their
+    /// state, counters and pins; new ones start ready and up; removed ones take no new session.
+    pub fn reconfigure(&mut self, slot: usize, config: config::Service) -> Result<(), Refusal> {
+        let Some(s) = self.services[slot].as_mut() else { return Ok(()) };
+        let mut old: Vec<BackendCtl> = std::mem::take(&mut s.backends);
+        let mut fresh = Vec::with_capacity(config.backends.len());
+        let mut added = Vec::new();
+        for spec in &config.backends {
+            match old.iter().position(|b| b.state.name == spec.name && b.state.addr == spec.addr) {
+                Some(i) => {
+                    let mut b = old.swap_remove(i);
+                    b.weight = spec.weight;
+                    b.checker.set_limits(config.health.rise, config.health.fall);
+                    fresh.push(b);
+                }
+                None => added.push(spec.clone()),
+            }
+        }
+        let removed: Vec<String> = old.iter().map(|b| b.state.name.clone()).collect();
+        for spec in &added {
+            let b = self.new_backend(spec, &config);
+            fresh.push(b);
+        }
+        // Keep the configured order (the table does not depend on it, the API shows it).
+        fresh.sort_by_key(|b| config.backends.iter().position(|c| c.name == b.state.name));
+        let s = self.services[slot].as_mut().expect("checked");
+        s.backends = fresh;
+        s.config = config;
+        let name = s.config.name.clone();
+        self.publish(slot)?;
+        for b in added {
+            self.event(format!("{name}/{}: added at {} by reload", b.name, b.addr));
+        }
+        for b in removed {
+            self.event(format!("{name}/{b}: removed by reload"));
+        }
+        Ok(())
+    }
+
+    /// Add a service (a reload); returns its slot.
+    pub fn add_service(&mut self, config: config::Service) -> Result<usize, Refusal> {
+        let slot = self.services.len();
+        let ctl = self.make_service(config, slot).map_err(|e| Refusal::Bad(e.to_string()))?;
+        let snap = Arc::clone(&ctl.snapshot);
+        self.services.push(Some(ctl));
+        self.workers.send(|| Command::Publish(Arc::clone(&snap)));
+        Ok(slot)
+    }
+
+    /// Sweep expired sticky entries of every service; returns how many went.
+    pub fn sweep(&self) -> usize {
+        let now = self.shared.clock_ms();
+        self.services.iter().flatten().map(|s| s.sticky.sweep(now)).sum()
+    }
+}
+
+/// Where a client is pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub backend: Option<String>,
+    pub live: u32,
+    pub expires_in_ms: Option<u64>,
+}
+
+fn snapshot(
+    config: &config::Service,
+    slot: usize,
+    backends: &[BackendCtl],
+    sticky: &Arc<Sticky>,
+) -> Result<Service, ring::BuildError> {
+    Service::new(
+        config.name.clone(),
+        slot,
+        Settings::of(config),
+        backends.iter().map(|b| (Arc::clone(&b.state), b.weight.get())).collect(),
+        config.table_size,
+        config.seed,
+        Arc::clone(sticky),
+    )
+}
