@@ -40,6 +40,7 @@ mod backend;
 mod blackhole;
 mod client;
 mod data;
+mod http;
 mod journal;
 mod load;
 mod process;
@@ -60,6 +61,7 @@ pub use client::{
     IO_TIMEOUT,
 };
 pub use data::{digest_of, digest_of_pattern, hex, pattern, Digest};
+pub use http::{http, HttpReply};
 pub use load::{connrate, LoadReport};
 pub use nix::sys::signal::Signal;
 pub use process::{no_probes, run_to_exit, Exit, Tether, READY_TIMEOUT, TERM_GRACE};

@@ -126,6 +126,18 @@ impl Tether {
     ///
     /// # Panics
     ///
+    /// The admin interface's address, from the `admin http://ADDR/` line.
+    ///
+    /// # Panics
+    ///
+    /// If tether printed no such line (started without `--admin`).
+    pub fn admin(&self) -> SocketAddr {
+        self.stdout_lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("admin http://")?.trim_end_matches('/').parse().ok())
+            .expect("tether printed no `admin http://ADDR/` line")
+    }
+
     /// If the binary printed `ready` without a `listening udp` line.
     pub fn udp_addr(&self) -> SocketAddr {
         *self.udp_addrs.first().expect("tether printed no `listening udp` line before `ready`")
