@@ -1,9 +1,37 @@
 //! The TOML config file (`--config FILE`): several services, each with its listeners, backends
 //! and settings. Keys are the flags' names; errors name the key path.
+//!
+//! The file is read in three steps: TOML syntax (errors give the line and column), shape (serde
+//! with `deny_unknown_fields`: unknown keys and wrong types, named by their key path), and
+//! meaning, where each service goes through the same builder as the flags (`ServiceInput` in
+//! lib.rs), so the two forms share every default and every check.
+//!
+//! ```
+//! let config = tether_config::file::load_str(
+//!     r#"
+//!     [[service]]
+//!     name = "pg"
+//!     listen = ["127.0.0.1:5432"]
+//!     [[service.backend]]
+//!     address = "10.0.0.1:5432"
+//!     weight = 2
+//!     "#,
+//! )
+//! .unwrap();
+//! assert_eq!(config.services[0].backends[0].weight.get(), 2);
+//! ```
 
+use std::fmt;
 use std::path::Path;
 
-use crate::{Config, ConfigError};
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::{
+    add_backend, backend_spec, build_config, build_service, check_backend_addr, check_name,
+    check_weight, listen_addrs, BackendSpec, Config, ConfigError, Origin, ProcessInput, Service,
+    ServiceInput,
+};
 
 /// Read and validate the config file at `path`.
 pub fn load_path(path: &Path) -> Result<Config, ConfigError> {
@@ -16,6 +44,671 @@ pub fn load_path(path: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Validate the text of a config file.
-pub fn load_str(_text: &str) -> Result<Config, ConfigError> {
-    Err(ConfigError::at("--config", None, "config files are not read yet"))
+pub fn load_str(text: &str) -> Result<Config, ConfigError> {
+    let table: toml::Table = text.parse().map_err(|e| syntax_error(text, &e))?;
+    let raw: RawFile =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(shape_error)?;
+    Config::try_from(raw)
+}
+
+/// The file as written: process-wide settings and the `[[service]]` tables.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawFile {
+    admin: Option<String>,
+    #[serde(default)]
+    admin_allow_remote: bool,
+    workers: Option<i64>,
+    max_conns: Option<i64>,
+    max_flows: Option<i64>,
+    splice: Option<String>,
+    grace: Option<DurationText>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+/// One `[[service]]` table as written. Counts are TOML integers (`i64`, so that a negative count
+/// reaches the count's own check and its message), durations strings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawService {
+    name: Option<String>,
+    #[serde(default)]
+    listen: Vec<String>,
+    protocol: Option<String>,
+    affinity: Option<String>,
+    sticky_timeout: Option<DurationText>,
+    sticky_capacity: Option<i64>,
+    connect_timeout: Option<DurationText>,
+    idle_timeout: Option<DurationText>,
+    udp_idle_timeout: Option<DurationText>,
+    seed: Option<i64>,
+    table_size: Option<i64>,
+    health_check: Option<String>,
+    health_interval: Option<DurationText>,
+    health_timeout: Option<DurationText>,
+    health_rise: Option<i64>,
+    health_fall: Option<i64>,
+    health_send: Option<String>,
+    health_expect: Option<String>,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+}
+
+/// One `[[service.backend]]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawBackend {
+    address: Option<String>,
+    weight: Option<i64>,
+    name: Option<String>,
+}
+
+/// A duration as the flags take it (`"30s"`). Its own type only so that a bare number says
+/// what is expected: `expected a duration string such as "30s", found integer `30``.
+#[derive(Debug)]
+struct DurationText(String);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl de::Visitor<'_> for Visitor {
+            type Value = DurationText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string such as \"30s\"")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+        }
+
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+impl TryFrom<RawFile> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawFile) -> Result<Config, ConfigError> {
+        if raw.service.is_empty() {
+            return Err(ConfigError::at(
+                "service",
+                None,
+                "at least one [[service]] table is required",
+            ));
+        }
+        let mut services: Vec<Service> = Vec::with_capacity(raw.service.len());
+        for (i, service) in raw.service.into_iter().enumerate() {
+            let service = file_service(i, service, &services)?;
+            services.push(service);
+        }
+        let input = ProcessInput {
+            admin: raw.admin,
+            admin_allow_remote: raw.admin_allow_remote,
+            workers: raw.workers.map(|n| n.to_string()),
+            max_conns: raw.max_conns.map(|n| n.to_string()),
+            max_flows: raw.max_flows.map(|n| n.to_string()),
+            splice: raw.splice,
+            grace: raw.grace.map(|d| d.0),
+        };
+        build_config(&Origin::Table(String::new()), &input, services)
+    }
+}
+
+/// Service `i` of the file; `before` are the ones above it, whose names and listen addresses it
+/// must not repeat.
+fn file_service(i: usize, raw: RawService, before: &[Service]) -> Result<Service, ConfigError> {
+    let table = format!("service[{i}]");
+    let origin = Origin::Table(table.clone());
+    let Some(name) = raw.name else {
+        return Err(ConfigError::at(format!("{table}.name"), None, "required"));
+    };
+    let name_error = |p: String| ConfigError::at(format!("{table}.name"), Some(name.clone()), p);
+    check_name(&name).map_err(name_error)?;
+    if let Some(j) = before.iter().position(|s| s.name == name) {
+        return Err(name_error(format!("also the name of service[{j}]")));
+    }
+    let listen = listen_addrs(&origin, &raw.listen)?;
+    for (k, (addr, text)) in listen.iter().zip(&raw.listen).enumerate() {
+        if let Some(other) = before.iter().find(|s| s.listen.contains(addr)) {
+            let problem = format!("also a listener of service {:?}", other.name);
+            return Err(ConfigError::at(
+                format!("{table}.listen[{k}]"),
+                Some(text.clone()),
+                problem,
+            ));
+        }
+    }
+    let mut backends = Vec::with_capacity(raw.backend.len());
+    for (j, backend) in raw.backend.into_iter().enumerate() {
+        file_backend(&format!("{table}.backend[{j}]"), backend, &mut backends)?;
+    }
+    let input = ServiceInput {
+        protocol: raw.protocol,
+        affinity: raw.affinity,
+        sticky_timeout: raw.sticky_timeout.map(|d| d.0),
+        sticky_capacity: raw.sticky_capacity.map(|n| n.to_string()),
+        connect_timeout: raw.connect_timeout.map(|d| d.0),
+        idle_timeout: raw.idle_timeout.map(|d| d.0),
+        udp_idle_timeout: raw.udp_idle_timeout.map(|d| d.0),
+        seed: raw.seed.map(|n| n.to_string()),
+        table_size: raw.table_size.map(|n| n.to_string()),
+        health_check: raw.health_check,
+        health_interval: raw.health_interval.map(|d| d.0),
+        health_timeout: raw.health_timeout.map(|d| d.0),
+        health_rise: raw.health_rise.map(|n| n.to_string()),
+        health_fall: raw.health_fall.map(|n| n.to_string()),
+        health_send: raw.health_send,
+        health_expect: raw.health_expect,
+    };
+    build_service(&origin, name, listen, backends, &input)
+}
+
+/// Check the backend table at `table` and add it to `backends`.
+fn file_backend(
+    table: &str,
+    raw: RawBackend,
+    backends: &mut Vec<BackendSpec>,
+) -> Result<(), ConfigError> {
+    let at = |key: &str, value: &str, p: String| {
+        ConfigError::at(format!("{table}.{key}"), Some(value.to_string()), p)
+    };
+    let Some(address) = raw.address else {
+        return Err(ConfigError::at(format!("{table}.address"), None, "required"));
+    };
+    let addr = check_backend_addr(&address).map_err(|p| at("address", &address, p))?;
+    let weight = match raw.weight {
+        None => None,
+        Some(w) => Some(check_weight(w).map_err(|p| at("weight", &w.to_string(), p))?),
+    };
+    if let Some(name) = &raw.name {
+        check_name(name).map_err(|p| at("name", name, p))?;
+    }
+    // Without a name the address is the name, so a clash is the address's.
+    let key = if raw.name.is_some() { "name" } else { "address" };
+    let spec = backend_spec(addr, weight, raw.name);
+    let name = spec.name.clone();
+    add_backend(backends, spec).map_err(|p| at(key, &name, p))
+}
+
+/// A TOML syntax error: `line L, column C` and the parser's message, on one line.
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let place = match e.span() {
+        Some(span) => {
+            // Columns count characters, as toml's own report does.
+            let (mut line, mut column) = (1, 1);
+            for (_, c) in text.char_indices().take_while(|&(i, _)| i < span.start) {
+                if c == '\n' {
+                    (line, column) = (line + 1, 1);
+                } else {
+                    column += 1;
+                }
+            }
+            format!("line {line}, column {column}")
+        }
+        None => "--config".to_string(),
+    };
+    ConfigError::at(place, None, one_line(e.message()))
+}
+
+/// An unknown key or a value of the wrong type, at its key path, with serde's message said in
+/// TOML's words: `unknown key (expected one of address, weight, name)`, `expected an integer,
+/// found string "2"`.
+fn shape_error(e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let place = e.path().to_string();
+    let message = one_line(e.inner().message());
+    let problem = if let Some(rest) = message.strip_prefix("unknown field `") {
+        // "unknown field `wieght`, expected one of `address`, `weight`, `name`"
+        match rest.split_once(", ") {
+            Some((_, expected)) => format!("unknown key ({})", expected.replace('`', "")),
+            None => "unknown key".to_string(),
+        }
+    } else if let Some((found, expected)) =
+        message.strip_prefix("invalid type: ").and_then(|m| m.rsplit_once(", expected "))
+    {
+        format!("expected {}, found {}", toml_words(expected), toml_words(found))
+    } else {
+        message
+    };
+    ConfigError::at(place, None, problem)
+}
+
+/// serde's name for a kind of value as TOML calls it.
+fn toml_words(serde: &str) -> &str {
+    match serde {
+        "i64" => "an integer",
+        "a sequence" => "an array",
+        "sequence" => "an array",
+        "map" => "a table",
+        s if s.starts_with("struct ") => "a table",
+        s => s,
+    }
+}
+
+fn one_line(message: &str) -> String {
+    message.trim().lines().map(str::trim).collect::<Vec<_>>().join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::num::{NonZeroU32, NonZeroUsize};
+    use std::time::Duration;
+
+    use argh::FromArgs;
+
+    use super::*;
+    use crate::{Affinity, Args, HealthCheck, HealthConfig, Protocol, Splice};
+
+    /// A file with one service `pg` and one backend: `top` above it, `keys` in the service's
+    /// table, `backend` in the backend's table, and `after` at the end.
+    fn file(top: &str, keys: &str, backend: &str, after: &str) -> String {
+        format!(
+            "{top}\n[[service]]\nname = \"pg\"\nlisten = [\"0.0.0.0:5432\"]\n{keys}\n\
+             [[service.backend]]\naddress = \"10.0.0.1:5432\"\n{backend}\n{after}"
+        )
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn flags(flags: &[&str]) -> Config {
+        Config::try_from(Args::from_args(&["tether"], flags).unwrap()).unwrap()
+    }
+
+    // === a full file ===
+
+    #[test]
+    fn every_key_reaches_the_config() {
+        let text = r#"
+            admin = "0.0.0.0:9100"
+            admin-allow-remote = true
+            workers = 2
+            max-conns = 10000
+            max-flows = 20000
+            splice = "off"
+            grace = "45s"
+
+            [[service]]
+            name = "pg"
+            listen = ["0.0.0.0:5432", "[::1]:5433"]
+            protocol = "tcp"
+            affinity = "5tuple"
+            sticky-timeout = "20m"
+            sticky-capacity = 5000
+            connect-timeout = "3s"
+            idle-timeout = "2h"
+            udp-idle-timeout = "2m"
+            seed = 42
+            table-size = 251
+            health-check = "tcp"
+            health-interval = "3s"
+            health-timeout = "2s"
+            health-rise = 4
+            health-fall = 5
+
+            [[service.backend]]
+            address = "10.0.0.1:5432"
+            weight = 2
+            name = "db-1"
+
+            [[service.backend]]
+            address = "[fd00::2]:5432"
+
+            [[service]]
+            name = "game"
+            listen = ["0.0.0.0:7777"]
+            protocol = "both"
+            health-send = '\xff\xffping'
+            health-expect = "pong"
+
+            [[service.backend]]
+            address = "10.0.1.1:7777"
+            weight = 1000
+        "#;
+        let c = load_str(text).unwrap();
+        assert_eq!(c.admin, Some(addr("0.0.0.0:9100")));
+        assert_eq!(c.workers, NonZeroUsize::new(2));
+        assert_eq!(c.max_conns, NonZeroUsize::new(10_000));
+        assert_eq!(c.max_flows, NonZeroUsize::new(20_000));
+        assert_eq!(c.splice, Splice::Off);
+        assert_eq!(c.grace, Duration::from_secs(45));
+        assert_eq!(c.sticky_prefill, 0);
+        assert_eq!(c.file, None);
+        let weight = |w| NonZeroU32::new(w).unwrap();
+        let pg = Service {
+            name: "pg".into(),
+            listen: vec![addr("0.0.0.0:5432"), addr("[::1]:5433")],
+            protocol: Protocol::Tcp,
+            backends: vec![
+                BackendSpec { addr: addr("10.0.0.1:5432"), name: "db-1".into(), weight: weight(2) },
+                BackendSpec {
+                    addr: addr("[fd00::2]:5432"),
+                    name: "[fd00::2]:5432".into(),
+                    weight: weight(1),
+                },
+            ],
+            affinity: Affinity::FiveTuple,
+            sticky_timeout: Duration::from_secs(20 * 60),
+            sticky_capacity: 5000,
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(2 * 3600),
+            udp_idle_timeout: Duration::from_secs(120),
+            seed: 42,
+            table_size: 251,
+            health: HealthConfig {
+                check: HealthCheck::Tcp,
+                interval: Duration::from_secs(3),
+                timeout: Duration::from_secs(2),
+                rise: 4,
+                fall: 5,
+            },
+        };
+        let game = Service {
+            name: "game".into(),
+            listen: vec![addr("0.0.0.0:7777")],
+            protocol: Protocol::Both,
+            backends: vec![BackendSpec {
+                addr: addr("10.0.1.1:7777"),
+                name: "10.0.1.1:7777".into(),
+                weight: weight(1000),
+            }],
+            affinity: Affinity::Source,
+            sticky_timeout: crate::DEFAULT_STICKY_TIMEOUT,
+            sticky_capacity: crate::DEFAULT_STICKY_CAPACITY,
+            connect_timeout: crate::DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: crate::DEFAULT_IDLE_TIMEOUT,
+            udp_idle_timeout: crate::DEFAULT_UDP_IDLE_TIMEOUT,
+            seed: 0,
+            table_size: crate::DEFAULT_TABLE_SIZE,
+            health: HealthConfig {
+                check: HealthCheck::Udp {
+                    send: b"\xff\xffping".to_vec(),
+                    expect: b"pong".to_vec(),
+                },
+                interval: crate::DEFAULT_HEALTH_INTERVAL,
+                timeout: crate::DEFAULT_HEALTH_TIMEOUT,
+                rise: crate::DEFAULT_HEALTH_RISE,
+                fall: crate::DEFAULT_HEALTH_FALL,
+            },
+        };
+        assert_eq!(c.services, vec![pg, game]);
+    }
+
+    #[test]
+    fn the_example_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/tether.example.toml");
+        let c = load_path(&path).unwrap();
+        assert_eq!(c.file.as_deref(), Some(path.as_path()));
+        let names: Vec<_> = c.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["pg", "game"]);
+        assert_eq!(c.services[0].protocol, Protocol::Tcp);
+        assert_eq!(c.services[0].backends.len(), 3);
+        assert_eq!(c.services[1].protocol, Protocol::Both);
+        assert!(matches!(c.services[1].health.check, HealthCheck::Udp { .. }));
+    }
+
+    // === the file and the flags agree ===
+
+    #[test]
+    fn defaults_equal_the_flag_form() {
+        let from_file = load_str(&file("", "", "", "")).unwrap();
+        let from_flags = flags(&["--listen", "0.0.0.0:5432", "--backend", "10.0.0.1:5432"]);
+        let mut service = from_flags.services[0].clone();
+        service.name = "pg".into();
+        assert_eq!(from_file.services, vec![service]);
+        assert_eq!(from_file.admin, from_flags.admin);
+        assert_eq!(from_file.workers, from_flags.workers);
+        assert_eq!(from_file.max_conns, from_flags.max_conns);
+        assert_eq!(from_file.max_flows, from_flags.max_flows);
+        assert_eq!(from_file.splice, from_flags.splice);
+        assert_eq!(from_file.grace, from_flags.grace);
+        assert_eq!(from_file.sticky_prefill, from_flags.sticky_prefill);
+    }
+
+    #[test]
+    fn keys_mean_what_their_flags_mean() {
+        // The health probe defaults on the protocol and the payloads in both forms alike.
+        let cases: [(&str, &[&str]); 4] = [
+            ("protocol = \"udp\"", &["--protocol", "udp"]),
+            (
+                "protocol = \"both\"\nhealth-send = 'a\\x00'",
+                &["--protocol", "both", "--health-send", "a\\x00"],
+            ),
+            (
+                "protocol = \"udp\"\nhealth-check = \"off\"",
+                &["--protocol", "udp", "--health-check", "off"],
+            ),
+            (
+                "affinity = \"5tuple\"\nsticky-capacity = 7",
+                &["--affinity", "5tuple", "--sticky-capacity", "7"],
+            ),
+        ];
+        for (keys, extra) in cases {
+            let from_file = load_str(&file("", keys, "", "")).unwrap();
+            let mut args = vec!["--listen", "0.0.0.0:5432", "--backend", "10.0.0.1:5432"];
+            args.extend_from_slice(extra);
+            let mut service = flags(&args).services.remove(0);
+            service.name = "pg".into();
+            assert_eq!(from_file.services, vec![service], "{keys}");
+        }
+    }
+
+    // === errors name the key path ===
+
+    const SECOND: &str = "[[service]]\nname = \"game\"\nlisten = [\"0.0.0.0:7777\"]\n\
+                          [[service.backend]]\naddress = \"10.0.1.1:7777\"\n";
+
+    fn load_err(text: &str) -> String {
+        match load_str(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// (file, what its error starts with).
+    fn error_cases() -> Vec<(String, &'static str)> {
+        let base = file("", "", "", "");
+        let top = |keys: &str| file(keys, "", "", "");
+        let service = |keys: &str| file("", keys, "", "");
+        let backend = |keys: &str| file("", "", keys, "");
+        let second_backend = |keys: &str| file("", "", "", &format!("[[service.backend]]\n{keys}"));
+        let second_service = |from: &str, to: &str| file("", "", "", &SECOND.replace(from, to));
+        vec![
+            // === shape: unknown keys and wrong types ===
+            (
+                top("wat = 1"),
+                "wat: unknown key (expected one of admin, admin-allow-remote, workers, max-conns, \
+                 max-flows, splice, grace, service)",
+            ),
+            (
+                service("colour = 1"),
+                "service[0].colour: unknown key (expected one of name, listen, protocol,",
+            ),
+            (
+                second_backend("address = \"10.0.0.2:5432\"\nwieght = 2"),
+                "service[0].backend[1].wieght: unknown key (expected one of address, weight, name)",
+            ),
+            (
+                service("health-rise = \"2\""),
+                "service[0].health-rise: expected an integer, found string \"2\"",
+            ),
+            (
+                backend("weight = 1.5"),
+                "service[0].backend[0].weight: expected an integer, found floating point `1.5`",
+            ),
+            (
+                service("idle-timeout = 30"),
+                "service[0].idle-timeout: expected a duration string such as \"30s\", \
+                 found integer `30`",
+            ),
+            (
+                base.replace("[\"0.0.0.0:5432\"]", "\"0.0.0.0:5432\""),
+                "service[0].listen: expected an array, found string \"0.0.0.0:5432\"",
+            ),
+            (top("admin-allow-remote = \"yes\""), "admin-allow-remote: expected a boolean"),
+            ("service = 3".into(), "service: expected an array, found integer `3`"),
+            ("[service]\nname = \"pg\"".into(), "service: expected an array, found a table"),
+            // === negative and zero counts ===
+            (
+                service("sticky-capacity = -5"),
+                "service[0].sticky-capacity \"-5\": expected a whole number greater than zero",
+            ),
+            (top("workers = -1"), "workers \"-1\": expected a whole number greater than zero"),
+            (top("max-conns = 0"), "max-conns \"0\": must be greater than zero"),
+            (service("seed = -1"), "service[0].seed \"-1\": expected an unsigned 64-bit integer"),
+            (
+                service("health-fall = -3"),
+                "service[0].health-fall \"-3\": expected a whole number from 1 to 100",
+            ),
+            (service("table-size = -7"), "service[0].table-size \"-7\": expected a whole number"),
+            // === addresses ===
+            (
+                base.replace("\"10.0.0.1:5432\"", "\"10.0.0.1\""),
+                "service[0].backend[0].address \"10.0.0.1\": not an IP:port address",
+            ),
+            (
+                base.replace("10.0.0.1:5432", "10.0.0.1:0"),
+                "service[0].backend[0].address \"10.0.0.1:0\": backend port must not be 0",
+            ),
+            (
+                base.replace("0.0.0.0:5432", "localhost:5432"),
+                "service[0].listen[0] \"localhost:5432\": not an IP:port address",
+            ),
+            (
+                base.replace("\"0.0.0.0:5432\"", "\"0.0.0.0:1\", \"0.0.0.0:1\""),
+                "service[0].listen[1] \"0.0.0.0:1\": given twice",
+            ),
+            (
+                second_service("0.0.0.0:7777", "0.0.0.0:5432"),
+                "service[1].listen[0] \"0.0.0.0:5432\": also a listener of service \"pg\"",
+            ),
+            // === weights ===
+            (backend("weight = 0"), "service[0].backend[0].weight \"0\": out of range 1..=1000"),
+            (backend("weight = 1001"), "service[0].backend[0].weight \"1001\": out of range"),
+            (backend("weight = -2"), "service[0].backend[0].weight \"-2\": out of range"),
+            // === durations ===
+            (service("idle-timeout = \"10\""), "service[0].idle-timeout \"10\": missing unit"),
+            (
+                service("connect-timeout = \"0s\""),
+                "service[0].connect-timeout \"0s\": must be greater than zero",
+            ),
+            (top("grace = \"8761h\""), "grace \"8761h\": must be at most a year"),
+            // === words and sizes ===
+            (service("protocol = \"sctp\""), "service[0].protocol \"sctp\": expected `tcp`,"),
+            (service("affinity = \"cookie\""), "service[0].affinity \"cookie\": expected `source`"),
+            (top("splice = \"yes\""), "splice \"yes\": expected `auto` or `off`"),
+            (service("table-size = 65536"), "service[0].table-size \"65536\": must be a prime"),
+            // === names ===
+            (base.replace("name = \"pg\"\n", ""), "service[0].name: required"),
+            (base.replace("\"pg\"", "\"p g\""), "service[0].name \"p g\": name \"p g\" may only"),
+            (second_service("game", "pg"), "service[1].name \"pg\": also the name of service[0]"),
+            (
+                file(
+                    "",
+                    "",
+                    "name = \"db\"",
+                    "[[service.backend]]\naddress = \"10.0.0.2:1\"\nname = \"db\"",
+                ),
+                "service[0].backend[1].name \"db\": backend name \"db\" is used twice",
+            ),
+            (
+                second_backend("address = \"10.0.0.1:5432\""),
+                "service[0].backend[1].address \"10.0.0.1:5432\": backend name \"10.0.0.1:5432\" \
+                 is used twice",
+            ),
+            (backend("name = \"\""), "service[0].backend[0].name \"\": name must be 1 to 128"),
+            // === required tables and keys ===
+            (String::new(), "service: at least one [[service]] table is required"),
+            ("workers = 2\n".into(), "service: at least one [[service]] table is required"),
+            (
+                "[[service]]\nname = \"pg\"\nlisten = [\"0.0.0.0:1\"]\n".into(),
+                "service[0].backend: at least one backend is required",
+            ),
+            (
+                base.replace("[\"0.0.0.0:5432\"]", "[]"),
+                "service[0].listen: at least one listen address is required",
+            ),
+            (
+                base.replace("listen = [\"0.0.0.0:5432\"]", ""),
+                "service[0].listen: at least one listen address is required",
+            ),
+            (second_backend("weight = 2"), "service[0].backend[1].address: required"),
+            // === health ===
+            (
+                service("health-timeout = \"3s\""),
+                "service[0].health-timeout \"3s\": must be at most the interval (2s)",
+            ),
+            (
+                service("health-interval = \"500ms\""),
+                "service[0].health-timeout \"1s\": must be at most the interval (500ms)",
+            ),
+            (
+                service("health-check = \"udp\""),
+                "service[0].health-send: a UDP probe needs a payload to send",
+            ),
+            (
+                service("health-check = \"tcp\"\nhealth-send = \"x\""),
+                "service[0].health-send: only a `udp` probe sends a payload, not `tcp`",
+            ),
+            (service("health-check = \"icmp\""), "service[0].health-check \"icmp\": expected"),
+            (
+                service("health-send = '\\xZZ'"),
+                "service[0].health-send \"\\\\xZZ\": \\x needs two hex digits",
+            ),
+            (service("health-rise = 101"), "service[0].health-rise \"101\": expected a whole"),
+            // === admin ===
+            (top("admin = \"0.0.0.0:9100\""), "admin \"0.0.0.0:9100\": not a loopback address"),
+            (top("admin = \"9100\""), "admin \"9100\": not an IP:port address"),
+            // === TOML syntax: line and column, then the parser's message ===
+            (
+                "workers = 2\n[[service]]\nname = pg\n".into(),
+                "line 3, column 8: invalid string; expected `\"`, `'`",
+            ),
+            ("[a b]\n".into(), "line 1, column 4: invalid table header; expected `.`, `]`"),
+            ("[[service]]\nname = \"a\"\nname = \"b\"\n".into(), "line 3, column 1: duplicate key"),
+            ("grace = \"30s\nworkers = 2\n".into(), "line 1, column 13: invalid basic string"),
+            (
+                "[[service]]\nhealth-send = \"\\xff\"\n".into(),
+                "line 2, column 18: invalid escape sequence",
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_error_names_its_place() {
+        let mut wrong = Vec::new();
+        for (text, expected) in error_cases() {
+            let e = load_err(&text);
+            if !e.starts_with(expected) {
+                wrong.push(format!("got    {e}\nwanted {expected}...\nfrom\n{text}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
+    }
+
+    #[test]
+    fn errors_are_one_line() {
+        for (text, _) in error_cases() {
+            let e = load_err(&text);
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn remote_admin_needs_the_key() {
+        let c = load_str(&file("admin = \"0.0.0.0:9100\"\nadmin-allow-remote = true", "", "", ""))
+            .unwrap();
+        assert_eq!(c.admin, Some(addr("0.0.0.0:9100")));
+    }
+
+    #[test]
+    fn an_unreadable_file_names_its_path() {
+        let e = load_path(Path::new("/nonexistent/tether.toml")).unwrap_err().to_string();
+        assert!(e.starts_with("--config /nonexistent/tether.toml: "), "{e}");
+    }
 }

@@ -273,18 +273,6 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(flag: &str, value: &str, problem: impl Into<String>) -> Self {
-        ConfigError {
-            place: format!("--{flag}"),
-            value: Some(value.to_string()),
-            problem: problem.into(),
-        }
-    }
-
-    fn missing(flag: &str, problem: impl Into<String>) -> Self {
-        ConfigError { place: format!("--{flag}"), value: None, problem: problem.into() }
-    }
-
     /// An error at key path `place` of a config file.
     pub fn at(place: impl Into<String>, value: Option<String>, problem: impl Into<String>) -> Self {
         ConfigError { place: place.into(), value, problem: problem.into() }
@@ -346,13 +334,121 @@ fn service_flags(args: &Args) -> Vec<&'static str> {
     given
 }
 
+/// Where settings are read from, so that an error names the setting the way the operator wrote
+/// it: a flag (`--grace`) or a key path of the config file (`grace`, `service[1].listen[0]`).
+/// The keys are the flags' names, so one name serves both.
+#[derive(Debug, Clone)]
+pub(crate) enum Origin {
+    Flags,
+    /// A table of the config file: `""` for the top level, else its path such as `service[1]`.
+    Table(String),
+}
+
+impl Origin {
+    fn place(&self, key: &str) -> String {
+        match self {
+            Origin::Flags => format!("--{key}"),
+            Origin::Table(table) if table.is_empty() => key.to_string(),
+            Origin::Table(table) => format!("{table}.{key}"),
+        }
+    }
+
+    /// The place of the `i`th value of a list; a repeated flag has no index.
+    fn item(&self, key: &str, i: usize) -> String {
+        match self {
+            Origin::Flags => self.place(key),
+            Origin::Table(_) => format!("{}[{i}]", self.place(key)),
+        }
+    }
+
+    fn error(&self, key: &str, value: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::at(self.place(key), Some(value.to_string()), problem)
+    }
+
+    fn missing(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::at(self.place(key), None, problem)
+    }
+}
+
+/// One service's settings as given, before validation: the flags' text, or the config file's
+/// values with integers written in decimal. Both forms go through [`build_service`], so they
+/// share every default and every validator and cannot disagree.
+#[derive(Debug, Default)]
+pub(crate) struct ServiceInput {
+    pub protocol: Option<String>,
+    pub affinity: Option<String>,
+    pub sticky_timeout: Option<String>,
+    pub sticky_capacity: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub udp_idle_timeout: Option<String>,
+    pub seed: Option<String>,
+    pub table_size: Option<String>,
+    pub health_check: Option<String>,
+    pub health_interval: Option<String>,
+    pub health_timeout: Option<String>,
+    pub health_rise: Option<String>,
+    pub health_fall: Option<String>,
+    pub health_send: Option<String>,
+    pub health_expect: Option<String>,
+}
+
+impl From<&Args> for ServiceInput {
+    fn from(args: &Args) -> Self {
+        ServiceInput {
+            protocol: args.protocol.clone(),
+            affinity: args.affinity.clone(),
+            sticky_timeout: args.sticky_timeout.clone(),
+            sticky_capacity: args.sticky_capacity.clone(),
+            connect_timeout: args.connect_timeout.clone(),
+            idle_timeout: args.idle_timeout.clone(),
+            udp_idle_timeout: args.udp_idle_timeout.clone(),
+            seed: args.seed.clone(),
+            table_size: args.table_size.clone(),
+            health_check: args.health_check.clone(),
+            health_interval: args.health_interval.clone(),
+            health_timeout: args.health_timeout.clone(),
+            health_rise: args.health_rise.clone(),
+            health_fall: args.health_fall.clone(),
+            health_send: args.health_send.clone(),
+            health_expect: args.health_expect.clone(),
+        }
+    }
+}
+
+/// The process-wide settings as given (see [`ServiceInput`]), validated by [`build_config`].
+#[derive(Debug, Default)]
+pub(crate) struct ProcessInput {
+    pub admin: Option<String>,
+    pub admin_allow_remote: bool,
+    pub workers: Option<String>,
+    pub max_conns: Option<String>,
+    pub max_flows: Option<String>,
+    pub splice: Option<String>,
+    pub grace: Option<String>,
+}
+
+impl From<&Args> for ProcessInput {
+    fn from(args: &Args) -> Self {
+        ProcessInput {
+            admin: args.admin.clone(),
+            admin_allow_remote: args.admin_allow_remote,
+            workers: args.workers.clone(),
+            max_conns: args.max_conns.clone(),
+            max_flows: args.max_flows.clone(),
+            splice: args.splice.clone(),
+            grace: args.grace.clone(),
+        }
+    }
+}
+
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Config, ConfigError> {
         if let Some(path) = &args.config {
             if let Some(flag) = service_flags(&args).first() {
-                return Err(ConfigError::missing(
+                return Err(Origin::Flags.missing(
                     flag,
                     "cannot be combined with --config: set it in the file (same key name)",
                 ));
@@ -362,28 +458,9 @@ impl TryFrom<Args> for Config {
             return Ok(config);
         }
         let service = flag_service(&args)?;
-        let admin = match &args.admin {
-            None => None,
-            Some(raw) => Some(
-                check_admin(raw, args.admin_allow_remote)
-                    .map_err(|p| ConfigError::new("admin", raw, p))?,
-            ),
-        };
-        let splice = match args.splice.as_deref() {
-            None => Splice::Auto,
-            Some(raw) => parse_splice(raw).map_err(|p| ConfigError::new("splice", raw, p))?,
-        };
-        Ok(Config {
-            services: vec![service],
-            file: None,
-            admin,
-            workers: opt_nonzero("workers", &args.workers)?,
-            max_conns: opt_nonzero("max-conns", &args.max_conns)?,
-            max_flows: opt_nonzero("max-flows", &args.max_flows)?,
-            splice,
-            grace: opt_duration("grace", &args.grace, DEFAULT_GRACE)?,
-            sticky_prefill: prefill(&args)?,
-        })
+        let mut config = build_config(&Origin::Flags, &ProcessInput::from(&args), vec![service])?;
+        config.sticky_prefill = prefill(&args)?;
+        Ok(config)
     }
 }
 
@@ -392,80 +469,113 @@ fn prefill(args: &Args) -> Result<usize, ConfigError> {
         None => Ok(0),
         Some(raw) => raw
             .parse()
-            .map_err(|_| ConfigError::new("sticky-prefill", raw, "expected a whole number")),
+            .map_err(|_| Origin::Flags.error("sticky-prefill", raw, "expected a whole number")),
     }
 }
 
 /// The service `default` from the flags.
 fn flag_service(args: &Args) -> Result<Service, ConfigError> {
-    if args.listen.is_empty() {
-        return Err(ConfigError::missing("listen", "at least one listen address is required"));
+    let flags = Origin::Flags;
+    let listen = listen_addrs(&flags, &args.listen)?;
+    let mut backends = Vec::with_capacity(args.backend.len());
+    for raw in &args.backend {
+        let spec = parse_backend(raw).map_err(|p| flags.error("backend", raw, p))?;
+        add_backend(&mut backends, spec).map_err(|p| flags.error("backend", raw, p))?;
     }
-    let mut listen = Vec::with_capacity(args.listen.len());
-    for raw in &args.listen {
-        let addr = parse_addr(raw).map_err(|p| ConfigError::new("listen", raw, p))?;
+    build_service(&flags, DEFAULT_SERVICE.to_string(), listen, backends, &ServiceInput::from(args))
+}
+
+/// A service's listen addresses: at least one, none twice.
+pub(crate) fn listen_addrs(
+    origin: &Origin,
+    raw: &[String],
+) -> Result<Vec<SocketAddr>, ConfigError> {
+    if raw.is_empty() {
+        return Err(origin.missing("listen", "at least one listen address is required"));
+    }
+    let mut listen = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.iter().enumerate() {
+        let error = |p| ConfigError::at(origin.item("listen", i), Some(raw.clone()), p);
+        let addr = parse_addr(raw).map_err(error)?;
         if listen.contains(&addr) {
-            return Err(ConfigError::new("listen", raw, "given twice"));
+            return Err(error("given twice".to_string()));
         }
         listen.push(addr);
     }
-    if args.backend.is_empty() {
-        return Err(ConfigError::missing("backend", "at least one backend is required"));
+    Ok(listen)
+}
+
+/// Append `spec` to a pool unless its name is taken.
+pub(crate) fn add_backend(
+    backends: &mut Vec<BackendSpec>,
+    spec: BackendSpec,
+) -> Result<(), String> {
+    if backends.iter().any(|b| b.name == spec.name) {
+        return Err(format!("backend name {:?} is used twice", spec.name));
     }
-    let mut backends: Vec<BackendSpec> = Vec::with_capacity(args.backend.len());
-    for raw in &args.backend {
-        let spec = parse_backend(raw).map_err(|p| ConfigError::new("backend", raw, p))?;
-        if backends.iter().any(|b| b.name == spec.name) {
-            let problem = format!("backend name {:?} is used twice", spec.name);
-            return Err(ConfigError::new("backend", raw, problem));
-        }
-        backends.push(spec);
+    backends.push(spec);
+    Ok(())
+}
+
+/// A service from its parsed listeners and pool and its other settings as given.
+pub(crate) fn build_service(
+    origin: &Origin,
+    name: String,
+    listen: Vec<SocketAddr>,
+    backends: Vec<BackendSpec>,
+    input: &ServiceInput,
+) -> Result<Service, ConfigError> {
+    if backends.is_empty() {
+        return Err(origin.missing("backend", "at least one backend is required"));
     }
-    let affinity = match args.affinity.as_deref() {
-        None => Affinity::Source,
-        Some(raw) => parse_affinity(raw).map_err(|p| ConfigError::new("affinity", raw, p))?,
-    };
-    let protocol = match args.protocol.as_deref() {
-        None => Protocol::Tcp,
-        Some(raw) => parse_protocol(raw).map_err(|p| ConfigError::new("protocol", raw, p))?,
-    };
-    let table_size = opt_count("table-size", &args.table_size, DEFAULT_TABLE_SIZE)?;
-    let raw_size = args.table_size.as_deref().unwrap_or_default();
-    check_table_size(table_size, backends.len())
-        .map_err(|p| ConfigError::new("table-size", raw_size, p))?;
-    let seed = match &args.seed {
-        None => 0,
-        Some(raw) => raw
-            .parse::<u64>()
-            .map_err(|_| ConfigError::new("seed", raw, "expected an unsigned 64-bit integer"))?,
-    };
-    let health = flag_health(args, protocol)?;
+    let affinity = opt(origin, "affinity", &input.affinity, Affinity::Source, parse_affinity)?;
+    let protocol = opt(origin, "protocol", &input.protocol, Protocol::Tcp, parse_protocol)?;
+    let table_size = opt_count(origin, "table-size", &input.table_size, DEFAULT_TABLE_SIZE)?;
+    check_table_size(table_size, backends.len()).map_err(|p| {
+        let raw = input.table_size.clone().unwrap_or_else(|| table_size.to_string());
+        origin.error("table-size", &raw, p)
+    })?;
+    let seed = opt(origin, "seed", &input.seed, 0, parse_seed)?;
+    let health = build_health(origin, input, protocol)?;
     Ok(Service {
-        name: DEFAULT_SERVICE.to_string(),
+        name,
         listen,
         protocol,
         backends,
         affinity,
-        sticky_timeout: opt_duration(
+        sticky_timeout: opt(
+            origin,
             "sticky-timeout",
-            &args.sticky_timeout,
+            &input.sticky_timeout,
             DEFAULT_STICKY_TIMEOUT,
+            check_duration,
         )?,
         sticky_capacity: opt_count(
+            origin,
             "sticky-capacity",
-            &args.sticky_capacity,
+            &input.sticky_capacity,
             DEFAULT_STICKY_CAPACITY,
         )?,
-        connect_timeout: opt_duration(
+        connect_timeout: opt(
+            origin,
             "connect-timeout",
-            &args.connect_timeout,
+            &input.connect_timeout,
             DEFAULT_CONNECT_TIMEOUT,
+            check_duration,
         )?,
-        idle_timeout: opt_duration("idle-timeout", &args.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
-        udp_idle_timeout: opt_duration(
+        idle_timeout: opt(
+            origin,
+            "idle-timeout",
+            &input.idle_timeout,
+            DEFAULT_IDLE_TIMEOUT,
+            check_duration,
+        )?,
+        udp_idle_timeout: opt(
+            origin,
             "udp-idle-timeout",
-            &args.udp_idle_timeout,
+            &input.udp_idle_timeout,
             DEFAULT_UDP_IDLE_TIMEOUT,
+            check_duration,
         )?,
         seed,
         table_size,
@@ -473,44 +583,72 @@ fn flag_service(args: &Args) -> Result<Service, ConfigError> {
     })
 }
 
-fn flag_health(args: &Args, protocol: Protocol) -> Result<HealthConfig, ConfigError> {
-    let send = match &args.health_send {
-        None => None,
-        Some(raw) => Some(unescape(raw).map_err(|p| ConfigError::new("health-send", raw, p))?),
-    };
-    let expect = match &args.health_expect {
-        None => None,
-        Some(raw) => Some(unescape(raw).map_err(|p| ConfigError::new("health-expect", raw, p))?),
-    };
-    let check = health_check(args.health_check.as_deref(), send, expect, protocol).map_err(
-        |(flag, p)| match flag {
+fn build_health(
+    origin: &Origin,
+    input: &ServiceInput,
+    protocol: Protocol,
+) -> Result<HealthConfig, ConfigError> {
+    let send = opt(origin, "health-send", &input.health_send, None, |raw| unescape(raw).map(Some))?;
+    let expect =
+        opt(origin, "health-expect", &input.health_expect, None, |raw| unescape(raw).map(Some))?;
+    let check = health_check(input.health_check.as_deref(), send, expect, protocol).map_err(
+        |(key, p)| match key {
             "health-check" => {
-                ConfigError::new(flag, args.health_check.as_deref().unwrap_or_default(), p)
+                origin.error(key, input.health_check.as_deref().unwrap_or_default(), p)
             }
-            _ => ConfigError::missing(flag, p),
+            _ => origin.missing(key, p),
         },
     )?;
-    let interval = opt_duration("health-interval", &args.health_interval, DEFAULT_HEALTH_INTERVAL)?;
-    let timeout = opt_duration("health-timeout", &args.health_timeout, DEFAULT_HEALTH_TIMEOUT)?;
+    let interval = opt(
+        origin,
+        "health-interval",
+        &input.health_interval,
+        DEFAULT_HEALTH_INTERVAL,
+        check_duration,
+    )?;
+    let timeout = opt(
+        origin,
+        "health-timeout",
+        &input.health_timeout,
+        DEFAULT_HEALTH_TIMEOUT,
+        check_duration,
+    )?;
     if timeout > interval {
-        return Err(ConfigError::new(
-            "health-timeout",
-            args.health_timeout.as_deref().unwrap_or("1s"),
-            format!("must be at most the interval ({})", format_duration(interval)),
-        ));
+        let raw = input.health_timeout.clone().unwrap_or_else(|| format_duration(timeout));
+        let problem = format!("must be at most the interval ({})", format_duration(interval));
+        return Err(origin.error("health-timeout", &raw, problem));
     }
-    let rise = opt_small("health-rise", &args.health_rise, DEFAULT_HEALTH_RISE)?;
-    let fall = opt_small("health-fall", &args.health_fall, DEFAULT_HEALTH_FALL)?;
+    let rise = opt(origin, "health-rise", &input.health_rise, DEFAULT_HEALTH_RISE, parse_small)?;
+    let fall = opt(origin, "health-fall", &input.health_fall, DEFAULT_HEALTH_FALL, parse_small)?;
     Ok(HealthConfig { check, interval, timeout, rise, fall })
+}
+
+/// The whole configuration from validated services and the process-wide settings as given.
+/// `sticky_prefill` is 0 and `file` is `None`: the callers set them.
+pub(crate) fn build_config(
+    origin: &Origin,
+    input: &ProcessInput,
+    services: Vec<Service>,
+) -> Result<Config, ConfigError> {
+    let admin = opt(origin, "admin", &input.admin, None, |raw| {
+        check_admin(raw, input.admin_allow_remote).map(Some)
+    })?;
+    let splice = opt(origin, "splice", &input.splice, Splice::Auto, parse_splice)?;
+    Ok(Config {
+        services,
+        file: None,
+        admin,
+        workers: opt_nonzero(origin, "workers", &input.workers)?,
+        max_conns: opt_nonzero(origin, "max-conns", &input.max_conns)?,
+        max_flows: opt_nonzero(origin, "max-flows", &input.max_flows)?,
+        splice,
+        grace: opt(origin, "grace", &input.grace, DEFAULT_GRACE, check_duration)?,
+        sticky_prefill: 0,
+    })
 }
 
 /// Most consecutive results `rise`/`fall` may ask for.
 pub const MAX_HEALTH_COUNT: u32 = 100;
-
-fn opt_small(flag: &'static str, raw: &Option<String>, default: u32) -> Result<u32, ConfigError> {
-    let Some(raw) = raw else { return Ok(default) };
-    parse_small(raw).map_err(|p| ConfigError::new(flag, raw, p))
-}
 
 /// A rise/fall count: 1..=100.
 pub fn parse_small(raw: &str) -> Result<u32, String> {
@@ -650,11 +788,7 @@ pub fn check_name(v: &str) -> Result<(), String> {
 /// Parse `ADDR[,weight=N][,name=NAME]`.
 pub fn parse_backend(raw: &str) -> Result<BackendSpec, String> {
     let mut parts = raw.split(',');
-    let addr_part = parts.next().unwrap_or_default();
-    let addr = parse_addr(addr_part)?;
-    if addr.port() == 0 {
-        return Err("backend port must not be 0".into());
-    }
+    let addr = check_backend_addr(parts.next().unwrap_or_default())?;
     let mut weight = None;
     let mut name = None;
     for part in parts {
@@ -665,10 +799,7 @@ pub fn parse_backend(raw: &str) -> Result<BackendSpec, String> {
             "weight" => {
                 let w: u32 =
                     v.parse().map_err(|_| format!("weight {v:?} is not a whole number"))?;
-                if !(1..=MAX_WEIGHT).contains(&w) {
-                    return Err(format!("weight {w} out of range 1..={MAX_WEIGHT}"));
-                }
-                weight = NonZeroU32::new(w);
+                weight = Some(check_weight(w.into()).map_err(|p| format!("weight {w} {p}"))?);
             }
             "name" => {
                 check_name(v)?;
@@ -679,11 +810,39 @@ pub fn parse_backend(raw: &str) -> Result<BackendSpec, String> {
             }
         }
     }
-    Ok(BackendSpec {
+    Ok(backend_spec(addr, weight, name))
+}
+
+/// A backend from its parts, defaulting the weight to 1 and the name to the address.
+pub(crate) fn backend_spec(
+    addr: SocketAddr,
+    weight: Option<NonZeroU32>,
+    name: Option<String>,
+) -> BackendSpec {
+    BackendSpec {
         addr,
         name: name.unwrap_or_else(|| addr.to_string()),
         weight: weight.unwrap_or(NonZeroU32::MIN),
-    })
+    }
+}
+
+/// A backend address: `IP:port` with a port other than 0.
+pub fn check_backend_addr(raw: &str) -> Result<SocketAddr, String> {
+    let addr = parse_addr(raw)?;
+    if addr.port() == 0 {
+        return Err("backend port must not be 0".into());
+    }
+    Ok(addr)
+}
+
+/// A backend weight: 1..=1000. Signed, so that a negative weight in the file is out of range
+/// rather than a type error.
+pub fn check_weight(w: i64) -> Result<NonZeroU32, String> {
+    u32::try_from(w)
+        .ok()
+        .filter(|w| (1..=MAX_WEIGHT).contains(w))
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| format!("out of range 1..={MAX_WEIGHT}"))
 }
 
 pub fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
@@ -691,37 +850,46 @@ pub fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
         .map_err(|_| "not an IP:port address (IPv6 goes in brackets: [::1]:5432)".to_string())
 }
 
-fn opt_duration(
-    flag: &'static str,
-    raw: &Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    let Some(raw) = raw else { return Ok(default) };
-    check_duration(raw).map_err(|p| ConfigError::new(flag, raw, p))
+/// A Maglev seed: any unsigned 64-bit integer.
+pub fn parse_seed(raw: &str) -> Result<u64, String> {
+    raw.parse().map_err(|_| "expected an unsigned 64-bit integer".to_string())
 }
 
-fn opt_count(
-    flag: &'static str,
+/// A count that must be positive (workers, connection and flow limits, sticky capacity).
+pub fn parse_count(raw: &str) -> Result<NonZeroUsize, String> {
+    let n: usize = raw.parse().map_err(|_| "expected a whole number greater than zero")?;
+    NonZeroUsize::new(n).ok_or_else(|| "must be greater than zero".to_string())
+}
+
+/// The setting `key`: `default` when not given, else `raw` checked by `parse`.
+fn opt<T>(
+    origin: &Origin,
+    key: &str,
     raw: &Option<String>,
-    default: usize,
-) -> Result<usize, ConfigError> {
+    default: T,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
     match raw {
         None => Ok(default),
-        Some(raw) => Ok(opt_nonzero(flag, &Some(raw.clone()))?.map_or(default, NonZeroUsize::get)),
+        Some(raw) => parse(raw).map_err(|p| origin.error(key, raw, p)),
     }
 }
 
+fn opt_count(
+    origin: &Origin,
+    key: &str,
+    raw: &Option<String>,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    opt(origin, key, raw, default, |raw| parse_count(raw).map(NonZeroUsize::get))
+}
+
 fn opt_nonzero(
-    flag: &'static str,
+    origin: &Origin,
+    key: &str,
     raw: &Option<String>,
 ) -> Result<Option<NonZeroUsize>, ConfigError> {
-    let Some(raw) = raw else { return Ok(None) };
-    let n: usize = raw
-        .parse()
-        .map_err(|_| ConfigError::new(flag, raw, "expected a whole number greater than zero"))?;
-    NonZeroUsize::new(n)
-        .map(Some)
-        .ok_or_else(|| ConfigError::new(flag, raw, "must be greater than zero"))
+    opt(origin, key, raw, None, |raw| parse_count(raw).map(Some))
 }
 
 fn is_prime(n: usize) -> bool {
@@ -844,6 +1012,21 @@ mod tests {
         assert!(err(&["--udp-idle-timeout", "0s"]).starts_with("--udp-idle-timeout"));
         assert!(err(&["--max-flows", "0"]).starts_with("--max-flows"));
         assert!(err(&["--listen", "127.0.0.1:1"]).contains("given twice"));
+    }
+
+    // === --config ===
+
+    const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/tether.example.toml");
+
+    #[test]
+    fn config_replaces_the_service_flags() {
+        let e = parse(&["--config", EXAMPLE, "--listen", "127.0.0.1:1"]).unwrap_err();
+        assert!(e.starts_with("--listen: cannot be combined with --config"), "{e}");
+        let e = parse(&["--config", EXAMPLE, "--grace", "1s"]).unwrap_err();
+        assert!(e.starts_with("--grace: cannot be combined with --config"), "{e}");
+        let c = parse(&["--config", EXAMPLE, "--sticky-prefill", "10"]).unwrap();
+        assert_eq!(c.sticky_prefill, 10);
+        assert_eq!(c.file.as_deref(), Some(std::path::Path::new(EXAMPLE)));
     }
 
     #[test]
