@@ -1,4 +1,6 @@
-//! The tether daemon: parse flags, validate, run. Everything else lives in the crates.
+//! The tether daemon: parse flags (or a config file), validate, run. Everything else lives in
+//! the crates. `tether check --config FILE` (or `tether check` with the service flags) validates
+//! and exits: 0 and a one-line summary when good, 2 and the error when not.
 
 use std::process::ExitCode;
 
@@ -8,7 +10,9 @@ use config::{Args, Config};
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let args = match Args::from_args(&argv[..1], &argv[1..]) {
+    let check = argv.get(1) == Some(&"check");
+    let (command, rest) = if check { (&argv[..2], &argv[2..]) } else { (&argv[..1], &argv[1..]) };
+    let args = match Args::from_args(command, rest) {
         Ok(args) => args,
         Err(early) if early.status.is_ok() => {
             print!("{}", early.output); // --help
@@ -19,13 +23,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let file = args.config.clone();
     let config = match Config::try_from(args) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("tether: {e}");
+            match file {
+                Some(path) if !e.place.starts_with("--") => eprintln!("tether: {path}: {e}"),
+                _ => eprintln!("tether: {e}"),
+            }
             return ExitCode::from(2);
         }
     };
+    if check {
+        let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+        let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        println!(
+            "ok: {} services ({}), {} backends",
+            config.services.len(),
+            names.join(", "),
+            backends
+        );
+        return ExitCode::SUCCESS;
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match control::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -50,3 +50,47 @@ pub fn index_of(backends: &[Backend], name: &str) -> usize {
         .position(|b| b.name() == name)
         .unwrap_or_else(|| panic!("unknown backend {name:?}"))
 }
+
+/// `tether` with the backends, an admin interface on 127.0.<net>.1:0, and `extra` flags (probes
+/// stay off unless `extra` picks one).
+pub fn tether_with_admin(net: u8, backends: &[Backend], extra: &[&str]) -> Tether {
+    let mut all = vec!["--admin".to_string(), format!("127.0.{net}.1:0")];
+    all.extend(extra.iter().map(|s| s.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    tether(net, backends, &all)
+}
+
+/// An `echo` session from `source`: what is written comes back.
+pub fn echo_session(source: IpAddr, to: SocketAddr) -> std::net::TcpStream {
+    let mut s = connect_from(source, to, DEADLINE).expect("connect");
+    send_command(&mut s, "echo").expect("send echo");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+/// Write a line on an echo session and check it comes back.
+pub fn echo_roundtrip(s: &mut std::net::TcpStream, line: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut back = vec![0u8; line.len() + 1];
+    s.read_exact(&mut back)?;
+    if back != format!("{line}\n").as_bytes() {
+        return Err(std::io::Error::other(format!("echo returned {back:?}")));
+    }
+    Ok(())
+}
+
+/// The admin API's backends as JSON objects.
+pub fn api_backends(admin: SocketAddr) -> Vec<serde_json::Value> {
+    let reply = http(admin, "GET", "/api/backends", "").expect("GET /api/backends");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    serde_json::from_str::<Vec<serde_json::Value>>(&reply.body).expect("JSON array")
+}
+
+/// One backend's object from the admin API.
+pub fn api_backend(admin: SocketAddr, name: &str) -> serde_json::Value {
+    api_backends(admin)
+        .into_iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("no backend {name:?} in the API"))
+}

@@ -92,8 +92,13 @@ impl BackendState {
         }
     }
 
+    /// Set by health checking. Coming up also clears a passive failure mark: probes that just
+    /// succeeded `rise` times are fresher news than a refused connect from before.
     pub fn set_health(&self, health: Health) {
         self.up.store(health == Health::Up, Relaxed);
+        if health == Health::Up {
+            self.failing_until.store(0, Relaxed);
+        }
     }
 
     /// Whether a recent passive failure keeps it out at `now_ms`.
