@@ -1,0 +1,198 @@
+//! The config file: `tether check`, starting from a file, and reloads (SIGHUP and the admin
+//! endpoint) that keep every established session and the sticky table.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use common::*;
+
+/// A config file in the temp directory, removed when dropped.
+struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    fn new(tag: &str, text: &str) -> ConfigFile {
+        let path =
+            std::env::temp_dir().join(format!("tether-test-{}-{tag}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        ConfigFile(path)
+    }
+
+    fn write(&self, text: &str) {
+        // Write then rename: a reload never reads a half-written file.
+        let tmp = self.0.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.0).unwrap();
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn service(name: &str, listen: &str, backends: &[(&Backend, u32)]) -> String {
+    let mut s = format!(
+        "[[service]]\nname = \"{name}\"\nlisten = [\"{listen}\"]\nhealth-check = \"off\"\n"
+    );
+    for (b, w) in backends {
+        s.push_str(&format!(
+            "[[service.backend]]\naddress = \"{}\"\nname = \"{}\"\nweight = {w}\n",
+            b.addr(),
+            b.name()
+        ));
+    }
+    s
+}
+
+#[test]
+fn check_validates_without_starting_anything() {
+    let pool = backends(70, 1);
+    let good = ConfigFile::new("check-good", &service("pg", "127.0.70.1:0", &[(&pool[0], 1)]));
+    let exit = run_to_exit(bin(), ["check", "--config", good.path()], DEADLINE).unwrap();
+    assert_eq!(exit.status.code(), Some(0), "{}", exit.stderr);
+    assert!(exit.stdout.starts_with("ok: 1 services (pg), 1 backends"), "{}", exit.stdout);
+    let bad = ConfigFile::new(
+        "check-bad",
+        &service("pg", "127.0.70.1:0", &[(&pool[0], 1)]).replace("weight = 1", "weight = 0"),
+    );
+    let exit = run_to_exit(bin(), ["check", "--config", bad.path()], DEADLINE).unwrap();
+    assert_eq!(exit.status.code(), Some(2));
+    assert!(
+        exit.stderr.contains("service[0].backend[0].weight \"0\": out of range"),
+        "{}",
+        exit.stderr
+    );
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/tether.example.toml");
+    let exit = run_to_exit(bin(), ["check", "--config", example], DEADLINE).unwrap();
+    assert_eq!(exit.status.code(), Some(0), "{}", exit.stderr);
+}
+
+/// Several services from one file; a reload under traffic adds a backend, re-weights one,
+/// removes one, adds a service, and keeps every established session and every pin.
+#[test]
+fn reload_under_traffic_keeps_sessions_and_pins() {
+    let pool = backends(71, 4);
+    let [b0, b1, b2, b3] = [&pool[0], &pool[1], &pool[2], &pool[3]];
+    let admin_line = "admin = \"127.0.71.1:0\"\nworkers = 2\n";
+    let first = format!(
+        "{admin_line}{}{}",
+        service("main", "127.0.71.1:0", &[(b0, 1), (b1, 1), (b2, 1)]),
+        service("other", "127.0.71.2:0", &[(b3, 1)])
+    );
+    let file = ConfigFile::new("reload", &first);
+    let t = Tether::start(bin(), ["--config", file.path()]).unwrap();
+    let (main, other) = (t.addrs()[0], t.addrs()[1]);
+    assert_eq!(ask_name(client_ip(0), other).unwrap(), "b3");
+    let sources: Vec<IpAddr> = (0..60).map(client_ip).collect();
+    let before: Vec<String> = sources.iter().map(|&s| ask_name(s, main).unwrap()).collect();
+    // Established sessions on every backend of `main`, b2 (to be removed) included.
+    let mut open: Vec<_> = sources.iter().take(30).map(|&s| echo_session(s, main)).collect();
+    for s in open.iter_mut() {
+        echo_roundtrip(s, "before").unwrap();
+    }
+    let b4 = Backend::start("b4", "127.0.71.14:0".parse().unwrap()).unwrap();
+    let second = format!(
+        "{admin_line}{}{}{}",
+        service("main", "127.0.71.1:0", &[(b0, 3), (b1, 1), (&b4, 1)]),
+        service("other", "127.0.71.2:0", &[(b3, 1)]),
+        service("new", "127.0.71.3:0", &[(b3, 1)])
+    );
+    // The listen address of `main` is written as configured (port 0): it is the same listener.
+    file.write(&second);
+    // Continuous new sessions through the reload, from sources whose backends stay.
+    let stay: Vec<IpAddr> =
+        sources.iter().zip(&before).filter(|(_, b)| *b != "b2").map(|(s, _)| *s).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, stay) = (std::sync::Arc::clone(&stop), stay.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            for i in 0..100_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match ask_name(stay[i % stay.len()], main) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let mut t = t;
+    t.signal(Signal::SIGHUP).unwrap();
+    let admin = t.admin();
+    assert!(
+        wait_until(DEADLINE, || api_backends(admin).iter().any(|b| b["name"] == "b4")),
+        "the reload never took effect: {}",
+        t.stderr_text()
+    );
+    assert!(t.wait_stdout(|l| l.starts_with("listening tcp 127.0.71.3:"), DEADLINE));
+    let new_addr: SocketAddr = t
+        .stdout_lines()
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("listening tcp 127.0.71.3:").map(|p| format!("127.0.71.3:{p}"))
+        })
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ask_name(client_ip(1), new_addr).unwrap(), "b3", "the new service serves");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.join().unwrap();
+    assert!(failed.is_empty(), "{} sessions failed across the reload: {failed:?}", failed.len());
+    assert!(ok > 0);
+    assert_eq!(api_backend(admin, "b0")["weight"], 3);
+    assert!(!api_backends(admin).iter().any(|b| b["name"] == "b2"));
+    // Every established session survived, including those on the removed backend.
+    for (i, s) in open.iter_mut().enumerate() {
+        echo_roundtrip(s, "after").unwrap_or_else(|e| panic!("session {i} broke: {e}"));
+    }
+    // Pins kept: clients of backends still there stay; clients of the removed one move.
+    for (i, &s) in sources.iter().enumerate() {
+        let now = ask_name(s, main).unwrap();
+        if before[i] == "b2" {
+            assert_ne!(now, "b2");
+        } else {
+            assert_eq!(now, before[i], "source {i} moved by a reload");
+        }
+    }
+
+    // A bad file is refused and the running configuration keeps serving.
+    file.write("[[service]]\nname = \"main\"\nlisten = []\n");
+    let reply = http(admin, "POST", "/api/reload", "").unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert!(reply.body.contains("listen"), "{}", reply.body);
+    assert!(t.wait_stderr(|l| l.contains("reload refused"), DEADLINE));
+    t.signal(Signal::SIGHUP).unwrap();
+    assert!(t.wait_stderr(|l| l.contains("SIGHUP: reload refused"), DEADLINE));
+    assert_eq!(api_backends(admin).len(), 5);
+    for (i, &s) in sources.iter().enumerate().filter(|(i, _)| before[*i] != "b2") {
+        assert_eq!(ask_name(s, main).unwrap(), before[i]);
+    }
+    for s in open.iter_mut() {
+        echo_roundtrip(s, "still").unwrap();
+    }
+    // And the admin endpoint reloads a good file.
+    file.write(&first.replace("workers = 2\n", "workers = 2\n"));
+    let reply = http(admin, "POST", "/api/reload", "").unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(api_backends(admin).iter().any(|b| b["name"] == "b2"));
+}
+
+#[test]
+fn reload_without_a_config_file_is_refused_and_harmless() {
+    let pool = backends(72, 1);
+    let t = tether_with_admin(72, &pool, &[]);
+    let reply = http(t.admin(), "POST", "/api/reload", "").unwrap();
+    assert_eq!(reply.status, 400);
+    assert!(reply.body.contains("without --config"), "{}", reply.body);
+    assert_eq!(ask_name(client_ip(0), t.addr()).unwrap(), "b0");
+}
