@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, and every test (unit, property, black-box on loopback).
-# Needs only the Rust toolchain; installs nothing else today.
+# Needs the Rust toolchain; installs chromium (the status page is tested in a headless browser)
+# when it is missing, with apt-get (as root, or through sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${TETHER_CHROMIUM:-}" ]; then
+    echo "== installing chromium (for tests/status_page.rs)"
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
