@@ -87,9 +87,20 @@ fn reload_under_traffic_keeps_sessions_and_pins() {
         service("other", "127.0.71.2:0", &[(b3, 1)])
     );
     let file = ConfigFile::new("reload", &first);
+    let first = first.replace(
+        "name = \"other\"\nlisten = [\"127.0.71.2:0\"]\n",
+        "name = \"other\"\nlisten = [\"127.0.71.2:0\"]\nprotocol = \"both\"\n",
+    );
+    file.write(&first);
+    // `other` takes UDP too: a UDP backend named b3 beside the TCP one.
+    let udp_b3 = UdpBackend::start("b3", b3.addr()).unwrap();
     let t = Tether::start(bin(), ["--config", file.path()]).unwrap();
     let (main, other) = (t.addrs()[0], t.addrs()[1]);
     assert_eq!(ask_name(client_ip(0), other).unwrap(), "b3");
+    let flow = udp_client(client_ip(0)).unwrap();
+    let udp_other = t.udp_addr();
+    assert_eq!(udp_ask(&flow, udp_other, b"name", DEADLINE).unwrap().0, b"b3");
+    let flow_port = udp_b3.seen().last().copied().unwrap();
     let sources: Vec<IpAddr> = (0..60).map(client_ip).collect();
     let before: Vec<String> = sources.iter().map(|&s| ask_name(s, main).unwrap()).collect();
     // Established sessions on every backend of `main`, b2 (to be removed) included.
@@ -101,7 +112,10 @@ fn reload_under_traffic_keeps_sessions_and_pins() {
     let second = format!(
         "{admin_line}{}{}{}",
         service("main", "127.0.71.1:0", &[(b0, 3), (b1, 1), (&b4, 1)]),
-        service("other", "127.0.71.2:0", &[(b3, 1)]),
+        service("other", "127.0.71.2:0", &[(b3, 1)]).replace(
+            "listen = [\"127.0.71.2:0\"]\n",
+            "listen = [\"127.0.71.2:0\"]\nprotocol = \"both\"\n"
+        ),
         service("new", "127.0.71.3:0", &[(b3, 1)])
     );
     // The listen address of `main` is written as configured (port 0): it is the same listener.
@@ -151,6 +165,9 @@ fn reload_under_traffic_keeps_sessions_and_pins() {
     assert!(ok > 0);
     assert_eq!(api_backend(admin, "b0")["weight"], 3);
     assert!(!api_backends(admin).iter().any(|b| b["name"] == "b2"));
+    // The UDP flow survived too: same flow socket toward the backend.
+    assert_eq!(udp_ask(&flow, udp_other, b"name", DEADLINE).unwrap().0, b"b3");
+    assert_eq!(udp_b3.seen().last().copied().unwrap(), flow_port, "the UDP flow was re-created");
     // Every established session survived, including those on the removed backend.
     for (i, s) in open.iter_mut().enumerate() {
         echo_roundtrip(s, "after").unwrap_or_else(|e| panic!("session {i} broke: {e}"));

@@ -262,3 +262,45 @@ fn five_tuple_affinity_pins_each_flow_on_its_own() {
     }
     assert!(seen.len() >= 2, "30 flows of one client IP all went to {seen:?}");
 }
+
+#[test]
+fn udp_probes_take_a_silent_backend_down_and_bring_it_back() {
+    let mut pool = udp_backends(67, 2);
+    let addrs: Vec<_> = pool.iter().map(UdpBackend::addr).collect();
+    let mut args: Vec<String> = [
+        "--protocol",
+        "udp",
+        "--admin",
+        "127.0.67.1:0",
+        "--health-send",
+        "ping",
+        "--health-expect",
+        "pi",
+        "--health-interval",
+        "200ms",
+        "--health-timeout",
+        "150ms",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(["--listen".into(), "127.0.67.1:0".into()]);
+    for (i, b) in addrs.iter().enumerate() {
+        args.extend(["--backend".to_string(), format!("{b},name=u{i}")]);
+    }
+    let t = Tether::start(bin(), &args).expect("start tether");
+    let admin = t.admin();
+    let health = |name: &str| api_backend(admin, name)["health"].as_str().unwrap().to_string();
+    assert!(wait_until(DEADLINE, || pool[0].sources().len() > 0), "u0 was never probed");
+    assert_eq!(health("u0"), "up");
+    pool[0].stop();
+    assert!(wait_until(DEADLINE, || health("u0") == "down"), "a closed UDP port stayed up");
+    assert_eq!(health("u1"), "up");
+    // New flows avoid it.
+    for i in 0..20 {
+        let socket = udp_client(client_ip(i)).unwrap();
+        assert_eq!(name_of(&socket, t.udp_addr()).0, "u1");
+    }
+    let back = UdpBackend::start("u0", addrs[0]).unwrap();
+    assert!(wait_until(DEADLINE, || health("u0") == "up"), "never came back");
+    drop(back);
+}
