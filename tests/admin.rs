@@ -363,3 +363,33 @@ fn a_non_loopback_admin_address_needs_an_explicit_flag() {
         exit.stderr
     );
 }
+
+#[test]
+fn on_down_kill_resets_the_open_sessions_of_a_backend_put_in_maint() {
+    let pool = backends(68, 2);
+    let t = tether_with_admin(68, &pool, &["--on-down", "kill"]);
+    let admin = t.admin();
+    let sources: Vec<IpAddr> = (0..40).map(client_ip).collect();
+    let names = survey_names(&sources, &t);
+    let on = |name: &str| sources.iter().zip(&names).find(|(_, n)| *n == name).unwrap().0;
+    let (victim_src, other_src) = (*on("b0"), *on("b1"));
+    let mut victim = echo_session(victim_src, t.addr());
+    let mut other = echo_session(other_src, t.addr());
+    echo_roundtrip(&mut victim, "before").unwrap();
+    echo_roundtrip(&mut other, "before").unwrap();
+    let r = put(admin, "/api/services/default/backends/b0", r#"{"state":"maint"}"#);
+    assert_eq!(r.status, 200);
+    // The victim's session is cut with a reset (not a clean end); the other one runs on.
+    let mut buf = [0u8; 16];
+    let cut = std::io::Read::read(&mut victim, &mut buf);
+    assert!(
+        matches!(&cut, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "expected a reset, got {cut:?}"
+    );
+    echo_roundtrip(&mut other, "after").unwrap();
+    assert!(wait_until(DEADLINE, || api_backend(admin, "b0")["sessions"] == 0));
+    // Its client reconnects elsewhere at once.
+    assert_eq!(ask_name(victim_src, t.addr()).unwrap(), "b1");
+    let metrics = http(admin, "GET", "/metrics", "").unwrap().body;
+    assert!(metrics.contains("tether_sessions_killed_total 1"), "{metrics}");
+}

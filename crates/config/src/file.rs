@@ -91,6 +91,7 @@ struct RawService {
     health_fall: Option<i64>,
     health_send: Option<String>,
     health_expect: Option<String>,
+    on_down: Option<String>,
     #[serde(default)]
     backend: Vec<RawBackend>,
 }
@@ -203,6 +204,7 @@ fn file_service(i: usize, raw: RawService, before: &[Service]) -> Result<Service
         health_fall: raw.health_fall.map(|n| n.to_string()),
         health_send: raw.health_send,
         health_expect: raw.health_expect,
+        on_down: raw.on_down,
     };
     build_service(&origin, name, listen, backends, &input)
 }
@@ -350,6 +352,7 @@ mod tests {
             health-timeout = "2s"
             health-rise = 4
             health-fall = 5
+            on-down = "kill"
 
             [[service.backend]]
             address = "10.0.0.1:5432"
@@ -406,6 +409,7 @@ mod tests {
                 timeout: Duration::from_secs(2),
                 rise: 4,
                 fall: 5,
+                on_down: crate::OnDown::Kill,
             },
         };
         let game = Service {
@@ -434,6 +438,7 @@ mod tests {
                 timeout: crate::DEFAULT_HEALTH_TIMEOUT,
                 rise: crate::DEFAULT_HEALTH_RISE,
                 fall: crate::DEFAULT_HEALTH_FALL,
+                on_down: crate::OnDown::Keep,
             },
         };
         assert_eq!(c.services, vec![pg, game]);
@@ -561,6 +566,10 @@ mod tests {
             (top("workers = -1"), "workers \"-1\": expected a whole number greater than zero"),
             (top("max-conns = 0"), "max-conns \"0\": must be greater than zero"),
             (service("seed = -1"), "service[0].seed \"-1\": expected an unsigned 64-bit integer"),
+            (
+                service("on-down = \"later\""),
+                "service[0].on-down \"later\": expected `keep` or `kill`",
+            ),
             (
                 service("health-fall = -3"),
                 "service[0].health-fall \"-3\": expected a whole number from 1 to 100",

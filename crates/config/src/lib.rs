@@ -148,6 +148,10 @@ pub struct Args {
     /// UDP probe: the reply must start with these bytes (text; \xNN escapes; default: any reply)
     #[argh(option)]
     pub health_expect: Option<String>,
+    /// what happens to a backend's open sessions and flows when it goes down or into maint:
+    /// `keep` (default: they run on) or `kill` (reset at once, so clients reconnect elsewhere)
+    #[argh(option)]
+    pub on_down: Option<String>,
     /// admin HTTP address (API, /metrics, status page), e.g. 127.0.0.1:9100 (default: off)
     #[argh(option)]
     pub admin: Option<String>,
@@ -223,6 +227,27 @@ pub struct HealthConfig {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// Open sessions and flows of a backend that goes down or into maintenance.
+    pub on_down: OnDown,
+}
+
+/// What happens to a backend's open sessions and flows when it goes down (health) or into
+/// `maint` (admin), like HAProxy's `on-marked-down shutdown-sessions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDown {
+    /// They run on until they end by themselves (the default: never cut a live session).
+    Keep,
+    /// They are reset at once, so clients notice and reconnect to a backend that is up.
+    Kill,
+}
+
+/// `keep` or `kill`.
+pub fn parse_on_down(raw: &str) -> Result<OnDown, String> {
+    match raw {
+        "keep" => Ok(OnDown::Keep),
+        "kill" => Ok(OnDown::Kill),
+        _ => Err("expected `keep` or `kill`".into()),
+    }
 }
 
 /// One service: its listeners, its pool and its settings.
@@ -293,7 +318,7 @@ impl std::error::Error for ConfigError {}
 /// Flags that describe the one service of the flag form; refused next to `--config`.
 fn service_flags(args: &Args) -> Vec<&'static str> {
     let mut given = Vec::new();
-    let opts: [(&'static str, bool); 20] = [
+    let opts: [(&'static str, bool); 21] = [
         ("listen", !args.listen.is_empty()),
         ("backend", !args.backend.is_empty()),
         ("affinity", args.affinity.is_some()),
@@ -306,6 +331,7 @@ fn service_flags(args: &Args) -> Vec<&'static str> {
         ("protocol", args.protocol.is_some()),
         ("udp-idle-timeout", args.udp_idle_timeout.is_some()),
         ("health-check", args.health_check.is_some()),
+        ("on-down", args.on_down.is_some()),
         ("health-interval", args.health_interval.is_some()),
         ("health-timeout", args.health_timeout.is_some()),
         ("health-rise", args.health_rise.is_some()),
@@ -391,6 +417,7 @@ pub(crate) struct ServiceInput {
     pub health_fall: Option<String>,
     pub health_send: Option<String>,
     pub health_expect: Option<String>,
+    pub on_down: Option<String>,
 }
 
 impl From<&Args> for ServiceInput {
@@ -412,6 +439,7 @@ impl From<&Args> for ServiceInput {
             health_fall: args.health_fall.clone(),
             health_send: args.health_send.clone(),
             health_expect: args.health_expect.clone(),
+            on_down: args.on_down.clone(),
         }
     }
 }
@@ -620,7 +648,8 @@ fn build_health(
     }
     let rise = opt(origin, "health-rise", &input.health_rise, DEFAULT_HEALTH_RISE, parse_small)?;
     let fall = opt(origin, "health-fall", &input.health_fall, DEFAULT_HEALTH_FALL, parse_small)?;
-    Ok(HealthConfig { check, interval, timeout, rise, fall })
+    let on_down = opt(origin, "on-down", &input.on_down, OnDown::Keep, parse_on_down)?;
+    Ok(HealthConfig { check, interval, timeout, rise, fall, on_down })
 }
 
 /// The whole configuration from validated services and the process-wide settings as given.

@@ -92,6 +92,8 @@ fn apply(
     let Some(Some(s)) = reg.services.get_mut(slot) else { return };
     let service = s.config.name.clone();
     let fall = s.config.health.fall;
+    let kill = s.config.health.on_down == config::OnDown::Kill;
+    let mut killed = Vec::new();
     for (id, outcome) in ids.iter().zip(outcomes) {
         // The backend may have been removed while the round ran.
         let Some(b) = s.backends.iter_mut().find(|b| b.state.id == *id) else { continue };
@@ -105,6 +107,9 @@ fn apply(
         changed = b.checker.observe(*outcome == Outcome::Ok).or(changed);
         if let Some(health) = changed {
             b.state.set_health(health);
+            if health == Health::Down && kill {
+                killed.push(b.state.id);
+            }
             let why = match (health, outcome) {
                 (Health::Down, Outcome::Failed(why)) => format!(": {why}"),
                 (Health::Down, Outcome::Ok) => format!(": {passive} failed connects"),
@@ -116,5 +121,8 @@ fn apply(
     for e in events {
         reg.transitions += 1;
         reg.event(e);
+    }
+    for id in killed {
+        reg.kill(id);
     }
 }

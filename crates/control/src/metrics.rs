@@ -11,7 +11,7 @@ pub fn render(registry: &Registry) -> String {
     for s in &registry.stats {
         total += s.snapshot();
     }
-    let process: [(&str, &str, &str, u64); 22] = [
+    let process: [(&str, &str, &str, u64); 23] = [
         ("tether_sessions_accepted_total", "counter", "TCP clients accepted", total.accepted),
         (
             "tether_sessions_established_total",
@@ -37,6 +37,12 @@ pub fn render(registry: &Registry) -> String {
             "counter",
             "sessions closed by the idle timeout",
             total.idle_timeouts,
+        ),
+        (
+            "tether_sessions_killed_total",
+            "counter",
+            "sessions and flows ended because their backend went down or into maint (on-down kill)",
+            total.killed,
         ),
         (
             "tether_resets_forwarded_total",

@@ -212,11 +212,16 @@ impl Registry {
         state: AdminState,
     ) -> Result<(), Refusal> {
         let (slot, i) = self.find_backend(service, name)?;
-        let b = &self.services[slot].as_ref().expect("found").backends[i].state;
-        let before = b.admin();
+        let s = self.services[slot].as_ref().expect("found");
+        let kill = s.config.health.on_down == config::OnDown::Kill;
+        let b = &s.backends[i].state;
+        let (before, id) = (b.admin(), b.id);
         if before != state {
             b.set_admin(state);
             self.event(format!("{service}/{name}: state {before} -> {state}"));
+            if state == AdminState::Maint && kill {
+                self.kill(id);
+            }
         }
         Ok(())
     }
@@ -288,8 +293,19 @@ impl Registry {
             return Err(e);
         }
         let live = removed.state.sessions.load(std::sync::atomic::Ordering::Relaxed);
-        self.event(format!("{service}/{name}: removed ({live} open sessions continue)"));
+        let s = self.services[slot].as_ref().expect("found");
+        if s.config.health.on_down == config::OnDown::Kill {
+            self.kill(removed.state.id);
+            self.event(format!("{service}/{name}: removed ({live} open sessions reset)"));
+        } else {
+            self.event(format!("{service}/{name}: removed ({live} open sessions continue)"));
+        }
         Ok(())
+    }
+
+    /// Reset the open sessions and end the flows of backend `id`, on every worker.
+    pub fn kill(&self, id: BackendId) {
+        self.workers.send(|| Command::Kill(id));
     }
 
     /// Every backend of every service, with live counts.

@@ -71,6 +71,9 @@ pub enum Command {
     /// Stop accepting on these addresses (TCP and UDP): close the sockets. Open sessions
     /// continue; UDP flows that came in on a closed socket end (their replies had no way out).
     Unlisten(Vec<SocketAddr>),
+    /// End every open session (with a reset) and flow of the backend with this id: it went
+    /// down or into maintenance and its service says `on-down kill`.
+    Kill(conntrack::BackendId),
 }
 
 /// State every worker of a process shares (read-only apart from atomics).

@@ -49,6 +49,8 @@ pub enum CloseReason {
     NoBackend,
     /// Shutdown grace period over.
     Shutdown,
+    /// Its backend went down or into maintenance under `on-down kill`.
+    Killed,
 }
 
 /// What driving a session led to.

@@ -57,6 +57,8 @@ counters! {
     resets,
     /// Sessions closed by the idle timeout.
     idle_timeouts,
+    /// Sessions and flows ended because their backend went down or into maint (`on-down kill`).
+    killed,
     /// Sessions served unpinned because the sticky table was full.
     sticky_full,
     /// accept(2) failures (EMFILE and friends), each followed by a back-off.

@@ -141,6 +141,23 @@ impl Udp {
         }
     }
 
+    /// End the flows of backend `id`; the next datagram of each client opens a new flow on a
+    /// backend that is up. Returns how many ended.
+    pub fn kill(&mut self, id: conntrack::BackendId, ctx: &Ctx<'_>) -> usize {
+        let mut n = 0;
+        for slot in 0..self.flows.len() {
+            let Some(flow) = self.flows[slot].as_ref() else { continue };
+            if flow.service.backends[flow.backend].id == id {
+                let (key, table) = (flow.key, flow.service.slot);
+                self.tables[table].remove(&key);
+                self.close(slot, ctx);
+                inc(&ctx.stats.killed);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The flow table of service slot `service`, made on first use.
     fn table(&mut self, service: usize) -> &mut FlowTable<usize> {
         while self.tables.len() <= service {

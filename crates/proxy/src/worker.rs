@@ -131,6 +131,29 @@ impl Worker {
         Ok(())
     }
 
+    /// Reset the established sessions of backend `id` and end its flows (`on-down kill`).
+    /// Sessions still connecting to it are left to their connect (which fails over).
+    fn kill(&mut self, id: conntrack::BackendId) {
+        let mut n = 0;
+        for slot in 0..self.sessions.len() {
+            let Some(s) = self.sessions[slot].as_ref() else { continue };
+            if s.counted && s.service.backends[s.target].id == id {
+                // `close` resets both sides: the session is cut, not finished.
+                inc(&self.stats.killed);
+                self.close(slot, CloseReason::Killed);
+                n += 1;
+            }
+        }
+        let ctx = Ctx {
+            registry: self.poll.registry(),
+            services: &self.services,
+            stats: &self.stats,
+            now_ms: self.shared.now_ms(self.now),
+        };
+        let flows = self.udp.kill(id, &ctx);
+        log::debug!("worker {}: backend {id} down: {n} sessions and {flows} flows ended", self.id);
+    }
+
     /// Close the listeners bound to any of `addrs`.
     fn unlisten(&mut self, addrs: &[SocketAddr]) {
         for slot in self.listeners.iter_mut() {
@@ -227,6 +250,7 @@ impl Worker {
                     }
                 }
                 Command::Unlisten(addrs) => self.unlisten(&addrs),
+                Command::Kill(id) => self.kill(id),
             }
         }
     }
