@@ -290,7 +290,7 @@ fn udp_probes_take_a_silent_backend_down_and_bring_it_back() {
     let t = Tether::start(bin(), &args).expect("start tether");
     let admin = t.admin();
     let health = |name: &str| api_backend(admin, name)["health"].as_str().unwrap().to_string();
-    assert!(wait_until(DEADLINE, || pool[0].sources().len() > 0), "u0 was never probed");
+    assert!(wait_until(DEADLINE, || !pool[0].sources().is_empty()), "u0 was never probed");
     assert_eq!(health("u0"), "up");
     pool[0].stop();
     assert!(wait_until(DEADLINE, || health("u0") == "down"), "a closed UDP port stayed up");
