@@ -143,7 +143,16 @@ fn a_flood_beyond_max_flows_is_dropped_and_established_flows_keep_working() {
     let t = udp_tether(
         "127.0.54.1:0",
         &[pool[0].addr()],
-        &["--protocol", "udp", "--max-flows", "20", "--udp-idle-timeout", "1h"],
+        &[
+            "--protocol",
+            "udp",
+            "--max-flows",
+            "20",
+            "--udp-idle-timeout",
+            "1h",
+            "--admin",
+            "127.0.54.1:0",
+        ],
     );
     let established: Vec<UdpSocket> = (0..10).map(|i| udp_client(client_ip(i)).unwrap()).collect();
     for s in &established {
@@ -163,6 +172,17 @@ fn a_flood_beyond_max_flows_is_dropped_and_established_flows_keep_working() {
     // Every flow has its own source port at the backend: at most 20 were ever made.
     let flows = pool[0].sources().len();
     assert!((11..=20).contains(&flows), "{flows} flows reached the backend with --max-flows 20");
+    // The drops are counted, with their reason (never more than the refused sources sent; the
+    // kernel may also have dropped some of the flood before tether read it).
+    let dropped = || {
+        let text = http(t.admin(), "GET", "/metrics", "").unwrap().body;
+        text.lines()
+            .find_map(|l| l.strip_prefix("tether_datagrams_dropped_total{reason=\"max_flows\"} "))
+            .map_or(0, |v| v.parse::<u64>().unwrap())
+    };
+    let refused = 500 - (flows - 10) as u64;
+    assert!(wait_until(DEADLINE, || dropped() > 0), "no drop counted");
+    assert!(dropped() <= refused, "{} drops counted for {refused} refused sources", dropped());
 }
 
 #[test]

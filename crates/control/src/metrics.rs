@@ -11,7 +11,7 @@ pub fn render(registry: &Registry) -> String {
     for s in &registry.stats {
         total += s.snapshot();
     }
-    let process: [(&str, &str, &str, u64); 23] = [
+    let process: [(&str, &str, &str, u64); 22] = [
         ("tether_sessions_accepted_total", "counter", "TCP clients accepted", total.accepted),
         (
             "tether_sessions_established_total",
@@ -90,12 +90,6 @@ pub fn render(registry: &Registry) -> String {
         ),
         ("tether_datagrams_in_total", "counter", "UDP datagrams from clients", total.datagrams_in),
         ("tether_datagrams_out_total", "counter", "UDP datagrams to clients", total.datagrams_out),
-        (
-            "tether_datagrams_dropped_total",
-            "counter",
-            "UDP datagrams dropped (full buffers, unreachable peers, refused flows)",
-            total.datagrams_dropped,
-        ),
         ("tether_flows_created_total", "counter", "UDP flows created", total.flows_created),
         (
             "tether_flows_expired_total",
@@ -119,6 +113,23 @@ pub fn render(registry: &Registry) -> String {
     for (name, kind, help, value) in process {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
     }
+    let drops: Vec<(String, f64)> = [
+        ("max_flows", total.dropped_max_flows),
+        ("no_backend", total.dropped_no_backend),
+        ("local", total.dropped_local),
+        ("to_backend", total.dropped_to_backend),
+        ("to_client", total.dropped_to_client),
+    ]
+    .into_iter()
+    .map(|(reason, n)| (format!("reason=\"{reason}\""), n as f64))
+    .collect();
+    labelled(
+        &mut out,
+        "tether_datagrams_dropped_total",
+        "counter",
+        "UDP datagrams dropped, by reason: max_flows (no flow at --max-flows), no_backend, local (no socket or fd here), to_backend and to_client (send failed)",
+        &drops,
+    );
     let active = registry.shared.active.load(std::sync::atomic::Ordering::Relaxed);
     gauge(&mut out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);
     let flows = registry.shared.flow_budget.used();

@@ -69,8 +69,18 @@ counters! {
     datagrams_in,
     /// UDP datagrams sent back to clients.
     datagrams_out,
-    /// UDP datagrams dropped (full socket buffers, unreachable peers, refused flows).
+    /// UDP datagrams dropped, for any of the reasons below.
     datagrams_dropped,
+    /// ... because `--max-flows` flows were open (no flow for a new client).
+    dropped_max_flows,
+    /// ... because no backend of the service could take a new flow.
+    dropped_no_backend,
+    /// ... because this host had no socket, fd or memory for a new flow.
+    dropped_local,
+    /// ... because sending to the backend failed (full buffer, unreachable).
+    dropped_to_backend,
+    /// ... because sending the reply to the client failed (full buffer, unreachable client).
+    dropped_to_client,
     /// UDP flows created.
     flows_created,
     /// UDP flows closed by the idle timeout.

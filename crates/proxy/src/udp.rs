@@ -256,7 +256,10 @@ impl Udp {
                 Some(flow) => *flow.value(),
                 None => match self.open(key, i, service, client, local_ip, ctx) {
                     Some(slot) => slot,
-                    None => return,
+                    None => {
+                        inc(&ctx.stats.datagrams_dropped);
+                        return;
+                    }
                 },
             };
             let Some(flow) = self.flows.get(slot).and_then(Option::as_ref) else { return };
@@ -273,6 +276,7 @@ impl Udp {
                 Err(e) => {
                     log::debug!("udp send to backend: {e}");
                     inc(&ctx.stats.datagrams_dropped);
+                    inc(&ctx.stats.dropped_to_backend);
                     return;
                 }
             }
@@ -295,6 +299,7 @@ impl Udp {
         let expiry_due = self.next_expiry().is_some_and(|t| t <= ctx.now_ms);
         if self.budget.available() == 0 && !expiry_due {
             inc(&ctx.stats.flows_refused);
+            inc(&ctx.stats.dropped_max_flows);
             return None;
         }
         if self.budget.available() == 0 {
@@ -313,13 +318,17 @@ impl Udp {
         let pinned = affinity
             .and_then(|k| service.sticky.lookup(k, ctx.now_ms))
             .and_then(|id| service.pinned(id, ctx.now_ms));
-        let backend = pinned.or_else(|| service.choose(hash, ctx.now_ms, |_| false))?;
+        let Some(backend) = pinned.or_else(|| service.choose(hash, ctx.now_ms, |_| false)) else {
+            inc(&ctx.stats.dropped_no_backend);
+            return None;
+        };
         let target = &service.backends[backend];
         let mut socket = match connected_socket(target.addr) {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("udp socket toward {}: {e}", target.addr);
                 inc(&ctx.stats.local_errors);
+                inc(&ctx.stats.dropped_local);
                 return None;
             }
         };
@@ -331,6 +340,7 @@ impl Udp {
             ctx.registry.register(&mut socket, Slot::Flow(slot).token(), Interest::READABLE)
         {
             log::warn!("register udp flow: {e}");
+            inc(&ctx.stats.dropped_local);
             self.free.push(slot);
             return None;
         }
@@ -344,6 +354,7 @@ impl Udp {
             Err(refused) => {
                 log::debug!("udp flow from {client} refused: {:?}", refused.reason);
                 inc(&ctx.stats.flows_refused);
+                inc(&ctx.stats.dropped_max_flows);
                 self.free.push(slot);
                 return None;
             }
@@ -416,6 +427,7 @@ impl Udp {
                     Err(e) => {
                         log::debug!("udp reply to {client}: {e}");
                         inc(&ctx.stats.datagrams_dropped);
+                        inc(&ctx.stats.dropped_to_client);
                     }
                 }
             }
