@@ -236,18 +236,26 @@ fn bind_service(
     for &want in &service.listen {
         let bound = proxy::bind(&[want], workers, service.protocol.tcp(), service.protocol.udp())
             .map_err(RunError::Bind)?;
-        for addr in &bound.tcp_addrs {
-            out.push((want, *addr, false));
-        }
-        for addr in &bound.udp_addrs {
-            out.push((want, *addr, true));
-        }
-        for (w, (tcp, udp)) in bound.tcp.into_iter().zip(bound.udp).enumerate() {
-            per_worker[w].tcp.extend(tcp.into_iter().map(|l| (slot, l)));
-            per_worker[w].udp.extend(udp.into_iter().map(|l| (slot, l)));
-        }
+        hand_out(want, bound, slot, per_worker, &mut out);
     }
     Ok(out)
+}
+
+/// Share freshly bound sockets of listen address `want` among the workers, for service `slot`,
+/// and record (configured, bound, udp) for each listener.
+fn hand_out(
+    want: SocketAddr,
+    bound: proxy::Bound,
+    slot: usize,
+    per_worker: &mut [Listeners],
+    out: &mut Vec<(SocketAddr, SocketAddr, bool)>,
+) {
+    out.extend(bound.tcp_addrs.iter().map(|addr| (want, *addr, false)));
+    out.extend(bound.udp_addrs.iter().map(|addr| (want, *addr, true)));
+    for (w, (tcp, udp)) in bound.tcp.into_iter().zip(bound.udp).enumerate() {
+        per_worker[w].tcp.extend(tcp.into_iter().map(|l| (slot, l)));
+        per_worker[w].udp.extend(udp.into_iter().map(|l| (slot, l)));
+    }
 }
 
 /// One worker thread and how to reach it.
@@ -427,16 +435,7 @@ impl Supervisor<'_> {
                     let at = tcp_kept.or(udp_kept).map_or(want, |(_, bound, _)| bound);
                     let bound = proxy::bind(&[at], self.workers, need_tcp, need_udp)
                         .map_err(|e| e.to_string())?;
-                    for addr in &bound.tcp_addrs {
-                        listeners.push((want, *addr, false));
-                    }
-                    for addr in &bound.udp_addrs {
-                        listeners.push((want, *addr, true));
-                    }
-                    for (w, (t, u)) in bound.tcp.into_iter().zip(bound.udp).enumerate() {
-                        per_worker[w].tcp.extend(t.into_iter().map(|l| (slot, l)));
-                        per_worker[w].udp.extend(u.into_iter().map(|l| (slot, l)));
-                    }
+                    hand_out(want, bound, slot, &mut per_worker, &mut listeners);
                 }
             }
             for old in &kept {
