@@ -28,9 +28,9 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::{
-    add_backend, backend_spec, build_config, build_service, check_backend_addr, check_name,
-    check_weight, listen_addrs, BackendSpec, Config, ConfigError, Origin, ProcessInput, Service,
-    ServiceInput,
+    add_backend, backend_spec, build_config, build_service, check_backend_addr,
+    check_backend_max_conns, check_name, check_weight, listen_addrs, BackendSpec, Config,
+    ConfigError, Origin, ProcessInput, Service, ServiceInput,
 };
 
 /// Read and validate the config file at `path`.
@@ -103,6 +103,7 @@ struct RawBackend {
     address: Option<String>,
     weight: Option<i64>,
     name: Option<String>,
+    max_conns: Option<i64>,
 }
 
 /// A duration as the flags take it (`"30s"`). Its own type only so that a bare number says
@@ -231,7 +232,11 @@ fn file_backend(
     }
     // Without a name the address is the name, so a clash is the address's.
     let key = if raw.name.is_some() { "name" } else { "address" };
-    let spec = backend_spec(addr, weight, raw.name);
+    let mut spec = backend_spec(addr, weight, raw.name);
+    if let Some(n) = raw.max_conns {
+        let checked = check_backend_max_conns(n).map_err(|p| at("max-conns", &n.to_string(), p))?;
+        spec.max_conns = Some(checked);
+    }
     let name = spec.name.clone();
     add_backend(backends, spec).map_err(|p| at(key, &name, p))
 }
@@ -257,7 +262,7 @@ fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
 }
 
 /// An unknown key or a value of the wrong type, at its key path, with serde's message said in
-/// TOML's words: `unknown key (expected one of address, weight, name)`, `expected an integer,
+/// TOML's words: `unknown key (expected one of address, weight, name, max-conns)`, `expected an integer,
 /// found string "2"`.
 fn shape_error(e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
     let place = e.path().to_string();
@@ -358,6 +363,7 @@ mod tests {
             address = "10.0.0.1:5432"
             weight = 2
             name = "db-1"
+            max-conns = 100
 
             [[service.backend]]
             address = "[fd00::2]:5432"
@@ -388,11 +394,17 @@ mod tests {
             listen: vec![addr("0.0.0.0:5432"), addr("[::1]:5433")],
             protocol: Protocol::Tcp,
             backends: vec![
-                BackendSpec { addr: addr("10.0.0.1:5432"), name: "db-1".into(), weight: weight(2) },
+                BackendSpec {
+                    addr: addr("10.0.0.1:5432"),
+                    name: "db-1".into(),
+                    weight: weight(2),
+                    max_conns: std::num::NonZeroU32::new(100),
+                },
                 BackendSpec {
                     addr: addr("[fd00::2]:5432"),
                     name: "[fd00::2]:5432".into(),
                     weight: weight(1),
+                    max_conns: None,
                 },
             ],
             affinity: Affinity::FiveTuple,
@@ -420,6 +432,7 @@ mod tests {
                 addr: addr("10.0.1.1:7777"),
                 name: "10.0.1.1:7777".into(),
                 weight: weight(1000),
+                max_conns: None,
             }],
             affinity: Affinity::Source,
             sticky_timeout: crate::DEFAULT_STICKY_TIMEOUT,
@@ -536,7 +549,7 @@ mod tests {
             ),
             (
                 second_backend("address = \"10.0.0.2:5432\"\nwieght = 2"),
-                "service[0].backend[1].wieght: unknown key (expected one of address, weight, name)",
+                "service[0].backend[1].wieght: unknown key (expected one of address, weight, name, max-conns)",
             ),
             (
                 service("health-rise = \"2\""),

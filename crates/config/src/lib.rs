@@ -79,8 +79,8 @@ pub struct Args {
     /// address to accept clients on, e.g. 0.0.0.0:5432 or [::]:5432 (repeatable)
     #[argh(option)]
     pub listen: Vec<String>,
-    /// backend ADDR[,weight=N][,name=NAME]; weight 1..=1000 (default 1), name defaults to ADDR
-    /// (repeatable)
+    /// backend ADDR[,weight=N][,name=NAME][,max-conns=N]; weight 1..=1000 (default 1), name
+    /// defaults to ADDR, max-conns caps its open sessions (repeatable)
     #[argh(option)]
     pub backend: Vec<String>,
     /// what pins a client: `source` (client IP, default) or `5tuple` (each connection on its own)
@@ -206,6 +206,9 @@ pub struct BackendSpec {
     pub addr: SocketAddr,
     pub name: String,
     pub weight: NonZeroU32,
+    /// Most TCP sessions open (or connecting) to it at once; `None`: no limit. A full backend is
+    /// skipped like a down one until a session ends.
+    pub max_conns: Option<NonZeroU32>,
 }
 
 /// What an active health probe does.
@@ -820,6 +823,7 @@ pub fn parse_backend(raw: &str) -> Result<BackendSpec, String> {
     let addr = check_backend_addr(parts.next().unwrap_or_default())?;
     let mut weight = None;
     let mut name = None;
+    let mut max_conns = None;
     for part in parts {
         let (k, v) = part
             .split_once('=')
@@ -834,12 +838,30 @@ pub fn parse_backend(raw: &str) -> Result<BackendSpec, String> {
                 check_name(v)?;
                 name = Some(v.to_string());
             }
+            "max-conns" => {
+                let n: i64 =
+                    v.parse().map_err(|_| format!("max-conns {v:?} is not a whole number"))?;
+                max_conns = Some(check_backend_max_conns(n).map_err(|p| format!("max-conns {p}"))?);
+            }
             other => {
-                return Err(format!("unknown backend option {other:?} (expected weight or name)"))
+                return Err(format!(
+                    "unknown backend option {other:?} (expected weight, name or max-conns)"
+                ))
             }
         }
     }
-    Ok(backend_spec(addr, weight, name))
+    let mut spec = backend_spec(addr, weight, name);
+    spec.max_conns = max_conns;
+    Ok(spec)
+}
+
+/// A backend's `max-conns`: 1..=1,000,000.
+pub fn check_backend_max_conns(n: i64) -> Result<NonZeroU32, String> {
+    u32::try_from(n)
+        .ok()
+        .filter(|n| (1..=1_000_000).contains(n))
+        .and_then(NonZeroU32::new)
+        .ok_or_else(|| format!("{n} out of range 1..=1000000"))
 }
 
 /// A backend from its parts, defaulting the weight to 1 and the name to the address.
@@ -852,6 +874,7 @@ pub(crate) fn backend_spec(
         addr,
         name: name.unwrap_or_else(|| addr.to_string()),
         weight: weight.unwrap_or(NonZeroU32::MIN),
+        max_conns: None,
     }
 }
 
@@ -1016,6 +1039,10 @@ mod tests {
         assert!(err(&["--backend", "127.0.0.1:3,weight=1001"]).contains("out of range"));
         assert!(err(&["--backend", "127.0.0.1:3,weight=x"]).contains("not a whole number"));
         assert!(err(&["--backend", "127.0.0.1:3,colour=red"]).contains("unknown backend option"));
+        assert!(err(&["--backend", "127.0.0.1:3,max-conns=0"]).contains("max-conns 0 out of range"));
+        assert!(err(&["--backend", "127.0.0.1:3,max-conns=x"]).contains("not a whole number"));
+        let capped = with(&["--backend", "127.0.0.1:3,max-conns=7"]).unwrap();
+        assert_eq!(capped.services[0].backends[1].max_conns.map(|n| n.get()), Some(7));
         assert!(err(&["--backend", "127.0.0.1:2"]).contains("used twice"));
         assert!(err(&["--backend", "127.0.0.1:0"]).contains("port must not be 0"));
         assert!(err(&["--affinity", "cookie"]).starts_with("--affinity \"cookie\""));

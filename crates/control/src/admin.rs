@@ -217,19 +217,23 @@ fn add_backend(service: &str, body: &str, registry: &mut Registry) -> Answer {
             ("address", Value::String(a)) => address = Some(a.clone()),
             ("weight", Value::Number(n)) => spec.push_str(&format!(",weight={n}")),
             ("name", Value::String(n)) => spec.push_str(&format!(",name={n}")),
+            ("max_conns", Value::Number(n)) => spec.push_str(&format!(",max-conns={n}")),
+            ("max_conns", _) => return error(400, "max_conns: expected a whole number"),
             ("address" | "name", _) => return error(400, &format!("{k}: expected a string")),
             ("weight", _) => return error(400, "weight: expected a whole number"),
             (other, _) => {
                 return error(
                     400,
-                    &format!("unknown key {other:?} (expected address, weight or name)"),
+                    &format!("unknown key {other:?} (expected address, weight, name or max_conns)"),
                 )
             }
         }
     }
     let Some(address) = address else { return error(400, "address: required") };
-    if address.contains(',') {
-        return error(400, "address: not an IP:port address");
+    // The parts are joined into the flag form: a comma inside one would smuggle in an option.
+    let commas = map.values().filter_map(Value::as_str).any(|v| v.contains(','));
+    if commas || address.contains(',') {
+        return error(400, "address and name may not contain a comma");
     }
     let spec = match config::parse_backend(&format!("{address}{spec}")) {
         Ok(spec) => spec,
@@ -285,6 +289,7 @@ pub(crate) fn backend_json(b: &crate::registry::BackendView) -> Value {
         "state": b.state.as_str(),
         "health": b.health.as_str(),
         "weight": b.weight,
+        "max_conns": b.max_conns,
         "sessions": b.sessions,
         "sessions_total": b.sessions_total,
         "flows": b.flows,

@@ -11,7 +11,7 @@ pub fn render(registry: &Registry) -> String {
     for s in &registry.stats {
         total += s.snapshot();
     }
-    let process: [(&str, &str, &str, u64); 22] = [
+    let process: [(&str, &str, &str, u64); 23] = [
         ("tether_sessions_accepted_total", "counter", "TCP clients accepted", total.accepted),
         (
             "tether_sessions_established_total",
@@ -37,6 +37,12 @@ pub fn render(registry: &Registry) -> String {
             "counter",
             "sessions closed by the idle timeout",
             total.idle_timeouts,
+        ),
+        (
+            "tether_connects_backend_full_total",
+            "counter",
+            "connect attempts that found their backend at its max-conns and moved on",
+            total.backend_full,
         ),
         (
             "tether_sessions_killed_total",
@@ -169,7 +175,7 @@ pub fn render(registry: &Registry) -> String {
             })
             .collect()
     };
-    let rows: [Family; 11] = [
+    let rows: [Family; 12] = [
         (
             "tether_backend_sessions",
             "gauge",
@@ -219,6 +225,12 @@ pub fn render(registry: &Registry) -> String {
             per(&|b| b.bytes_out as f64),
         ),
         ("tether_backend_weight", "gauge", "the backend's weight", per(&|b| b.weight as f64)),
+        (
+            "tether_backend_max_conns",
+            "gauge",
+            "the backend's max-conns (0: no limit)",
+            per(&|b| f64::from(b.max_conns.unwrap_or(0))),
+        ),
         (
             "tether_backend_up",
             "gauge",

@@ -100,6 +100,7 @@ pub struct BackendView {
     pub state: AdminState,
     pub health: Health,
     pub weight: u32,
+    pub max_conns: Option<u32>,
     pub sessions: u64,
     pub sessions_total: u64,
     pub flows: u64,
@@ -155,8 +156,10 @@ impl Registry {
     fn new_backend(&mut self, spec: &config::BackendSpec, service: &config::Service) -> BackendCtl {
         let id = self.next_id;
         self.next_id += 1;
+        let state = BackendState::new(id, spec.name.clone(), spec.addr);
+        state.set_max_conns(spec.max_conns);
         BackendCtl {
-            state: Arc::new(BackendState::new(id, spec.name.clone(), spec.addr)),
+            state: Arc::new(state),
             weight: spec.weight,
             checker: Checker::new(service.health.rise, service.health.fall),
             failures_seen: 0,
@@ -324,6 +327,7 @@ impl Registry {
                     state: st.admin(),
                     health: st.health(),
                     weight: b.weight.get(),
+                    max_conns: st.max_conns(),
                     sessions: st.sessions.load(Relaxed),
                     sessions_total: st.sessions_total.load(Relaxed),
                     flows: st.flows.load(Relaxed),
@@ -375,6 +379,7 @@ impl Registry {
                 Some(i) => {
                     let mut b = old.swap_remove(i);
                     b.weight = spec.weight;
+                    b.state.set_max_conns(spec.max_conns);
                     b.checker.set_limits(config.health.rise, config.health.fall);
                     fresh.push(b);
                 }

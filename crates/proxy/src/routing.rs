@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +39,10 @@ pub struct BackendState {
     up: AtomicBool,
     /// Milliseconds (on the proxy clock) until which the backend counts as failing.
     failing_until: AtomicU64,
+    /// Most TCP sessions open or connecting at once (`max-conns`); 0: no limit.
+    max_conns: AtomicU32,
+    /// TCP sessions open or connecting now: what `max_conns` bounds.
+    inflight: AtomicU64,
     /// TCP sessions established to this backend and not yet closed.
     pub sessions: AtomicU64,
     /// TCP sessions established to this backend since it was added.
@@ -66,6 +70,8 @@ impl BackendState {
             admin: AtomicU8::new(AdminState::Ready.to_u8()),
             up: AtomicBool::new(true),
             failing_until: AtomicU64::new(0),
+            max_conns: AtomicU32::new(0),
+            inflight: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
             sessions_total: AtomicU64::new(0),
             flows: AtomicU64::new(0),
@@ -101,6 +107,42 @@ impl BackendState {
         }
     }
 
+    /// Set `max-conns` (`None`: no limit). Sessions over a lowered limit run on; new ones wait
+    /// until the count is below it.
+    pub fn set_max_conns(&self, max: Option<std::num::NonZeroU32>) {
+        self.max_conns.store(max.map_or(0, |n| n.get()), Relaxed);
+    }
+
+    /// `max-conns`, if any.
+    pub fn max_conns(&self) -> Option<u32> {
+        Some(self.max_conns.load(Relaxed)).filter(|&n| n > 0)
+    }
+
+    /// Whether a new session would fit under `max-conns` now.
+    pub fn has_room(&self) -> bool {
+        match self.max_conns() {
+            None => true,
+            Some(max) => self.inflight.load(Relaxed) < u64::from(max),
+        }
+    }
+
+    /// Take a place under `max-conns` for a session about to connect; `false` when full (another
+    /// worker may have taken the last place since `has_room`). Give it back with `release`.
+    pub fn try_reserve(&self) -> bool {
+        let Some(max) = self.max_conns() else {
+            self.inflight.fetch_add(1, Relaxed);
+            return true;
+        };
+        self.inflight
+            .fetch_update(Relaxed, Relaxed, |n| (n < u64::from(max)).then_some(n + 1))
+            .is_ok()
+    }
+
+    /// A session that reserved a place ended or moved on.
+    pub fn release(&self) {
+        self.inflight.fetch_sub(1, Relaxed);
+    }
+
     /// Whether a recent passive failure keeps it out at `now_ms`.
     pub fn failing(&self, now_ms: u64) -> bool {
         self.failing_until.load(Relaxed) > now_ms
@@ -115,12 +157,19 @@ impl BackendState {
 
     /// May take a client that is not pinned to it.
     fn accepts_new(&self, now_ms: u64) -> bool {
-        self.admin() == AdminState::Ready && self.up.load(Relaxed) && !self.failing(now_ms)
+        self.admin() == AdminState::Ready
+            && self.up.load(Relaxed)
+            && !self.failing(now_ms)
+            && self.has_room()
     }
 
-    /// May take a client pinned to it (draining backends keep theirs).
+    /// May take a client pinned to it (draining backends keep theirs; a full one is skipped
+    /// like a down one).
     fn keeps_pinned(&self, now_ms: u64) -> bool {
-        self.admin() != AdminState::Maint && self.up.load(Relaxed) && !self.failing(now_ms)
+        self.admin() != AdminState::Maint
+            && self.up.load(Relaxed)
+            && !self.failing(now_ms)
+            && self.has_room()
     }
 }
 
@@ -198,9 +247,9 @@ impl Service {
     }
 
     /// First backend of the key's fallback order that takes new clients and is not excluded;
-    /// if none does, the first `ready` one not excluded whatever its health (a probe or a
-    /// failure mark can be wrong, and trying beats turning everyone away). Never a draining or
-    /// maintained backend.
+    /// if none does, the first `ready` one not excluded with room under its `max-conns`,
+    /// whatever its health (a probe or a failure mark can be wrong, and trying beats turning
+    /// everyone away). Never a draining or maintained backend, never a full one.
     pub fn choose(
         &self,
         hash: u64,
@@ -209,7 +258,10 @@ impl Service {
     ) -> Option<usize> {
         let ring = self.ring.as_ref()?;
         ring.pick(hash, |i| !excluded(i) && self.backends[i].accepts_new(now_ms)).or_else(|| {
-            ring.pick(hash, |i| !excluded(i) && self.backends[i].admin() == AdminState::Ready)
+            ring.pick(hash, |i| {
+                let b = &self.backends[i];
+                !excluded(i) && b.admin() == AdminState::Ready && b.has_room()
+            })
         })
     }
 }
@@ -292,6 +344,25 @@ mod tests {
         let s = service(&[AdminState::Ready, AdminState::Ready]);
         assert_eq!(s.index_of(101), Some(1));
         assert_eq!(s.pinned(999, 0), None);
+    }
+
+    #[test]
+    fn a_full_backend_is_skipped_until_a_place_frees() {
+        let s = service(&[AdminState::Ready, AdminState::Ready]);
+        s.backends[0].set_max_conns(std::num::NonZeroU32::new(2));
+        assert!(s.backends[0].try_reserve() && s.backends[0].try_reserve());
+        assert!(!s.backends[0].try_reserve(), "a third place under max-conns 2");
+        assert_eq!(s.pinned(100, 0), None, "a full backend loses its pinned clients for now");
+        for hash in 0..50u64 {
+            assert_eq!(s.choose(hash.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, |_| false), Some(1));
+        }
+        s.backends[1].set_health(Health::Down);
+        assert_eq!(s.choose(7, 0, |_| false), Some(1), "the last resort is never a full one");
+        s.backends[0].release();
+        assert_eq!(s.pinned(100, 0), Some(0));
+        assert!(s.backends[0].try_reserve());
+        s.backends[0].set_max_conns(None);
+        assert!(s.backends[0].try_reserve(), "no limit");
     }
 
     #[test]

@@ -112,6 +112,8 @@ pub struct Session {
     pub attached: bool,
     /// The target backend's active counter includes this session.
     pub counted: bool,
+    /// The session holds a place under the target backend's `max-conns`.
+    pub reserved: bool,
     pub c2b: HalfPipe,
     pub b2c: HalfPipe,
     pub last_active: Instant,

@@ -49,6 +49,8 @@ counters! {
     retries,
     /// Clients closed because no backend could take them.
     no_backend,
+    /// Connect attempts that found their backend full (`max-conns`) and moved on.
+    backend_full,
     /// Bytes moved client -> backend.
     bytes_in,
     /// Bytes moved backend -> client.

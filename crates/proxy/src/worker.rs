@@ -52,6 +52,9 @@ pub struct Worker {
     /// Per listener: an accept retry is armed after accept(2) failed for lack of resources;
     /// events are ignored until it fires (one retry chain, not one per event).
     backing_off: Vec<bool>,
+    /// Per listener: accept(2) retries that failed in a row for lack of resources (logged once
+    /// when they start and once when they end, not ten times a second).
+    starved: Vec<u32>,
     sessions: Vec<Option<Session>>,
     free: Vec<usize>,
     timers: Timers,
@@ -88,6 +91,7 @@ impl Worker {
             commands,
             services: Vec::new(),
             backing_off: Vec::new(),
+            starved: Vec::new(),
             listeners: Vec::new(),
             sessions: Vec::new(),
             free: Vec::new(),
@@ -124,6 +128,7 @@ impl Worker {
             self.poll.registry().register(&mut l, Slot::Listener(i).token(), Interest::READABLE)?;
             self.listeners.push(Some((l, service)));
             self.backing_off.push(false);
+            self.starved.push(0);
         }
         for (service, socket) in listeners.udp {
             self.udp.listen(socket, service, self.poll.registry())?;
@@ -269,6 +274,10 @@ impl Worker {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     inc(&self.stats.accepted);
+                    if let Some(n @ 1..) = self.starved.get(i).copied() {
+                        log::warn!("accepting again after {n} failed retries");
+                        self.starved[i] = 0;
+                    }
                     match self.services.get(service).and_then(Option::as_ref) {
                         Some(service) => {
                             let service = Arc::clone(service);
@@ -286,7 +295,10 @@ impl Worker {
                     // EMFILE/ENFILE: the connection stays in the backlog and, edge-triggered, no
                     // new event comes for it; retry on a timer rather than spin or stall (F3).
                     inc(&self.stats.accept_errors);
-                    log::warn!("accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                    if self.starved[i] == 0 {
+                        log::warn!("accept failed: {e}; retrying every {ACCEPT_BACKOFF:?}");
+                    }
+                    self.starved[i] += 1;
                     let at = self.now + ACCEPT_BACKOFF;
                     self.timers.arm(Timer { at, kind: TimerKind::Accept, slot: i, generation: 0 });
                     self.backing_off[i] = true;
@@ -354,6 +366,7 @@ impl Worker {
             tried,
             attached: false,
             counted: false,
+            reserved: true,
             c2b: HalfPipe::new("client->backend"),
             b2c: HalfPipe::new("backend->client"),
             last_active: self.now,
@@ -370,6 +383,7 @@ impl Worker {
         if let Err(e) = registered {
             log::warn!("register session of {peer}: {e}");
             let _ = registry.deregister(&mut session.client.stream);
+            session.service.backends[session.target].release();
             self.free.push(slot);
             shared.active.fetch_sub(1, AcqRel);
             return;
@@ -398,7 +412,18 @@ impl Worker {
         let mut target = first;
         while let Some(t) = target {
             tried.push(t);
-            let addr = service.backends[t].addr;
+            let backend = &service.backends[t];
+            // A place under its max-conns, taken for the session's whole life (released on a
+            // failed connect or at close).
+            if !backend.try_reserve() {
+                inc(&self.stats.backend_full);
+                if tried.len() >= crate::session::MAX_TRIES {
+                    return None;
+                }
+                target = service.choose(hash, now_ms, |i| tried.contains(i));
+                continue;
+            }
+            let addr = backend.addr;
             match TcpStream::connect(addr) {
                 Ok(stream) => {
                     // Set before the handshake, so it costs no extra call later.
@@ -408,14 +433,16 @@ impl Worker {
                 // Out of fds or memory here: no other backend would do better, and none is
                 // to blame.
                 Err(e) if is_resource_error(&e) => {
+                    backend.release();
                     log::warn!("connect to {addr}: {e}");
                     inc(&self.stats.local_errors);
                     return None;
                 }
                 Err(e) => {
+                    backend.release();
                     log::debug!("connect to {addr} failed at once: {e}");
                     if blames_backend(&e) {
-                        service.backends[t].mark_failing(now_ms);
+                        backend.mark_failing(now_ms);
                     }
                     inc(&self.stats.connect_failures);
                 }
@@ -434,6 +461,10 @@ impl Worker {
         let now_ms = shared.now_ms(self.now);
         let Some(mut s) = self.sessions[slot].take() else { return };
         let service = Arc::clone(&s.service);
+        // The attempt's place under max-conns goes back; the next attempt takes its own.
+        if std::mem::take(&mut s.reserved) {
+            service.backends[s.target].release();
+        }
         if blame {
             service.backends[s.target].mark_failing(now_ms);
         }
@@ -456,6 +487,7 @@ impl Worker {
                     log::warn!("register backend socket: {e}");
                 }
                 s.target = target;
+                s.reserved = true;
                 s.backend = Side::new(stream);
                 let deadline = self.now + service.settings.connect_timeout;
                 s.set_state(State::Connecting { deadline });
@@ -666,6 +698,9 @@ impl Worker {
         s.b2c.release(&mut self.pools);
         if s.counted {
             s.service.backends[s.target].sessions.fetch_sub(1, Relaxed);
+        }
+        if s.reserved {
+            s.service.backends[s.target].release();
         }
         if let (Some(key), true) = (s.key, s.attached) {
             s.service.sticky.detach(key, self.shared.now_ms(self.now));
