@@ -58,6 +58,8 @@ struct RawFile {
     admin: Option<String>,
     #[serde(default)]
     admin_allow_remote: bool,
+    admin_token_file: Option<String>,
+    user: Option<String>,
     workers: Option<i64>,
     max_conns: Option<i64>,
     max_flows: Option<i64>,
@@ -150,6 +152,8 @@ impl TryFrom<RawFile> for Config {
         let input = ProcessInput {
             admin: raw.admin,
             admin_allow_remote: raw.admin_allow_remote,
+            admin_token_file: raw.admin_token_file,
+            user: raw.user,
             workers: raw.workers.map(|n| n.to_string()),
             max_conns: raw.max_conns.map(|n| n.to_string()),
             max_flows: raw.max_flows.map(|n| n.to_string()),
@@ -334,6 +338,8 @@ mod tests {
         let text = r#"
             admin = "0.0.0.0:9100"
             admin-allow-remote = true
+            admin-token-file = "/etc/tether/admin.token"
+            user = "tether:nogroup"
             workers = 2
             max-conns = 10000
             max-flows = 20000
@@ -381,6 +387,9 @@ mod tests {
         "#;
         let c = load_str(text).unwrap();
         assert_eq!(c.admin, Some(addr("0.0.0.0:9100")));
+        assert_eq!(c.admin_token_file, Some("/etc/tether/admin.token".into()));
+        let user = crate::UserSpec { user: "tether".into(), group: Some("nogroup".into()) };
+        assert_eq!(c.user, Some(user));
         assert_eq!(c.workers, NonZeroUsize::new(2));
         assert_eq!(c.max_conns, NonZeroUsize::new(10_000));
         assert_eq!(c.max_flows, NonZeroUsize::new(20_000));
@@ -540,7 +549,7 @@ mod tests {
             // === shape: unknown keys and wrong types ===
             (
                 top("wat = 1"),
-                "wat: unknown key (expected one of admin, admin-allow-remote, workers, max-conns, \
+                "wat: unknown key (expected one of admin, admin-allow-remote, admin-token-file, user, workers, max-conns, \
                  max-flows, splice, grace, service)",
             ),
             (
@@ -723,9 +732,13 @@ mod tests {
 
     #[test]
     fn remote_admin_needs_the_key() {
-        let c = load_str(&file("admin = \"0.0.0.0:9100\"\nadmin-allow-remote = true", "", "", ""))
-            .unwrap();
+        let remote = "admin = \"0.0.0.0:9100\"\nadmin-allow-remote = true";
+        let e = load_str(&file(remote, "", "", "")).unwrap_err().to_string();
+        assert!(e.starts_with("admin-token-file: required with admin-allow-remote"), "{e}");
+        let with_token = format!("{remote}\nadmin-token-file = \"/run/t\"");
+        let c = load_str(&file(&with_token, "", "", "")).unwrap();
         assert_eq!(c.admin, Some(addr("0.0.0.0:9100")));
+        assert_eq!(c.admin_token_file.as_deref(), Some(std::path::Path::new("/run/t")));
     }
 
     #[test]

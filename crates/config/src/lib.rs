@@ -155,9 +155,15 @@ pub struct Args {
     /// admin HTTP address (API, /metrics, status page), e.g. 127.0.0.1:9100 (default: off)
     #[argh(option)]
     pub admin: Option<String>,
-    /// allow --admin on an address other than loopback (anyone who reaches it can steer tether)
+    /// allow --admin on an address other than loopback (needs --admin-token-file)
     #[argh(switch)]
     pub admin_allow_remote: bool,
+    /// file holding the admin token: PUT/POST/DELETE need `Authorization: Bearer TOKEN`
+    #[argh(option)]
+    pub admin_token_file: Option<String>,
+    /// after binding every listener, run as this user (NAME or NAME:GROUP); needs root
+    #[argh(option)]
+    pub user: Option<String>,
     /// benchmark aid: start with N idle sticky entries for documentation addresses
     /// (2001:db8::/32) to measure tether with a large table (default 0)
     #[argh(option)]
@@ -279,6 +285,10 @@ pub struct Config {
     /// The file the services came from (`--config`); reloads read it again.
     pub file: Option<std::path::PathBuf>,
     pub admin: Option<SocketAddr>,
+    /// Where the admin token is (read at start); required for a non-loopback admin.
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// Drop root for this user (and group) once every listener is bound.
+    pub user: Option<UserSpec>,
     /// `None`: one per CPU, decided at start.
     pub workers: Option<NonZeroUsize>,
     /// `None`: derived from the file-descriptor limit at start.
@@ -355,6 +365,8 @@ fn service_flags(args: &Args) -> Vec<&'static str> {
         ("grace", args.grace.is_some()),
         ("admin", args.admin.is_some()),
         ("admin-allow-remote", args.admin_allow_remote),
+        ("admin-token-file", args.admin_token_file.is_some()),
+        ("user", args.user.is_some()),
     ] {
         if set {
             given.push(flag);
@@ -452,6 +464,8 @@ impl From<&Args> for ServiceInput {
 pub(crate) struct ProcessInput {
     pub admin: Option<String>,
     pub admin_allow_remote: bool,
+    pub admin_token_file: Option<String>,
+    pub user: Option<String>,
     pub workers: Option<String>,
     pub max_conns: Option<String>,
     pub max_flows: Option<String>,
@@ -464,6 +478,8 @@ impl From<&Args> for ProcessInput {
         ProcessInput {
             admin: args.admin.clone(),
             admin_allow_remote: args.admin_allow_remote,
+            admin_token_file: args.admin_token_file.clone(),
+            user: args.user.clone(),
             workers: args.workers.clone(),
             max_conns: args.max_conns.clone(),
             max_flows: args.max_flows.clone(),
@@ -666,10 +682,19 @@ pub(crate) fn build_config(
         check_admin(raw, input.admin_allow_remote).map(Some)
     })?;
     let splice = opt(origin, "splice", &input.splice, Splice::Auto, parse_splice)?;
+    if input.admin_allow_remote && input.admin_token_file.is_none() {
+        return Err(origin.missing(
+            "admin-token-file",
+            "required with admin-allow-remote: an exposed admin interface needs a token",
+        ));
+    }
+    let user = opt(origin, "user", &input.user, None, |raw| parse_user(raw).map(Some))?;
     Ok(Config {
         services,
         file: None,
         admin,
+        admin_token_file: input.admin_token_file.as_ref().map(std::path::PathBuf::from),
+        user,
         workers: opt_nonzero(origin, "workers", &input.workers)?,
         max_conns: opt_nonzero(origin, "max-conns", &input.max_conns)?,
         max_flows: opt_nonzero(origin, "max-flows", &input.max_flows)?,
@@ -681,6 +706,31 @@ pub(crate) fn build_config(
 
 /// Most consecutive results `rise`/`fall` may ask for.
 pub const MAX_HEALTH_COUNT: u32 = 100;
+
+/// Who to run as after binding: a user name and, optionally, a group name (else the user's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSpec {
+    pub user: String,
+    pub group: Option<String>,
+}
+
+/// `NAME` or `NAME:GROUP`, names as useradd(8) allows them.
+pub fn parse_user(raw: &str) -> Result<UserSpec, String> {
+    let (user, group) = match raw.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (raw, None),
+    };
+    let ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 32
+            && !n.starts_with('-')
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    };
+    if !ok(user) || !group.map_or(true, ok) {
+        return Err("expected NAME or NAME:GROUP (letters, digits, . _ -)".into());
+    }
+    Ok(UserSpec { user: user.to_string(), group: group.map(str::to_string) })
+}
 
 /// A rise/fall count: 1..=100.
 pub fn parse_small(raw: &str) -> Result<u32, String> {
@@ -1040,6 +1090,14 @@ mod tests {
         assert!(err(&["--backend", "127.0.0.1:3,weight=x"]).contains("not a whole number"));
         assert!(err(&["--backend", "127.0.0.1:3,colour=red"]).contains("unknown backend option"));
         assert!(err(&["--backend", "127.0.0.1:3,max-conns=0"]).contains("max-conns 0 out of range"));
+        assert!(err(&["--user", "root;rm"]).starts_with("--user \"root;rm\": expected NAME"));
+        assert!(err(&["--user", "a:"]).starts_with("--user"));
+        assert!(err(&["--admin", "0.0.0.0:1", "--admin-allow-remote"])
+            .starts_with("--admin-token-file: required with admin-allow-remote"));
+        assert_eq!(
+            with(&["--user", "nobody:nogroup"]).unwrap().user,
+            Some(UserSpec { user: "nobody".into(), group: Some("nogroup".into()) })
+        );
         assert!(err(&["--backend", "127.0.0.1:3,max-conns=x"]).contains("not a whole number"));
         let capped = with(&["--backend", "127.0.0.1:3,max-conns=7"]).unwrap();
         assert_eq!(capped.services[0].backends[1].max_conns.map(|n| n.get()), Some(7));

@@ -28,27 +28,54 @@ pub struct Admin {
     pub addr: SocketAddr,
 }
 
+/// The admin listener, bound (before privileges are dropped) but not yet serving.
+pub struct Bound(Server, SocketAddr);
+
+/// Bind the admin address.
+pub fn bind(addr: SocketAddr) -> Result<Bound, String> {
+    let server = Server::http(addr).map_err(|e| format!("--admin {addr}: {e}"))?;
+    let addr = server.server_addr().to_ip().unwrap_or(addr);
+    Ok(Bound(server, addr))
+}
+
 impl Admin {
-    /// Bind `addr` and serve on a thread of its own.
+    /// Serve on a thread of its own. With a `token`, requests that change anything (PUT, POST,
+    /// DELETE) need `Authorization: Bearer TOKEN`; reads stay open.
     pub fn start(
-        addr: SocketAddr,
+        bound: Bound,
         registry: Arc<Mutex<Registry>>,
         asks: crossbeam_channel::Sender<Ask>,
+        token: Option<String>,
     ) -> Result<Admin, String> {
-        let server = Server::http(addr).map_err(|e| format!("--admin {addr}: {e}"))?;
-        let addr = server.server_addr().to_ip().unwrap_or(addr);
+        let Bound(server, addr) = bound;
         let server = Arc::new(server);
         let serving = Arc::clone(&server);
         let thread = std::thread::Builder::new()
             .name("tether-admin".into())
             .spawn(move || {
                 for request in serving.incoming_requests() {
-                    handle(request, &registry, &asks);
+                    handle(request, &registry, &asks, token.as_deref());
                 }
             })
             .map_err(|e| format!("admin thread: {e}"))?;
         Ok(Admin { server, thread: Some(thread), addr })
     }
+}
+
+/// Whether `request` carries `Authorization: Bearer <token>`, compared in constant time.
+fn authorized(request: &Request, token: &str) -> bool {
+    let given = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Authorization"))
+        .and_then(|h| h.value.as_str().strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
+    }
+    diff == 0
 }
 
 impl Drop for Admin {
@@ -60,13 +87,28 @@ impl Drop for Admin {
     }
 }
 
-fn handle(mut request: Request, registry: &Mutex<Registry>, asks: &crossbeam_channel::Sender<Ask>) {
+fn handle(
+    mut request: Request,
+    registry: &Mutex<Registry>,
+    asks: &crossbeam_channel::Sender<Ask>,
+    token: Option<&str>,
+) {
     let url = request.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let segments: Vec<String> =
         path.split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = request.method().clone();
+    let changes = matches!(method, Method::Put | Method::Post | Method::Delete | Method::Patch);
+    if let (true, Some(token)) = (changes, token) {
+        if !authorized(&request, token) {
+            log::warn!(
+                "admin: {method} {path} from {:?} without a valid token",
+                request.remote_addr()
+            );
+            return reply(request, error(401, "this needs `Authorization: Bearer <admin token>`"));
+        }
+    }
     let body = match read_body(&mut request) {
         Ok(body) => body,
         Err(e) => return reply(request, error(413, &e)),

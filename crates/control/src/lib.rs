@@ -160,6 +160,22 @@ pub fn run(config: Config) -> Result<(), RunError> {
         prefill(&first.sticky, config.sticky_prefill, &first.snapshot);
     }
 
+    // Everything that needs privileges happens before they are dropped: every listener (the
+    // admin one too) is bound and the token file read.
+    let admin_bound = match config.admin {
+        Some(addr) => {
+            Some(admin::bind(addr).map_err(|e| RunError::Os("admin", io::Error::other(e)))?)
+        }
+        None => None,
+    };
+    let token = match &config.admin_token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    if let Some(user) = &config.user {
+        drop_privileges(user)?;
+    }
+
     let cpus = allowed_cpus();
     let mut running = Vec::with_capacity(workers);
     for (i, listeners) in per_worker.into_iter().enumerate() {
@@ -191,9 +207,9 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let registry = Arc::new(Mutex::new(registry));
 
     let (asks_tx, asks_rx) = crossbeam_channel::unbounded();
-    let admin = match config.admin {
-        Some(addr) => Some(
-            Admin::start(addr, Arc::clone(&registry), asks_tx.clone())
+    let admin = match admin_bound {
+        Some(bound) => Some(
+            Admin::start(bound, Arc::clone(&registry), asks_tx.clone(), token)
                 .map_err(|e| RunError::Os("admin", io::Error::other(e)))?,
         ),
         None => None,
@@ -548,6 +564,53 @@ fn signal_thread(signals: SigSet, tx: crossbeam_channel::Sender<Signal>) {
     if let Err(e) = spawned {
         log::error!("cannot start the signal thread: {e}; signals will not be handled");
     }
+}
+
+/// The admin token: the file's first line, at least 16 characters.
+fn read_token(path: &std::path::Path) -> Result<String, RunError> {
+    let bad = |why: String| {
+        RunError::Os("--admin-token-file", io::Error::other(format!("{}: {why}", path.display())))
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("the token must be one line of at least 16 non-blank characters".into()));
+    }
+    Ok(token)
+}
+
+/// Become `spec`'s user and group for good: supplementary groups cleared, then gid, then uid
+/// (that order: once the uid is gone, the gid can no longer be changed). Checked afterwards:
+/// real, effective and saved ids all changed, and root cannot be taken back.
+fn drop_privileges(spec: &config::UserSpec) -> Result<(), RunError> {
+    use nix::unistd::{getegid, geteuid, getgid, getuid, setgid, setgroups, setuid, Group, User};
+    let fail =
+        |why: String| RunError::Os("--user", io::Error::other(format!("{}: {why}", spec.user)));
+    let user = User::from_name(&spec.user)
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail("no such user".into()))?;
+    let gid = match &spec.group {
+        None => user.gid,
+        Some(name) => {
+            Group::from_name(name)
+                .map_err(|e| fail(e.to_string()))?
+                .ok_or_else(|| fail(format!("no such group {name:?}")))?
+                .gid
+        }
+    };
+    let step = |what: &str, r: nix::Result<()>| {
+        r.map_err(|e| fail(format!("{what}: {e} (run as root to use --user, or leave it out)")))
+    };
+    step("setgroups", setgroups(&[gid]))?;
+    step("setgid", setgid(gid))?;
+    step("setuid", setuid(user.uid))?;
+    let dropped =
+        getuid() == user.uid && geteuid() == user.uid && getgid() == gid && getegid() == gid;
+    if !dropped || (!user.uid.is_root() && setuid(nix::unistd::Uid::from_raw(0)).is_ok()) {
+        return Err(fail("privileges were not dropped for good".into()));
+    }
+    log::info!("running as user {} (uid {}, gid {})", spec.user, user.uid, gid);
+    Ok(())
 }
 
 /// Raise the soft fd limit to the hard one; returns the soft limit in force.
