@@ -95,6 +95,22 @@ struct RawService {
     health_expect: Option<String>,
     on_down: Option<String>,
     #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    max_conns_per_source: Option<i64>,
+    max_conn_rate_per_source: Option<i64>,
+    max_flow_rate_per_source: Option<i64>,
+    tracked_sources: Option<i64>,
+    send_proxy: Option<String>,
+    #[serde(default)]
+    send_proxy_every_datagram: bool,
+    #[serde(default)]
+    accept_proxy: bool,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    proxy_header_timeout: Option<DurationText>,
+    #[serde(default)]
     backend: Vec<RawBackend>,
 }
 
@@ -210,6 +226,17 @@ fn file_service(i: usize, raw: RawService, before: &[Service]) -> Result<Service
         health_send: raw.health_send,
         health_expect: raw.health_expect,
         on_down: raw.on_down,
+        allow: raw.allow,
+        deny: raw.deny,
+        max_conns_per_source: raw.max_conns_per_source.map(|n| n.to_string()),
+        max_conn_rate_per_source: raw.max_conn_rate_per_source.map(|n| n.to_string()),
+        max_flow_rate_per_source: raw.max_flow_rate_per_source.map(|n| n.to_string()),
+        tracked_sources: raw.tracked_sources.map(|n| n.to_string()),
+        send_proxy: raw.send_proxy,
+        send_proxy_every_datagram: raw.send_proxy_every_datagram,
+        accept_proxy: raw.accept_proxy,
+        trusted_proxies: raw.trusted_proxies,
+        proxy_header_timeout: raw.proxy_header_timeout.map(|d| d.0),
     };
     build_service(&origin, name, listen, backends, &input)
 }
@@ -364,6 +391,17 @@ mod tests {
             health-rise = 4
             health-fall = 5
             on-down = "kill"
+            allow = ["10.0.0.0/8", "2001:db8::/32"]
+            deny = ["10.9.0.0/16"]
+            max-conns-per-source = 20
+            max-conn-rate-per-source = 50
+            max-flow-rate-per-source = 10
+            tracked-sources = 5000
+            send-proxy = "v2"
+            send-proxy-every-datagram = true
+            accept-proxy = true
+            trusted-proxies = ["192.0.2.0/24"]
+            proxy-header-timeout = "2s"
 
             [[service.backend]]
             address = "10.0.0.1:5432"
@@ -432,6 +470,20 @@ mod tests {
                 fall: 5,
                 on_down: crate::OnDown::Kill,
             },
+            guard: crate::GuardConfig {
+                allow: vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()],
+                deny: vec!["10.9.0.0/16".parse().unwrap()],
+                max_conns_per_source: Some(20),
+                conn_rate_per_source: Some(50),
+                flow_rate_per_source: Some(10),
+                tracked_sources: 5000,
+            },
+            proxy: crate::ProxyConfig {
+                send: Some(crate::ProxyVersion::V2),
+                send_every_datagram: true,
+                trusted: vec!["192.0.2.0/24".parse().unwrap()],
+                header_timeout: Duration::from_secs(2),
+            },
         };
         let game = Service {
             name: "game".into(),
@@ -461,6 +513,20 @@ mod tests {
                 rise: crate::DEFAULT_HEALTH_RISE,
                 fall: crate::DEFAULT_HEALTH_FALL,
                 on_down: crate::OnDown::Keep,
+            },
+            guard: crate::GuardConfig {
+                allow: Vec::new(),
+                deny: Vec::new(),
+                max_conns_per_source: None,
+                conn_rate_per_source: None,
+                flow_rate_per_source: None,
+                tracked_sources: crate::DEFAULT_TRACKED_SOURCES,
+            },
+            proxy: crate::ProxyConfig {
+                send: None,
+                send_every_datagram: false,
+                trusted: Vec::new(),
+                header_timeout: crate::DEFAULT_PROXY_HEADER_TIMEOUT,
             },
         };
         assert_eq!(c.services, vec![pg, game]);
@@ -588,6 +654,28 @@ mod tests {
             (top("workers = -1"), "workers \"-1\": expected a whole number greater than zero"),
             (top("max-conns = 0"), "max-conns \"0\": must be greater than zero"),
             (service("seed = -1"), "service[0].seed \"-1\": expected an unsigned 64-bit integer"),
+            (
+                service("allow = [\"10.0.0.0/8\", \"10.0.0.1/8\"]"),
+                "service[0].allow[1] \"10.0.0.1/8\": host bits set; did you mean 10.0.0.0/8?",
+            ),
+            (
+                service("deny = [\"10.0.0.0/33\"]"),
+                "service[0].deny[0] \"10.0.0.0/33\": prefix length 33 is over 32 for IPv4",
+            ),
+            (
+                service("max-conns-per-source = 0"),
+                "service[0].max-conns-per-source \"0\": expected a whole number from 1 to 1000000",
+            ),
+            (service("send-proxy = \"v3\""), "service[0].send-proxy \"v3\": expected `v1` or `v2`"),
+            (service("accept-proxy = true"), "service[0].accept-proxy: needs trusted-proxies"),
+            (
+                service("trusted-proxies = [\"10.0.0.0/8\"]"),
+                "service[0].trusted-proxies: needs accept-proxy",
+            ),
+            (
+                service("send-proxy-every-datagram = true"),
+                "service[0].send-proxy-every-datagram: needs send-proxy",
+            ),
             (
                 service("on-down = \"later\""),
                 "service[0].on-down \"later\": expected `keep` or `kill`",

@@ -152,6 +152,40 @@ pub struct Args {
     /// `keep` (default: they run on) or `kill` (reset at once, so clients reconnect elsewhere)
     #[argh(option)]
     pub on_down: Option<String>,
+    /// allow only clients in this network, e.g. 10.0.0.0/8 or 2001:db8::/32 (repeatable; default:
+    /// everyone not denied)
+    #[argh(option)]
+    pub allow: Vec<String>,
+    /// refuse clients in this network (repeatable; wins over --allow)
+    #[argh(option)]
+    pub deny: Vec<String>,
+    /// most TCP sessions open at once per client IP (default: no limit)
+    #[argh(option)]
+    pub max_conns_per_source: Option<String>,
+    /// most new TCP sessions per second per client IP, as a burst and sustained (default: none)
+    #[argh(option)]
+    pub max_conn_rate_per_source: Option<String>,
+    /// most new UDP flows per second per client IP, as a burst and sustained (default: none)
+    #[argh(option)]
+    pub max_flow_rate_per_source: Option<String>,
+    /// most client IPs the per-source limits track at once (default 100000)
+    #[argh(option)]
+    pub tracked_sources: Option<String>,
+    /// send a PROXY protocol header to backends: `v1` or `v2` (UDP flows always get v2)
+    #[argh(option)]
+    pub send_proxy: Option<String>,
+    /// with --send-proxy, put the v2 header on every UDP datagram, not only a flow's first
+    #[argh(switch)]
+    pub send_proxy_every_datagram: bool,
+    /// require a PROXY protocol header (v1 or v2) from --trusted-proxies and use its client address
+    #[argh(switch)]
+    pub accept_proxy: bool,
+    /// a network of proxies whose PROXY headers are believed (repeatable; needs --accept-proxy)
+    #[argh(option)]
+    pub trusted_proxies: Vec<String>,
+    /// how long a trusted proxy may take to send its whole header (default 5s)
+    #[argh(option)]
+    pub proxy_header_timeout: Option<String>,
     /// admin HTTP address (API, /metrics, status page), e.g. 127.0.0.1:9100 (default: off)
     #[argh(option)]
     pub admin: Option<String>,
@@ -259,6 +293,54 @@ pub fn parse_on_down(raw: &str) -> Result<OnDown, String> {
     }
 }
 
+/// Who may connect, and how much (issue 6; docs/security.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardConfig {
+    pub allow: Vec<guard::Cidr>,
+    pub deny: Vec<guard::Cidr>,
+    pub max_conns_per_source: Option<u32>,
+    pub conn_rate_per_source: Option<u32>,
+    pub flow_rate_per_source: Option<u32>,
+    /// Most client IPs the per-source limits track.
+    pub tracked_sources: usize,
+}
+
+impl GuardConfig {
+    /// Whether any per-source limit is set.
+    pub fn limits(&self) -> bool {
+        self.max_conns_per_source.is_some()
+            || self.conn_rate_per_source.is_some()
+            || self.flow_rate_per_source.is_some()
+    }
+}
+
+/// A PROXY protocol version (haproxy's spec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// The PROXY protocol, both ways.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Header sent to backends (TCP: this version; UDP: always v2).
+    pub send: Option<ProxyVersion>,
+    /// UDP: a header on every datagram, not only a flow's first.
+    pub send_every_datagram: bool,
+    /// Sources whose header is required and believed; empty: no header is read.
+    pub trusted: Vec<guard::Cidr>,
+    /// How long a trusted proxy may take to send its whole header.
+    pub header_timeout: Duration,
+}
+
+/// Most client IPs the per-source limits track by default (7-15 MB).
+pub const DEFAULT_TRACKED_SOURCES: usize = 100_000;
+/// How long a trusted proxy may take to send its PROXY header.
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Highest per-source rate or count accepted.
+pub const MAX_PER_SOURCE: u32 = 1_000_000;
+
 /// One service: its listeners, its pool and its settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
@@ -275,6 +357,8 @@ pub struct Service {
     pub seed: u64,
     pub table_size: usize,
     pub health: HealthConfig,
+    pub guard: GuardConfig,
+    pub proxy: ProxyConfig,
 }
 
 /// A validated configuration: every field holds a usable value.
@@ -331,7 +415,18 @@ impl std::error::Error for ConfigError {}
 /// Flags that describe the one service of the flag form; refused next to `--config`.
 fn service_flags(args: &Args) -> Vec<&'static str> {
     let mut given = Vec::new();
-    let opts: [(&'static str, bool); 21] = [
+    let opts: [(&'static str, bool); 32] = [
+        ("allow", !args.allow.is_empty()),
+        ("deny", !args.deny.is_empty()),
+        ("max-conns-per-source", args.max_conns_per_source.is_some()),
+        ("max-conn-rate-per-source", args.max_conn_rate_per_source.is_some()),
+        ("max-flow-rate-per-source", args.max_flow_rate_per_source.is_some()),
+        ("tracked-sources", args.tracked_sources.is_some()),
+        ("send-proxy", args.send_proxy.is_some()),
+        ("send-proxy-every-datagram", args.send_proxy_every_datagram),
+        ("accept-proxy", args.accept_proxy),
+        ("trusted-proxies", !args.trusted_proxies.is_empty()),
+        ("proxy-header-timeout", args.proxy_header_timeout.is_some()),
         ("listen", !args.listen.is_empty()),
         ("backend", !args.backend.is_empty()),
         ("affinity", args.affinity.is_some()),
@@ -433,6 +528,17 @@ pub(crate) struct ServiceInput {
     pub health_send: Option<String>,
     pub health_expect: Option<String>,
     pub on_down: Option<String>,
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    pub max_conns_per_source: Option<String>,
+    pub max_conn_rate_per_source: Option<String>,
+    pub max_flow_rate_per_source: Option<String>,
+    pub tracked_sources: Option<String>,
+    pub send_proxy: Option<String>,
+    pub send_proxy_every_datagram: bool,
+    pub accept_proxy: bool,
+    pub trusted_proxies: Vec<String>,
+    pub proxy_header_timeout: Option<String>,
 }
 
 impl From<&Args> for ServiceInput {
@@ -455,6 +561,17 @@ impl From<&Args> for ServiceInput {
             health_send: args.health_send.clone(),
             health_expect: args.health_expect.clone(),
             on_down: args.on_down.clone(),
+            allow: args.allow.clone(),
+            deny: args.deny.clone(),
+            max_conns_per_source: args.max_conns_per_source.clone(),
+            max_conn_rate_per_source: args.max_conn_rate_per_source.clone(),
+            max_flow_rate_per_source: args.max_flow_rate_per_source.clone(),
+            tracked_sources: args.tracked_sources.clone(),
+            send_proxy: args.send_proxy.clone(),
+            send_proxy_every_datagram: args.send_proxy_every_datagram,
+            accept_proxy: args.accept_proxy,
+            trusted_proxies: args.trusted_proxies.clone(),
+            proxy_header_timeout: args.proxy_header_timeout.clone(),
         }
     }
 }
@@ -584,6 +701,8 @@ pub(crate) fn build_service(
     })?;
     let seed = opt(origin, "seed", &input.seed, 0, parse_seed)?;
     let health = build_health(origin, input, protocol)?;
+    let guard = build_guard(origin, input)?;
+    let proxy = build_proxy(origin, input)?;
     Ok(Service {
         name,
         listen,
@@ -627,6 +746,85 @@ pub(crate) fn build_service(
         seed,
         table_size,
         health,
+        guard,
+        proxy,
+    })
+}
+
+/// Networks from a list setting; errors name the item.
+fn cidrs(origin: &Origin, key: &str, raw: &[String]) -> Result<Vec<guard::Cidr>, ConfigError> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.parse::<guard::Cidr>()
+                .map_err(|e| ConfigError::at(origin.item(key, i), Some(r.clone()), e.to_string()))
+        })
+        .collect()
+}
+
+/// A per-source count or rate: 1..=1,000,000.
+pub fn parse_per_source(raw: &str) -> Result<u32, String> {
+    match raw.parse::<u32>() {
+        Ok(n) if (1..=MAX_PER_SOURCE).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {MAX_PER_SOURCE}")),
+    }
+}
+
+fn build_guard(origin: &Origin, input: &ServiceInput) -> Result<GuardConfig, ConfigError> {
+    let per = |key: &str, raw: &Option<String>| {
+        opt(origin, key, raw, None, |r| parse_per_source(r).map(Some))
+    };
+    Ok(GuardConfig {
+        allow: cidrs(origin, "allow", &input.allow)?,
+        deny: cidrs(origin, "deny", &input.deny)?,
+        max_conns_per_source: per("max-conns-per-source", &input.max_conns_per_source)?,
+        conn_rate_per_source: per("max-conn-rate-per-source", &input.max_conn_rate_per_source)?,
+        flow_rate_per_source: per("max-flow-rate-per-source", &input.max_flow_rate_per_source)?,
+        tracked_sources: opt_count(
+            origin,
+            "tracked-sources",
+            &input.tracked_sources,
+            DEFAULT_TRACKED_SOURCES,
+        )?,
+    })
+}
+
+/// `v1` or `v2`.
+pub fn parse_proxy_version(raw: &str) -> Result<ProxyVersion, String> {
+    match raw {
+        "v1" => Ok(ProxyVersion::V1),
+        "v2" => Ok(ProxyVersion::V2),
+        _ => Err("expected `v1` or `v2`".into()),
+    }
+}
+
+fn build_proxy(origin: &Origin, input: &ServiceInput) -> Result<ProxyConfig, ConfigError> {
+    let send =
+        opt(origin, "send-proxy", &input.send_proxy, None, |r| parse_proxy_version(r).map(Some))?;
+    if input.send_proxy_every_datagram && send.is_none() {
+        return Err(origin.missing("send-proxy-every-datagram", "needs send-proxy"));
+    }
+    let trusted = cidrs(origin, "trusted-proxies", &input.trusted_proxies)?;
+    if input.accept_proxy && trusted.is_empty() {
+        return Err(origin.missing(
+            "accept-proxy",
+            "needs trusted-proxies: a header is believed only from the proxies listed there",
+        ));
+    }
+    if !input.accept_proxy && !trusted.is_empty() {
+        return Err(origin.missing("trusted-proxies", "needs accept-proxy"));
+    }
+    Ok(ProxyConfig {
+        send,
+        send_every_datagram: input.send_proxy_every_datagram,
+        trusted,
+        header_timeout: opt(
+            origin,
+            "proxy-header-timeout",
+            &input.proxy_header_timeout,
+            DEFAULT_PROXY_HEADER_TIMEOUT,
+            check_duration,
+        )?,
     })
 }
 
@@ -1091,6 +1289,16 @@ mod tests {
         assert!(err(&["--backend", "127.0.0.1:3,colour=red"]).contains("unknown backend option"));
         assert!(err(&["--backend", "127.0.0.1:3,max-conns=0"]).contains("max-conns 0 out of range"));
         assert!(err(&["--user", "root;rm"]).starts_with("--user \"root;rm\": expected NAME"));
+        assert!(err(&["--allow", "10.0.0.1/8"]).starts_with("--allow \"10.0.0.1/8\": host bits"));
+        assert!(err(&["--deny", "nope"]).starts_with("--deny \"nope\""));
+        assert!(err(&["--accept-proxy"]).starts_with("--accept-proxy: needs trusted-proxies"));
+        assert!(err(&["--trusted-proxies", "10.0.0.0/8"]).starts_with("--trusted-proxies: needs"));
+        assert!(
+            err(&["--max-conn-rate-per-source", "-1"]).starts_with("--max-conn-rate-per-source")
+        );
+        let g = with(&["--deny", "::ffff:10.0.0.0/104", "--max-conns-per-source", "3"]).unwrap();
+        assert_eq!(g.services[0].guard.deny[0].to_string(), "10.0.0.0/8");
+        assert_eq!(g.services[0].guard.max_conns_per_source, Some(3));
         assert!(err(&["--user", "a:"]).starts_with("--user"));
         assert!(err(&["--admin", "0.0.0.0:1", "--admin-allow-remote"])
             .starts_with("--admin-token-file: required with admin-allow-remote"));
