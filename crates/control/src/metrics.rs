@@ -11,7 +11,7 @@ pub fn render(registry: &Registry) -> String {
     for s in &registry.stats {
         total += s.snapshot();
     }
-    let process: [(&str, &str, &str, u64); 23] = [
+    let process: [(&str, &str, &str, u64); 25] = [
         ("tether_sessions_accepted_total", "counter", "TCP clients accepted", total.accepted),
         (
             "tether_sessions_established_total",
@@ -37,6 +37,18 @@ pub fn render(registry: &Registry) -> String {
             "counter",
             "sessions closed by the idle timeout",
             total.idle_timeouts,
+        ),
+        (
+            "tether_proxy_headers_sent_total",
+            "counter",
+            "PROXY protocol headers sent to backends (TCP sessions and UDP datagrams)",
+            total.proxy_headers_sent,
+        ),
+        (
+            "tether_proxy_header_errors_total",
+            "counter",
+            "connections closed and datagrams dropped from trusted proxies for a missing, malformed or late PROXY header",
+            total.proxy_header_errors,
         ),
         (
             "tether_connects_backend_full_total",
@@ -122,6 +134,8 @@ pub fn render(registry: &Registry) -> String {
     let drops: Vec<(String, f64)> = [
         ("max_flows", total.dropped_max_flows),
         ("no_backend", total.dropped_no_backend),
+        ("denied", total.dropped_denied),
+        ("source_limit", total.dropped_source_limit),
         ("local", total.dropped_local),
         ("to_backend", total.dropped_to_backend),
         ("to_client", total.dropped_to_client),
@@ -135,6 +149,40 @@ pub fn render(registry: &Registry) -> String {
         "counter",
         "UDP datagrams dropped, by reason: max_flows (no flow at --max-flows), no_backend, local (no socket or fd here), to_backend and to_client (send failed)",
         &drops,
+    );
+    let refusals: Vec<(String, f64)> = [
+        ("denied", total.denied),
+        ("source_conns", total.source_over_conns),
+        ("source_rate", total.source_over_rate),
+        ("source_table_full", total.source_table_full),
+        ("max_conns", total.refused_max_conns),
+        ("no_backend", total.no_backend),
+    ]
+    .into_iter()
+    .map(|(reason, n)| (format!("reason=\"{reason}\""), n as f64))
+    .collect();
+    labelled(
+        &mut out,
+        "tether_sessions_refused_total",
+        "counter",
+        "TCP clients turned away, by reason: denied (allow/deny), source_conns, source_rate and source_table_full (per-source limits), max_conns, no_backend",
+        &refusals,
+    );
+    let tracked: Vec<(String, f64)> = registry
+        .services
+        .iter()
+        .flatten()
+        .filter_map(|s| {
+            let l = s.limiter.as_ref()?;
+            Some((format!("service=\"{}\"", escape(&s.config.name)), l.len() as f64))
+        })
+        .collect();
+    labelled(
+        &mut out,
+        "tether_tracked_sources",
+        "gauge",
+        "client IPs the per-source limits track",
+        &tracked,
     );
     let active = registry.shared.active.load(std::sync::atomic::Ordering::Relaxed);
     gauge(&mut out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);

@@ -72,6 +72,8 @@ pub struct ServiceCtl {
     pub config: config::Service,
     pub backends: Vec<BackendCtl>,
     pub sticky: Arc<Sticky>,
+    /// The per-source limiter, kept while the limits stay the same.
+    pub limiter: Option<Arc<guard::Limiter>>,
     pub snapshot: Arc<Service>,
     /// (configured address, bound address, udp) of each listener.
     pub listeners: Vec<(SocketAddr, SocketAddr, bool)>,
@@ -149,8 +151,9 @@ impl Registry {
         ));
         let backends: Vec<BackendCtl> =
             config.backends.iter().map(|b| self.new_backend(b, &config)).collect();
-        let snapshot = Arc::new(snapshot(&config, slot, &backends, &sticky)?);
-        Ok(ServiceCtl { config, backends, sticky, snapshot, listeners: Vec::new() })
+        let limiter = limiter_for(&config.guard, self.sticky_key);
+        let snapshot = Arc::new(snapshot(&config, slot, &backends, &sticky, &limiter)?);
+        Ok(ServiceCtl { config, backends, sticky, limiter, snapshot, listeners: Vec::new() })
     }
 
     fn new_backend(&mut self, spec: &config::BackendSpec, service: &config::Service) -> BackendCtl {
@@ -182,7 +185,7 @@ impl Registry {
     /// Rebuild service `slot`'s snapshot from its record and send it to the workers.
     fn publish(&mut self, slot: usize) -> Result<(), Refusal> {
         let Some(s) = self.services[slot].as_mut() else { return Ok(()) };
-        let snap = snapshot(&s.config, slot, &s.backends, &s.sticky)
+        let snap = snapshot(&s.config, slot, &s.backends, &s.sticky, &s.limiter)
             .map_err(|e| Refusal::Bad(e.to_string()))?;
         s.snapshot = Arc::new(snap);
         let snap = Arc::clone(&s.snapshot);
@@ -394,6 +397,11 @@ impl Registry {
         // Keep the configured order (the table does not depend on it, the API shows it).
         fresh.sort_by_key(|b| config.backends.iter().position(|c| c.name == b.state.name));
         let s = self.services[slot].as_mut().expect("checked");
+        if limits_of(&s.config.guard) != limits_of(&config.guard) {
+            // New limits start counting afresh; sessions already open release on the limiter
+            // they were counted on.
+            s.limiter = limiter_for(&config.guard, self.sticky_key);
+        }
         s.backends = fresh;
         s.config = config;
         let name = s.config.name.clone();
@@ -417,9 +425,13 @@ impl Registry {
         Ok(slot)
     }
 
-    /// Sweep expired sticky entries of every service; returns how many went.
+    /// Sweep expired sticky entries and idle per-source records of every service; returns how
+    /// many sticky entries went.
     pub fn sweep(&self) -> usize {
         let now = self.shared.clock_ms();
+        for limiter in self.services.iter().flatten().filter_map(|s| s.limiter.as_ref()) {
+            limiter.sweep(now);
+        }
         self.services.iter().flatten().map(|s| s.sticky.sweep(now)).sum()
     }
 }
@@ -432,12 +444,44 @@ pub struct Pin {
     pub expires_in_ms: Option<u64>,
 }
 
+/// The limits part of a guard config, to tell whether a reload changed them.
+fn limits_of(g: &config::GuardConfig) -> (Option<u32>, Option<u32>, Option<u32>, usize) {
+    (g.max_conns_per_source, g.conn_rate_per_source, g.flow_rate_per_source, g.tracked_sources)
+}
+
+fn limiter_for(g: &config::GuardConfig, key: [u8; 16]) -> Option<Arc<guard::Limiter>> {
+    g.limits().then(|| {
+        Arc::new(guard::Limiter::new(
+            guard::LimitConfig {
+                max_conns: g.max_conns_per_source,
+                conn_rate: g.conn_rate_per_source,
+                flow_rate: g.flow_rate_per_source,
+                capacity: g.tracked_sources,
+            },
+            key,
+        ))
+    })
+}
+
 fn snapshot(
     config: &config::Service,
     slot: usize,
     backends: &[BackendCtl],
     sticky: &Arc<Sticky>,
+    limiter: &Option<Arc<guard::Limiter>>,
 ) -> Result<Service, ring::BuildError> {
+    let p = &config.proxy;
+    let guards = proxy::Guards {
+        acl: Arc::new(guard::Acl::new(config.guard.allow.clone(), config.guard.deny.clone())),
+        limiter: limiter.clone(),
+        proxy: proxy::ProxyRules {
+            send: p.send,
+            send_every_datagram: p.send_every_datagram,
+            accept: !p.trusted.is_empty(),
+            trusted: Arc::new(guard::Acl::new(p.trusted.clone(), Vec::new())),
+            header_timeout: p.header_timeout,
+        },
+    };
     Service::new(
         config.name.clone(),
         slot,
@@ -446,5 +490,6 @@ fn snapshot(
         config.table_size,
         config.seed,
         Arc::clone(sticky),
+        guards,
     )
 }

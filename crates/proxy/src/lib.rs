@@ -48,7 +48,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use listener::{bind, bind_all, BindError, Bound};
-pub use routing::{BackendState, Service, Settings, PASSIVE_HOLD};
+pub use routing::{BackendState, Guards, ProxyRules, Service, Settings, PASSIVE_HOLD};
 pub use stats::{Snapshot, Stats};
 pub use worker::Worker;
 

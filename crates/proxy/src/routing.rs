@@ -207,11 +207,37 @@ pub struct Service {
     pub ring: Option<Ring>,
     /// Shared by every snapshot of the service: changes never clear it.
     pub sticky: Arc<Sticky>,
+    /// Who may connect and how much.
+    pub guards: Guards,
     by_id: HashMap<BackendId, usize>,
+}
+
+/// A service's access rules and per-source limits.
+#[derive(Debug, Clone, Default)]
+pub struct Guards {
+    pub acl: Arc<guard::Acl>,
+    /// `None` when no per-source limit is set. Kept across snapshots while the limits stay the
+    /// same, so open-session counts stay exact; each session releases on the limiter it
+    /// counted on.
+    pub limiter: Option<Arc<guard::Limiter>>,
+    /// PROXY protocol settings.
+    pub proxy: ProxyRules,
+}
+
+/// The PROXY protocol as a snapshot applies it.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyRules {
+    pub send: Option<config::ProxyVersion>,
+    pub send_every_datagram: bool,
+    /// Sources whose header is required and believed (empty: none read).
+    pub trusted: Arc<guard::Acl>,
+    pub accept: bool,
+    pub header_timeout: Duration,
 }
 
 impl Service {
     /// A snapshot of `backends` (with their weights) under a table of `table_size` slots.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
         slot: usize,
@@ -220,6 +246,7 @@ impl Service {
         table_size: usize,
         seed: u64,
         sticky: Arc<Sticky>,
+        guards: Guards,
     ) -> Result<Service, ring::BuildError> {
         let members: Vec<Member> =
             backends.iter().map(|(b, w)| Member { name: b.name.clone(), weight: *w }).collect();
@@ -227,7 +254,7 @@ impl Service {
             if members.is_empty() { None } else { Some(Ring::build(&members, table_size, seed)?) };
         let by_id = backends.iter().enumerate().map(|(i, (b, _))| (b.id, i)).collect();
         let (backends, weights) = backends.into_iter().unzip();
-        Ok(Service { name, slot, settings, backends, weights, ring, sticky, by_id })
+        Ok(Service { name, slot, settings, backends, weights, ring, sticky, guards, by_id })
     }
 
     /// The index of the backend with `id` in this snapshot.
@@ -305,7 +332,7 @@ mod tests {
         };
         let sticky =
             Arc::new(Sticky::new(StickyConfig { capacity: 16, timeout_ms: 1000 }, [1; 16]));
-        Service::new("s".into(), 0, settings, backends, 13, 0, sticky).unwrap()
+        Service::new("s".into(), 0, settings, backends, 13, 0, sticky, Guards::default()).unwrap()
     }
 
     #[test]

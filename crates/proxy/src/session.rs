@@ -98,6 +98,13 @@ pub struct Session {
     pub client: Side,
     pub backend: Side,
     pub peer: SocketAddr,
+    /// The client's real address: `peer`, or what a trusted proxy's PROXY header said. ACLs,
+    /// limits, affinity and the header sent to backends use it.
+    pub source: SocketAddr,
+    /// The address the client connected to (from the header when a proxy relayed it).
+    pub destination: SocketAddr,
+    /// The service's per-source limiter counts this session.
+    pub limited: bool,
     /// The routing snapshot of the service at accept time: the session's backends, sticky table
     /// and timeouts, whatever later changes publish.
     pub service: std::sync::Arc<crate::Service>,

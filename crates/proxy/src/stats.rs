@@ -51,6 +51,19 @@ counters! {
     no_backend,
     /// Connect attempts that found their backend full (`max-conns`) and moved on.
     backend_full,
+    /// TCP clients refused by the service's allow/deny rules.
+    denied,
+    /// PROXY protocol headers sent to backends (TCP sessions and UDP datagrams).
+    proxy_headers_sent,
+    /// Connections and datagrams from trusted proxies whose header was missing or malformed
+    /// (closed or dropped), or that did not send it within the header timeout.
+    proxy_header_errors,
+    /// TCP clients refused for having `--max-conns-per-source` sessions open.
+    source_over_conns,
+    /// TCP clients refused (and UDP flows not made) past their per-source rate.
+    source_over_rate,
+    /// Clients refused because the per-source table was full of busy sources.
+    source_table_full,
     /// Bytes moved client -> backend.
     bytes_in,
     /// Bytes moved backend -> client.
@@ -77,6 +90,10 @@ counters! {
     dropped_max_flows,
     /// ... because no backend of the service could take a new flow.
     dropped_no_backend,
+    /// ... because the service's allow/deny rules refuse the client.
+    dropped_denied,
+    /// ... because the client is past its per-source flow rate (or the table is full).
+    dropped_source_limit,
     /// ... because this host had no socket, fd or memory for a new flow.
     dropped_local,
     /// ... because sending to the backend failed (full buffer, unreachable).

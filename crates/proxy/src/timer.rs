@@ -20,6 +20,8 @@ pub enum TimerKind {
     Linger,
     /// Retry accepting on a listener after accept(2) failed (EMFILE back-off).
     Accept,
+    /// A trusted proxy's connection has not sent its whole PROXY header in time.
+    Header,
 }
 
 /// One armed timer.

@@ -9,6 +9,7 @@ const UDP_LISTENER: usize = 1;
 const CLIENT: usize = 2;
 const BACKEND: usize = 3;
 const FLOW: usize = 4;
+const PENDING: usize = 5;
 
 /// What an event is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,8 @@ pub enum Slot {
     Backend(usize),
     /// The backend socket of UDP flow n.
     Flow(usize),
+    /// Connection n from a trusted proxy, waiting for its PROXY header.
+    Pending(usize),
 }
 
 impl Slot {
@@ -36,6 +39,7 @@ impl Slot {
             Slot::Client(n) => (n, CLIENT),
             Slot::Backend(n) => (n, BACKEND),
             Slot::Flow(n) => (n, FLOW),
+            Slot::Pending(n) => (n, PENDING),
         };
         Token(index << TAG_BITS | tag)
     }
@@ -50,6 +54,7 @@ impl Slot {
             UDP_LISTENER => Slot::UdpListener(index),
             CLIENT => Slot::Client(index),
             BACKEND => Slot::Backend(index),
+            PENDING => Slot::Pending(index),
             // FLOW, and tags never issued (an event cannot carry a token we did not register).
             _ => Slot::Flow(index),
         }
@@ -73,6 +78,8 @@ mod tests {
             Slot::UdpListener(3),
             Slot::Flow(0),
             Slot::Flow(77),
+            Slot::Pending(0),
+            Slot::Pending(4321),
         ] {
             assert_eq!(Slot::from_token(slot.token()), slot);
         }

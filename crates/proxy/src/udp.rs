@@ -60,11 +60,31 @@ struct Flow {
     client: SocketAddr,
     /// The address the client sent to: the source of every reply.
     local_ip: Option<IpAddr>,
+    /// The real client (from a trusted proxy's header, else `client`) and the address it sent
+    /// to: what ACLs, limits and affinity used, and what a PROXY header to the backend says.
+    source: SocketAddr,
+    destination: SocketAddr,
     /// The service's snapshot when the flow began, and its backend's index in it.
     service: Arc<Service>,
     backend: usize,
     affinity: Option<AffinityKey>,
     attached: bool,
+}
+
+/// Where one datagram came from and was sent to.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    /// Index of the listener socket it came in on.
+    listener: usize,
+    /// The peer that sent it (a client, or a trusted proxy).
+    client: SocketAddr,
+    /// The address it was sent to (the flow key's listener side).
+    local: SocketAddr,
+    /// `local`'s IP when the listener is a wildcard one (the source of replies).
+    local_ip: Option<IpAddr>,
+    /// The real client and destination (from a trusted proxy's header, else `client`, `local`).
+    source: SocketAddr,
+    destination: SocketAddr,
 }
 
 /// All UDP state of one worker.
@@ -78,6 +98,8 @@ pub struct Udp {
     hash_key: [u8; 16],
     /// Receive buffers (taken out while a batch is handled, so the handlers may borrow self).
     batch: Option<Box<RecvBatch>>,
+    /// Where a datagram with a PROXY header in front is assembled (reused, never shrunk).
+    scratch: Vec<u8>,
     expired: Vec<usize>,
 }
 
@@ -101,6 +123,7 @@ impl Udp {
             budget,
             hash_key,
             batch: Some(Box::new(RecvBatch::new())),
+            scratch: Vec::new(),
             expired: Vec::new(),
         }
     }
@@ -228,7 +251,15 @@ impl Udp {
                 inc(&ctx.stats.datagrams_in);
                 let local_ip = if wildcard { dst } else { None };
                 let to = SocketAddr::new(local_ip.unwrap_or(local.ip()), local.port());
-                self.forward(i, service, client, to, local_ip, data, ctx);
+                let arrival = Arrival {
+                    listener: i,
+                    client,
+                    local: to,
+                    local_ip,
+                    source: client,
+                    destination: to,
+                };
+                self.from_client(service, arrival, data, ctx);
             }
             if n < BATCH {
                 return More::No; // a short batch drained the socket
@@ -237,25 +268,43 @@ impl Udp {
         More::Yes
     }
 
-    /// Send `data` from `client` on its flow, making the flow if needed.
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &mut self,
-        i: usize,
-        service: &Arc<Service>,
-        client: SocketAddr,
-        local: SocketAddr,
-        local_ip: Option<IpAddr>,
-        data: &[u8],
-        ctx: &Ctx<'_>,
-    ) {
-        let key = FlowKey::new(client, local);
+    /// A datagram from a client, or from a trusted proxy: then a PROXY v2 header in front
+    /// names the real client. It is required on the datagram that makes a flow; on a flow's
+    /// later datagrams it is stripped when present (proxies send it on the first datagram only,
+    /// or on every one). A datagram from a trusted proxy that needs a header and has no valid
+    /// one is dropped and counted, and no flow is made.
+    fn from_client(&mut self, service: &Arc<Service>, mut a: Arrival, data: &[u8], ctx: &Ctx<'_>) {
+        let rules = &service.guards.proxy;
+        if !(rules.accept && rules.trusted.allows(a.client.ip())) {
+            return self.forward(service, a, data, ctx);
+        }
+        let known = self.table(service.slot).peek(&FlowKey::new(a.client, a.local)).is_some();
+        match proxyproto::parse_datagram(data) {
+            Ok((header, payload)) => {
+                if let proxyproto::Header::Proxy { source, destination, .. } = header {
+                    a.source = source;
+                    a.destination = destination;
+                }
+                self.forward(service, a, payload, ctx);
+            }
+            Err(proxyproto::ParseError::NotProxy) if known => self.forward(service, a, data, ctx),
+            Err(e) => {
+                log::debug!("udp from trusted proxy {}: {e}", a.client);
+                inc(&ctx.stats.proxy_header_errors);
+                inc(&ctx.stats.datagrams_dropped);
+            }
+        }
+    }
+
+    /// Send `data` from `a.client` on its flow, making the flow if needed.
+    fn forward(&mut self, service: &Arc<Service>, a: Arrival, data: &[u8], ctx: &Ctx<'_>) {
+        let key = FlowKey::new(a.client, a.local);
         // At most two rounds: a flow whose backend turned out dead is replaced once.
         for _ in 0..2 {
-            let slot = match self.table(service.slot).get(&key, ctx.now_ms) {
-                Some(flow) => *flow.value(),
-                None => match self.open(key, i, service, client, local_ip, ctx) {
-                    Some(slot) => slot,
+            let (slot, fresh) = match self.table(service.slot).get(&key, ctx.now_ms) {
+                Some(flow) => (*flow.value(), false),
+                None => match self.open(key, service, a, ctx) {
+                    Some(slot) => (slot, true),
                     None => {
                         inc(&ctx.stats.datagrams_dropped);
                         return;
@@ -263,7 +312,26 @@ impl Udp {
                 },
             };
             let Some(flow) = self.flows.get(slot).and_then(Option::as_ref) else { return };
-            match flow.socket.send(data) {
+            let rules = &flow.service.guards.proxy;
+            let sent = if rules.send.is_some() && (fresh || rules.send_every_datagram) {
+                // PROXY v2 (UDP has no v1) in front of the payload, so the backend learns who
+                // the client is.
+                let mut header = [0u8; 52];
+                let n = proxyproto::encode_v2(
+                    proxyproto::Transport::Datagram,
+                    flow.source,
+                    flow.destination,
+                    &mut header,
+                );
+                self.scratch.clear();
+                self.scratch.extend_from_slice(&header[..n]);
+                self.scratch.extend_from_slice(data);
+                inc(&ctx.stats.proxy_headers_sent);
+                flow.socket.send(&self.scratch)
+            } else {
+                flow.socket.send(data)
+            };
+            match sent {
                 Ok(_) => return,
                 // An ICMP error from an earlier datagram (connect(2) on UDP: the kernel reports
                 // it on the next call): the backend is not there. Re-pin and resend.
@@ -289,12 +357,11 @@ impl Udp {
     fn open(
         &mut self,
         key: FlowKey,
-        i: usize,
         service: &Arc<Service>,
-        client: SocketAddr,
-        local_ip: Option<IpAddr>,
+        a: Arrival,
         ctx: &Ctx<'_>,
     ) -> Option<usize> {
+        let (client, source) = (a.client, a.source);
         // Full and nothing of ours has expired: refuse before paying for a socket.
         let expiry_due = self.next_expiry().is_some_and(|t| t <= ctx.now_ms);
         if self.budget.available() == 0 && !expiry_due {
@@ -305,13 +372,24 @@ impl Udp {
         if self.budget.available() == 0 {
             self.expire(ctx);
         }
+        // Access rules and the per-source flow rate, before any socket is made.
+        if !service.guards.acl.allows(source.ip()) {
+            inc(&ctx.stats.dropped_denied);
+            return None;
+        }
+        if let Some(limiter) = &service.guards.limiter {
+            if limiter.open_flow(source.ip(), ctx.now_ms) != guard::Verdict::Allow {
+                inc(&ctx.stats.dropped_source_limit);
+                return None;
+            }
+        }
         let (affinity, hash) = match service.settings.affinity {
             config::Affinity::Source => {
-                let k = AffinityKey::from_ip(client.ip());
+                let k = AffinityKey::from_ip(source.ip());
                 (Some(k), service.hash_key(&k.to_bytes()))
             }
             config::Affinity::FiveTuple => {
-                let tuple = crate::routing::five_tuple(17, client, key.listener()); // IPPROTO_UDP
+                let tuple = crate::routing::five_tuple(17, source, a.destination); // IPPROTO_UDP
                 (None, service.hash_key(&tuple))
             }
         };
@@ -376,9 +454,11 @@ impl Udp {
         self.flows[slot] = Some(Flow {
             socket,
             key,
-            listener: i,
+            listener: a.listener,
             client,
-            local_ip,
+            local_ip: a.local_ip,
+            source,
+            destination: a.destination,
             service,
             backend,
             affinity,

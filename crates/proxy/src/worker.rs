@@ -1,7 +1,7 @@
 //! A worker: one thread, one `mio::Poll`, its own listeners and the sessions they accept.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
 use std::sync::Arc;
@@ -38,6 +38,18 @@ enum Ready {
     Session { slot: usize, generation: u64 },
 }
 
+/// Largest PROXY header read (the parser refuses longer ones).
+const PROXY_HEADER_MAX: usize = proxyproto::MAX_HEADER_LEN;
+
+/// A connection from a trusted proxy that has not yet sent its PROXY header: it has no backend
+/// and no session yet, only a deadline.
+struct Pending {
+    stream: TcpStream,
+    peer: SocketAddr,
+    service: Arc<Service>,
+    generation: u64,
+}
+
 /// One event loop.
 pub struct Worker {
     id: usize,
@@ -57,6 +69,9 @@ pub struct Worker {
     starved: Vec<u32>,
     sessions: Vec<Option<Session>>,
     free: Vec<usize>,
+    /// Connections waiting for a PROXY header, and their free slots.
+    pending: Vec<Option<Pending>>,
+    pending_free: Vec<usize>,
     timers: Timers,
     ready: VecDeque<Ready>,
     pools: Pools,
@@ -95,6 +110,8 @@ impl Worker {
             listeners: Vec::new(),
             sessions: Vec::new(),
             free: Vec::new(),
+            pending: Vec::new(),
+            pending_free: Vec::new(),
             timers: Timers::default(),
             ready: VecDeque::new(),
             pools,
@@ -199,6 +216,7 @@ impl Worker {
                     Slot::Backend(n) => self.session_event(n, false, event),
                     Slot::UdpListener(i) => self.udp_event(Ready::UdpListener(i)),
                     Slot::Flow(n) => self.udp_event(Ready::Flow(n)),
+                    Slot::Pending(n) => self.header_event(n),
                 }
             }
             self.resume_ready();
@@ -324,15 +342,141 @@ impl Worker {
             return;
         }
         // TCP_NODELAY is inherited from the listener (set there once, see listener.rs).
+        let rules = &service.guards.proxy;
+        if rules.accept && rules.trusted.allows(peer.ip()) {
+            return self.await_header(stream, peer, service);
+        }
+        let destination = stream.local_addr().unwrap_or(peer);
+        self.route(stream, peer, peer, destination, service, false);
+    }
+
+    // === PROXY headers from trusted proxies ===
+
+    /// Hold a trusted proxy's connection until its header has come, for at most the header
+    /// timeout. Registering reports data already there, so nothing is missed.
+    fn await_header(&mut self, mut stream: TcpStream, peer: SocketAddr, service: Arc<Service>) {
+        let n = self.pending_free.pop().unwrap_or_else(|| {
+            self.pending.push(None);
+            self.pending.len() - 1
+        });
+        let token = Slot::Pending(n).token();
+        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
+            log::warn!("register the connection of {peer}: {e}");
+            self.pending_free.push(n);
+            self.shared.active.fetch_sub(1, AcqRel);
+            return;
+        }
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let at = self.now + service.guards.proxy.header_timeout;
+        self.timers.arm(Timer { at, kind: TimerKind::Header, slot: n, generation });
+        self.pending[n] = Some(Pending { stream, peer, service, generation });
+    }
+
+    /// Bytes arrived on a pending connection: look at them without taking them (MSG_PEEK), and
+    /// once a whole header is there take exactly the header and route the real client. The
+    /// bytes after it stay in the socket for the session's pump.
+    fn header_event(&mut self, n: usize) {
+        let Some(p) = self.pending.get(n).and_then(Option::as_ref) else { return };
+        let mut buf = [0u8; PROXY_HEADER_MAX];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&p.stream);
+        let got = match nix::sys::socket::recv(fd, &mut buf, flags) {
+            Ok(0) => return self.drop_pending(n, None), // gone before saying anything
+            Ok(got) => got,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return,
+            Err(e) => return self.drop_pending(n, Some(&format!("{e}"))),
+        };
+        let (consumed, source, destination) = match proxyproto::parse(&buf[..got]) {
+            Ok(proxyproto::Parsed::Complete { header, consumed }) => {
+                let local = p.stream.local_addr().unwrap_or(p.peer);
+                match header {
+                    proxyproto::Header::Proxy { source, destination, .. } => {
+                        (consumed, source, destination)
+                    }
+                    // LOCAL (the proxy's own check) or an unusable family: the connection's
+                    // own addresses, as the spec says.
+                    _ => (consumed, p.peer, local),
+                }
+            }
+            Ok(proxyproto::Parsed::Incomplete { .. }) if got < buf.len() => return,
+            Ok(proxyproto::Parsed::Incomplete { .. }) => {
+                return self.drop_pending(n, Some("header longer than the largest accepted"))
+            }
+            Err(e) => return self.drop_pending(n, Some(&e.to_string())),
+        };
+        // Take the header off the socket: exactly the bytes just parsed.
+        let mut sink = [0u8; PROXY_HEADER_MAX];
+        match nix::sys::socket::recv(fd, &mut sink[..consumed], nix::sys::socket::MsgFlags::empty())
+        {
+            Ok(taken) if taken == consumed => {}
+            other => return self.drop_pending(n, Some(&format!("reading the header: {other:?}"))),
+        }
+        let Some(p) = self.pending[n].take() else { return };
+        self.pending_free.push(n);
+        self.route(p.stream, p.peer, source, destination, p.service, true);
+    }
+
+    /// Give up on a pending connection: `why` is a header error (counted, logged), `None` a
+    /// connection that closed first. It is reset and its place under --max-conns freed.
+    fn drop_pending(&mut self, n: usize, why: Option<&str>) {
+        let Some(p) = self.pending.get_mut(n).and_then(Option::take) else { return };
+        self.pending_free.push(n);
+        if let Some(why) = why {
+            inc(&self.stats.proxy_header_errors);
+            log::debug!("PROXY header from {}: {why}", p.peer);
+        }
+        self.shared.active.fetch_sub(1, AcqRel);
+        refuse(p.stream);
+    }
+
+    /// Admit a client whose real address is `source` (the peer itself, or what a trusted
+    /// proxy's header said) and start connecting it to a backend. `registered`: the client
+    /// socket is already in the poll (it waited for a PROXY header). Every refusal resets the
+    /// client and gives back the session's place under `--max-conns`.
+    fn route(
+        &mut self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        source: SocketAddr,
+        destination: SocketAddr,
+        service: Arc<Service>,
+        registered: bool,
+    ) {
+        let shared = Arc::clone(&self.shared);
         let now_ms = shared.now_ms(self.now);
+        let turn_away = |counter: &std::sync::atomic::AtomicU64, stream| {
+            inc(counter);
+            shared.active.fetch_sub(1, AcqRel);
+            refuse(stream);
+        };
+        // Access rules, then per-source limits, before any backend is touched.
+        if !service.guards.acl.allows(source.ip()) {
+            turn_away(&self.stats.denied, stream);
+            return;
+        }
+        let limited = match &service.guards.limiter {
+            None => false,
+            Some(limiter) => match limiter.open_session(source.ip(), now_ms) {
+                guard::Verdict::Allow => true,
+                verdict => {
+                    turn_away(source_counter(&self.stats, verdict), stream);
+                    return;
+                }
+            },
+        };
+        let unlimit = |service: &Service| {
+            if let (true, Some(limiter)) = (limited, &service.guards.limiter) {
+                limiter.close_session(source.ip(), now_ms);
+            }
+        };
         let (key, hash) = match service.settings.affinity {
             config::Affinity::Source => {
-                let key = AffinityKey::from_ip(peer.ip());
+                let key = AffinityKey::from_ip(source.ip());
                 (Some(key), service.hash_key(&key.to_bytes()))
             }
             config::Affinity::FiveTuple => {
-                let local = stream.local_addr().unwrap_or(peer);
-                (None, service.hash_key(&crate::routing::five_tuple(6, peer, local)))
+                (None, service.hash_key(&crate::routing::five_tuple(6, source, destination)))
             }
         };
         // A sticky entry wins over the table while its backend may keep its clients.
@@ -343,11 +487,13 @@ impl Worker {
         let first = pinned.or_else(|| service.choose(hash, now_ms, |i| tried.contains(i)));
         let Some((target, backend)) = self.begin_connect(&service, hash, first, &mut tried, now_ms)
         else {
-            inc(&self.stats.no_backend);
-            shared.active.fetch_sub(1, AcqRel);
-            refuse(stream);
+            unlimit(&service);
+            turn_away(&self.stats.no_backend, stream);
             return;
         };
+        if registered {
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
         let slot = self.free.pop().unwrap_or_else(|| {
             self.sessions.push(None);
             self.sessions.len() - 1
@@ -359,6 +505,9 @@ impl Worker {
             client: Side::new(stream),
             backend: Side::new(backend),
             peer,
+            source,
+            destination,
+            limited,
             service,
             key,
             hash,
@@ -384,6 +533,7 @@ impl Worker {
             log::warn!("register session of {peer}: {e}");
             let _ = registry.deregister(&mut session.client.stream);
             session.service.backends[session.target].release();
+            unlimit(&session.service);
             self.free.push(slot);
             shared.active.fetch_sub(1, AcqRel);
             return;
@@ -508,6 +658,20 @@ impl Worker {
         let now_ms = shared.now_ms(self.now);
         let Some(s) = self.sessions[slot].as_mut() else { return };
 
+        // The PROXY header goes first, before any byte of the client's (which is not read
+        // until now). The socket's send buffer is empty: a short write means it is broken.
+        if let Some(version) = s.service.guards.proxy.send {
+            let mut header = [0u8; 108];
+            let n = encode_proxy_header(version, s.source, s.destination, &mut header);
+            match (&s.backend.stream).write(&header[..n]) {
+                Ok(written) if written == n => inc(&self.stats.proxy_headers_sent),
+                result => {
+                    log::debug!("PROXY header to the backend of {}: {result:?}", s.source);
+                    self.close(slot, CloseReason::Reset);
+                    return;
+                }
+            }
+        }
         s.set_state(State::Established);
         s.last_active = self.now;
         inc(&self.stats.established);
@@ -639,6 +803,13 @@ impl Worker {
                 self.accept(t.slot);
                 continue;
             }
+            if t.kind == TimerKind::Header {
+                let waiting = self.pending.get(t.slot).and_then(Option::as_ref);
+                if waiting.is_some_and(|p| p.generation == t.generation) {
+                    self.drop_pending(t.slot, Some("no complete header before the timeout"));
+                }
+                continue;
+            }
             if self.generation_at(t.slot) != Some(t.generation) {
                 continue; // the session that armed it is gone
             }
@@ -667,7 +838,7 @@ impl Worker {
                     }
                     self.drive(t.slot);
                 }
-                (TimerKind::Accept, _) => {}
+                (TimerKind::Accept | TimerKind::Header, _) => {}
             }
         }
     }
@@ -702,6 +873,9 @@ impl Worker {
         if s.reserved {
             s.service.backends[s.target].release();
         }
+        if let (true, Some(limiter)) = (s.limited, &s.service.guards.limiter) {
+            limiter.close_session(s.source.ip(), self.shared.now_ms(self.now));
+        }
         if let (Some(key), true) = (s.key, s.attached) {
             s.service.sticky.detach(key, self.shared.now_ms(self.now));
         }
@@ -719,7 +893,7 @@ impl Worker {
         if self.timers.len() > 4 * live + 1024 {
             let sessions = &self.sessions;
             self.timers.retain(|t| {
-                t.kind == TimerKind::Accept
+                matches!(t.kind, TimerKind::Accept | TimerKind::Header)
                     || sessions
                         .get(t.slot)
                         .and_then(Option::as_ref)
@@ -732,6 +906,36 @@ impl Worker {
         for slot in 0..self.sessions.len() {
             self.close(slot, CloseReason::Shutdown);
         }
+        for n in 0..self.pending.len() {
+            self.drop_pending(n, None);
+        }
+    }
+}
+
+/// A PROXY protocol header for a TCP session from `source` to `destination`, in `out`.
+fn encode_proxy_header(
+    version: config::ProxyVersion,
+    source: SocketAddr,
+    destination: SocketAddr,
+    out: &mut [u8; 108],
+) -> usize {
+    match version {
+        config::ProxyVersion::V1 => proxyproto::encode_v1(source, destination, out),
+        config::ProxyVersion::V2 => {
+            let mut v2 = [0u8; 52];
+            let n = proxyproto::encode_v2(proxyproto::Transport::Stream, source, destination, &mut v2);
+            out[..n].copy_from_slice(&v2[..n]);
+            n
+        }
+    }
+}
+
+/// The counter of a per-source refusal.
+fn source_counter(stats: &Stats, verdict: guard::Verdict) -> &std::sync::atomic::AtomicU64 {
+    match verdict {
+        guard::Verdict::OverConns => &stats.source_over_conns,
+        guard::Verdict::OverConnRate | guard::Verdict::OverFlowRate => &stats.source_over_rate,
+        guard::Verdict::TableFull | guard::Verdict::Allow => &stats.source_table_full,
     }
 }
 
