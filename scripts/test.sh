@@ -21,3 +21,6 @@ echo "== cargo test"
 # Black-box tests start several tether processes each; two at a time keeps a 2-core machine
 # responsive enough for their timeouts to stay generous.
 cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+echo "== fuzz smoke run (PROXY header parser, config loader)"
+# About a minute of fuzzing (30 s per target) after the build; scripts/fuzz.sh SECONDS for more.
+scripts/fuzz.sh "${FUZZ_SECONDS:-30}"

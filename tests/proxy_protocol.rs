@@ -161,11 +161,12 @@ fn headers_from_trusted_proxies_decide_affinity_and_acl_and_nobody_else_is_belie
         ],
     );
     let to = t.addr();
-    // One real client behind two different proxies: one sticky entry, one backend.
-    let first = exchange(client_ip(1), to, format!("{}name\n", v1("192.0.2.7", 4000, to)).as_bytes());
+    // One real client behind several proxies: one sticky entry, one backend.
+    let first =
+        exchange(client_ip(1), to, format!("{}name\n", v1("192.0.2.7", 4000, to)).as_bytes());
     let first = first.expect("served through a trusted proxy");
-    for proxy in [2, 3, 4] {
-        let again = format!("{}name\n", v1("192.0.2.7", 4001 + proxy, to));
+    for proxy in [2u32, 3, 4] {
+        let again = format!("{}name\n", v1("192.0.2.7", 4001 + proxy as u16, to));
         assert_eq!(exchange(client_ip(proxy), to, again.as_bytes()).as_deref(), Some(&*first));
     }
     let pin = http(t.admin(), "GET", "/api/sticky?client=192.0.2.7", "").unwrap().body;
@@ -175,10 +176,14 @@ fn headers_from_trusted_proxies_decide_affinity_and_acl_and_nobody_else_is_belie
     v2.extend_from_slice(b"name\n");
     assert_eq!(exchange(client_ip(5), to, &v2).as_deref(), Some(&*first));
     // The ACL judges the real client: 10.1.2.3 is denied through a trusted proxy.
-    assert_eq!(exchange(client_ip(6), to, format!("{}name\n", v1("10.1.2.3", 1, to)).as_bytes()), None);
+    assert_eq!(
+        exchange(client_ip(6), to, format!("{}name\n", v1("10.1.2.3", 1, to)).as_bytes()),
+        None
+    );
     // From anyone else a header is not believed: it is data, and the backend does not know
     // the command it makes.
-    let untrusted = exchange(client_ip(300), to, format!("{}name\n", v1("192.0.2.7", 4000, to)).as_bytes());
+    let untrusted =
+        exchange(client_ip(300), to, format!("{}name\n", v1("192.0.2.7", 4000, to)).as_bytes());
     assert!(untrusted.is_some_and(|r| r.starts_with("error")), "a header from an untrusted source");
     assert!(ask_name(client_ip(301), to).is_ok(), "untrusted clients without a header are served");
     // A trusted proxy must send one: without it, or too slowly, the connection is closed.
@@ -193,11 +198,7 @@ fn headers_from_trusted_proxies_decide_affinity_and_acl_and_nobody_else_is_belie
 #[test]
 fn a_malformed_header_closes_only_its_own_connection() {
     let pool = backends(96, 1);
-    let t = tether_with_admin(
-        96,
-        &pool,
-        &["--accept-proxy", "--trusted-proxies", "127.1.0.0/24"],
-    );
+    let t = tether_with_admin(96, &pool, &["--accept-proxy", "--trusted-proxies", "127.1.0.0/24"]);
     let to = t.addr();
     // A session in progress through the same proxy address range.
     let mut live = connect_from(client_ip(1), to, DEADLINE).unwrap();
@@ -211,7 +212,10 @@ fn a_malformed_header_closes_only_its_own_connection() {
     overrun[14..16].copy_from_slice(&(12u16 + 3).to_be_bytes());
     overrun.extend_from_slice(&[0x04, 0x00, 0x09]); // a NOOP TLV claiming 9 bytes of 0
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("v1 line without CRLF past 107 bytes", format!("PROXY TCP4 {}", "1".repeat(200)).into_bytes()),
+        (
+            "v1 line without CRLF past 107 bytes",
+            format!("PROXY TCP4 {}", "1".repeat(200)).into_bytes(),
+        ),
         ("v1 with a port out of range", b"PROXY TCP4 1.2.3.4 5.6.7.8 70000 80\r\n".to_vec()),
         ("v1 with an IPv6 address in TCP4", b"PROXY TCP4 ::1 5.6.7.8 1 80\r\n".to_vec()),
         ("v2 with version 3", bad_version),

@@ -293,6 +293,18 @@ impl Service {
     }
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack socket reports
+/// for IPv4 peers) turned into IPv4, so PROXY headers say TCP4/UDP4 for IPv4 clients.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
 /// Bytes of a connection's or flow's 5-tuple, for `5tuple` affinity: protocol number, client
 /// address and port, listener address and port (addresses in canonical 16-byte form).
 pub fn five_tuple(protocol: u8, peer: SocketAddr, local: SocketAddr) -> [u8; 37] {
@@ -390,6 +402,14 @@ mod tests {
         assert!(s.backends[0].try_reserve());
         s.backends[0].set_max_conns(None);
         assert!(s.backends[0].try_reserve(), "no limit");
+    }
+
+    #[test]
+    fn mapped_addresses_become_ipv4() {
+        let mapped: SocketAddr = "[::ffff:192.0.2.1]:80".parse().unwrap();
+        assert_eq!(canonical(mapped), "192.0.2.1:80".parse().unwrap());
+        let v6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
     }
 
     #[test]

@@ -4,14 +4,14 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 macro_rules! counters {
-    ($(#[$doc:meta] $name:ident),* $(,)?) => {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// Counters of one worker.
         #[derive(Debug, Default)]
-        pub struct Stats { $(#[$doc] pub $name: AtomicU64,)* }
+        pub struct Stats { $($(#[$doc])* pub $name: AtomicU64,)* }
 
         /// A plain copy of [`Stats`], summable across workers.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct Snapshot { $(#[$doc] pub $name: u64,)* }
+        pub struct Snapshot { $($(#[$doc])* pub $name: u64,)* }
 
         impl Stats {
             pub fn snapshot(&self) -> Snapshot {

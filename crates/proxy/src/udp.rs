@@ -259,7 +259,7 @@ impl Udp {
                     source: client,
                     destination: to,
                 };
-                self.from_client(service, arrival, data, ctx);
+                self.client_datagram(service, arrival, data, ctx);
             }
             if n < BATCH {
                 return More::No; // a short batch drained the socket
@@ -273,7 +273,13 @@ impl Udp {
     /// later datagrams it is stripped when present (proxies send it on the first datagram only,
     /// or on every one). A datagram from a trusted proxy that needs a header and has no valid
     /// one is dropped and counted, and no flow is made.
-    fn from_client(&mut self, service: &Arc<Service>, mut a: Arrival, data: &[u8], ctx: &Ctx<'_>) {
+    fn client_datagram(
+        &mut self,
+        service: &Arc<Service>,
+        mut a: Arrival,
+        data: &[u8],
+        ctx: &Ctx<'_>,
+    ) {
         let rules = &service.guards.proxy;
         if !(rules.accept && rules.trusted.allows(a.client.ip())) {
             return self.forward(service, a, data, ctx);
@@ -319,8 +325,8 @@ impl Udp {
                 let mut header = [0u8; 52];
                 let n = proxyproto::encode_v2(
                     proxyproto::Transport::Datagram,
-                    flow.source,
-                    flow.destination,
+                    crate::routing::canonical(flow.source),
+                    crate::routing::canonical(flow.destination),
                     &mut header,
                 );
                 self.scratch.clear();

@@ -919,11 +919,14 @@ fn encode_proxy_header(
     destination: SocketAddr,
     out: &mut [u8; 108],
 ) -> usize {
+    let (source, destination) =
+        (crate::routing::canonical(source), crate::routing::canonical(destination));
     match version {
         config::ProxyVersion::V1 => proxyproto::encode_v1(source, destination, out),
         config::ProxyVersion::V2 => {
             let mut v2 = [0u8; 52];
-            let n = proxyproto::encode_v2(proxyproto::Transport::Stream, source, destination, &mut v2);
+            let n =
+                proxyproto::encode_v2(proxyproto::Transport::Stream, source, destination, &mut v2);
             out[..n].copy_from_slice(&v2[..n]);
             n
         }
