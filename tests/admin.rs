@@ -393,3 +393,40 @@ fn on_down_kill_resets_the_open_sessions_of_a_backend_put_in_maint() {
     let metrics = http(admin, "GET", "/metrics", "").unwrap().body;
     assert!(metrics.contains("tether_sessions_killed_total 1"), "{metrics}");
 }
+
+#[test]
+fn a_stalled_admin_client_holds_only_its_own_request() {
+    let pool = backends(69, 1);
+    let mut t = tether_with_admin(69, &pool, &[]);
+    let admin = t.admin();
+    // Requests that promise a body and never send it, on every method.
+    let stalled: Vec<std::net::TcpStream> =
+        ["GET /metrics", "POST /api/reload", "PUT /api/services/default/backends/b0"]
+            .iter()
+            .map(|line| {
+                let mut s = std::net::TcpStream::connect(admin).unwrap();
+                std::io::Write::write_all(
+                    &mut s,
+                    format!("{line} HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+                        .as_bytes(),
+                )
+                .unwrap();
+                s
+            })
+            .collect();
+    for _ in 0..5 {
+        assert_eq!(http(admin, "GET", "/api/backends", "").unwrap().status, 200);
+    }
+    // A body declared over the cap is refused before any of it is read.
+    let mut big = std::net::TcpStream::connect(admin).unwrap();
+    big.set_read_timeout(Some(DEADLINE)).unwrap();
+    let head = "PUT /api/services/default/backends/b0 HTTP/1.0\r\nContent-Length: 20000\r\n\r\n";
+    std::io::Write::write_all(&mut big, head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut big, &mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413") || answer.starts_with("HTTP/1.0 413"), "{answer}");
+    // And the stalled clients do not keep tether from stopping.
+    t.signal(Signal::SIGTERM).unwrap();
+    assert!(t.wait_exit(DEADLINE).is_some(), "tether hung on a stalled admin client");
+    drop(stalled);
+}

@@ -5,6 +5,7 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::*;
 
@@ -211,5 +212,83 @@ fn reload_without_a_config_file_is_refused_and_harmless() {
     let reply = http(t.admin(), "POST", "/api/reload", "").unwrap();
     assert_eq!(reply.status, 400);
     assert!(reply.body.contains("without --config"), "{}", reply.body);
+    assert_eq!(ask_name(client_ip(0), t.addr()).unwrap(), "b0");
+}
+
+/// A port free on `ip` right now (bound by the kernel, then released).
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// Reloads that change a listener's protocol, move an address to another service, add UDP
+/// when none ran, or deny a client with an open flow.
+#[test]
+fn reloads_that_change_protocols_and_owners_keep_the_right_sockets() {
+    let pool = backends(73, 1);
+    let udp_b0 = UdpBackend::start("b0", pool[0].addr()).unwrap();
+    let port = free_port("127.0.73.1");
+    let at = format!("127.0.73.1:{port}");
+    let with = |name: &str, protocol: &str, extra: &str| {
+        format!(
+            "admin = \"127.0.73.1:0\"\n{}",
+            service(name, &at, &[(&pool[0], 1)]).replace(
+                "health-check = \"off\"\n",
+                &format!("health-check = \"off\"\nprotocol = \"{protocol}\"\n{extra}"),
+            )
+        )
+    };
+    let file = ConfigFile::new("protocols", &with("a", "both", ""));
+    let mut t = Tether::start(bin(), ["--config", file.path()]).unwrap();
+    let admin = t.admin();
+    let addr: SocketAddr = at.parse().unwrap();
+    let flow = udp_client(client_ip(0)).unwrap();
+    assert_eq!(udp_ask(&flow, addr, b"name", DEADLINE).unwrap().0, b"b0");
+    assert_eq!(ask_name(client_ip(0), addr).unwrap(), "b0");
+    let reload = |text: &str| {
+        file.write(text);
+        http(admin, "POST", "/api/reload", "").unwrap()
+    };
+
+    // The flow's client is denied by a reload: its next datagram is dropped, the flow ends.
+    let r = reload(&with("a", "both", "deny = [\"127.1.0.1/32\"]\n"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(udp_ask(&flow, addr, b"name", Duration::from_millis(300)).is_err());
+    let other = udp_client(client_ip(1)).unwrap();
+    assert_eq!(udp_ask(&other, addr, b"name", DEADLINE).unwrap().0, b"b0");
+
+    // both -> tcp: the UDP socket closes, the TCP listener on the same address stays.
+    let r = reload(&with("a", "tcp", ""));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(ask_name(client_ip(2), addr).unwrap(), "b0");
+    assert!(udp_ask(&other, addr, b"name", Duration::from_millis(300)).is_err());
+
+    // The address moves to a service of another name: the new service's socket serves it.
+    let r = reload(&with("b", "tcp", ""));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(t.wait_stdout(|l| l == format!("listening tcp {at}").as_str(), DEADLINE));
+    for i in 3..10 {
+        assert_eq!(ask_name(client_ip(i), addr).unwrap(), "b0", "client {i} after the move");
+    }
+    let names: Vec<_> = api_backends(admin).iter().map(|b| b["service"].clone()).collect();
+    assert_eq!(names, vec!["b"]);
+    t.signal(Signal::SIGTERM).unwrap();
+    assert!(t.wait_exit(DEADLINE).is_some());
+    drop(udp_b0);
+}
+
+#[test]
+fn a_reload_cannot_add_the_first_udp_service() {
+    let pool = backends(74, 1);
+    let tcp_only =
+        format!("admin = \"127.0.74.1:0\"\n{}", service("a", "127.0.74.1:0", &[(&pool[0], 1)]));
+    let file = ConfigFile::new("first-udp", &tcp_only);
+    let t = Tether::start(bin(), ["--config", file.path()]).unwrap();
+    file.write(
+        &tcp_only
+            .replace("health-check = \"off\"\n", "health-check = \"off\"\nprotocol = \"both\"\n"),
+    );
+    let r = http(t.admin(), "POST", "/api/reload", "").unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("restart tether to add the first UDP service"), "{}", r.body);
     assert_eq!(ask_name(client_ip(0), t.addr()).unwrap(), "b0");
 }

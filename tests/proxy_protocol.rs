@@ -266,6 +266,19 @@ fn udp_headers_from_trusted_proxies_name_the_client_and_are_required_on_a_new_fl
     assert!(udp_ask(&bare, to, b"name", Duration::from_millis(300)).is_err());
     let m = http(t.admin(), "GET", "/metrics", "").unwrap().body;
     assert!(m.contains("tether_proxy_header_errors_total 1"), "{m}");
+    // A flow is one client: a header naming another client on it is dropped and counted.
+    let relay = udp_client(client_ip(8)).unwrap();
+    let mut d = v2_header(true, "192.0.2.20:1".parse().unwrap(), to);
+    d.extend_from_slice(b"name");
+    assert!(udp_ask(&relay, to, &d, DEADLINE).is_ok());
+    let mut other = v2_header(true, "10.9.9.9:1".parse().unwrap(), to);
+    other.extend_from_slice(b"name");
+    assert!(udp_ask(&relay, to, &other, Duration::from_millis(300)).is_err());
+    let m = http(t.admin(), "GET", "/metrics", "").unwrap().body;
+    assert!(m.contains("tether_proxy_header_errors_total 2"), "{m}");
+    // Its own client's later datagrams, with or without a header, still pass.
+    assert!(udp_ask(&relay, to, &d, DEADLINE).is_ok());
+    assert!(udp_ask(&relay, to, b"name", DEADLINE).is_ok());
     // An untrusted client is served as itself, header-less.
     let direct = udp_client(client_ip(300)).unwrap();
     assert!(udp_ask(&direct, to, b"name", DEADLINE).is_ok());

@@ -13,6 +13,9 @@ use crate::registry::{Refusal, Registry};
 
 /// Largest request body accepted (the API's bodies are a few dozen bytes).
 const MAX_BODY: u64 = 16 * 1024;
+/// Requests handled at once. Each has a thread of its own, so a client that stalls mid-request
+/// holds only its own; past this many, new requests are answered 503 at once.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// What the admin thread asks of the supervisor.
 #[derive(Debug)]
@@ -50,11 +53,30 @@ impl Admin {
         let Bound(server, addr) = bound;
         let server = Arc::new(server);
         let serving = Arc::clone(&server);
+        let shared = Arc::new((registry, asks, token, std::sync::atomic::AtomicUsize::new(0)));
         let thread = std::thread::Builder::new()
             .name("tether-admin".into())
             .spawn(move || {
+                use std::sync::atomic::Ordering::SeqCst;
                 for request in serving.incoming_requests() {
-                    handle(request, &registry, &asks, token.as_deref());
+                    let in_flight = &shared.3;
+                    if in_flight.fetch_add(1, SeqCst) >= MAX_IN_FLIGHT {
+                        in_flight.fetch_sub(1, SeqCst);
+                        reply(request, error(503, "too many admin requests at once"));
+                        continue;
+                    }
+                    let mine = Arc::clone(&shared);
+                    let spawned = std::thread::Builder::new()
+                        .name("tether-admin-req".into())
+                        .spawn(move || {
+                            let (registry, asks, token, in_flight) = &*mine;
+                            handle(request, registry, asks, token.as_deref());
+                            in_flight.fetch_sub(1, SeqCst);
+                        });
+                    if let Err(e) = spawned {
+                        log::warn!("admin: cannot start a request thread: {e}");
+                        shared.3.fetch_sub(1, SeqCst);
+                    }
                 }
             })
             .map_err(|e| format!("admin thread: {e}"))?;
@@ -109,9 +131,16 @@ fn handle(
             return reply(request, error(401, "this needs `Authorization: Bearer <admin token>`"));
         }
     }
-    let body = match read_body(&mut request) {
-        Ok(body) => body,
-        Err(e) => return reply(request, error(413, &e)),
+    if request.body_length().is_some_and(|n| n as u64 > MAX_BODY) {
+        return reply(request, error(413, &format!("the body is larger than {MAX_BODY} bytes")));
+    }
+    let body = if matches!(method, Method::Put | Method::Post) {
+        match read_body(&mut request) {
+            Ok(body) => body,
+            Err(e) => return reply(request, error(413, &e)),
+        }
+    } else {
+        String::new()
     };
     let answer = route(&method, &segments, query, &body, registry, asks);
     reply(request, answer);

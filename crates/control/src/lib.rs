@@ -235,6 +235,8 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let context = Supervisor { registry: &registry, file: config.file.clone(), workers, config };
     let result = context.supervise(&mut running, &signal_rx, &asks_rx);
     drop(signal_tx);
+    // A reload asked for from now on fails at once instead of waiting for an answer.
+    drop(asks_rx);
     drop(admin);
     let _ = stop_checks.send(());
     let _ = checks.join();
@@ -407,6 +409,13 @@ impl Supervisor<'_> {
             }
         }
         let mut reg = self.lock();
+        if reg.shared.flow_budget.limit() == 0 && next.services.iter().any(|s| s.protocol.udp()) {
+            return Err(
+                "no UDP service ran at start, so no flows were budgeted from the fd limit: \
+                        restart tether to add the first UDP service"
+                    .into(),
+            );
+        }
         // Check every service's table builds, and bind every new listener, first.
         for service in &next.services {
             let backends: Vec<ring::Member> = service
@@ -456,7 +465,7 @@ impl Supervisor<'_> {
             }
             for old in &kept {
                 if !listeners.contains(old) {
-                    closing.push(old.1);
+                    closing.push((old.1, old.2));
                 }
             }
             bound_by_service.push((slot, existing.is_some(), listeners));
@@ -464,7 +473,7 @@ impl Supervisor<'_> {
         for (i, s) in reg.services.iter().enumerate() {
             if let Some(s) = s {
                 if !next.services.iter().any(|n| n.name == s.config.name) {
-                    closing.extend(s.listeners.iter().map(|l| l.1));
+                    closing.extend(s.listeners.iter().map(|l| (l.1, l.2)));
                     log::info!("reload: service {:?} removed (slot {i})", s.config.name);
                 }
             }
@@ -501,13 +510,15 @@ impl Supervisor<'_> {
             reg.event(format!("service {name:?} removed by reload"));
             summary.push(format!("service {name:?} removed"));
         }
-        reg.listen(per_worker);
+        // Old sockets close before new ones open: a new socket on an address a closing one
+        // shares (SO_REUSEPORT) must not be caught by the close.
         if !closing.is_empty() {
             for (tx, waker) in &reg.workers.links {
                 let _ = tx.send(Command::Unlisten(closing.clone()));
                 let _ = waker.wake();
             }
         }
+        reg.listen(per_worker);
         reg.event(format!("configuration reloaded from {}", path.display()));
         drop(reg);
         announce_listeners(&announced);

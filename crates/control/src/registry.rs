@@ -390,6 +390,11 @@ impl Registry {
             }
         }
         let removed: Vec<String> = old.iter().map(|b| b.state.name.clone()).collect();
+        let killed: Vec<BackendId> = if config.health.on_down == config::OnDown::Kill {
+            old.iter().map(|b| b.state.id).collect()
+        } else {
+            Vec::new()
+        };
         for spec in &added {
             let b = self.new_backend(spec, &config);
             fresh.push(b);
@@ -411,6 +416,9 @@ impl Registry {
         }
         for b in removed {
             self.event(format!("{name}/{b}: removed by reload"));
+        }
+        for id in killed {
+            self.kill(id);
         }
         Ok(())
     }

@@ -68,9 +68,11 @@ pub enum Command {
     Publish(Arc<Service>),
     /// Start accepting on these sockets too.
     Listen(Listeners),
-    /// Stop accepting on these addresses (TCP and UDP): close the sockets. Open sessions
+    /// Stop accepting on these (address, is-UDP) listeners: close the sockets. Open sessions
     /// continue; UDP flows that came in on a closed socket end (their replies had no way out).
-    Unlisten(Vec<SocketAddr>),
+    /// Sent before any `Listen` of the same change, so new sockets on the same address are
+    /// never caught by it.
+    Unlisten(Vec<(SocketAddr, bool)>),
     /// End every open session (with a reset) and flow of the backend with this id: it went
     /// down or into maintenance and its service says `on-down kill`.
     Kill(conntrack::BackendId),

@@ -64,6 +64,9 @@ struct Flow {
     /// to: what ACLs, limits and affinity used, and what a PROXY header to the backend says.
     source: SocketAddr,
     destination: SocketAddr,
+    /// A PROXY header reached the backend's socket (with `send-proxy`: until then every
+    /// datagram carries one, so a lost first send does not leave the flow without).
+    header_sent: bool,
     /// The service's snapshot when the flow began, and its backend's index in it.
     service: Arc<Service>,
     backend: usize,
@@ -145,10 +148,10 @@ impl Udp {
     }
 
     /// Close the listeners bound to any of `addrs`, and end their flows (no way to reply).
-    pub fn unlisten(&mut self, addrs: &[SocketAddr], ctx: &Ctx<'_>) {
+    pub fn unlisten(&mut self, addrs: &[(SocketAddr, bool)], ctx: &Ctx<'_>) {
         for i in 0..self.listeners.len() {
             let Some(l) = self.listeners[i].as_ref() else { continue };
-            if !addrs.contains(&l.local) {
+            if !addrs.contains(&(l.local, true)) {
                 continue;
             }
             if let Some(mut l) = self.listeners[i].take() {
@@ -284,21 +287,36 @@ impl Udp {
         if !(rules.accept && rules.trusted.allows(a.client.ip())) {
             return self.forward(service, a, data, ctx);
         }
-        let known = self.table(service.slot).peek(&FlowKey::new(a.client, a.local)).is_some();
+        let slot =
+            self.table(service.slot).peek(&FlowKey::new(a.client, a.local)).map(|f| *f.value());
+        let known = slot.and_then(|n| self.flows.get(n)?.as_ref()).map(|flow| flow.source);
+        let refuse = |why: &dyn std::fmt::Display| {
+            log::debug!("udp from trusted proxy {}: {why}", a.client);
+            inc(&ctx.stats.proxy_header_errors);
+            inc(&ctx.stats.datagrams_dropped);
+        };
         match proxyproto::parse_datagram(data) {
             Ok((header, payload)) => {
                 if let proxyproto::Header::Proxy { source, destination, .. } = header {
+                    // A flow is one client: a header naming another one on it would carry that
+                    // client past the rules the flow was admitted by.
+                    if known.is_some_and(|s| s != source) {
+                        return refuse(&format!(
+                            "header names {source} on a flow of another client"
+                        ));
+                    }
                     a.source = source;
                     a.destination = destination;
+                } else if let Some(source) = known {
+                    a.source = source;
                 }
                 self.forward(service, a, payload, ctx);
             }
-            Err(proxyproto::ParseError::NotProxy) if known => self.forward(service, a, data, ctx),
-            Err(e) => {
-                log::debug!("udp from trusted proxy {}: {e}", a.client);
-                inc(&ctx.stats.proxy_header_errors);
-                inc(&ctx.stats.datagrams_dropped);
+            Err(proxyproto::ParseError::NotProxy) if known.is_some() => {
+                a.source = known.unwrap_or(a.source);
+                self.forward(service, a, data, ctx)
             }
+            Err(e) => refuse(&e),
         }
     }
 
@@ -306,11 +324,11 @@ impl Udp {
     fn forward(&mut self, service: &Arc<Service>, a: Arrival, data: &[u8], ctx: &Ctx<'_>) {
         let key = FlowKey::new(a.client, a.local);
         // At most two rounds: a flow whose backend turned out dead is replaced once.
-        for _ in 0..2 {
-            let (slot, fresh) = match self.table(service.slot).get(&key, ctx.now_ms) {
-                Some(flow) => (*flow.value(), false),
+        for round in 0..2 {
+            let slot = match self.table(service.slot).get(&key, ctx.now_ms) {
+                Some(flow) => *flow.value(),
                 None => match self.open(key, service, a, ctx) {
-                    Some(slot) => (slot, true),
+                    Some(slot) => slot,
                     None => {
                         inc(&ctx.stats.datagrams_dropped);
                         return;
@@ -318,8 +336,20 @@ impl Udp {
                 },
             };
             let Some(flow) = self.flows.get(slot).and_then(Option::as_ref) else { return };
+            // The rules changed since the flow began (a reload): its client must still pass.
+            if !Arc::ptr_eq(&flow.service, service) && !service.guards.acl.allows(flow.source.ip())
+            {
+                let table = flow.service.slot;
+                self.tables[table].remove(&key);
+                self.close(slot, ctx);
+                inc(&ctx.stats.dropped_denied);
+                inc(&ctx.stats.datagrams_dropped);
+                return;
+            }
             let rules = &flow.service.guards.proxy;
-            let sent = if rules.send.is_some() && (fresh || rules.send_every_datagram) {
+            let with_header =
+                rules.send.is_some() && (!flow.header_sent || rules.send_every_datagram);
+            let sent = if with_header {
                 // PROXY v2 (UDP has no v1) in front of the payload, so the backend learns who
                 // the client is.
                 let mut header = [0u8; 52];
@@ -332,13 +362,20 @@ impl Udp {
                 self.scratch.clear();
                 self.scratch.extend_from_slice(&header[..n]);
                 self.scratch.extend_from_slice(data);
-                inc(&ctx.stats.proxy_headers_sent);
                 flow.socket.send(&self.scratch)
             } else {
                 flow.socket.send(data)
             };
             match sent {
-                Ok(_) => return,
+                Ok(_) => {
+                    if with_header {
+                        inc(&ctx.stats.proxy_headers_sent);
+                        if let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) {
+                            flow.header_sent = true;
+                        }
+                    }
+                    return;
+                }
                 // An ICMP error from an earlier datagram (connect(2) on UDP: the kernel reports
                 // it on the next call): the backend is not there. Re-pin and resend.
                 Err(e) if e.raw_os_error() == Some(nix::libc::ECONNREFUSED) => {
@@ -346,6 +383,10 @@ impl Udp {
                     let table = flow.service.slot;
                     self.tables[table].remove(&key);
                     self.close(slot, ctx);
+                    if round == 1 {
+                        inc(&ctx.stats.datagrams_dropped);
+                        inc(&ctx.stats.dropped_to_backend);
+                    }
                 }
                 Err(e) => {
                     log::debug!("udp send to backend: {e}");
@@ -465,6 +506,7 @@ impl Udp {
             local_ip: a.local_ip,
             source,
             destination: a.destination,
+            header_sent: false,
             service,
             backend,
             affinity,

@@ -176,11 +176,11 @@ impl Worker {
         log::debug!("worker {}: backend {id} down: {n} sessions and {flows} flows ended", self.id);
     }
 
-    /// Close the listeners bound to any of `addrs`.
-    fn unlisten(&mut self, addrs: &[SocketAddr]) {
+    /// Close the TCP listeners bound to any of the TCP `addrs`, the UDP ones to the UDP ones.
+    fn unlisten(&mut self, addrs: &[(SocketAddr, bool)]) {
         for slot in self.listeners.iter_mut() {
             let bound = slot.as_ref().and_then(|(l, _)| l.local_addr().ok());
-            if bound.is_some_and(|a| addrs.contains(&a)) {
+            if bound.is_some_and(|a| addrs.contains(&(a, false))) {
                 if let Some((mut l, _)) = slot.take() {
                     let _ = self.poll.registry().deregister(&mut l);
                 }
@@ -364,6 +364,7 @@ impl Worker {
             log::warn!("register the connection of {peer}: {e}");
             self.pending_free.push(n);
             self.shared.active.fetch_sub(1, AcqRel);
+            refuse(stream);
             return;
         }
         self.next_generation += 1;
@@ -631,14 +632,20 @@ impl Worker {
             Some((target, mut stream)) => {
                 inc(&self.stats.retries);
                 let token = Slot::Backend(slot).token();
-                if let Err(e) =
-                    registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                {
-                    log::warn!("register backend socket: {e}");
-                }
+                let registered =
+                    registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE);
                 s.target = target;
                 s.reserved = true;
                 s.backend = Side::new(stream);
+                if let Err(e) = registered {
+                    // This host's trouble (epoll out of memory): no backend is to blame.
+                    log::warn!("register backend socket: {e}");
+                    inc(&self.stats.local_errors);
+                    set_reset_on_close(&s.client);
+                    self.sessions[slot] = Some(s);
+                    self.close(slot, CloseReason::NoBackend);
+                    return;
+                }
                 let deadline = self.now + service.settings.connect_timeout;
                 s.set_state(State::Connecting { deadline });
                 self.timers.arm(Timer { at: deadline, kind: TimerKind::Connect, slot, generation });
@@ -889,11 +896,17 @@ impl Worker {
     /// the whole idle timeout (an hour by default) after its session is gone, and at thousands
     /// of sessions a second the heap would otherwise grow by millions.
     fn compact_timers(&mut self) {
-        let live = self.sessions.len() - self.free.len();
+        let pending = self.pending.len() - self.pending_free.len();
+        let live = self.sessions.len() - self.free.len() + pending;
         if self.timers.len() > 4 * live + 1024 {
-            let sessions = &self.sessions;
+            let (sessions, waiting) = (&self.sessions, &self.pending);
             self.timers.retain(|t| {
-                matches!(t.kind, TimerKind::Accept | TimerKind::Header)
+                t.kind == TimerKind::Accept
+                    || (t.kind == TimerKind::Header
+                        && waiting
+                            .get(t.slot)
+                            .and_then(Option::as_ref)
+                            .is_some_and(|p| p.generation == t.generation))
                     || sessions
                         .get(t.slot)
                         .and_then(Option::as_ref)
