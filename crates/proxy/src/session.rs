@@ -101,7 +101,8 @@ pub struct Session {
     /// The client's real address: `peer`, or what a trusted proxy's PROXY header said. ACLs,
     /// limits, affinity and the header sent to backends use it.
     pub source: SocketAddr,
-    /// The address the client connected to (from the header when a proxy relayed it).
+    /// The address the client connected to (from the header when a proxy relayed it). On a
+    /// wildcard listener it is looked up only when 5-tuple affinity or `send-proxy` needs it.
     pub destination: SocketAddr,
     /// The service's per-source limiter counts this session.
     pub limited: bool,

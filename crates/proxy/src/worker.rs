@@ -59,8 +59,11 @@ pub struct Worker {
     commands: Receiver<Command>,
     /// Routing snapshots by service slot (`None`: no such service, or retired).
     services: Vec<Option<Arc<Service>>>,
-    /// TCP listeners and the service slot each feeds.
+    /// TCP listeners, the service slot each feeds, and the address each is bound to.
     listeners: Vec<Option<(TcpListener, usize)>>,
+    /// Per listener: its bound address, `None` for a wildcard one (0.0.0.0, [::]), whose
+    /// connections each learn theirs from getsockname(2) when it is needed.
+    listener_addrs: Vec<Option<SocketAddr>>,
     /// Per listener: an accept retry is armed after accept(2) failed for lack of resources;
     /// events are ignored until it fires (one retry chain, not one per event).
     backing_off: Vec<bool>,
@@ -107,6 +110,7 @@ impl Worker {
             services: Vec::new(),
             backing_off: Vec::new(),
             starved: Vec::new(),
+            listener_addrs: Vec::new(),
             listeners: Vec::new(),
             sessions: Vec::new(),
             free: Vec::new(),
@@ -140,8 +144,10 @@ impl Worker {
     /// Register listener sockets (at start, and for services added later).
     fn listen(&mut self, listeners: Listeners) -> io::Result<()> {
         for (service, l) in listeners.tcp {
+            let bound = l.local_addr().ok().filter(|a| !a.ip().is_unspecified());
             let mut l = TcpListener::from_std(l);
             let i = self.listeners.len();
+            self.listener_addrs.push(bound);
             self.poll.registry().register(&mut l, Slot::Listener(i).token(), Interest::READABLE)?;
             self.listeners.push(Some((l, service)));
             self.backing_off.push(false);
@@ -299,7 +305,8 @@ impl Worker {
                     match self.services.get(service).and_then(Option::as_ref) {
                         Some(service) => {
                             let service = Arc::clone(service);
-                            self.open(stream, peer, service);
+                            let local = self.listener_addrs.get(i).copied().flatten();
+                            self.open(stream, peer, local, service);
                         }
                         None => {
                             inc(&self.stats.no_backend);
@@ -332,7 +339,14 @@ impl Worker {
         self.ready.push_back(Ready::Listener(i));
     }
 
-    fn open(&mut self, stream: TcpStream, peer: SocketAddr, service: Arc<Service>) {
+    /// A client accepted on a listener bound to `local` (`None`: a wildcard listener).
+    fn open(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        service: Arc<Service>,
+    ) {
         let shared = Arc::clone(&self.shared);
         let before = shared.active.fetch_add(1, AcqRel);
         if before >= shared.max_conns {
@@ -346,7 +360,15 @@ impl Worker {
         if rules.accept && rules.trusted.allows(peer.ip()) {
             return self.await_header(stream, peer, service);
         }
-        let destination = stream.local_addr().unwrap_or(peer);
+        // The address the client connected to: the listener's, unless it is a wildcard one; then
+        // getsockname(2), but only when something needs it (5-tuple affinity, PROXY headers).
+        let needed = service.settings.affinity == config::Affinity::FiveTuple
+            || service.guards.proxy.send.is_some();
+        let destination = match local {
+            Some(addr) => addr,
+            None if needed => stream.local_addr().unwrap_or(peer),
+            None => peer,
+        };
         self.route(stream, peer, peer, destination, service, false);
     }
 
