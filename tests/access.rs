@@ -180,3 +180,25 @@ fn a_full_source_table_refuses_new_sources_and_keeps_limiting_known_ones() {
     drop(held);
     assert!(wait_until(DEADLINE, || ask_name(client_ip(10), t.addr()).is_ok()));
 }
+
+#[test]
+fn denied_udp_sources_stay_out_through_a_dual_stack_socket_and_over_ipv6() {
+    let udp = UdpBackend::start("u0", "127.0.98.10:0".parse().unwrap()).unwrap();
+    let v4 = client_ip(0);
+    let mut args = vec!["--listen".to_string(), "[::]:0".into(), "--protocol".into()];
+    args.extend(["udp".into(), "--deny".into(), format!("{v4}/32"), "--deny".into()]);
+    args.extend(["::1/128".into(), "--backend".into(), format!("{},name=u0", udp.addr())]);
+    let t = Tether::start(bin(), no_probes(&args)).unwrap();
+    let port = t.udp_addr().port();
+    let to_v4 = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    // The denied v4 client reaches the [::] socket as ::ffff:127.1.0.1: still denied.
+    let denied = udp_client(v4).unwrap();
+    assert!(udp_ask(&denied, to_v4, b"name", Duration::from_millis(300)).is_err());
+    let allowed = udp_client(client_ip(1)).unwrap();
+    assert_eq!(udp_ask(&allowed, to_v4, b"name", DEADLINE).unwrap().0, b"u0");
+    if let Ok(v6) = UdpSocket::bind("[::1]:0") {
+        let to_v6 = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port);
+        assert!(udp_ask(&v6, to_v6, b"name", Duration::from_millis(300)).is_err());
+    }
+    assert_eq!(udp.sources().len(), 1, "a denied client's datagram reached the backend");
+}

@@ -196,6 +196,30 @@ fn headers_from_trusted_proxies_decide_affinity_and_acl_and_nobody_else_is_belie
 }
 
 #[test]
+fn per_source_limits_count_the_real_client_behind_its_proxies() {
+    let pool = backends(99, 1);
+    let t = tether(
+        99,
+        &pool,
+        &["--accept-proxy", "--trusted-proxies", "127.1.0.0/24", "--max-conns-per-source", "1"],
+    );
+    let to = t.addr();
+    // Client 192.0.2.30 holds a session through one proxy...
+    let mut held = connect_from(client_ip(1), to, DEADLINE).unwrap();
+    held.write_all(format!("{}hold\n", v1("192.0.2.30", 1, to)).as_bytes()).unwrap();
+    assert_eq!(read_line(&mut held).unwrap(), "b0");
+    // ...so a second session of the same client through another proxy is refused,
+    assert_eq!(
+        exchange(client_ip(2), to, format!("{}name\n", v1("192.0.2.30", 2, to)).as_bytes()),
+        None
+    );
+    // while another client through that same proxy is served.
+    let other = format!("{}name\n", v1("192.0.2.31", 3, to));
+    assert_eq!(exchange(client_ip(2), to, other.as_bytes()).as_deref(), Some("b0\n"));
+    drop(held);
+}
+
+#[test]
 fn a_malformed_header_closes_only_its_own_connection() {
     let pool = backends(96, 1);
     let t = tether_with_admin(96, &pool, &["--accept-proxy", "--trusted-proxies", "127.1.0.0/24"]);
