@@ -324,6 +324,10 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     assert!(metric(&second, "tether_backend_sessions_total", b0_label) >= b0);
     assert!(metric(&second, "tether_sticky_entries", "service=\"default\"") >= 20.0);
     assert_eq!(metric(&second, "tether_backend_up", b0_label), 1.0);
+    // Both workers' shares add up to every accepted client (F10: the spread is visible).
+    let per_worker = metric(&second, "tether_worker_accepted_total", "worker=");
+    assert_eq!(per_worker, metric(&second, "tether_sessions_accepted_total", ""));
+    assert!(second.contains("tether_worker_accepted_total{worker=\"1\"}"));
 }
 
 #[test]

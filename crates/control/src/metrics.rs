@@ -184,6 +184,34 @@ pub fn render(registry: &Registry) -> String {
         "client IPs the per-source limits track",
         &tracked,
     );
+    // How the kernel spread connections over the workers' SO_REUSEPORT sockets (F10): a worker
+    // far behind the others is stalled or starved.
+    let per_worker: Vec<(String, f64)> = registry
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("worker=\"{i}\""), s.snapshot().accepted as f64))
+        .collect();
+    labelled(
+        &mut out,
+        "tether_worker_accepted_total",
+        "counter",
+        "TCP clients accepted, per worker",
+        &per_worker,
+    );
+    let per_worker_flows: Vec<(String, f64)> = registry
+        .stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("worker=\"{i}\""), s.snapshot().flows_created as f64))
+        .collect();
+    labelled(
+        &mut out,
+        "tether_worker_flows_created_total",
+        "counter",
+        "UDP flows created, per worker",
+        &per_worker_flows,
+    );
     let active = registry.shared.active.load(std::sync::atomic::Ordering::Relaxed);
     gauge(&mut out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);
     let flows = registry.shared.flow_budget.used();
