@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Demo: tether in front of three local backends; clients from twelve source addresses connect
 # three times each and print which backend served them. Then one backend is stopped and the same
-# clients connect again: its clients fail over, everybody else stays put.
+# clients connect again: its clients fail over, everybody else stays put. Last, a backend is
+# drained through the admin API: its pinned clients stay, new clients go elsewhere.
 # Needs only the Rust toolchain. Loopback only; every process started here is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,7 @@ for name in alpha bravo charlie; do
   backends+=("$(awk '/listening/ {print $NF; exit}' "$work/$name.out"),name=$name")
 done
 
-args=(--listen 127.0.0.10:0 --workers 2)
+args=(--listen 127.0.0.10:0 --workers 2 --admin 127.0.0.10:0)
 for b in "${backends[@]}"; do args+=(--backend "$b"); done
 echo "\$ tether ${args[*]}"
 "$bin/tether" "${args[@]}" >"$work/tether.out" 2>"$work/tether.err" &
@@ -46,6 +47,18 @@ tether_pid=$!
 pids+=($tether_pid)
 wait_line "$work/tether.out" "^ready"
 addr=$(awk '/^listening tcp/ {print $3; exit}' "$work/tether.out")
+admin=$(awk '/^admin http/ {sub("http://", "", $2); sub("/$", "", $2); print $2; exit}' "$work/tether.out")
+
+# http METHOD PATH [BODY]: one request to the admin API with bash's /dev/tcp (no curl needed);
+# prints the body, one JSON object per line.
+http() {
+  local body="${3:-}"
+  exec 3<>"/dev/tcp/${admin%:*}/${admin##*:}"
+  printf '%s %s HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s' "$1" "$2" "${#body}" "$body" >&3
+  sed '1,/^\r$/d' <&3 | sed 's/},{/},\n{/g'
+  echo
+  exec 3<&-
+}
 
 echo
 echo "== 12 clients (127.1.0.1 .. 127.1.0.12), 3 connections each, through $addr"
@@ -56,6 +69,15 @@ echo "== backend bravo stops; the same clients connect again"
 kill "$pid_bravo"
 wait "$pid_bravo" 2>/dev/null || true
 "$bin/tether-bench" clients --connect "$addr" --sources 12 --rounds 2
+
+echo
+echo "== drain alpha (admin API at http://$admin/): its pinned clients keep it, new clients"
+echo "   (127.1.0.13 .. 127.1.0.24) go elsewhere"
+echo "\$ PUT /api/services/default/backends/alpha {\"state\":\"drain\"}"
+http PUT /api/services/default/backends/alpha '{"state":"drain"}' >/dev/null
+"$bin/tether-bench" clients --connect "$addr" --sources 24 --rounds 1
+echo "\$ GET /api/backends"
+http GET /api/backends
 
 echo
 echo "== tether stops on SIGTERM; its log:"
