@@ -58,7 +58,7 @@ fn check_validates_without_starting_anything() {
     let good = ConfigFile::new("check-good", &service("pg", "127.0.70.1:0", &[(&pool[0], 1)]));
     let exit = run_to_exit(bin(), ["check", "--config", good.path()], DEADLINE).unwrap();
     assert_eq!(exit.status.code(), Some(0), "{}", exit.stderr);
-    assert!(exit.stdout.starts_with("ok: 1 services (pg), 1 backends"), "{}", exit.stdout);
+    assert!(exit.stdout.starts_with("ok: 1 service (pg), 1 backend"), "{}", exit.stdout);
     let bad = ConfigFile::new(
         "check-bad",
         &service("pg", "127.0.70.1:0", &[(&pool[0], 1)]).replace("weight = 1", "weight = 0"),

@@ -37,11 +37,12 @@ fn main() -> ExitCode {
     if check {
         let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
         let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
         println!(
-            "ok: {} services ({}), {} backends",
-            config.services.len(),
+            "ok: {} ({}), {}",
+            plural(config.services.len(), "service"),
             names.join(", "),
-            backends
+            plural(backends, "backend")
         );
         return ExitCode::SUCCESS;
     }

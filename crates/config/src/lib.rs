@@ -71,6 +71,7 @@ pub const DEFAULT_HEALTH_FALL: u32 = 3;
 pub const DEFAULT_SERVICE: &str = "default";
 
 /// tether: an L4 TCP/UDP load balancer that pins each client to one backend.
+/// `tether check` with the same flags (or --config FILE) validates them and exits.
 #[derive(FromArgs, Debug, Default)]
 pub struct Args {
     /// TOML file with one or more services (see docs/configuration.md); replaces the service flags
