@@ -10,7 +10,9 @@
 //!
 //! Properties the tests check:
 //!
-//! - removing one of N members moves that member's keys and at most 1% of the others;
+//! - removing one of N members moves that member's keys and at most 1% of the others (for the
+//!   fixed test seed; over random seeds Maglev has a rare tail up to ~3%, measured in
+//!   `crates/ring/NOTES.md`);
 //! - equal weights own equal shares of the table (to one slot), weight 2 owns twice weight 1;
 //! - the same pool given in any order, with the same seed, maps every key to the same name, so
 //!   two processes (or two workers) agree without talking;
@@ -942,11 +944,17 @@ mod tests {
                 let x = &before[usize::from(x)].name;
                 x != &before[removed].name && x != &after[usize::from(y)].name
             }).count();
-            // Over random seeds Maglev's extra disruption averages 0.04-0.4% (n = 3..37, 40
-            // seeds, 200k keys) but has a rare tail: proptest found seeds where removing one of
-            // 7 members moved 1.17% and 2.9% of other members' slots (saved in
-            // proptest-regressions/). The 1% bound is asserted for fixed seeds above;
-            // this bound catches a broken fill (which moves tens of percent), not the tail.
+            // The 1% bound is asserted for a fixed seed above, not here: over random
+            // seeds it fails rarely, and that is inherent to Maglev, not a bug (NOTES.md).
+            // Over 10,000 seeds (n = 3, 5, 7, 10, 37) the median extra is 0.03-0.41% of the
+            // remaining members' slots and p99 0.3-0.7%, but 0.2% of seeds exceed 1% and the worst
+            // reaches 2.76% (2.21% of M). Two causes: the last tenth of the fill, which decides
+            // ~63% of the moved slots, is chaotic, and a short relation `p * skip_r == q *
+            // skip_b mod M` (e.g. the saved seed: skip6 = 3 * skip4) locks two members' walks
+            // together. Avoiding the relation would make one member's permutation depend on
+            // which others exist, which moves far more. So this bound only catches a broken fill
+            // (which moves tens of percent); the worst seen, 2.9% of M in an earlier proptest
+            // run, is well inside it.
             prop_assert!(extra as f64 <= 0.05 * DEFAULT_SIZE as f64, "n={} extra={}", n, extra);
         }
     }
