@@ -53,8 +53,8 @@ mod flow;
 mod hash;
 mod key;
 mod sticky;
-#[cfg(test)]
-mod testutil;
+#[doc(hidden)]
+pub mod testutil;
 
 pub use flow::{
     Admit, Expired, Flow, FlowBudget, FlowKey, FlowStats, FlowTable, Inserted, Refused,

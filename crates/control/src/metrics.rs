@@ -7,9 +7,11 @@ use crate::registry::Registry;
 /// Render every metric. Counters end in `_total`; label values are escaped.
 pub fn render(registry: &Registry) -> String {
     let mut out = String::with_capacity(8192);
+    // One snapshot per worker, read once: the totals and the per-worker families agree.
+    let workers: Vec<proxy::Snapshot> = registry.stats.iter().map(|s| s.snapshot()).collect();
     let mut total = proxy::Snapshot::default();
-    for s in &registry.stats {
-        total += s.snapshot();
+    for w in &workers {
+        total += *w;
     }
     let process: [(&str, &str, &str, u64); 25] = [
         ("tether_sessions_accepted_total", "counter", "TCP clients accepted", total.accepted),
@@ -186,31 +188,22 @@ pub fn render(registry: &Registry) -> String {
     );
     // How the kernel spread connections over the workers' SO_REUSEPORT sockets (F10): a worker
     // far behind the others is stalled or starved.
-    let per_worker: Vec<(String, f64)> = registry
-        .stats
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (format!("worker=\"{i}\""), s.snapshot().accepted as f64))
-        .collect();
+    let per_worker = |f: fn(&proxy::Snapshot) -> u64| -> Vec<(String, f64)> {
+        workers.iter().enumerate().map(|(i, w)| (format!("worker=\"{i}\""), f(w) as f64)).collect()
+    };
     labelled(
         &mut out,
         "tether_worker_accepted_total",
         "counter",
         "TCP clients accepted, per worker",
-        &per_worker,
+        &per_worker(|w| w.accepted),
     );
-    let per_worker_flows: Vec<(String, f64)> = registry
-        .stats
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (format!("worker=\"{i}\""), s.snapshot().flows_created as f64))
-        .collect();
     labelled(
         &mut out,
         "tether_worker_flows_created_total",
         "counter",
         "UDP flows created, per worker",
-        &per_worker_flows,
+        &per_worker(|w| w.flows_created),
     );
     let active = registry.shared.active.load(std::sync::atomic::Ordering::Relaxed);
     gauge(&mut out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);

@@ -293,7 +293,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::testutil::Rng;
+    use conntrack::testutil::Rng;
 
     fn cidr(s: &str) -> Cidr {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))

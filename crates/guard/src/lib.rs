@@ -52,8 +52,6 @@
 
 mod acl;
 mod limiter;
-#[cfg(test)]
-mod testutil;
 
 pub use acl::{Acl, Cidr, CidrError};
 pub use limiter::{LimitConfig, Limiter, LimiterStats, Verdict};

@@ -595,7 +595,7 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
-    use crate::testutil::Rng;
+    use conntrack::testutil::Rng;
 
     const KEY: [u8; 16] = [7; 16];
 
