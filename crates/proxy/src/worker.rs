@@ -67,9 +67,10 @@ pub struct Worker {
     /// Per listener: an accept retry is armed after accept(2) failed for lack of resources;
     /// events are ignored until it fires (one retry chain, not one per event).
     backing_off: Vec<bool>,
-    /// Per listener: accept(2) retries that failed in a row for lack of resources (logged once
-    /// when they start and once when they end, not ten times a second).
-    starved: Vec<u32>,
+    /// Pauses of accepting in a row for lack of fds or memory, until a session gets its
+    /// backend socket again (logged once when they start and once when they end, not ten
+    /// times a second).
+    starved: u32,
     sessions: Vec<Option<Session>>,
     free: Vec<usize>,
     /// Connections waiting for a PROXY header, and their free slots.
@@ -109,7 +110,7 @@ impl Worker {
             commands,
             services: Vec::new(),
             backing_off: Vec::new(),
-            starved: Vec::new(),
+            starved: 0,
             listener_addrs: Vec::new(),
             listeners: Vec::new(),
             sessions: Vec::new(),
@@ -151,7 +152,6 @@ impl Worker {
             self.poll.registry().register(&mut l, Slot::Listener(i).token(), Interest::READABLE)?;
             self.listeners.push(Some((l, service)));
             self.backing_off.push(false);
-            self.starved.push(0);
         }
         for (service, socket) in listeners.udp {
             self.udp.listen(socket, service, self.poll.registry())?;
@@ -291,6 +291,10 @@ impl Worker {
             return;
         }
         for _ in 0..ACCEPT_BUDGET {
+            // A connect may have run out of fds meanwhile and paused accepting.
+            if self.backing_off[i] {
+                return;
+            }
             let Some((listener, service)) = self.listeners.get(i).and_then(Option::as_ref) else {
                 return;
             };
@@ -298,10 +302,6 @@ impl Worker {
             match listener.accept() {
                 Ok((stream, peer)) => {
                     inc(&self.stats.accepted);
-                    if let Some(n @ 1..) = self.starved.get(i).copied() {
-                        log::warn!("accepting again after {n} failed retries");
-                        self.starved[i] = 0;
-                    }
                     match self.services.get(service).and_then(Option::as_ref) {
                         Some(service) => {
                             let service = Arc::clone(service);
@@ -320,13 +320,7 @@ impl Worker {
                     // EMFILE/ENFILE: the connection stays in the backlog and, edge-triggered, no
                     // new event comes for it; retry on a timer rather than spin or stall (F3).
                     inc(&self.stats.accept_errors);
-                    if self.starved[i] == 0 {
-                        log::warn!("accept failed: {e}; retrying every {ACCEPT_BACKOFF:?}");
-                    }
-                    self.starved[i] += 1;
-                    let at = self.now + ACCEPT_BACKOFF;
-                    self.timers.arm(Timer { at, kind: TimerKind::Accept, slot: i, generation: 0 });
-                    self.backing_off[i] = true;
+                    self.pause_accepting(i, &format_args!("accept failed: {e}"));
                     return;
                 }
                 // ECONNABORTED and the like concern one connection only.
@@ -337,6 +331,22 @@ impl Worker {
             }
         }
         self.ready.push_back(Ready::Listener(i));
+    }
+
+    /// Stop accepting on listener `i` for [`ACCEPT_BACKOFF`]: this worker is out of fds or
+    /// memory. New clients wait in the backlog meanwhile, where the kernel holds them for
+    /// free, instead of being accepted only to be reset. `why` is logged once per shortage.
+    fn pause_accepting(&mut self, i: usize, why: &dyn std::fmt::Display) {
+        if self.backing_off.get(i).copied().unwrap_or(true) {
+            return;
+        }
+        if self.starved == 0 {
+            log::warn!("{why}; accepting paused, retried every {ACCEPT_BACKOFF:?}");
+        }
+        self.starved += 1;
+        let at = self.now + ACCEPT_BACKOFF;
+        self.timers.arm(Timer { at, kind: TimerKind::Accept, slot: i, generation: 0 });
+        self.backing_off[i] = true;
     }
 
     /// A client accepted on a listener bound to `local` (`None`: a wildcard listener).
@@ -575,7 +585,7 @@ impl Worker {
     /// Start a non-blocking connect to `first`, or to the next backends of the key's fallback
     /// order while even starting one fails. Returns the backend and its connecting socket.
     fn begin_connect(
-        &self,
+        &mut self,
         service: &Service,
         hash: u64,
         first: Option<usize>,
@@ -599,6 +609,10 @@ impl Worker {
             let addr = backend.addr;
             match TcpStream::connect(addr) {
                 Ok(stream) => {
+                    if self.starved > 0 {
+                        log::warn!("fds are back after {} accept pauses", self.starved);
+                        self.starved = 0;
+                    }
                     // Set before the handshake, so it costs no extra call later.
                     let _ = stream.set_nodelay(true);
                     return Some((t, stream));
@@ -607,8 +621,12 @@ impl Worker {
                 // to blame.
                 Err(e) if is_resource_error(&e) => {
                     backend.release();
-                    log::warn!("connect to {addr}: {e}");
                     inc(&self.stats.local_errors);
+                    // Accepting more now would only reset more clients (F3): let them wait
+                    // in the backlog until fds come back.
+                    for i in 0..self.listeners.len() {
+                        self.pause_accepting(i, &format_args!("connect to {addr}: {e}"));
+                    }
                     return None;
                 }
                 Err(e) => {
