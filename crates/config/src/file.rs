@@ -111,6 +111,8 @@ struct RawService {
     trusted_proxies: Vec<String>,
     proxy_header_timeout: Option<DurationText>,
     #[serde(default)]
+    connect_from: Vec<String>,
+    #[serde(default)]
     backend: Vec<RawBackend>,
 }
 
@@ -237,6 +239,7 @@ fn file_service(i: usize, raw: RawService, before: &[Service]) -> Result<Service
         accept_proxy: raw.accept_proxy,
         trusted_proxies: raw.trusted_proxies,
         proxy_header_timeout: raw.proxy_header_timeout.map(|d| d.0),
+        connect_from: raw.connect_from,
     };
     build_service(&origin, name, listen, backends, &input)
 }
@@ -402,6 +405,7 @@ mod tests {
             accept-proxy = true
             trusted-proxies = ["192.0.2.0/24"]
             proxy-header-timeout = "2s"
+            connect-from = ["10.0.0.100", "fd00::100"]
 
             [[service.backend]]
             address = "10.0.0.1:5432"
@@ -484,6 +488,7 @@ mod tests {
                 trusted: vec!["192.0.2.0/24".parse().unwrap()],
                 header_timeout: Duration::from_secs(2),
             },
+            connect_from: vec!["10.0.0.100".parse().unwrap(), "fd00::100".parse().unwrap()],
         };
         let game = Service {
             name: "game".into(),
@@ -528,6 +533,7 @@ mod tests {
                 trusted: Vec::new(),
                 header_timeout: crate::DEFAULT_PROXY_HEADER_TIMEOUT,
             },
+            connect_from: Vec::new(),
         };
         assert_eq!(c.services, vec![pg, game]);
     }
@@ -668,6 +674,10 @@ mod tests {
             ),
             (service("send-proxy = \"v3\""), "service[0].send-proxy \"v3\": expected `v1` or `v2`"),
             (service("accept-proxy = true"), "service[0].accept-proxy: needs trusted-proxies"),
+            (
+                service("connect-from = [\"10.0.0.1\", \"10.0.0.1:9\"]"),
+                "service[0].connect-from[1] \"10.0.0.1:9\": expected an IP address without a port",
+            ),
             (
                 service("trusted-proxies = [\"10.0.0.0/8\"]"),
                 "service[0].trusted-proxies: needs accept-proxy",

@@ -27,7 +27,7 @@ mod duration;
 pub mod file;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
@@ -187,6 +187,10 @@ pub struct Args {
     /// how long a trusted proxy may take to send its whole header (default 5s)
     #[argh(option)]
     pub proxy_header_timeout: Option<String>,
+    /// connect to backends from this local IP (repeatable: used in turn, and the next one when
+    /// one runs out of ports toward a backend; default: the kernel's choice)
+    #[argh(option)]
+    pub connect_from: Vec<String>,
     /// admin HTTP address (API, /metrics, status page), e.g. 127.0.0.1:9100 (default: off)
     #[argh(option)]
     pub admin: Option<String>,
@@ -360,6 +364,9 @@ pub struct Service {
     pub health: HealthConfig,
     pub guard: GuardConfig,
     pub proxy: ProxyConfig,
+    /// Local IPs backend connects go out from, in turn (empty: the kernel chooses). Every
+    /// backend has at least one of its own family here when it is not empty.
+    pub connect_from: Vec<IpAddr>,
 }
 
 /// A validated configuration: every field holds a usable value.
@@ -416,7 +423,7 @@ impl std::error::Error for ConfigError {}
 /// Flags that describe the one service of the flag form; refused next to `--config`.
 fn service_flags(args: &Args) -> Vec<&'static str> {
     let mut given = Vec::new();
-    let opts: [(&'static str, bool); 32] = [
+    let opts: [(&'static str, bool); 33] = [
         ("allow", !args.allow.is_empty()),
         ("deny", !args.deny.is_empty()),
         ("max-conns-per-source", args.max_conns_per_source.is_some()),
@@ -428,6 +435,7 @@ fn service_flags(args: &Args) -> Vec<&'static str> {
         ("accept-proxy", args.accept_proxy),
         ("trusted-proxies", !args.trusted_proxies.is_empty()),
         ("proxy-header-timeout", args.proxy_header_timeout.is_some()),
+        ("connect-from", !args.connect_from.is_empty()),
         ("listen", !args.listen.is_empty()),
         ("backend", !args.backend.is_empty()),
         ("affinity", args.affinity.is_some()),
@@ -540,6 +548,7 @@ pub(crate) struct ServiceInput {
     pub accept_proxy: bool,
     pub trusted_proxies: Vec<String>,
     pub proxy_header_timeout: Option<String>,
+    pub connect_from: Vec<String>,
 }
 
 impl From<&Args> for ServiceInput {
@@ -573,6 +582,7 @@ impl From<&Args> for ServiceInput {
             accept_proxy: args.accept_proxy,
             trusted_proxies: args.trusted_proxies.clone(),
             proxy_header_timeout: args.proxy_header_timeout.clone(),
+            connect_from: args.connect_from.clone(),
         }
     }
 }
@@ -704,6 +714,7 @@ pub(crate) fn build_service(
     let health = build_health(origin, input, protocol)?;
     let guard = build_guard(origin, input)?;
     let proxy = build_proxy(origin, input)?;
+    let connect_from = build_connect_from(origin, &input.connect_from, &backends)?;
     Ok(Service {
         name,
         listen,
@@ -749,7 +760,55 @@ pub(crate) fn build_service(
         health,
         guard,
         proxy,
+        connect_from,
     })
+}
+
+/// Local IPs to connect to backends from: distinct unicast addresses, and one of each backend
+/// family at least (a backend no address can reach would fail every connect).
+fn build_connect_from(
+    origin: &Origin,
+    raw: &[String],
+    backends: &[BackendSpec],
+) -> Result<Vec<IpAddr>, ConfigError> {
+    let mut ips: Vec<IpAddr> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let place = || origin.item("connect-from", i);
+        let ip = parse_connect_from(r)
+            .map_err(|p| ConfigError::at(place(), Some(r.clone()), p))?;
+        if ips.contains(&ip) {
+            return Err(ConfigError::at(place(), Some(r.clone()), "given twice"));
+        }
+        ips.push(ip);
+    }
+    if ips.is_empty() {
+        return Ok(ips);
+    }
+    for b in backends {
+        if !ips.iter().any(|ip| ip.is_ipv4() == b.addr.is_ipv4()) {
+            let family = if b.addr.is_ipv4() { "IPv4" } else { "IPv6" };
+            return Err(origin.missing(
+                "connect-from",
+                format!("backend {} is {family} and no connect-from address is", b.addr),
+            ));
+        }
+    }
+    Ok(ips)
+}
+
+/// A local IP address to connect from: unicast, without a port.
+pub fn parse_connect_from(raw: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = raw.parse().map_err(|_| {
+        if raw.parse::<SocketAddr>().is_ok() {
+            "expected an IP address without a port (the kernel picks the port)".to_string()
+        } else {
+            "expected an IP address such as 10.0.0.5 or 2001:db8::5".to_string()
+        }
+    })?;
+    if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
+        return Err("expected a unicast address of this host".into());
+    }
+    Ok(ip)
 }
 
 /// Networks from a list setting; errors name the item.
@@ -1275,6 +1334,26 @@ mod tests {
 
     fn err(extra: &[&str]) -> String {
         with(extra).unwrap_err()
+    }
+
+    #[test]
+    fn connect_from_addresses() {
+        let c = with(&["--connect-from", "127.0.0.2", "--connect-from", "::1"]).unwrap();
+        let want: Vec<IpAddr> = vec!["127.0.0.2".parse().unwrap(), "::1".parse().unwrap()];
+        assert_eq!(c.services[0].connect_from, want);
+        assert!(with(&[]).unwrap().services[0].connect_from.is_empty());
+        for (flags, want) in [
+            (&["127.0.0.2:80"][..], "--connect-from \"127.0.0.2:80\": expected an IP address without a port"),
+            (&["nope"], "--connect-from \"nope\": expected an IP address"),
+            (&["0.0.0.0"], "--connect-from \"0.0.0.0\": expected a unicast address"),
+            (&["ff02::1"], "--connect-from \"ff02::1\": expected a unicast address"),
+            (&["127.0.0.2", "127.0.0.2"], "--connect-from \"127.0.0.2\": given twice"),
+            (&["::1"], "--connect-from: backend 127.0.0.1:2 is IPv4 and no connect-from address is"),
+        ] {
+            let args: Vec<&str> = flags.iter().flat_map(|f| ["--connect-from", f]).collect();
+            let e = err(&args);
+            assert!(e.starts_with(want), "{e}");
+        }
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub enum RunError {
     MaxConns { asked: usize, allowed: usize, nofile: u64, reserved: u64 },
     /// `--max-flows` is more than the file-descriptor limit allows.
     MaxFlows { asked: usize, allowed: usize, nofile: u64 },
+    /// A `connect-from` address is not one of this host's.
+    ConnectFrom(String),
     /// A system call needed to start failed.
     Os(&'static str, io::Error),
     /// A worker's event loop failed.
@@ -85,6 +87,7 @@ impl fmt::Display for RunError {
                 f,
                 "--max-flows {asked}: at most {allowed} fit in the file-descriptor limit of {nofile} (one per flow, half the limit at most); raise `ulimit -n` or lower --max-flows"
             ),
+            RunError::ConnectFrom(e) => f.write_str(e),
             RunError::Os(what, e) => write!(f, "{what}: {e}"),
             RunError::Worker(i, e) => write!(f, "worker {i} failed: {e}"),
         }
@@ -92,6 +95,21 @@ impl fmt::Display for RunError {
 }
 
 impl std::error::Error for RunError {}
+
+/// Every `connect-from` address must be this host's: bind(2) to it must succeed.
+fn check_connect_from(services: &[config::Service]) -> Result<(), String> {
+    for service in services {
+        for &ip in &service.connect_from {
+            proxy::outgoing::is_local(ip).map_err(|e| {
+                format!(
+                    "connect-from {ip} (service {:?}): not an address of this host: {e}",
+                    service.name
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
 
 /// Start tether and block until it has shut down.
 pub fn run(config: Config) -> Result<(), RunError> {
@@ -145,6 +163,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         flow_budget: Arc::new(conntrack::FlowBudget::new(max_flows)),
         flow_hash_key: random_key(),
     });
+    check_connect_from(&config.services).map_err(RunError::ConnectFrom)?;
     let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
         .map_err(RunError::Table)?;
     let mut per_worker: Vec<Listeners> = (0..workers).map(|_| Listeners::default()).collect();
@@ -426,6 +445,7 @@ impl Supervisor<'_> {
             ring::Ring::build(&backends, service.table_size, service.seed)
                 .map_err(|e| format!("service {:?}: {e}", service.name))?;
         }
+        check_connect_from(&next.services)?;
         let slot_of = |name: &str| {
             reg.services.iter().position(|s| s.as_ref().is_some_and(|s| s.config.name == name))
         };

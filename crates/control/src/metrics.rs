@@ -13,7 +13,7 @@ pub fn render(registry: &Registry) -> String {
     for w in &workers {
         total += *w;
     }
-    let process: [(&str, &str, &str, u64); 25] = [
+    let process: [(&str, &str, &str, u64); 26] = [
         ("tether_sessions_accepted_total", "counter", "TCP clients accepted", total.accepted),
         (
             "tether_sessions_established_total",
@@ -107,6 +107,12 @@ pub fn render(registry: &Registry) -> String {
             "counter",
             "clients refused for lack of local fds, ports or memory",
             total.local_errors,
+        ),
+        (
+            "tether_ports_exhausted_total",
+            "counter",
+            "backend connects and new flows that found no free local port (F13)",
+            total.ports_exhausted,
         ),
         ("tether_datagrams_in_total", "counter", "UDP datagrams from clients", total.datagrams_in),
         ("tether_datagrams_out_total", "counter", "UDP datagrams to clients", total.datagrams_out),

@@ -32,6 +32,7 @@
 //! ```
 
 mod listener;
+pub mod outgoing;
 pub mod pump;
 mod routing;
 mod session;

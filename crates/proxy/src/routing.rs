@@ -174,12 +174,14 @@ impl BackendState {
 }
 
 /// Per-service settings a session or flow reads when it starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub affinity: config::Affinity,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
+    /// Local IPs backend sockets are bound to, in turn (empty: the kernel chooses).
+    pub connect_from: Vec<std::net::IpAddr>,
 }
 
 impl Settings {
@@ -189,6 +191,7 @@ impl Settings {
             connect_timeout: service.connect_timeout,
             idle_timeout: service.idle_timeout,
             udp_idle_timeout: service.udp_idle_timeout,
+            connect_from: service.connect_from.clone(),
         }
     }
 }
@@ -341,6 +344,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             udp_idle_timeout: Duration::from_secs(1),
+            connect_from: Vec::new(),
         };
         let sticky =
             Arc::new(Sticky::new(StickyConfig { capacity: 16, timeout_ms: 1000 }, [1; 16]));

@@ -80,6 +80,10 @@ counters! {
     accept_errors,
     /// Clients refused because this host ran out of fds, ports or memory for the backend side.
     local_errors,
+    /// Backend connects and new flows that found no free local port toward their backend on
+    /// any `connect-from` address (EADDRNOTAVAIL; F13). A TCP client moves on to the next
+    /// backend; a datagram is dropped.
+    ports_exhausted,
     /// UDP datagrams received from clients.
     datagrams_in,
     /// UDP datagrams sent back to clients.
@@ -111,4 +115,15 @@ counters! {
 /// Add one to a counter.
 pub(crate) fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Relaxed);
+}
+
+/// Count a connect or flow that found no local port toward `to`, and say so in the log on the
+/// 1st, 2nd, 4th, 8th... time (a shortage lasts, and would otherwise flood the log).
+pub(crate) fn ports_exhausted(stats: &Stats, to: std::net::SocketAddr, e: &std::io::Error) {
+    let n = stats.ports_exhausted.fetch_add(1, Relaxed) + 1;
+    if n.is_power_of_two() {
+        log::warn!(
+            "no local port toward {to}: {e} ({n} times so far; add connect-from addresses or widen net.ipv4.ip_local_port_range)"
+        );
+    }
 }

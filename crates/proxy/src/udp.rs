@@ -15,7 +15,7 @@
 //! dropped and counted rather than evicting live ones (F5).
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,8 @@ use mio::{Interest, Registry};
 
 use conntrack::{AffinityKey, Attach, FlowBudget, FlowKey, FlowTable};
 
-use crate::stats::{inc, Stats};
+use crate::outgoing::{no_local_port, Sources};
+use crate::stats::{inc, ports_exhausted, Stats};
 use crate::sys::{RecvBatch, BATCH};
 use crate::token::Slot;
 use crate::Service;
@@ -104,6 +105,8 @@ pub struct Udp {
     /// Where a datagram with a PROXY header in front is assembled (reused, never shrunk).
     scratch: Vec<u8>,
     expired: Vec<usize>,
+    /// Local addresses new flows' sockets are bound to, in turn.
+    sources: Sources,
 }
 
 /// What a receive loop left behind.
@@ -128,6 +131,7 @@ impl Udp {
             batch: Some(Box::new(RecvBatch::new())),
             scratch: Vec::new(),
             expired: Vec::new(),
+            sources: Sources::default(),
         }
     }
 
@@ -448,10 +452,14 @@ impl Udp {
             return None;
         };
         let target = &service.backends[backend];
-        let mut socket = match connected_socket(target.addr) {
+        let mut socket = match self.sources.udp(target.addr, &service.settings.connect_from) {
             Ok(s) => s,
             Err(e) => {
-                log::warn!("udp socket toward {}: {e}", target.addr);
+                if no_local_port(&e) {
+                    ports_exhausted(ctx.stats, target.addr, &e);
+                } else {
+                    log::warn!("udp socket toward {}: {e}", target.addr);
+                }
                 inc(&ctx.stats.local_errors);
                 inc(&ctx.stats.dropped_local);
                 return None;
@@ -590,18 +598,6 @@ impl Udp {
         }
         self.free.push(slot);
     }
-}
-
-/// A non-blocking UDP socket connected to `backend`, on an ephemeral port.
-fn connected_socket(backend: SocketAddr) -> io::Result<UdpSocket> {
-    let any: SocketAddr = match backend {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = std::net::UdpSocket::bind(any)?;
-    socket.connect(backend)?;
-    socket.set_nonblocking(true)?;
-    Ok(UdpSocket::from_std(socket))
 }
 
 /// Send a reply to `to`, from `src` when the listener is a wildcard one (no allocation).

@@ -15,7 +15,8 @@ use conntrack::{AffinityKey, Attach};
 
 use crate::pump::{HalfPipe, Pools, Side};
 use crate::session::{set_reset_on_close, CloseReason, Drive, Session, State, Tried, LINGER_POLL};
-use crate::stats::{inc, Stats};
+use crate::outgoing::{no_local_port, Sources};
+use crate::stats::{inc, ports_exhausted, Stats};
 use crate::timer::{Timer, TimerKind, Timers};
 use crate::token::Slot;
 use crate::udp::{Ctx, More, Udp};
@@ -71,6 +72,8 @@ pub struct Worker {
     /// backend socket again (logged once when they start and once when they end, not ten
     /// times a second).
     starved: u32,
+    /// Local addresses backend connects go out from, in turn.
+    sources: Sources,
     sessions: Vec<Option<Session>>,
     free: Vec<usize>,
     /// Connections waiting for a PROXY header, and their free slots.
@@ -111,6 +114,7 @@ impl Worker {
             services: Vec::new(),
             backing_off: Vec::new(),
             starved: 0,
+            sources: Sources::default(),
             listener_addrs: Vec::new(),
             listeners: Vec::new(),
             sessions: Vec::new(),
@@ -607,7 +611,7 @@ impl Worker {
                 continue;
             }
             let addr = backend.addr;
-            match TcpStream::connect(addr) {
+            match self.sources.tcp(addr, &service.settings.connect_from) {
                 Ok(stream) => {
                     if self.starved > 0 {
                         log::warn!("fds are back after {} accept pauses", self.starved);
@@ -628,6 +632,12 @@ impl Worker {
                         self.pause_accepting(i, &format_args!("connect to {addr}: {e}"));
                     }
                     return None;
+                }
+                // No port left toward this backend from any local address (F13): another
+                // backend may have some, and this one is not to blame.
+                Err(e) if no_local_port(&e) => {
+                    backend.release();
+                    ports_exhausted(&self.stats, addr, &e);
                 }
                 Err(e) => {
                     backend.release();
