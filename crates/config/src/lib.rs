@@ -774,8 +774,7 @@ fn build_connect_from(
     let mut ips: Vec<IpAddr> = Vec::with_capacity(raw.len());
     for (i, r) in raw.iter().enumerate() {
         let place = || origin.item("connect-from", i);
-        let ip = parse_connect_from(r)
-            .map_err(|p| ConfigError::at(place(), Some(r.clone()), p))?;
+        let ip = parse_connect_from(r).map_err(|p| ConfigError::at(place(), Some(r.clone()), p))?;
         if ips.contains(&ip) {
             return Err(ConfigError::at(place(), Some(r.clone()), "given twice"));
         }
@@ -1343,12 +1342,18 @@ mod tests {
         assert_eq!(c.services[0].connect_from, want);
         assert!(with(&[]).unwrap().services[0].connect_from.is_empty());
         for (flags, want) in [
-            (&["127.0.0.2:80"][..], "--connect-from \"127.0.0.2:80\": expected an IP address without a port"),
+            (
+                &["127.0.0.2:80"][..],
+                "--connect-from \"127.0.0.2:80\": expected an IP address without a port",
+            ),
             (&["nope"], "--connect-from \"nope\": expected an IP address"),
             (&["0.0.0.0"], "--connect-from \"0.0.0.0\": expected a unicast address"),
             (&["ff02::1"], "--connect-from \"ff02::1\": expected a unicast address"),
             (&["127.0.0.2", "127.0.0.2"], "--connect-from \"127.0.0.2\": given twice"),
-            (&["::1"], "--connect-from: backend 127.0.0.1:2 is IPv4 and no connect-from address is"),
+            (
+                &["::1"],
+                "--connect-from: backend 127.0.0.1:2 is IPv4 and no connect-from address is",
+            ),
         ] {
             let args: Vec<&str> = flags.iter().flat_map(|f| ["--connect-from", f]).collect();
             let e = err(&args);

@@ -13,9 +13,9 @@ use mio::{Events, Interest, Poll, Waker};
 
 use conntrack::{AffinityKey, Attach};
 
+use crate::outgoing::{no_local_port, Sources};
 use crate::pump::{HalfPipe, Pools, Side};
 use crate::session::{set_reset_on_close, CloseReason, Drive, Session, State, Tried, LINGER_POLL};
-use crate::outgoing::{no_local_port, Sources};
 use crate::stats::{inc, ports_exhausted, Stats};
 use crate::timer::{Timer, TimerKind, Timers};
 use crate::token::Slot;

@@ -26,10 +26,12 @@ const SLOW_CHUNK: usize = 4096;
 /// Read and write size otherwise.
 const CHUNK: usize = 64 * 1024;
 
-/// Connects from `source` (port chosen by the kernel) to `to` within `timeout`; the stream gets
+/// Connects from `source` (port chosen by the kernel at connect(2), per destination, as
+/// `IP_BIND_ADDRESS_NO_PORT` lets it) to `to` within `timeout`; the stream gets
 /// [`IO_TIMEOUT`] as read and write timeout.
 pub fn connect_from(source: IpAddr, to: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
     socket.bind(&SocketAddr::new(source, 0).into())?;
     socket.connect_timeout(&to.into(), timeout)?;
     let stream = TcpStream::from(socket);

@@ -43,6 +43,7 @@ mod data;
 mod http;
 mod journal;
 mod load;
+mod netns;
 mod process;
 mod signals;
 mod survey;
@@ -63,6 +64,7 @@ pub use client::{
 pub use data::{digest_of, digest_of_pattern, hex, pattern, Digest};
 pub use http::{http, HttpReply};
 pub use load::{connrate, LoadReport};
+pub use netns::{inside_own_netns, set_local_port_range};
 pub use nix::sys::signal::Signal;
 pub use process::{no_probes, run_to_exit, Exit, Tether, READY_TIMEOUT, TERM_GRACE};
 pub use signals::StopSignals;

@@ -1,0 +1,107 @@
+//! F13: ephemeral port exhaustion toward one backend. One local IP reaches one backend
+//! `IP:port` from at most the ephemeral port range; `--connect-from` adds addresses, and running
+//! out must fail one client cleanly, not the process. The test runs in a network namespace of
+//! its own, where the port range can be cut to a few ports.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+
+use common::*;
+
+/// The ephemeral range in the test's namespace, set once every listener is bound: outside
+/// the default range (32768-60999), so no listener holds one of these ports.
+const FIRST_PORT: u16 = 61_000;
+const PORTS: usize = 8;
+
+/// A `hold` session from client `i`: the backend's name once it is established, or the error
+/// that turned it away.
+fn hold(i: u32, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut s = connect_from(client_ip(i), to, DEADLINE)?;
+    send_command(&mut s, "hold")?;
+    read_line(&mut s)?;
+    Ok(s)
+}
+
+/// Hold sessions from clients `first..` until one is turned away; the held ones.
+fn hold_until_refused(first: u32, to: SocketAddr) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for i in first..first + 4 * PORTS as u32 {
+        match hold(i, to) {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                // Refused at once (reset or EOF), not left hanging until the read timeout.
+                assert!(
+                    !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "client {i} was left hanging: {e}"
+                );
+                return held;
+            }
+        }
+    }
+    panic!("{} sessions held from {PORTS} ports: the range was not cut", held.len())
+}
+
+fn ports_exhausted(t: &Tether) -> u64 {
+    let text = http(t.admin(), "GET", "/metrics", "").unwrap().body;
+    let line = text.lines().find(|l| l.starts_with("tether_ports_exhausted_total ")).unwrap();
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fails_cleanly() {
+    if !inside_own_netns(
+        "connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fails_cleanly",
+    ) {
+        return;
+    }
+    let pool = backends(47, 1);
+    let start = |listen: &str, extra: &[&str]| {
+        let mut args = vec!["--listen".to_string(), listen.into(), "--admin".into(), listen.into()];
+        args.extend(backend_args(&pool));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Tether::start(bin(), no_probes(&args)).unwrap()
+    };
+    let plain = start("127.0.47.1:0", &[]);
+    let pooled =
+        start("127.0.47.2:0", &["--connect-from", "127.0.47.3", "--connect-from", "127.0.47.4"]);
+    set_local_port_range(FIRST_PORT, FIRST_PORT + PORTS as u16 - 1).unwrap();
+
+    // From the kernel's one source address: as many sessions as ports, then a clean refusal.
+    let mut held = hold_until_refused(0, plain.addr());
+    assert_eq!(held.len(), PORTS, "sessions through one source address");
+    assert!(ports_exhausted(&plain) >= 1);
+    for s in held.iter_mut() {
+        send_command(s, "x").unwrap(); // ends the hold: the backend closes, the session ends
+    }
+    drop(held);
+
+    // From two addresses: twice as many, half from each.
+    let before = pool[0].log().len();
+    let held = hold_until_refused(1000, pooled.addr());
+    assert_eq!(held.len(), 2 * PORTS, "sessions through two connect-from addresses");
+    let mut by_source = BTreeMap::<IpAddr, usize>::new();
+    for e in &pool[0].log()[before..] {
+        if e.outcome == Outcome::Started {
+            *by_source.entry(e.peer.ip()).or_default() += 1;
+        }
+    }
+    let want: BTreeMap<IpAddr, usize> = [("127.0.47.3", PORTS), ("127.0.47.4", PORTS)]
+        .map(|(ip, n)| (ip.parse().unwrap(), n))
+        .into();
+    assert_eq!(by_source, want);
+    assert!(ports_exhausted(&pooled) >= 1);
+    assert!(pooled.stderr_text().contains("no local port toward"), "{}", pooled.stderr_text());
+
+    // A port comes back when a session ends: new clients are served again.
+    drop(held);
+    assert!(
+        wait_until(DEADLINE, || hold(5000, pooled.addr()).is_ok()),
+        "no session after ports came back: {}",
+        pooled.stderr_text()
+    );
+}
