@@ -292,3 +292,56 @@ fn a_reload_cannot_add_the_first_udp_service() {
     assert!(r.body.contains("restart tether to add the first UDP service"), "{}", r.body);
     assert_eq!(ask_name(client_ip(0), t.addr()).unwrap(), "b0");
 }
+
+#[test]
+fn connect_from_addresses_are_checked_at_start_and_on_reload() {
+    let pool = backends(76, 1);
+    // An address that is not this host's stops the start, naming it.
+    let exit = run_to_exit(
+        bin(),
+        no_probes(&[
+            "--listen".into(),
+            "127.0.76.1:0".into(),
+            "--backend".into(),
+            pool[0].addr().to_string(),
+            "--connect-from".into(),
+            "192.0.2.1".into(),
+        ]),
+        DEADLINE,
+    )
+    .unwrap();
+    assert_eq!(exit.status.code(), Some(1), "{}", exit.stderr);
+    assert!(
+        exit.stderr
+            .contains("connect-from 192.0.2.1 (service \"default\"): not an address of this host"),
+        "{}",
+        exit.stderr
+    );
+    // Sessions come from the configured address; a reload changes it.
+    let with_source = |ip: &str| {
+        format!(
+            "admin = \"127.0.76.1:0\"\n{}",
+            service("s", "127.0.76.1:0", &[(&pool[0], 1)])
+                .replace("health-check", &format!("connect-from = [\"{ip}\"]\nhealth-check"))
+        )
+    };
+    let file = ConfigFile::new("connect-from", &with_source("127.0.76.20"));
+    let t = Tether::start(bin(), ["--config", file.path()]).unwrap();
+    let peer_of_next_session = |client: u32| {
+        let before = pool[0].log().len();
+        assert_eq!(ask_name(client_ip(client), t.addr()).unwrap(), "b0");
+        assert!(pool[0].wait_for(|log| log.len() > before, DEADLINE));
+        pool[0].log()[before].peer.ip().to_string()
+    };
+    assert_eq!(peer_of_next_session(0), "127.0.76.20");
+    file.write(&with_source("127.0.76.21"));
+    let r = http(t.admin(), "POST", "/api/reload", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(peer_of_next_session(1), "127.0.76.21");
+    // A reload naming a foreign address is refused whole; the old address stays in use.
+    file.write(&with_source("192.0.2.1"));
+    let r = http(t.admin(), "POST", "/api/reload", "").unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("connect-from 192.0.2.1"), "{}", r.body);
+    assert_eq!(peer_of_next_session(2), "127.0.76.21");
+}

@@ -69,6 +69,25 @@ fn connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fa
     let plain = start("127.0.47.1:0", &[]);
     let pooled =
         start("127.0.47.2:0", &["--connect-from", "127.0.47.3", "--connect-from", "127.0.47.4"]);
+    let game = UdpBackend::start("u0", "127.0.47.20:0".parse().unwrap()).unwrap();
+    let udp = Tether::start(
+        bin(),
+        no_probes(&[
+            "--listen".into(),
+            "127.0.47.5:0".into(),
+            "--admin".into(),
+            "127.0.47.5:0".into(),
+            "--protocol".into(),
+            "udp".into(),
+            "--backend".into(),
+            format!("{},name=u0", game.addr()),
+            "--connect-from".into(),
+            "127.0.47.6".into(),
+            "--connect-from".into(),
+            "127.0.47.7".into(),
+        ]),
+    )
+    .unwrap();
     set_local_port_range(FIRST_PORT, FIRST_PORT + PORTS as u16 - 1).unwrap();
 
     // From the kernel's one source address: as many sessions as ports, then a clean refusal.
@@ -103,5 +122,31 @@ fn connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fa
         wait_until(DEADLINE, || hold(5000, pooled.addr()).is_ok()),
         "no session after ports came back: {}",
         pooled.stderr_text()
+    );
+
+    // UDP: a flow's socket holds a port of its local address whatever the destination, so
+    // two addresses give twice the range of flows, half from each; the next flow's datagram is
+    // dropped and counted.
+    let to = udp.udp_addrs()[0];
+    let clients: Vec<_> =
+        (0..2 * PORTS as u32 + 1).map(|i| udp_client(client_ip(7000 + i)).unwrap()).collect();
+    for (i, c) in clients[..2 * PORTS].iter().enumerate() {
+        let (reply, _) = udp_ask(c, to, b"hello", DEADLINE)
+            .unwrap_or_else(|e| panic!("flow {i} got no reply: {e}: {}", udp.stderr_text()));
+        assert!(!reply.is_empty());
+    }
+    let mut per_ip = BTreeMap::<IpAddr, usize>::new();
+    for source in game.sources() {
+        *per_ip.entry(source.ip()).or_default() += 1;
+    }
+    let want: BTreeMap<IpAddr, usize> = [("127.0.47.6", PORTS), ("127.0.47.7", PORTS)]
+        .map(|(ip, n)| (ip.parse().unwrap(), n))
+        .into();
+    assert_eq!(per_ip, want, "flows' local addresses");
+    clients[2 * PORTS].send_to(b"hello", to).unwrap();
+    assert!(
+        wait_until(DEADLINE, || ports_exhausted(&udp) >= 1),
+        "the flow past the ports was not counted: {}",
+        udp.stderr_text()
     );
 }
