@@ -245,16 +245,6 @@ fn health_checks_take_a_dead_backend_down_and_bring_it_back_without_failing_anyo
     assert!(metric(&metrics, "tether_health_transitions_total", "") >= 2.0);
 }
 
-/// The value of the sample `name{labels...}` whose labels contain `label` (all of them if empty).
-fn metric(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter(|l| l.contains(label))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 /// Every line is a comment (`# HELP`/`# TYPE`) or a sample: a metric name, optional labels
 /// `{k="v",...}`, a space and a number. Each family is typed once, before its samples.
 fn check_prometheus_text(text: &str) {

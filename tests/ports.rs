@@ -46,10 +46,8 @@ fn hold_until_refused(first: u32, to: SocketAddr) -> Vec<TcpStream> {
     panic!("{} sessions held from {PORTS} ports: the range was not cut", held.len())
 }
 
-fn ports_exhausted(t: &Tether) -> u64 {
-    let text = http(t.admin(), "GET", "/metrics", "").unwrap().body;
-    let line = text.lines().find(|l| l.starts_with("tether_ports_exhausted_total ")).unwrap();
-    line.rsplit(' ').next().unwrap().parse().unwrap()
+fn ports_exhausted(t: &Tether) -> f64 {
+    scrape(t, "tether_ports_exhausted_total", "")
 }
 
 #[test]
@@ -93,7 +91,7 @@ fn connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fa
     // From the kernel's one source address: as many sessions as ports, then a clean refusal.
     let mut held = hold_until_refused(0, plain.addr());
     assert_eq!(held.len(), PORTS, "sessions through one source address");
-    assert!(ports_exhausted(&plain) >= 1);
+    assert!(ports_exhausted(&plain) >= 1.0);
     for s in held.iter_mut() {
         send_command(s, "x").unwrap(); // ends the hold: the backend closes, the session ends
     }
@@ -113,7 +111,7 @@ fn connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fa
         .map(|(ip, n)| (ip.parse().unwrap(), n))
         .into();
     assert_eq!(by_source, want);
-    assert!(ports_exhausted(&pooled) >= 1);
+    assert!(ports_exhausted(&pooled) >= 1.0);
     assert!(pooled.stderr_text().contains("no local port toward"), "{}", pooled.stderr_text());
 
     // A port comes back when a session ends: new clients are served again.
@@ -145,7 +143,7 @@ fn connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fa
     assert_eq!(per_ip, want, "flows' local addresses");
     clients[2 * PORTS].send_to(b"hello", to).unwrap();
     assert!(
-        wait_until(DEADLINE, || ports_exhausted(&udp) >= 1),
+        wait_until(DEADLINE, || ports_exhausted(&udp) >= 1.0),
         "the flow past the ports was not counted: {}",
         udp.stderr_text()
     );

@@ -94,3 +94,19 @@ pub fn api_backend(admin: SocketAddr, name: &str) -> serde_json::Value {
         .find(|b| b["name"] == name)
         .unwrap_or_else(|| panic!("no backend {name:?} in the API"))
 }
+
+/// The sum of the samples `name{labels...}` whose labels contain `label` (all of them if empty)
+/// in Prometheus text.
+pub fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter(|l| l.contains(label))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// One metric of a running tether with an admin address (see [`metric`]).
+pub fn scrape(t: &Tether, name: &str, label: &str) -> f64 {
+    metric(&http(t.admin(), "GET", "/metrics", "").expect("GET /metrics").body, name, label)
+}

@@ -64,6 +64,7 @@ struct RawFile {
     max_conns: Option<i64>,
     max_flows: Option<i64>,
     splice: Option<String>,
+    listeners: Option<String>,
     grace: Option<DurationText>,
     #[serde(default)]
     service: Vec<RawService>,
@@ -176,6 +177,7 @@ impl TryFrom<RawFile> for Config {
             max_conns: raw.max_conns.map(|n| n.to_string()),
             max_flows: raw.max_flows.map(|n| n.to_string()),
             splice: raw.splice,
+            listeners: raw.listeners,
             grace: raw.grace.map(|d| d.0),
         };
         build_config(&Origin::Table(String::new()), &input, services)
@@ -622,7 +624,7 @@ mod tests {
             (
                 top("wat = 1"),
                 "wat: unknown key (expected one of admin, admin-allow-remote, admin-token-file, user, workers, max-conns, \
-                 max-flows, splice, grace, service)",
+                 max-flows, splice, listeners, grace, service)",
             ),
             (
                 service("colour = 1"),

@@ -108,6 +108,10 @@ pub struct Args {
     /// byte pump: `auto` (splice(2) through pipes where available) or `off` (userspace copy)
     #[argh(option)]
     pub splice: Option<String>,
+    /// TCP listening sockets: `shared` (default: one per address, every worker waits on it and
+    /// the kernel wakes one that is idle) or `per-worker` (one per worker, SO_REUSEPORT)
+    #[argh(option)]
+    pub listeners: Option<String>,
     /// on SIGTERM/SIGINT, how long open sessions may run before exit (default 30s)
     #[argh(option)]
     pub grace: Option<String>,
@@ -243,6 +247,17 @@ pub enum Splice {
     Auto,
     /// Userspace buffers only.
     Off,
+}
+
+/// How the workers share a TCP listen address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listeners {
+    /// One socket, in every worker's epoll with `EPOLLEXCLUSIVE`: the kernel wakes one idle
+    /// worker per connection, so a stalled or busy worker holds no one up.
+    Shared,
+    /// One `SO_REUSEPORT` socket per worker: the kernel hashes each connection to one of them,
+    /// whether or not that worker is free.
+    PerWorker,
 }
 
 /// One backend as configured.
@@ -388,6 +403,7 @@ pub struct Config {
     /// `None`: derived from the file-descriptor limit at start.
     pub max_flows: Option<NonZeroUsize>,
     pub splice: Splice,
+    pub listeners: Listeners,
     pub grace: Duration,
     /// Idle sticky entries inserted at start in the first service (benchmarks only).
     pub sticky_prefill: usize,
@@ -466,6 +482,7 @@ fn service_flags(args: &Args) -> Vec<&'static str> {
     for (flag, set) in [
         ("max-flows", args.max_flows.is_some()),
         ("splice", args.splice.is_some()),
+        ("listeners", args.listeners.is_some()),
         ("grace", args.grace.is_some()),
         ("admin", args.admin.is_some()),
         ("admin-allow-remote", args.admin_allow_remote),
@@ -598,6 +615,7 @@ pub(crate) struct ProcessInput {
     pub max_conns: Option<String>,
     pub max_flows: Option<String>,
     pub splice: Option<String>,
+    pub listeners: Option<String>,
     pub grace: Option<String>,
 }
 
@@ -612,6 +630,7 @@ impl From<&Args> for ProcessInput {
             max_conns: args.max_conns.clone(),
             max_flows: args.max_flows.clone(),
             splice: args.splice.clone(),
+            listeners: args.listeners.clone(),
             grace: args.grace.clone(),
         }
     }
@@ -956,6 +975,7 @@ pub(crate) fn build_config(
         max_conns: opt_nonzero(origin, "max-conns", &input.max_conns)?,
         max_flows: opt_nonzero(origin, "max-flows", &input.max_flows)?,
         splice,
+        listeners: opt(origin, "listeners", &input.listeners, Listeners::Shared, parse_listeners)?,
         grace: opt(origin, "grace", &input.grace, DEFAULT_GRACE, check_duration)?,
         sticky_prefill: 0,
     })
@@ -1087,6 +1107,14 @@ pub fn parse_splice(raw: &str) -> Result<Splice, String> {
         "auto" => Ok(Splice::Auto),
         "off" => Ok(Splice::Off),
         _ => Err("expected `auto` or `off`".into()),
+    }
+}
+
+pub fn parse_listeners(raw: &str) -> Result<Listeners, String> {
+    match raw {
+        "shared" => Ok(Listeners::Shared),
+        "per-worker" => Ok(Listeners::PerWorker),
+        _ => Err("expected `shared` or `per-worker`".into()),
     }
 }
 

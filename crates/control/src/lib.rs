@@ -169,7 +169,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let mut per_worker: Vec<Listeners> = (0..workers).map(|_| Listeners::default()).collect();
     let mut announced = Vec::new();
     for (slot, service) in config.services.iter().enumerate() {
-        let bound = bind_service(service, slot, workers, &mut per_worker)?;
+        let bound = bind_service(service, slot, workers, config.listeners, &mut per_worker)?;
         announced.extend(bound.iter().copied());
         if let Some(Some(s)) = registry.services.get_mut(slot) {
             s.listeners = bound;
@@ -251,7 +251,13 @@ pub fn run(config: Config) -> Result<(), RunError> {
     // timed receive never turns into a spin on `Disconnected`.
     let (signal_tx, signal_rx) = crossbeam_channel::unbounded();
     signal_thread(signals, signal_tx.clone());
-    let context = Supervisor { registry: &registry, file: config.file.clone(), workers, config };
+    let context = Supervisor {
+        registry: &registry,
+        file: config.file.clone(),
+        workers,
+        config,
+        stalled: vec![false; workers],
+    };
     let result = context.supervise(&mut running, &signal_rx, &asks_rx);
     drop(signal_tx);
     // A reload asked for from now on fails at once instead of waiting for an answer.
@@ -267,12 +273,14 @@ fn bind_service(
     service: &config::Service,
     slot: usize,
     workers: usize,
+    mode: config::Listeners,
     per_worker: &mut [Listeners],
 ) -> Result<Vec<(SocketAddr, SocketAddr, bool)>, RunError> {
     let mut out = Vec::new();
     for &want in &service.listen {
-        let bound = proxy::bind(&[want], workers, service.protocol.tcp(), service.protocol.udp())
-            .map_err(RunError::Bind)?;
+        let tcp = service.protocol.tcp().then_some(mode);
+        let bound =
+            proxy::bind(&[want], workers, tcp, service.protocol.udp()).map_err(RunError::Bind)?;
         hand_out(want, bound, slot, per_worker, &mut out);
     }
     Ok(out)
@@ -309,6 +317,8 @@ struct Supervisor<'a> {
     workers: usize,
     /// The configuration in force (process-wide settings are kept from the start).
     config: Config,
+    /// Per worker: found stalled at the last look (its loop had not turned for a while).
+    stalled: Vec<bool>,
 }
 
 impl Supervisor<'_> {
@@ -367,6 +377,7 @@ impl Supervisor<'_> {
                 if removed > 0 {
                     log::debug!("sticky sweep removed {removed} expired entries");
                 }
+                self.watch_workers(running);
             }
             for (i, r) in running.iter_mut().enumerate() {
                 if r.thread.as_ref().is_some_and(JoinHandle::is_finished) {
@@ -411,6 +422,33 @@ impl Supervisor<'_> {
     /// Read the config file again and apply it. Everything that can fail (reading, validating,
     /// building tables, binding new listeners) happens before anything changes, so a refused
     /// reload leaves the running configuration exactly as it was.
+    /// Say when a worker's event loop stops turning, and when it turns again (F10), then wake
+    /// every worker so that a healthy one turns before the next look.
+    fn watch_workers(&mut self, running: &[Running]) {
+        let shared_listeners = self.config.listeners == config::Listeners::Shared;
+        let mut reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let now_ms = reg.shared.now_ms(Instant::now());
+        for (i, r) in running.iter().enumerate().filter(|(_, r)| r.thread.is_some()) {
+            let Some(stats) = reg.stats.get(i).cloned() else { continue };
+            let stalled = stats.stalled(now_ms);
+            let age = stats.loop_age_ms(now_ms);
+            match (self.stalled[i], stalled) {
+                (false, true) => reg.event(format!(
+                    "worker {i} stalled: its loop has not turned for {age} ms; its sessions and flows wait{}",
+                    if shared_listeners {
+                        " (new TCP clients go to the other workers)"
+                    } else {
+                        ", and so do new TCP clients the kernel hashes to it (--listeners per-worker)"
+                    }
+                )),
+                (true, false) => reg.event(format!("worker {i} runs again")),
+                _ => {}
+            }
+            self.stalled[i] = stalled;
+            let _ = r.waker.wake();
+        }
+    }
+
     fn reload(&mut self) -> Result<String, String> {
         let Some(path) = self.file.clone() else {
             return Err("tether was started without --config: nothing to reload".into());
@@ -478,7 +516,8 @@ impl Supervisor<'_> {
                 if need_tcp || need_udp {
                     // A port already bound by one transport is reused for the other.
                     let at = tcp_kept.or(udp_kept).map_or(want, |(_, bound, _)| bound);
-                    let bound = proxy::bind(&[at], self.workers, need_tcp, need_udp)
+                    let mode = need_tcp.then_some(self.config.listeners);
+                    let bound = proxy::bind(&[at], self.workers, mode, need_udp)
                         .map_err(|e| e.to_string())?;
                     hand_out(want, bound, slot, &mut per_worker, &mut listeners);
                 }

@@ -192,8 +192,7 @@ pub fn render(registry: &Registry) -> String {
         "client IPs the per-source limits track",
         &tracked,
     );
-    // How the kernel spread connections over the workers' SO_REUSEPORT sockets (F10): a worker
-    // far behind the others is stalled or starved.
+    // How the connections spread over the workers (F10), and whether each loop still turns.
     let per_worker = |f: fn(&proxy::Snapshot) -> u64| -> Vec<(String, f64)> {
         workers.iter().enumerate().map(|(i, w)| (format!("worker=\"{i}\""), f(w) as f64)).collect()
     };
@@ -210,6 +209,25 @@ pub fn render(registry: &Registry) -> String {
         "counter",
         "UDP flows created, per worker",
         &per_worker(|w| w.flows_created),
+    );
+    let now_ms = registry.shared.now_ms(std::time::Instant::now());
+    let heartbeat = |f: &dyn Fn(&proxy::Stats) -> f64| -> Vec<(String, f64)> {
+        let each = registry.stats.iter().enumerate();
+        each.map(|(i, s)| (format!("worker=\"{i}\""), f(s))).collect()
+    };
+    labelled(
+        &mut out,
+        "tether_worker_loop_age_seconds",
+        "gauge",
+        "time since the worker last turned its event loop (woken every second)",
+        &heartbeat(&|s| s.loop_age_ms(now_ms) as f64 / 1000.0),
+    );
+    labelled(
+        &mut out,
+        "tether_worker_stalled",
+        "gauge",
+        "1 while the worker's loop has not turned for 2 s: its sessions and flows wait",
+        &heartbeat(&|s| f64::from(u8::from(s.stalled(now_ms)))),
     );
     let active = registry.shared.active.load(std::sync::atomic::Ordering::Relaxed);
     gauge(&mut out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);

@@ -50,7 +50,7 @@ use std::time::Instant;
 
 pub use listener::{bind, bind_all, BindError, Bound};
 pub use routing::{BackendState, Guards, ProxyRules, Service, Settings, PASSIVE_HOLD};
-pub use stats::{Snapshot, Stats};
+pub use stats::{Snapshot, Stats, STALLED_AFTER};
 pub use worker::Worker;
 
 /// Listener sockets handed to one worker, each with the slot of the service it feeds.

@@ -1,5 +1,8 @@
-//! Binding listeners: one `SO_REUSEPORT` socket per worker per address, all bound before any
-//! worker starts, so a bad address or a port in use stops the process before it serves anyone.
+//! Binding listeners, all before any worker starts, so a bad address or a port in use stops the
+//! process before it serves anyone. TCP: one socket per address that every worker waits on
+//! (each holds its own descriptor of it), or one `SO_REUSEPORT` socket per worker per address
+//! ([`config::Listeners`]). UDP: always one `SO_REUSEPORT` socket per worker, so each client's
+//! datagrams reach the one worker that holds its flow.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,12 +31,13 @@ pub struct Bound {
     pub udp_addrs: Vec<SocketAddr>,
 }
 
-/// Bind `workers` sockets per address for each transport asked for. A port 0 is resolved by
-/// the first bind and reused by the others (TCP first, then UDP on the same port).
+/// Bind the sockets of every worker for each address and each transport asked for. A port 0
+/// is resolved by the first bind and reused by the others (TCP first, then UDP on the same
+/// port).
 pub fn bind(
     addrs: &[SocketAddr],
     workers: usize,
-    tcp: bool,
+    tcp: Option<config::Listeners>,
     udp: bool,
 ) -> Result<Bound, BindError> {
     let mut bound = Bound {
@@ -43,8 +47,11 @@ pub fn bind(
     };
     for &want in addrs {
         let mut addr = want;
-        if tcp {
-            let (sockets, at) = bind_all(&[addr], workers)?;
+        if let Some(mode) = tcp {
+            let (sockets, at) = match mode {
+                config::Listeners::PerWorker => bind_all(&[addr], workers)?,
+                config::Listeners::Shared => bind_shared(addr, workers)?,
+            };
             for (w, mut s) in sockets.into_iter().enumerate() {
                 bound.tcp[w].append(&mut s);
             }
@@ -125,6 +132,22 @@ pub fn bind_all(
     Ok((per_worker, bound))
 }
 
+/// One socket at `addr`, and a descriptor of it for each worker (`sockets[worker][0]`).
+fn bind_shared(
+    addr: SocketAddr,
+    workers: usize,
+) -> Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>), BindError> {
+    let fail = |error| BindError { addr, udp: false, error };
+    let socket = bind_one(addr).map_err(fail)?;
+    let bound = socket.local_addr().map_err(fail)?;
+    let mut per_worker = Vec::with_capacity(workers);
+    for _ in 1..workers {
+        per_worker.push(vec![socket.try_clone().map_err(fail)?]);
+    }
+    per_worker.push(vec![socket]);
+    Ok((per_worker, vec![bound]))
+}
+
 fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // A listener on [::] follows the system default (Linux: dual-stack), so IPv4 clients arrive
@@ -160,6 +183,26 @@ mod tests {
         sockets[0][0].set_nonblocking(false).unwrap();
         let (accepted, _) = sockets[0][0].accept().unwrap();
         assert!(accepted.nodelay().unwrap());
+    }
+
+    #[test]
+    fn a_shared_listener_is_one_socket_in_every_worker() {
+        let want: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let bound = bind(&[want], 3, Some(config::Listeners::Shared), false).unwrap();
+        assert_eq!(bound.tcp.len(), 3);
+        let client = std::net::TcpStream::connect(bound.tcp_addrs[0]).unwrap();
+        let last = &bound.tcp[2][0];
+        last.set_nonblocking(false).unwrap();
+        assert_eq!(last.accept().unwrap().1, client.local_addr().unwrap());
+        // O_NONBLOCK belongs to the socket, not the descriptor: every worker's is blocking now.
+        bound.tcp[0][0].set_nonblocking(true).unwrap();
+        assert!(last.accept().is_err(), "the descriptors do not share their flags");
+        // Taken through one worker's descriptor, it is gone from the others': one queue.
+        for sockets in &bound.tcp[..2] {
+            assert_eq!(sockets[0].local_addr().unwrap(), bound.tcp_addrs[0]);
+            let e = sockets[0].accept().unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        }
     }
 
     #[test]

@@ -5,9 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
-        /// Counters of one worker.
+        /// Counters of one worker, and its heartbeat.
         #[derive(Debug, Default)]
-        pub struct Stats { $($(#[$doc])* pub $name: AtomicU64,)* }
+        pub struct Stats {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+            /// When the worker last turned its event loop, in ms of [`crate::Shared::now_ms`].
+            pub last_turn_ms: AtomicU64,
+        }
 
         /// A plain copy of [`Stats`], summable across workers.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +114,22 @@ counters! {
     flows_expired,
     /// New UDP flows refused because `--max-flows` flows were open.
     flows_refused,
+}
+
+/// A worker whose event loop has not turned for this long is stalled: the supervisor wakes
+/// every worker once a second, so a healthy one is never this far behind.
+pub const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Stats {
+    /// How long ago, at `now_ms`, the worker last turned its event loop.
+    pub fn loop_age_ms(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.last_turn_ms.load(Relaxed))
+    }
+
+    /// Whether the worker's loop has not turned for [`STALLED_AFTER`] at `now_ms`.
+    pub fn stalled(&self, now_ms: u64) -> bool {
+        self.loop_age_ms(now_ms) >= STALLED_AFTER.as_millis() as u64
+    }
 }
 
 /// Add one to a counter.

@@ -215,3 +215,47 @@ impl RecvBatch {
         (data, from, dst)
     }
 }
+
+/// Add listener `fd` to the epoll instance `epoll` (a `mio::Poll`'s) for `token`,
+/// edge-triggered readable, with `EPOLLEXCLUSIVE` (epoll_ctl(2)): when several workers' epolls
+/// wait on one shared socket, a connection wakes one of them that is idle, not all; a worker
+/// busy elsewhere is not waited for. mio's registry has no way to ask for the flag; mio reads
+/// the token back from the event's `u64`, so events arrive as for any other source. A socket
+/// only one epoll waits on behaves as without the flag.
+pub fn register_exclusive(
+    epoll: &impl AsRawFd,
+    fd: &impl AsRawFd,
+    token: mio::Token,
+) -> std::io::Result<()> {
+    use nix::libc;
+    let mut event = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET | libc::EPOLLEXCLUSIVE) as u32,
+        u64: token.0 as u64,
+    };
+    // SAFETY: both fds are borrowed from live owners; the event is a live local the kernel
+    // only reads.
+    let rc = unsafe {
+        libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut event)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Remove `fd` from `epoll` (added by [`register_exclusive`]). Needed before closing a
+/// descriptor of a shared socket: epoll keeps watching a file while any descriptor of it is
+/// open, in another worker too.
+pub fn deregister(epoll: &impl AsRawFd, fd: &impl AsRawFd) {
+    use nix::libc;
+    // SAFETY: as above; EPOLL_CTL_DEL ignores the event argument.
+    unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_DEL,
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+        );
+    }
+}

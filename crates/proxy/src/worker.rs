@@ -150,10 +150,10 @@ impl Worker {
     fn listen(&mut self, listeners: Listeners) -> io::Result<()> {
         for (service, l) in listeners.tcp {
             let bound = l.local_addr().ok().filter(|a| !a.ip().is_unspecified());
-            let mut l = TcpListener::from_std(l);
+            let l = TcpListener::from_std(l);
             let i = self.listeners.len();
             self.listener_addrs.push(bound);
-            self.poll.registry().register(&mut l, Slot::Listener(i).token(), Interest::READABLE)?;
+            crate::sys::register_exclusive(&self.poll, &l, Slot::Listener(i).token())?;
             self.listeners.push(Some((l, service)));
             self.backing_off.push(false);
         }
@@ -191,8 +191,8 @@ impl Worker {
         for slot in self.listeners.iter_mut() {
             let bound = slot.as_ref().and_then(|(l, _)| l.local_addr().ok());
             if bound.is_some_and(|a| addrs.contains(&(a, false))) {
-                if let Some((mut l, _)) = slot.take() {
-                    let _ = self.poll.registry().deregister(&mut l);
+                if let Some((l, _)) = slot.take() {
+                    crate::sys::deregister(&self.poll, &l);
                 }
             }
         }
@@ -218,6 +218,7 @@ impl Worker {
                 return Err(e);
             }
             self.now = Instant::now();
+            self.stats.last_turn_ms.store(self.shared.now_ms(self.now), Relaxed);
             for event in events.iter() {
                 match Slot::from_token(event.token()) {
                     Slot::Waker => self.commands(),
@@ -266,8 +267,8 @@ impl Worker {
                 // Stop accepting; sessions get until the deadline.
                 Command::Shutdown { deadline } => {
                     for (i, l) in self.listeners.iter_mut().enumerate() {
-                        if let Some((mut l, _)) = l.take() {
-                            let _ = self.poll.registry().deregister(&mut l);
+                        if let Some((l, _)) = l.take() {
+                            crate::sys::deregister(&self.poll, &l);
                             log::debug!("worker {} closed listener {i}", self.id);
                         }
                     }

@@ -40,6 +40,7 @@ mod backend;
 mod blackhole;
 mod client;
 mod data;
+mod freeze;
 mod http;
 mod journal;
 mod load;
@@ -62,6 +63,7 @@ pub use client::{
     IO_TIMEOUT,
 };
 pub use data::{digest_of, digest_of_pattern, hex, pattern, Digest};
+pub use freeze::FrozenThread;
 pub use http::{http, HttpReply};
 pub use load::{connrate, LoadReport};
 pub use netns::{inside_own_netns, set_local_port_range};
