@@ -230,7 +230,7 @@ fn reloads_that_change_protocols_and_owners_keep_the_right_sockets() {
     let at = format!("127.0.73.1:{port}");
     let with = |name: &str, protocol: &str, extra: &str| {
         format!(
-            "admin = \"127.0.73.1:0\"\n{}",
+            "admin = \"127.0.73.1:0\"\nworkers = 2\n{}",
             service(name, &at, &[(&pool[0], 1)]).replace(
                 "health-check = \"off\"\n",
                 &format!("health-check = \"off\"\nprotocol = \"{protocol}\"\n{extra}"),
@@ -266,6 +266,10 @@ fn reloads_that_change_protocols_and_owners_keep_the_right_sockets() {
     let r = reload(&with("b", "tcp", ""));
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(t.wait_stdout(|l| l == format!("listening tcp {at}").as_str(), DEADLINE));
+    // Until both workers have let the old socket go, a client the kernel hashes to it in the
+    // instant between a worker taking its queue and closing it would be reset (F11).
+    let closed = format!("closed listener {at}");
+    assert!(wait_until(DEADLINE, || t.stderr_text().matches(&closed).count() == 2));
     for i in 3..10 {
         assert_eq!(ask_name(client_ip(i), addr).unwrap(), "b0", "client {i} after the move");
     }
@@ -344,4 +348,47 @@ fn connect_from_addresses_are_checked_at_start_and_on_reload() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("connect-from 192.0.2.1"), "{}", r.body);
     assert_eq!(peer_of_next_session(2), "127.0.76.21");
+}
+
+/// F11: a listener a reload removes takes the clients already queued on it before it closes.
+/// The worker is held still while the reload is asked for and clients queue up behind it, so
+/// it reads the reload's command before it sees them.
+#[test]
+fn a_reload_serves_the_clients_queued_on_a_listener_it_closes() {
+    let pool = backends(37, 1);
+    let (gone, kept) = (free_port("127.0.37.1"), free_port("127.0.37.2"));
+    let text = |listen: &str| {
+        format!(
+            "admin = \"127.0.37.1:0\"\nworkers = 1\n{}",
+            service("s", "127.0.37.2:0", &[(&pool[0], 1)])
+                .replace("listen = [\"127.0.37.2:0\"]", &format!("listen = [{listen}]"))
+        )
+    };
+    let both = format!("\"127.0.37.1:{gone}\", \"127.0.37.2:{kept}\"");
+    let file = ConfigFile::new("queued", &text(&both));
+    let t = Tether::start(bin(), ["--config", file.path()]).unwrap();
+    let gone: SocketAddr = format!("127.0.37.1:{gone}").parse().unwrap();
+    assert_eq!(ask_name(client_ip(0), gone).unwrap(), "b0");
+
+    let frozen = FrozenThread::freeze(t.pid(), "tether-w0").expect("stop the worker");
+    file.write(&text(&format!("\"127.0.37.2:{kept}\"")));
+    let r = http(t.admin(), "POST", "/api/reload", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let queued: Vec<_> = (1..4)
+        .map(|i| {
+            let mut s = connect_from(client_ip(i), gone, DEADLINE).unwrap();
+            send_command(&mut s, "name").unwrap();
+            s
+        })
+        .collect();
+    drop(frozen);
+    for (i, mut s) in queued.into_iter().enumerate() {
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut s, &mut reply)
+            .unwrap_or_else(|e| panic!("queued client {i}: {e}"));
+        assert_eq!(reply, "b0\n", "queued client {i}");
+    }
+    let closed = format!("closed listener {gone} (3 queued clients taken first)");
+    assert!(t.wait_stderr(|l| l.contains(&closed), DEADLINE), "{}", t.stderr_text());
+    assert!(connect_from(client_ip(9), gone, DEADLINE).is_err(), "the listener is still open");
 }

@@ -33,6 +33,8 @@ fn a_full_backend_is_skipped_for_new_sessions_and_takes_them_again_when_a_place_
     let t = Tether::start(bin(), no_probes(&args)).unwrap();
     let b0_clients = sources_of(&t, "b0", 0, 5);
     assert_eq!(b0_clients.len(), 5);
+    // The asking sessions hold places of b0 until tether has seen them close.
+    assert!(wait_until(DEADLINE, || api_backend(t.admin(), "b0")["sessions"] == 0));
     // Three sessions fill b0; they keep working.
     let mut open: Vec<_> = b0_clients[..3].iter().map(|&s| echo_session(s, t.addr())).collect();
     for s in open.iter_mut() {

@@ -101,6 +101,10 @@ fn connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fa
     let before = pool[0].log().len();
     let held = hold_until_refused(1000, pooled.addr());
     assert_eq!(held.len(), 2 * PORTS, "sessions through two connect-from addresses");
+    // The backend logs a hold just after answering it.
+    let started =
+        |log: &[Event]| log[before..].iter().filter(|e| e.outcome == Outcome::Started).count();
+    assert!(pool[0].wait_for(|log| started(log) == 2 * PORTS, DEADLINE));
     let mut by_source = BTreeMap::<IpAddr, usize>::new();
     for e in &pool[0].log()[before..] {
         if e.outcome == Outcome::Started {
@@ -112,7 +116,11 @@ fn connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fa
         .into();
     assert_eq!(by_source, want);
     assert!(ports_exhausted(&pooled) >= 1.0);
-    assert!(pooled.stderr_text().contains("no local port toward"), "{}", pooled.stderr_text());
+    assert!(
+        pooled.wait_stderr(|l| l.contains("no local port toward"), DEADLINE),
+        "{}",
+        pooled.stderr_text()
+    );
 
     // A port comes back when a session ends: new clients are served again.
     drop(held);

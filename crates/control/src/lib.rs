@@ -459,6 +459,7 @@ impl Supervisor<'_> {
             ("max-conns", next.max_conns == self.config.max_conns),
             ("max-flows", next.max_flows == self.config.max_flows),
             ("splice", next.splice == self.config.splice),
+            ("listeners", next.listeners == self.config.listeners),
             ("admin", next.admin == self.config.admin),
         ] {
             if !same {

@@ -188,13 +188,22 @@ impl Worker {
 
     /// Close the TCP listeners bound to any of the TCP `addrs`, the UDP ones to the UDP ones.
     fn unlisten(&mut self, addrs: &[(SocketAddr, bool)]) {
-        for slot in self.listeners.iter_mut() {
-            let bound = slot.as_ref().and_then(|(l, _)| l.local_addr().ok());
-            if bound.is_some_and(|a| addrs.contains(&(a, false))) {
-                if let Some((l, _)) = slot.take() {
-                    crate::sys::deregister(&self.poll, &l);
-                }
+        for i in 0..self.listeners.len() {
+            let bound = self.listeners[i].as_ref().and_then(|(l, _)| l.local_addr().ok());
+            let Some(addr) = bound.filter(|&a| addrs.contains(&(a, false))) else { continue };
+            let Some((l, service)) = self.listeners[i].take() else { continue };
+            crate::sys::deregister(&self.poll, &l);
+            // Clients already in its queue are served rather than reset by the close (F11);
+            // what arrives between this and the close is not.
+            let mut taken = 0;
+            while let Ok((stream, peer)) = l.accept() {
+                taken += 1;
+                self.take_client(stream, peer, i, service);
             }
+            log::info!(
+                "worker {}: closed listener {addr} ({taken} queued clients taken first)",
+                self.id
+            );
         }
         let ctx = Ctx {
             registry: self.poll.registry(),
@@ -305,20 +314,7 @@ impl Worker {
             };
             let service = *service;
             match listener.accept() {
-                Ok((stream, peer)) => {
-                    inc(&self.stats.accepted);
-                    match self.services.get(service).and_then(Option::as_ref) {
-                        Some(service) => {
-                            let service = Arc::clone(service);
-                            let local = self.listener_addrs.get(i).copied().flatten();
-                            self.open(stream, peer, local, service);
-                        }
-                        None => {
-                            inc(&self.stats.no_backend);
-                            refuse(stream);
-                        }
-                    }
-                }
+                Ok((stream, peer)) => self.take_client(stream, peer, i, service),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_resource_error(&e) => {
@@ -352,6 +348,22 @@ impl Worker {
         let at = self.now + ACCEPT_BACKOFF;
         self.timers.arm(Timer { at, kind: TimerKind::Accept, slot: i, generation: 0 });
         self.backing_off[i] = true;
+    }
+
+    /// A client accepted on listener `i`, of service slot `service`.
+    fn take_client(&mut self, stream: TcpStream, peer: SocketAddr, i: usize, service: usize) {
+        inc(&self.stats.accepted);
+        match self.services.get(service).and_then(Option::as_ref) {
+            Some(service) => {
+                let service = Arc::clone(service);
+                let local = self.listener_addrs.get(i).copied().flatten();
+                self.open(stream, peer, local, service);
+            }
+            None => {
+                inc(&self.stats.no_backend);
+                refuse(stream);
+            }
+        }
     }
 
     /// A client accepted on a listener bound to `local` (`None`: a wildcard listener).
