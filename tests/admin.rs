@@ -327,9 +327,14 @@ fn sticky_endpoint_says_where_a_client_is_pinned() {
     let admin = t.admin();
     let ip = client_ip(7);
     let name = ask_name(ip, t.addr()).unwrap();
-    let r = http(admin, "GET", &format!("/api/sticky?client={ip}"), "").unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let v: Value = serde_json::from_str(&r.body).unwrap();
+    let sticky = || {
+        let r = http(admin, "GET", &format!("/api/sticky?client={ip}"), "").unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_str::<Value>(&r.body).unwrap()
+    };
+    // The entry starts expiring once tether has seen the session close.
+    assert!(wait_until(DEADLINE, || sticky()["sessions"] == 0), "{}", sticky());
+    let v = sticky();
     assert_eq!(v["backend"], name.as_str());
     assert_eq!(v["service"], "default");
     assert!(v["expires_in_ms"].as_u64().unwrap() > 0);
