@@ -348,6 +348,11 @@ fn connect_from_addresses_are_checked_at_start_and_on_reload() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("connect-from 192.0.2.1"), "{}", r.body);
     assert_eq!(peer_of_next_session(2), "127.0.76.21");
+    // A backend the API adds must be reachable from a connect-from address too.
+    let r =
+        http(t.admin(), "POST", "/api/services/s/backends", r#"{"address":"[::1]:9"}"#).unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("none is of [::1]:9's family"), "{}", r.body);
 }
 
 /// F11: a listener a reload removes takes the clients already queued on it before it closes.

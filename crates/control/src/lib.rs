@@ -419,19 +419,18 @@ impl Supervisor<'_> {
         failure.map_or(Ok(()), Err)
     }
 
-    /// Read the config file again and apply it. Everything that can fail (reading, validating,
-    /// building tables, binding new listeners) happens before anything changes, so a refused
-    /// reload leaves the running configuration exactly as it was.
     /// Say when a worker's event loop stops turning, and when it turns again (F10), then wake
-    /// every worker so that a healthy one turns before the next look.
+    /// every worker: a healthy one turns at once, a stalled one is found at a later look.
     fn watch_workers(&mut self, running: &[Running]) {
         let shared_listeners = self.config.listeners == config::Listeners::Shared;
         let mut reg = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let now_ms = reg.shared.now_ms(Instant::now());
         for (i, r) in running.iter().enumerate().filter(|(_, r)| r.thread.is_some()) {
-            let Some(stats) = reg.stats.get(i).cloned() else { continue };
-            let stalled = stats.stalled(now_ms);
-            let age = stats.loop_age_ms(now_ms);
+            let Some((stalled, age)) =
+                reg.stats.get(i).map(|s| (s.stalled(now_ms), s.loop_age_ms(now_ms)))
+            else {
+                continue;
+            };
             match (self.stalled[i], stalled) {
                 (false, true) => reg.event(format!(
                     "worker {i} stalled: its loop has not turned for {age} ms; its sessions and flows wait{}",
@@ -445,10 +444,16 @@ impl Supervisor<'_> {
                 _ => {}
             }
             self.stalled[i] = stalled;
+            if let Some(s) = reg.stats.get(i) {
+                s.woken(now_ms);
+            }
             let _ = r.waker.wake();
         }
     }
 
+    /// Read the config file again and apply it. Everything that can fail (reading, validating,
+    /// building tables, binding new listeners) happens before anything changes, so a refused
+    /// reload leaves the running configuration exactly as it was.
     fn reload(&mut self) -> Result<String, String> {
         let Some(path) = self.file.clone() else {
             return Err("tether was started without --config: nothing to reload".into());

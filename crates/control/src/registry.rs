@@ -268,6 +268,13 @@ impl Registry {
         if s.backends.len() + 1 >= s.config.table_size {
             return Err(Refusal::Bad("the table size must stay larger than the pool".into()));
         }
+        let from = &s.config.connect_from;
+        if !from.is_empty() && !from.iter().any(|ip| ip.is_ipv4() == spec.addr.is_ipv4()) {
+            return Err(Refusal::Bad(format!(
+                "service {service:?} connects from {from:?}: none is of {}'s family",
+                spec.addr
+            )));
+        }
         let config = s.config.clone();
         let backend = self.new_backend(&spec, &config);
         let s = self.services[slot].as_mut().expect("found");

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Pending connections the kernel may queue per listener socket.
-const BACKLOG: i32 = 4096;
+pub(crate) const BACKLOG: i32 = 4096;
 
 /// A listener that could not be bound.
 #[derive(Debug)]

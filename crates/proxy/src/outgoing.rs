@@ -21,25 +21,25 @@ pub fn no_local_port(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(EADDRNOTAVAIL | EADDRINUSE))
 }
 
-/// Local addresses taken in turn; one per worker.
+/// Local addresses taken in turn; one per worker, with a turn for each service and family
+/// (a connect of one never skips another's next address).
 #[derive(Debug, Default)]
 pub struct Sources {
-    next: usize,
+    next: Vec<usize>,
 }
 
 impl Sources {
-    /// A non-blocking TCP connect to `to` in progress.
-    pub fn tcp(&mut self, to: SocketAddr, from: &[IpAddr]) -> io::Result<TcpStream> {
-        self.each(to, from, |ip| match ip {
+    /// A non-blocking TCP connect to `to` in progress, for service slot `service`.
+    pub fn tcp(
+        &mut self,
+        to: SocketAddr,
+        from: &[IpAddr],
+        service: usize,
+    ) -> io::Result<TcpStream> {
+        self.each(to, from, service, |ip| match ip {
             None => TcpStream::connect(to),
             Some(ip) => {
-                let socket = new_socket(to, Type::STREAM, Protocol::TCP)?;
-                nix::sys::socket::setsockopt(
-                    &socket,
-                    nix::sys::socket::sockopt::IpBindAddressNoPort,
-                    &true,
-                )?;
-                socket.bind(&SocketAddr::new(ip, 0).into())?;
+                let socket = bound_no_port(ip, to)?;
                 match socket.connect(&to.into()) {
                     Err(e) if e.raw_os_error() != Some(EINPROGRESS) => return Err(e),
                     _ => {}
@@ -49,9 +49,15 @@ impl Sources {
         })
     }
 
-    /// A non-blocking UDP socket connected to `to`, on an ephemeral port.
-    pub fn udp(&mut self, to: SocketAddr, from: &[IpAddr]) -> io::Result<UdpSocket> {
-        self.each(to, from, |ip| {
+    /// A non-blocking UDP socket connected to `to`, on an ephemeral port, for service slot
+    /// `service`.
+    pub fn udp(
+        &mut self,
+        to: SocketAddr,
+        from: &[IpAddr],
+        service: usize,
+    ) -> io::Result<UdpSocket> {
+        self.each(to, from, service, |ip| {
             let socket = new_socket(to, Type::DGRAM, Protocol::UDP)?;
             let ip = ip.unwrap_or(match to {
                 SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
@@ -69,6 +75,7 @@ impl Sources {
         &mut self,
         to: SocketAddr,
         from: &[IpAddr],
+        service: usize,
         mut open: impl FnMut(Option<IpAddr>) -> io::Result<T>,
     ) -> io::Result<T> {
         let family = || from.iter().filter(|ip| ip.is_ipv4() == to.is_ipv4());
@@ -76,8 +83,12 @@ impl Sources {
         if n == 0 {
             return open(None);
         }
-        let start = self.next;
-        self.next = self.next.wrapping_add(1);
+        let turn = 2 * service + usize::from(to.is_ipv4());
+        if self.next.len() <= turn {
+            self.next.resize(turn + 1, 0);
+        }
+        let start = self.next[turn];
+        self.next[turn] = start.wrapping_add(1);
         let mut last = None;
         for &ip in family().cycle().skip(start % n).take(n) {
             match open(Some(ip)) {
@@ -93,11 +104,17 @@ fn new_socket(to: SocketAddr, kind: Type, protocol: Protocol) -> io::Result<Sock
     Socket::new(Domain::for_address(to), kind.nonblocking().cloexec(), Some(protocol))
 }
 
+/// A TCP socket toward `to` bound to `ip`, its port left to connect(2).
+fn bound_no_port(ip: IpAddr, to: SocketAddr) -> io::Result<Socket> {
+    let socket = new_socket(to, Type::STREAM, Protocol::TCP)?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+    socket.bind(&SocketAddr::new(ip, 0).into())?;
+    Ok(socket)
+}
+
 /// Whether `ip` can be connected from: an address of this host (bind(2) succeeds).
 pub fn is_local(ip: IpAddr) -> io::Result<()> {
-    let socket = new_socket(SocketAddr::new(ip, 0), Type::STREAM, Protocol::TCP)?;
-    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
-    socket.bind(&SocketAddr::new(ip, 0).into())
+    bound_no_port(ip, SocketAddr::new(ip, 0)).map(drop)
 }
 
 #[cfg(test)]
@@ -117,13 +134,22 @@ mod tests {
         let mut sources = Sources::default();
         let mut seen = Vec::new();
         for _ in 0..4 {
-            let _stream = sources.tcp(to, &from).unwrap();
+            let _stream = sources.tcp(to, &from, 0).unwrap();
             let (_, peer) = listener.accept().unwrap();
             seen.push(peer.ip());
         }
         let want: Vec<IpAddr> =
             ["127.0.77.2", "127.0.77.3", "127.0.77.2", "127.0.77.3"].map(ip).to_vec();
         assert_eq!(seen, want, "the IPv6 address is skipped for an IPv4 backend");
+        // Each service takes its own turn: connects of service 1 in between change nothing.
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let _stream = sources.tcp(to, &from, 0).unwrap();
+            let _other = sources.tcp(to, &from, 1).unwrap();
+            seen.push(listener.accept().unwrap().1.ip());
+            listener.accept().unwrap();
+        }
+        assert_eq!(seen, want);
     }
 
     #[test]
@@ -133,7 +159,7 @@ mod tests {
         let from = [ip("127.0.77.4"), ip("127.0.77.5")];
         let mut sources = Sources::default();
         for want in ["127.0.77.4", "127.0.77.5", "127.0.77.4"] {
-            let socket = sources.udp(to, &from).unwrap();
+            let socket = sources.udp(to, &from, 0).unwrap();
             assert_eq!(socket.local_addr().unwrap().ip(), ip(want));
             assert_eq!(socket.peer_addr().unwrap(), to);
         }
@@ -143,7 +169,7 @@ mod tests {
     fn without_an_address_of_its_family_the_kernel_chooses() {
         let listener = TcpListener::bind("127.0.77.1:0").unwrap();
         let to = listener.local_addr().unwrap();
-        let _stream = Sources::default().tcp(to, &[ip("::1")]).unwrap();
+        let _stream = Sources::default().tcp(to, &[ip("::1")], 0).unwrap();
         assert_eq!(listener.accept().unwrap().1.ip(), ip("127.0.0.1"));
     }
 
@@ -155,10 +181,10 @@ mod tests {
         let from = [ip("192.0.2.1"), ip("127.0.77.6")];
         let mut sources = Sources::default();
         for _ in 0..2 {
-            let _stream = sources.tcp(to, &from).unwrap();
+            let _stream = sources.tcp(to, &from, 0).unwrap();
             assert_eq!(listener.accept().unwrap().1.ip(), ip("127.0.77.6"));
         }
-        let e = Sources::default().tcp(to, &from[..1]).unwrap_err();
+        let e = Sources::default().tcp(to, &from[..1], 0).unwrap_err();
         assert!(no_local_port(&e), "{e}");
         assert!(is_local(ip("192.0.2.1")).is_err());
         assert!(is_local(ip("127.0.77.6")).is_ok());

@@ -11,6 +11,8 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: AtomicU64,)*
             /// When the worker last turned its event loop, in ms of [`crate::Shared::now_ms`].
             pub last_turn_ms: AtomicU64,
+            /// When the supervisor last woke the worker, on the same clock.
+            pub last_wake_ms: AtomicU64,
         }
 
         /// A plain copy of [`Stats`], summable across workers.
@@ -116,8 +118,8 @@ counters! {
     flows_refused,
 }
 
-/// A worker whose event loop has not turned for this long is stalled: the supervisor wakes
-/// every worker once a second, so a healthy one is never this far behind.
+/// A worker whose event loop has not turned for this long after the supervisor woke it is
+/// stalled (a healthy one turns within microseconds).
 pub const STALLED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Stats {
@@ -126,9 +128,20 @@ impl Stats {
         now_ms.saturating_sub(self.last_turn_ms.load(Relaxed))
     }
 
-    /// Whether the worker's loop has not turned for [`STALLED_AFTER`] at `now_ms`.
+    /// Note that the supervisor is about to wake the worker, at `now_ms`.
+    pub fn woken(&self, now_ms: u64) {
+        // Only the first wake of a wait counts: later ones must not restart the clock.
+        if self.last_wake_ms.load(Relaxed) <= self.last_turn_ms.load(Relaxed) {
+            self.last_wake_ms.store(now_ms, Relaxed);
+        }
+    }
+
+    /// Whether, at `now_ms`, the worker has not turned its loop for [`STALLED_AFTER`] since
+    /// the supervisor woke it. A worker nobody woke (not started yet, or finished) is not.
     pub fn stalled(&self, now_ms: u64) -> bool {
-        self.loop_age_ms(now_ms) >= STALLED_AFTER.as_millis() as u64
+        let woke = self.last_wake_ms.load(Relaxed);
+        self.last_turn_ms.load(Relaxed) < woke
+            && now_ms.saturating_sub(woke) >= STALLED_AFTER.as_millis() as u64
     }
 }
 

@@ -452,7 +452,8 @@ impl Udp {
             return None;
         };
         let target = &service.backends[backend];
-        let mut socket = match self.sources.udp(target.addr, &service.settings.connect_from) {
+        let from = &service.settings.connect_from;
+        let mut socket = match self.sources.udp(target.addr, from, service.slot) {
             Ok(s) => s,
             Err(e) => {
                 if no_local_port(&e) {

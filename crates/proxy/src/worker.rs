@@ -152,8 +152,8 @@ impl Worker {
             let bound = l.local_addr().ok().filter(|a| !a.ip().is_unspecified());
             let l = TcpListener::from_std(l);
             let i = self.listeners.len();
-            self.listener_addrs.push(bound);
             crate::sys::register_exclusive(&self.poll, &l, Slot::Listener(i).token())?;
+            self.listener_addrs.push(bound);
             self.listeners.push(Some((l, service)));
             self.backing_off.push(false);
         }
@@ -196,9 +196,17 @@ impl Worker {
             // Clients already in its queue are served rather than reset by the close (F11);
             // what arrives between this and the close is not.
             let mut taken = 0;
-            while let Ok((stream, peer)) = l.accept() {
-                taken += 1;
-                self.take_client(stream, peer, i, service);
+            for _ in 0..crate::listener::BACKLOG {
+                match l.accept() {
+                    Ok((stream, peer)) => {
+                        taken += 1;
+                        self.take_client(stream, peer, i, service);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_resource_error(&e) => {
+                        break
+                    }
+                    Err(_) => {} // that one connection only (aborted, interrupted)
+                }
             }
             log::info!(
                 "worker {}: closed listener {addr} ({taken} queued clients taken first)",
@@ -218,6 +226,7 @@ impl Worker {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS);
         log::debug!("worker {} running", self.id);
+        self.stats.last_turn_ms.store(self.shared.now_ms(Instant::now()), Relaxed);
         loop {
             let timeout = self.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -338,13 +347,14 @@ impl Worker {
     /// memory. New clients wait in the backlog meanwhile, where the kernel holds them for
     /// free, instead of being accepted only to be reset. `why` is logged once per shortage.
     fn pause_accepting(&mut self, i: usize, why: &dyn std::fmt::Display) {
-        if self.backing_off.get(i).copied().unwrap_or(true) {
+        let open = matches!(self.listeners.get(i), Some(Some(_)));
+        if !open || self.backing_off.get(i).copied().unwrap_or(true) {
             return;
         }
         if self.starved == 0 {
             log::warn!("{why}; accepting paused, retried every {ACCEPT_BACKOFF:?}");
         }
-        self.starved += 1;
+        self.starved = self.starved.saturating_add(1);
         let at = self.now + ACCEPT_BACKOFF;
         self.timers.arm(Timer { at, kind: TimerKind::Accept, slot: i, generation: 0 });
         self.backing_off[i] = true;
@@ -624,7 +634,7 @@ impl Worker {
                 continue;
             }
             let addr = backend.addr;
-            match self.sources.tcp(addr, &service.settings.connect_from) {
+            match self.sources.tcp(addr, &service.settings.connect_from, service.slot) {
                 Ok(stream) => {
                     if self.starved > 0 {
                         log::warn!("fds are back after {} accept pauses", self.starved);
