@@ -58,15 +58,12 @@ fn connect_from_addresses_multiply_the_ports_toward_a_backend_and_running_out_fa
         return;
     }
     let pool = backends(47, 1);
-    let start = |listen: &str, extra: &[&str]| {
-        let mut args = vec!["--listen".to_string(), listen.into(), "--admin".into(), listen.into()];
-        args.extend(backend_args(&pool));
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Tether::start(bin(), no_probes(&args)).unwrap()
-    };
-    let plain = start("127.0.47.1:0", &[]);
-    let pooled =
-        start("127.0.47.2:0", &["--connect-from", "127.0.47.3", "--connect-from", "127.0.47.4"]);
+    let plain = tether_with_admin(47, &pool, &[]);
+    let pooled = tether_with_admin(
+        47,
+        &pool,
+        &["--connect-from", "127.0.47.3", "--connect-from", "127.0.47.4"],
+    );
     let game = UdpBackend::start("u0", "127.0.47.20:0".parse().unwrap()).unwrap();
     let udp = Tether::start(
         bin(),

@@ -13,14 +13,6 @@ use common::*;
 
 const CLIENTS: u32 = 40;
 
-fn start(pool: &[Backend], listen: &str, extra: &[&str]) -> Tether {
-    let mut args = vec!["--listen".to_string(), listen.into(), "--admin".into(), listen.into()];
-    args.extend(["--workers".to_string(), "2".into()]);
-    args.extend(backend_args(pool));
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Tether::start(bin(), no_probes(&args)).unwrap()
-}
-
 fn stalled(t: &Tether, worker: u32) -> f64 {
     scrape(t, "tether_worker_stalled", &format!("worker=\"{worker}\""))
 }
@@ -32,7 +24,7 @@ fn accepted(t: &Tether, worker: u32) -> f64 {
 #[test]
 fn a_stalled_worker_is_reported_and_new_clients_go_to_the_free_one() {
     let pool = backends(38, 1);
-    let t = start(&pool, "127.0.38.1:0", &[]);
+    let t = tether_with_admin(38, &pool, &[]);
     assert_eq!(stalled(&t, 1), 0.0);
     let frozen = FrozenThread::freeze(t.pid(), "tether-w1").expect("stop worker 1");
     assert!(
@@ -61,7 +53,7 @@ fn a_stalled_worker_is_reported_and_new_clients_go_to_the_free_one() {
 #[test]
 fn with_per_worker_listeners_clients_of_a_stalled_worker_wait_and_are_served_after() {
     let pool = backends(39, 1);
-    let t = start(&pool, "127.0.39.1:0", &["--listeners", "per-worker"]);
+    let t = tether_with_admin(39, &pool, &["--listeners", "per-worker"]);
     let frozen = FrozenThread::freeze(t.pid(), "tether-w1").expect("stop worker 1");
     let mut sent: Vec<(u32, TcpStream)> = (0..CLIENTS)
         .map(|i| {

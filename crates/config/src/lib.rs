@@ -799,11 +799,8 @@ fn build_connect_from(
         }
         ips.push(ip);
     }
-    if ips.is_empty() {
-        return Ok(ips);
-    }
     for b in backends {
-        if !ips.iter().any(|ip| ip.is_ipv4() == b.addr.is_ipv4()) {
+        if !connect_from_reaches(&ips, b.addr) {
             let family = if b.addr.is_ipv4() { "IPv4" } else { "IPv6" };
             return Err(origin.missing(
                 "connect-from",
@@ -812,6 +809,12 @@ fn build_connect_from(
         }
     }
     Ok(ips)
+}
+
+/// Whether a backend at `backend` can be connected to from `from`: one of its family is
+/// there, or the list is empty (the kernel chooses).
+pub fn connect_from_reaches(from: &[IpAddr], backend: SocketAddr) -> bool {
+    from.is_empty() || from.iter().any(|ip| ip.is_ipv4() == backend.is_ipv4())
 }
 
 /// A local IP address to connect from: unicast, without a port.

@@ -269,7 +269,7 @@ impl Registry {
             return Err(Refusal::Bad("the table size must stay larger than the pool".into()));
         }
         let from = &s.config.connect_from;
-        if !from.is_empty() && !from.iter().any(|ip| ip.is_ipv4() == spec.addr.is_ipv4()) {
+        if !config::connect_from_reaches(from, spec.addr) {
             return Err(Refusal::Bad(format!(
                 "service {service:?} connects from {from:?}: none is of {}'s family",
                 spec.addr
