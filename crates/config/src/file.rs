@@ -59,6 +59,8 @@ struct RawFile {
     #[serde(default)]
     admin_allow_remote: bool,
     admin_token_file: Option<String>,
+    admin_max_conns: Option<i64>,
+    admin_timeout: Option<DurationText>,
     user: Option<String>,
     workers: Option<i64>,
     max_conns: Option<i64>,
@@ -94,6 +96,9 @@ struct RawService {
     health_fall: Option<i64>,
     health_send: Option<String>,
     health_expect: Option<String>,
+    health_send_proxy: Option<String>,
+    udp_rcvbuf: Option<i64>,
+    udp_sndbuf: Option<i64>,
     on_down: Option<String>,
     #[serde(default)]
     allow: Vec<String>,
@@ -172,6 +177,8 @@ impl TryFrom<RawFile> for Config {
             admin: raw.admin,
             admin_allow_remote: raw.admin_allow_remote,
             admin_token_file: raw.admin_token_file,
+            admin_max_conns: raw.admin_max_conns.map(|n| n.to_string()),
+            admin_timeout: raw.admin_timeout.map(|d| d.0),
             user: raw.user,
             workers: raw.workers.map(|n| n.to_string()),
             max_conns: raw.max_conns.map(|n| n.to_string()),
@@ -229,6 +236,9 @@ fn file_service(i: usize, raw: RawService, before: &[Service]) -> Result<Service
         health_fall: raw.health_fall.map(|n| n.to_string()),
         health_send: raw.health_send,
         health_expect: raw.health_expect,
+        health_send_proxy: raw.health_send_proxy,
+        udp_rcvbuf: raw.udp_rcvbuf.map(|n| n.to_string()),
+        udp_sndbuf: raw.udp_sndbuf.map(|n| n.to_string()),
         on_down: raw.on_down,
         allow: raw.allow,
         deny: raw.deny,
@@ -371,6 +381,8 @@ mod tests {
             admin = "0.0.0.0:9100"
             admin-allow-remote = true
             admin-token-file = "/etc/tether/admin.token"
+            admin-max-conns = 8
+            admin-timeout = "3s"
             user = "tether:nogroup"
             workers = 2
             max-conns = 10000
@@ -395,6 +407,7 @@ mod tests {
             health-timeout = "2s"
             health-rise = 4
             health-fall = 5
+            health-send-proxy = "on"
             on-down = "kill"
             allow = ["10.0.0.0/8", "2001:db8::/32"]
             deny = ["10.9.0.0/16"]
@@ -422,6 +435,8 @@ mod tests {
             name = "game"
             listen = ["0.0.0.0:7777"]
             protocol = "both"
+            udp-rcvbuf = 4194304
+            udp-sndbuf = 1048576
             health-send = '\xff\xffping'
             health-expect = "pong"
 
@@ -432,6 +447,8 @@ mod tests {
         let c = load_str(text).unwrap();
         assert_eq!(c.admin, Some(addr("0.0.0.0:9100")));
         assert_eq!(c.admin_token_file, Some("/etc/tether/admin.token".into()));
+        assert_eq!(c.admin_max_conns, 8);
+        assert_eq!(c.admin_timeout, Duration::from_secs(3));
         let user = crate::UserSpec { user: "tether".into(), group: Some("nogroup".into()) };
         assert_eq!(c.user, Some(user));
         assert_eq!(c.workers, NonZeroUsize::new(2));
@@ -466,10 +483,13 @@ mod tests {
             connect_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(2 * 3600),
             udp_idle_timeout: Duration::from_secs(120),
+            udp_rcvbuf: None,
+            udp_sndbuf: None,
             seed: 42,
             table_size: 251,
             health: HealthConfig {
                 check: HealthCheck::Tcp,
+                send_proxy: Some(crate::ProxyVersion::V2),
                 interval: Duration::from_secs(3),
                 timeout: Duration::from_secs(2),
                 rise: 4,
@@ -508,6 +528,8 @@ mod tests {
             connect_timeout: crate::DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: crate::DEFAULT_IDLE_TIMEOUT,
             udp_idle_timeout: crate::DEFAULT_UDP_IDLE_TIMEOUT,
+            udp_rcvbuf: Some(4_194_304),
+            udp_sndbuf: Some(1_048_576),
             seed: 0,
             table_size: crate::DEFAULT_TABLE_SIZE,
             health: HealthConfig {
@@ -515,6 +537,7 @@ mod tests {
                     send: b"\xff\xffping".to_vec(),
                     expect: b"pong".to_vec(),
                 },
+                send_proxy: None,
                 interval: crate::DEFAULT_HEALTH_INTERVAL,
                 timeout: crate::DEFAULT_HEALTH_TIMEOUT,
                 rise: crate::DEFAULT_HEALTH_RISE,
@@ -574,7 +597,7 @@ mod tests {
     #[test]
     fn keys_mean_what_their_flags_mean() {
         // The health probe defaults on the protocol and the payloads in both forms alike.
-        let cases: [(&str, &[&str]); 4] = [
+        let cases: [(&str, &[&str]); 6] = [
             ("protocol = \"udp\"", &["--protocol", "udp"]),
             (
                 "protocol = \"both\"\nhealth-send = 'a\\x00'",
@@ -587,6 +610,14 @@ mod tests {
             (
                 "affinity = \"5tuple\"\nsticky-capacity = 7",
                 &["--affinity", "5tuple", "--sticky-capacity", "7"],
+            ),
+            (
+                "send-proxy = \"v1\"\nhealth-send-proxy = \"off\"",
+                &["--send-proxy", "v1", "--health-send-proxy", "off"],
+            ),
+            (
+                "protocol = \"udp\"\nudp-rcvbuf = 1\nudp-sndbuf = 65536",
+                &["--protocol", "udp", "--udp-rcvbuf", "1", "--udp-sndbuf", "65536"],
             ),
         ];
         for (keys, extra) in cases {
@@ -623,7 +654,8 @@ mod tests {
             // === shape: unknown keys and wrong types ===
             (
                 top("wat = 1"),
-                "wat: unknown key (expected one of admin, admin-allow-remote, admin-token-file, user, workers, max-conns, \
+                "wat: unknown key (expected one of admin, admin-allow-remote, admin-token-file, admin-max-conns, \
+                 admin-timeout, user, workers, max-conns, \
                  max-flows, splice, listeners, grace, service)",
             ),
             (
@@ -795,6 +827,29 @@ mod tests {
             // === admin ===
             (top("admin = \"0.0.0.0:9100\""), "admin \"0.0.0.0:9100\": not a loopback address"),
             (top("admin = \"9100\""), "admin \"9100\": not an IP:port address"),
+            (top("admin-max-conns = 0"), "admin-max-conns \"0\": expected a whole number from 1"),
+            (top("admin-timeout = \"0s\""), "admin-timeout \"0s\": "),
+            // === health probes' PROXY header, UDP buffers ===
+            (
+                service("health-send-proxy = \"on\""),
+                "service[0].health-send-proxy \"on\": needs send-proxy",
+            ),
+            (
+                service("health-send-proxy = \"yes\""),
+                "service[0].health-send-proxy \"yes\": expected `on` or `off`",
+            ),
+            (
+                service("udp-rcvbuf = 4194304"),
+                "service[0].udp-rcvbuf \"4194304\": needs UDP listeners",
+            ),
+            (
+                service("protocol = \"udp\"\nudp-sndbuf = 0"),
+                "service[0].udp-sndbuf \"0\": expected a whole number of bytes from 1 to",
+            ),
+            (
+                service("protocol = \"udp\"\nudp-rcvbuf = 2147483648"),
+                "service[0].udp-rcvbuf \"2147483648\": expected a whole number of bytes",
+            ),
             // === TOML syntax: line and column, then the parser's message ===
             (
                 "workers = 2\n[[service]]\nname = pg\n".into(),

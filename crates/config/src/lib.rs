@@ -67,6 +67,17 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEALTH_RISE: u32 = 2;
 /// Consecutive failures (probes or passive) that take a backend down (HAProxy's `fall 3`).
 pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Admin HTTP connections open at once: dashboards, scrapers and an operator's shell. Each is
+/// one file descriptor kept out of the session budget.
+pub const DEFAULT_ADMIN_MAX_CONNS: usize = 64;
+/// How long an admin client may take to send a request head (or, on a keep-alive connection,
+/// to start the next one) and then its body: a slowloris holds a connection no longer.
+pub const DEFAULT_ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most admin connections accepted as a setting.
+pub const MAX_ADMIN_CONNS: usize = 10_000;
+/// Largest UDP socket buffer accepted as a setting: the kernel doubles the value it is given
+/// into an `int` (socket(7), SO_RCVBUF).
+pub const MAX_UDP_BUFFER: usize = 1 << 30;
 /// Name of the service the flags define.
 pub const DEFAULT_SERVICE: &str = "default";
 
@@ -127,6 +138,13 @@ pub struct Args {
     /// how long a UDP flow lives without a datagram either way (default 1m)
     #[argh(option)]
     pub udp_idle_timeout: Option<String>,
+    /// receive buffer of UDP listener and flow sockets, in bytes (default: the kernel's,
+    /// net.core.rmem_default); above net.core.rmem_max it takes root (SO_RCVBUFFORCE)
+    #[argh(option)]
+    pub udp_rcvbuf: Option<String>,
+    /// send buffer of UDP listener and flow sockets, in bytes (default: the kernel's)
+    #[argh(option)]
+    pub udp_sndbuf: Option<String>,
     /// most UDP flows open at once across all workers; new flows past it are dropped
     /// (default: from the fd limit, at most 65536)
     #[argh(option)]
@@ -153,6 +171,11 @@ pub struct Args {
     /// UDP probe: the reply must start with these bytes (text; \xNN escapes; default: any reply)
     #[argh(option)]
     pub health_expect: Option<String>,
+    /// whether TCP probes send a PROXY header (v2 LOCAL, or v1 `PROXY UNKNOWN`) before closing,
+    /// so backends that require one log no error per probe: `on` or `off` (default: on with
+    /// --send-proxy)
+    #[argh(option)]
+    pub health_send_proxy: Option<String>,
     /// what happens to a backend's open sessions and flows when it goes down or into maint:
     /// `keep` (default: they run on) or `kill` (reset at once, so clients reconnect elsewhere)
     #[argh(option)]
@@ -204,6 +227,13 @@ pub struct Args {
     /// file holding the admin token: PUT/POST/DELETE need `Authorization: Bearer TOKEN`
     #[argh(option)]
     pub admin_token_file: Option<String>,
+    /// most admin HTTP connections open at once; more are closed at once (default 64)
+    #[argh(option)]
+    pub admin_max_conns: Option<String>,
+    /// how long an admin client may take to send a request head, then its body, and may keep
+    /// a connection idle (default 10s)
+    #[argh(option)]
+    pub admin_timeout: Option<String>,
     /// after binding every listener, run as this user (NAME or NAME:GROUP); needs root
     #[argh(option)]
     pub user: Option<String>,
@@ -286,6 +316,8 @@ pub enum HealthCheck {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
     pub check: HealthCheck,
+    /// A TCP probe sends this PROXY header (LOCAL command) before it closes.
+    pub send_proxy: Option<ProxyVersion>,
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
@@ -374,6 +406,9 @@ pub struct Service {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
+    /// SO_RCVBUF / SO_SNDBUF of UDP listener and flow sockets; `None`: the kernel's default.
+    pub udp_rcvbuf: Option<usize>,
+    pub udp_sndbuf: Option<usize>,
     pub seed: u64,
     pub table_size: usize,
     pub health: HealthConfig,
@@ -394,6 +429,10 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// Where the admin token is (read at start); required for a non-loopback admin.
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// Admin connections open at once.
+    pub admin_max_conns: usize,
+    /// Deadline for an admin request's head (and idle wait before it) and for its body.
+    pub admin_timeout: Duration,
     /// Drop root for this user (and group) once every listener is bound.
     pub user: Option<UserSpec>,
     /// `None`: one per CPU, decided at start.
@@ -439,7 +478,7 @@ impl std::error::Error for ConfigError {}
 /// Flags that describe the one service of the flag form; refused next to `--config`.
 fn service_flags(args: &Args) -> Vec<&'static str> {
     let mut given = Vec::new();
-    let opts: [(&'static str, bool); 33] = [
+    let opts: [(&'static str, bool); 36] = [
         ("allow", !args.allow.is_empty()),
         ("deny", !args.deny.is_empty()),
         ("max-conns-per-source", args.max_conns_per_source.is_some()),
@@ -471,6 +510,9 @@ fn service_flags(args: &Args) -> Vec<&'static str> {
         ("health-fall", args.health_fall.is_some()),
         ("health-send", args.health_send.is_some()),
         ("health-expect", args.health_expect.is_some()),
+        ("health-send-proxy", args.health_send_proxy.is_some()),
+        ("udp-rcvbuf", args.udp_rcvbuf.is_some()),
+        ("udp-sndbuf", args.udp_sndbuf.is_some()),
         ("workers", args.workers.is_some()),
         ("max-conns", args.max_conns.is_some()),
     ];
@@ -487,6 +529,8 @@ fn service_flags(args: &Args) -> Vec<&'static str> {
         ("admin", args.admin.is_some()),
         ("admin-allow-remote", args.admin_allow_remote),
         ("admin-token-file", args.admin_token_file.is_some()),
+        ("admin-max-conns", args.admin_max_conns.is_some()),
+        ("admin-timeout", args.admin_timeout.is_some()),
         ("user", args.user.is_some()),
     ] {
         if set {
@@ -553,6 +597,9 @@ pub(crate) struct ServiceInput {
     pub health_fall: Option<String>,
     pub health_send: Option<String>,
     pub health_expect: Option<String>,
+    pub health_send_proxy: Option<String>,
+    pub udp_rcvbuf: Option<String>,
+    pub udp_sndbuf: Option<String>,
     pub on_down: Option<String>,
     pub allow: Vec<String>,
     pub deny: Vec<String>,
@@ -587,6 +634,9 @@ impl From<&Args> for ServiceInput {
             health_fall: args.health_fall.clone(),
             health_send: args.health_send.clone(),
             health_expect: args.health_expect.clone(),
+            health_send_proxy: args.health_send_proxy.clone(),
+            udp_rcvbuf: args.udp_rcvbuf.clone(),
+            udp_sndbuf: args.udp_sndbuf.clone(),
             on_down: args.on_down.clone(),
             allow: args.allow.clone(),
             deny: args.deny.clone(),
@@ -610,6 +660,8 @@ pub(crate) struct ProcessInput {
     pub admin: Option<String>,
     pub admin_allow_remote: bool,
     pub admin_token_file: Option<String>,
+    pub admin_max_conns: Option<String>,
+    pub admin_timeout: Option<String>,
     pub user: Option<String>,
     pub workers: Option<String>,
     pub max_conns: Option<String>,
@@ -625,6 +677,8 @@ impl From<&Args> for ProcessInput {
             admin: args.admin.clone(),
             admin_allow_remote: args.admin_allow_remote,
             admin_token_file: args.admin_token_file.clone(),
+            admin_max_conns: args.admin_max_conns.clone(),
+            admin_timeout: args.admin_timeout.clone(),
             user: args.user.clone(),
             workers: args.workers.clone(),
             max_conns: args.max_conns.clone(),
@@ -730,9 +784,18 @@ pub(crate) fn build_service(
         origin.error("table-size", &raw, p)
     })?;
     let seed = opt(origin, "seed", &input.seed, 0, parse_seed)?;
-    let health = build_health(origin, input, protocol)?;
+    let mut health = build_health(origin, input, protocol)?;
     let guard = build_guard(origin, input)?;
     let proxy = build_proxy(origin, input)?;
+    health.send_proxy = health_send_proxy(origin, input, &health.check, proxy.send)?;
+    let udp_buffer = |key: &str, raw: &Option<String>| match raw {
+        Some(raw) if !protocol.udp() => {
+            Err(origin.error(key, raw, "needs UDP listeners (protocol `udp` or `both`)"))
+        }
+        _ => opt(origin, key, raw, None, |r| parse_udp_buffer(r).map(Some)),
+    };
+    let udp_rcvbuf = udp_buffer("udp-rcvbuf", &input.udp_rcvbuf)?;
+    let udp_sndbuf = udp_buffer("udp-sndbuf", &input.udp_sndbuf)?;
     let connect_from = build_connect_from(origin, &input.connect_from, &backends)?;
     Ok(Service {
         name,
@@ -774,6 +837,8 @@ pub(crate) fn build_service(
             DEFAULT_UDP_IDLE_TIMEOUT,
             check_duration,
         )?,
+        udp_rcvbuf,
+        udp_sndbuf,
         seed,
         table_size,
         health,
@@ -781,6 +846,45 @@ pub(crate) fn build_service(
         proxy,
         connect_from,
     })
+}
+
+/// Which PROXY header TCP probes send: the service's own version unless `health-send-proxy`
+/// is `off`; `on` needs `send-proxy`.
+fn health_send_proxy(
+    origin: &Origin,
+    input: &ServiceInput,
+    check: &HealthCheck,
+    send: Option<ProxyVersion>,
+) -> Result<Option<ProxyVersion>, ConfigError> {
+    let key = "health-send-proxy";
+    let on = opt(origin, key, &input.health_send_proxy, send.is_some(), parse_on_off)?;
+    match (on, send) {
+        (false, _) => Ok(None),
+        (true, None) => Err(origin.error(key, "on", "needs send-proxy")),
+        (true, Some(_)) if !matches!(check, HealthCheck::Tcp) => {
+            // A UDP probe's payload is the operator's own, and `off` sends nothing.
+            Ok(None)
+        }
+        (true, Some(version)) => Ok(Some(version)),
+    }
+}
+
+/// `on` or `off`.
+pub fn parse_on_off(raw: &str) -> Result<bool, String> {
+    match raw {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err("expected `on` or `off`".into()),
+    }
+}
+
+/// A UDP socket buffer size in bytes: 1..=2^30. A size below the kernel's minimum is accepted:
+/// the kernel raises it (socket(7)), and tether logs what it got.
+pub fn parse_udp_buffer(raw: &str) -> Result<usize, String> {
+    match raw.parse::<usize>() {
+        Ok(n) if (1..=MAX_UDP_BUFFER).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number of bytes from 1 to {MAX_UDP_BUFFER}")),
+    }
 }
 
 /// Local IPs to connect to backends from: distinct unicast addresses, and one of each backend
@@ -947,7 +1051,7 @@ fn build_health(
     let rise = opt(origin, "health-rise", &input.health_rise, DEFAULT_HEALTH_RISE, parse_small)?;
     let fall = opt(origin, "health-fall", &input.health_fall, DEFAULT_HEALTH_FALL, parse_small)?;
     let on_down = opt(origin, "on-down", &input.on_down, OnDown::Keep, parse_on_down)?;
-    Ok(HealthConfig { check, interval, timeout, rise, fall, on_down })
+    Ok(HealthConfig { check, send_proxy: None, interval, timeout, rise, fall, on_down })
 }
 
 /// The whole configuration from validated services and the process-wide settings as given.
@@ -973,6 +1077,20 @@ pub(crate) fn build_config(
         file: None,
         admin,
         admin_token_file: input.admin_token_file.as_ref().map(std::path::PathBuf::from),
+        admin_max_conns: opt(
+            origin,
+            "admin-max-conns",
+            &input.admin_max_conns,
+            DEFAULT_ADMIN_MAX_CONNS,
+            parse_admin_conns,
+        )?,
+        admin_timeout: opt(
+            origin,
+            "admin-timeout",
+            &input.admin_timeout,
+            DEFAULT_ADMIN_TIMEOUT,
+            check_duration,
+        )?,
         user,
         workers: opt_nonzero(origin, "workers", &input.workers)?,
         max_conns: opt_nonzero(origin, "max-conns", &input.max_conns)?,
@@ -982,6 +1100,14 @@ pub(crate) fn build_config(
         grace: opt(origin, "grace", &input.grace, DEFAULT_GRACE, check_duration)?,
         sticky_prefill: 0,
     })
+}
+
+/// Admin connections at once: 1..=10,000.
+pub fn parse_admin_conns(raw: &str) -> Result<usize, String> {
+    match raw.parse::<usize>() {
+        Ok(n) if (1..=MAX_ADMIN_CONNS).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from 1 to {MAX_ADMIN_CONNS}")),
+    }
 }
 
 /// Most consecutive results `rise`/`fall` may ask for.
@@ -1358,6 +1484,31 @@ mod tests {
         assert_eq!(c.services[0].affinity, Affinity::FiveTuple);
         assert_eq!(c.services[0].idle_timeout, Duration::from_secs(90));
         assert_eq!(c.splice, Splice::Off);
+    }
+
+    #[test]
+    fn probes_send_the_services_proxy_version_unless_told_not_to() {
+        let probe = |extra: &[&str]| with(extra).unwrap().services[0].health.send_proxy;
+        assert_eq!(probe(&[]), None);
+        assert_eq!(probe(&["--send-proxy", "v1"]), Some(ProxyVersion::V1));
+        assert_eq!(probe(&["--send-proxy", "v2"]), Some(ProxyVersion::V2));
+        assert_eq!(probe(&["--send-proxy", "v2", "--health-send-proxy", "off"]), None);
+        assert_eq!(probe(&["--send-proxy", "v2", "--health-check", "off"]), None);
+        // A UDP probe's payload is the operator's own: no header in front of it.
+        let udp = ["--send-proxy", "v2", "--protocol", "udp", "--health-send", "ping"];
+        assert_eq!(probe(&udp), None);
+        assert!(
+            err(&["--health-send-proxy", "on"]).starts_with("--health-send-proxy \"on\": needs")
+        );
+    }
+
+    #[test]
+    fn admin_limits_default_and_parse() {
+        let c = with(&[]).unwrap();
+        assert_eq!((c.admin_max_conns, c.admin_timeout), (64, Duration::from_secs(10)));
+        let c = with(&["--admin-max-conns", "3", "--admin-timeout", "500ms"]).unwrap();
+        assert_eq!((c.admin_max_conns, c.admin_timeout), (3, Duration::from_millis(500)));
+        assert!(err(&["--admin-max-conns", "10001"]).starts_with("--admin-max-conns \"10001\""));
     }
 
     // === errors name the flag ===

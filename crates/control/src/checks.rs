@@ -63,7 +63,13 @@ fn plan(registry: &Mutex<Registry>, due: &mut HashMap<usize, Instant>, now: Inst
                 due.remove(&slot);
                 continue;
             }
-            config::HealthCheck::Tcp => ProbeKind::Tcp,
+            config::HealthCheck::Tcp => ProbeKind::Tcp {
+                header: match h.send_proxy {
+                    None => b"",
+                    Some(config::ProxyVersion::V1) => proxyproto::V1_UNKNOWN,
+                    Some(config::ProxyVersion::V2) => &proxyproto::V2_LOCAL,
+                },
+            },
             config::HealthCheck::Udp { send, expect } => {
                 ProbeKind::Udp { send: send.clone(), expect: expect.clone() }
             }

@@ -122,7 +122,12 @@ pub fn run(config: Config) -> Result<(), RunError> {
     signals.thread_block().map_err(|e| RunError::Os("blocking signals", e.into()))?;
 
     let nofile = raise_nofile();
-    let reserved = fd_reserve(nofile);
+    let admin_limits =
+        admin::Limits { max_conns: config.admin_max_conns, timeout: config.admin_timeout };
+    // The admin side's descriptors are its own: it can never take the last ones the data path
+    // needs (issue 10).
+    let admin_fds = if config.admin.is_some() { admin::fds(&admin_limits) } else { 0 };
+    let reserved = fd_reserve(nofile) + admin_fds;
     let usable = nofile.saturating_sub(reserved);
     let udp = config.services.iter().any(|s| s.protocol.udp());
     // UDP flows take one fd each and come first when UDP is on; TCP sessions (two fds each)
@@ -228,7 +233,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let (asks_tx, asks_rx) = crossbeam_channel::unbounded();
     let admin = match admin_bound {
         Some(bound) => Some(
-            Admin::start(bound, Arc::clone(&registry), asks_tx.clone(), token)
+            Admin::start(bound, Arc::clone(&registry), asks_tx.clone(), token, admin_limits)
                 .map_err(|e| RunError::Os("admin", io::Error::other(e)))?,
         ),
         None => None,
@@ -279,8 +284,8 @@ fn bind_service(
     let mut out = Vec::new();
     for &want in &service.listen {
         let tcp = service.protocol.tcp().then_some(mode);
-        let bound =
-            proxy::bind(&[want], workers, tcp, service.protocol.udp()).map_err(RunError::Bind)?;
+        let udp = service.protocol.udp().then(|| proxy::udp_socket::UdpBuffers::of(service));
+        let bound = proxy::bind(&[want], workers, tcp, udp).map_err(RunError::Bind)?;
         hand_out(want, bound, slot, per_worker, &mut out);
     }
     Ok(out)
@@ -523,8 +528,9 @@ impl Supervisor<'_> {
                     // A port already bound by one transport is reused for the other.
                     let at = tcp_kept.or(udp_kept).map_or(want, |(_, bound, _)| bound);
                     let mode = need_tcp.then_some(self.config.listeners);
-                    let bound = proxy::bind(&[at], self.workers, mode, need_udp)
-                        .map_err(|e| e.to_string())?;
+                    let udp = need_udp.then(|| proxy::udp_socket::UdpBuffers::of(service));
+                    let bound =
+                        proxy::bind(&[at], self.workers, mode, udp).map_err(|e| e.to_string())?;
                     hand_out(want, bound, slot, &mut per_worker, &mut listeners);
                 }
             }

@@ -147,6 +147,7 @@ pub fn render(registry: &Registry) -> String {
         ("local", total.dropped_local),
         ("to_backend", total.dropped_to_backend),
         ("to_client", total.dropped_to_client),
+        ("kernel_rcvbuf", total.dropped_kernel),
     ]
     .into_iter()
     .map(|(reason, n)| (format!("reason=\"{reason}\""), n as f64))
@@ -155,7 +156,7 @@ pub fn render(registry: &Registry) -> String {
         &mut out,
         "tether_datagrams_dropped_total",
         "counter",
-        "UDP datagrams dropped, by reason: max_flows (no flow at --max-flows), no_backend, local (no socket or fd here), to_backend and to_client (send failed)",
+        "UDP datagrams dropped, by reason: max_flows (no flow at --max-flows), no_backend, local (no socket or fd here), to_backend and to_client (send failed), kernel_rcvbuf (the kernel dropped them: a socket's receive buffer was full)",
         &drops,
     );
     let refusals: Vec<(String, f64)> = [
@@ -229,6 +230,38 @@ pub fn render(registry: &Registry) -> String {
         "1 while the worker's loop has not turned for 2 s: its sessions and flows wait",
         &heartbeat(&|s| f64::from(u8::from(s.stalled(now_ms)))),
     );
+    let admin = &registry.admin;
+    let read =
+        |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let admin_rows: [Family; 4] = [
+        (
+            "tether_admin_connections",
+            "gauge",
+            "admin HTTP connections open now",
+            vec![(String::new(), read(&admin.open))],
+        ),
+        (
+            "tether_admin_connections_refused_total",
+            "counter",
+            "admin connections closed at once because --admin-max-conns were open",
+            vec![(String::new(), read(&admin.refused))],
+        ),
+        (
+            "tether_admin_accept_errors_total",
+            "counter",
+            "accept(2) failures on the admin listener (retried after a back-off)",
+            vec![(String::new(), read(&admin.accept_errors))],
+        ),
+        (
+            "tether_admin_timeouts_total",
+            "counter",
+            "admin connections closed for a request head, body or idle wait past --admin-timeout",
+            vec![(String::new(), read(&admin.timeouts))],
+        ),
+    ];
+    for (name, kind, help, values) in admin_rows {
+        plain(&mut out, name, kind, help, &values);
+    }
     let active = registry.shared.active.load(std::sync::atomic::Ordering::Relaxed);
     gauge(&mut out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);
     let flows = registry.shared.flow_budget.used();
@@ -377,6 +410,13 @@ fn labelled(out: &mut String, name: &str, kind: &str, help: &str, values: &[(Str
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for (labels, v) in values {
         let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+}
+
+fn plain(out: &mut String, name: &str, kind: &str, help: &str, values: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (_, v) in values {
+        let _ = writeln!(out, "{name} {v}");
     }
 }
 

@@ -6,7 +6,7 @@
 //! besides the `Poll` and a buffer, and it does not decide what a failure means for a backend
 //! (how many in a row mark it failing): the caller does, from the outcomes.
 
-use std::io;
+use std::io::{self, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -26,9 +26,10 @@ const EVENTS: usize = 256;
 /// What a probe does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeKind {
-    /// TCP connect to the address; success = handshake completes within the timeout. Close at
-    /// once (send nothing).
-    Tcp,
+    /// TCP connect to the address; success = handshake completes within the timeout. Then
+    /// send `header` (a PROXY header with the LOCAL command for backends that require one, or
+    /// nothing) and close.
+    Tcp { header: &'static [u8] },
     /// UDP: send `send` on a socket connected to the address; success = a datagram arrives
     /// within the timeout whose bytes start with `expect` (an empty `expect` accepts any reply).
     /// ECONNREFUSED (ICMP port unreachable) = failure at once.
@@ -132,8 +133,8 @@ struct Probe<'a> {
 /// Where a probe stands. Every variant but `Done` owns an open, registered socket.
 #[derive(Debug)]
 enum State<'a> {
-    /// TCP handshake in flight.
-    Connecting(TcpStream),
+    /// TCP handshake in flight; `header` goes out once it completes.
+    Connecting { stream: TcpStream, header: &'static [u8] },
     /// UDP request sent; waiting for a reply starting with `expect`.
     Waiting { socket: UdpSocket, expect: &'a [u8], wrong: u32 },
     /// Finished; the socket is closed.
@@ -151,7 +152,7 @@ impl<'a> Probe<'a> {
     /// EMFILE, refused at once) makes this probe `Done` and leaves the others alone.
     fn open(target: &'a Target, token: Token, registry: &Registry) -> Probe<'a> {
         let opened = match &target.kind {
-            ProbeKind::Tcp => open_tcp(target.addr, token, registry),
+            ProbeKind::Tcp { header } => open_tcp(target.addr, header, token, registry),
             ProbeKind::Udp { send, expect } => open_udp(target.addr, send, expect, token, registry),
         };
         let state = opened.unwrap_or_else(State::Done);
@@ -168,7 +169,7 @@ impl<'a> Probe<'a> {
         let finished = match &mut self.state {
             // mio's connect procedure (`TcpStream::connect` docs): on an event, check
             // `take_error`, then `peer_addr`.
-            State::Connecting(stream) => connected(stream),
+            State::Connecting { stream, header } => connected(stream, header),
             // Read until WouldBlock; the first reply with the right prefix passes.
             State::Waiting { socket, expect, wrong } => replied(socket, expect, wrong, buf),
             // Socket closed already: the event is stale.
@@ -185,7 +186,7 @@ impl<'a> Probe<'a> {
         match std::mem::replace(&mut self.state, State::Done(outcome)) {
             // Deregister, then drop to close: a closed socket leaves epoll anyway, but this
             // keeps the Poll's view exact. Errors cannot matter: the socket is going away.
-            State::Connecting(mut stream) => drop(registry.deregister(&mut stream)),
+            State::Connecting { mut stream, .. } => drop(registry.deregister(&mut stream)),
             State::Waiting { mut socket, .. } => drop(registry.deregister(&mut socket)),
             State::Done(_) => {}
         }
@@ -203,7 +204,7 @@ impl<'a> Probe<'a> {
                 Outcome::Failed(format!("reply did not match ({wrong} replies in {t:?})"))
             }
             // Silence.
-            (State::Connecting(_) | State::Waiting { .. }, Left::TimedOut(t)) => {
+            (State::Connecting { .. } | State::Waiting { .. }, Left::TimedOut(t)) => {
                 Outcome::Failed(format!("timed out after {t:?}"))
             }
         };
@@ -213,13 +214,18 @@ impl<'a> Probe<'a> {
 }
 
 /// Start a non-blocking connect and wait for writable.
-fn open_tcp<'a>(addr: SocketAddr, token: Token, registry: &Registry) -> Result<State<'a>, Outcome> {
+fn open_tcp<'a>(
+    addr: SocketAddr,
+    header: &'static [u8],
+    token: Token,
+    registry: &Registry,
+) -> Result<State<'a>, Outcome> {
     // socket(2) and connect(2) in one call; EINPROGRESS is not an error here.
     let mut stream = TcpStream::connect(addr).map_err(|e| failed("connect", &e))?;
     registry
         .register(&mut stream, token, Interest::WRITABLE)
         .map_err(|e| failed("register", &e))?;
-    Ok(State::Connecting(stream))
+    Ok(State::Connecting { stream, header })
 }
 
 /// Send the request on a connected UDP socket and wait for readable.
@@ -248,14 +254,20 @@ fn open_udp<'a>(
     Ok(State::Waiting { socket, expect, wrong: 0 })
 }
 
-/// Whether a connect has finished, and how; `None` if still in flight.
-fn connected(stream: &TcpStream) -> Option<Outcome> {
+/// Whether a connect has finished, and how; `None` if still in flight. Once it has, `header`
+/// is sent: it fits a fresh socket's empty send buffer, so a short send is a failure.
+fn connected(stream: &TcpStream, header: &[u8]) -> Option<Outcome> {
     match stream.take_error() {
         Ok(Some(e)) | Err(e) => return Some(failed("connect", &e)),
         Ok(None) => {}
     }
     match stream.peer_addr() {
-        Ok(_) => Some(Outcome::Ok),
+        Ok(_) if header.is_empty() => Some(Outcome::Ok),
+        Ok(_) => match (&*stream).write(header) {
+            Ok(n) if n == header.len() => Some(Outcome::Ok),
+            Ok(n) => Some(Outcome::Failed(format!("sent {n} of {} header bytes", header.len()))),
+            Err(e) => Some(failed("send", &e)),
+        },
         // Not connected yet: a spurious wake-up, wait for the next event.
         Err(e)
             if e.kind() == io::ErrorKind::NotConnected
@@ -325,7 +337,7 @@ mod tests {
     }
 
     fn tcp(addr: SocketAddr) -> Target {
-        Target { addr, kind: ProbeKind::Tcp }
+        Target { addr, kind: ProbeKind::Tcp { header: b"" } }
     }
 
     fn udp(addr: SocketAddr, send: &[u8], expect: &[u8]) -> Target {
@@ -400,6 +412,24 @@ mod tests {
         let (outcomes, elapsed) = timed(&[tcp(addr)], LONG);
         assert_eq!(outcomes, [Outcome::Ok]);
         assert!(elapsed < LONG);
+    }
+
+    #[test]
+    fn tcp_probe_sends_its_header_and_then_closes() {
+        let _fds = shared();
+        for header in [&proxyproto::V2_LOCAL[..], proxyproto::V1_UNKNOWN] {
+            let (l, addr) = tcp_up(V4);
+            let target = Target { addr, kind: ProbeKind::Tcp { header } };
+            let (outcomes, _) = timed(&[target], LONG);
+            assert_eq!(outcomes, [Outcome::Ok]);
+            // The round is over, so the probe's socket is closed: the backend reads the header
+            // and then end of stream.
+            let (mut conn, _) = l.accept().unwrap();
+            conn.set_read_timeout(Some(LONG)).unwrap();
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut conn, &mut got).unwrap();
+            assert_eq!(got, header);
+        }
     }
 
     #[test]

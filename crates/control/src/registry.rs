@@ -91,6 +91,8 @@ pub struct Registry {
     sticky_key: [u8; 16],
     /// Health state changes since start.
     pub transitions: u64,
+    /// What the admin server counts (shared with its thread).
+    pub admin: Arc<crate::admin::Counters>,
 }
 
 /// A backend as the API shows it.
@@ -129,6 +131,7 @@ impl Registry {
             events: VecDeque::new(),
             sticky_key,
             transitions: 0,
+            admin: Arc::default(),
         };
         for s in services {
             let ctl = registry.make_service(s.clone(), registry.services.len())?;

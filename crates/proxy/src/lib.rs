@@ -41,6 +41,7 @@ mod sys;
 mod timer;
 mod token;
 mod udp;
+pub mod udp_socket;
 mod worker;
 
 use std::net::SocketAddr;

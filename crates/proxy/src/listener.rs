@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::udp_socket::UdpBuffers;
+
 /// Pending connections the kernel may queue per listener socket.
 pub(crate) const BACKLOG: i32 = 4096;
 
@@ -31,14 +33,14 @@ pub struct Bound {
     pub udp_addrs: Vec<SocketAddr>,
 }
 
-/// Bind the sockets of every worker for each address and each transport asked for. A port 0
-/// is resolved by the first bind and reused by the others (TCP first, then UDP on the same
-/// port).
+/// Bind the sockets of every worker for each address and each transport asked for (UDP with
+/// these kernel buffers). A port 0 is resolved by the first bind and reused by the others (TCP
+/// first, then UDP on the same port).
 pub fn bind(
     addrs: &[SocketAddr],
     workers: usize,
     tcp: Option<config::Listeners>,
-    udp: bool,
+    udp: Option<UdpBuffers>,
 ) -> Result<Bound, BindError> {
     let mut bound = Bound {
         tcp: (0..workers).map(|_| Vec::new()).collect(),
@@ -58,10 +60,13 @@ pub fn bind(
             addr = at[0];
             bound.tcp_addrs.push(addr);
         }
-        if udp {
-            for sockets in bound.udp.iter_mut() {
-                let s =
-                    bind_udp(addr).map_err(|error| BindError { addr: want, udp: true, error })?;
+        if let Some(buffers) = udp {
+            for (w, sockets) in bound.udp.iter_mut().enumerate() {
+                let s = bind_udp(addr, &buffers, w == 0).map_err(|error| BindError {
+                    addr: want,
+                    udp: true,
+                    error,
+                })?;
                 addr =
                     s.local_addr().map_err(|error| BindError { addr: want, udp: true, error })?;
                 sockets.push(s);
@@ -72,8 +77,15 @@ pub fn bind(
     Ok(bound)
 }
 
-fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+/// One worker's UDP socket on `addr`. What the kernel did not give of `buffers` is logged when
+/// `log` (once per address: every worker's socket gets the same).
+fn bind_udp(addr: SocketAddr, buffers: &UdpBuffers, log: bool) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for clamped in buffers.apply(&socket)? {
+        if log {
+            log::warn!("udp listener {addr}: {clamped}");
+        }
+    }
     socket.set_reuse_address(true)?;
     // The kernel hashes each client's 4-tuple to one of the workers' sockets, so a flow stays
     // on one worker (socket(7), SO_REUSEPORT).
@@ -188,7 +200,7 @@ mod tests {
     #[test]
     fn a_shared_listener_is_one_socket_in_every_worker() {
         let want: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let bound = bind(&[want], 3, Some(config::Listeners::Shared), false).unwrap();
+        let bound = bind(&[want], 3, Some(config::Listeners::Shared), None).unwrap();
         assert_eq!(bound.tcp.len(), 3);
         let client = std::net::TcpStream::connect(bound.tcp_addrs[0]).unwrap();
         let last = &bound.tcp[2][0];

@@ -182,6 +182,8 @@ pub struct Settings {
     pub udp_idle_timeout: Duration,
     /// Local IPs backend sockets are bound to, in turn (empty: the kernel chooses).
     pub connect_from: Vec<std::net::IpAddr>,
+    /// Kernel buffers of the service's UDP sockets.
+    pub udp_buffers: crate::udp_socket::UdpBuffers,
 }
 
 impl Settings {
@@ -192,6 +194,7 @@ impl Settings {
             idle_timeout: service.idle_timeout,
             udp_idle_timeout: service.udp_idle_timeout,
             connect_from: service.connect_from.clone(),
+            udp_buffers: crate::udp_socket::UdpBuffers::of(service),
         }
     }
 }
@@ -345,6 +348,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             udp_idle_timeout: Duration::from_secs(1),
             connect_from: Vec::new(),
+            udp_buffers: Default::default(),
         };
         let sticky =
             Arc::new(Sticky::new(StickyConfig { capacity: 16, timeout_ms: 1000 }, [1; 16]));

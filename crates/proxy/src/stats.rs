@@ -110,6 +110,9 @@ counters! {
     dropped_to_backend,
     /// ... because sending the reply to the client failed (full buffer, unreachable client).
     dropped_to_client,
+    /// ... by the kernel, before tether saw them: a listener's or flow's receive buffer was
+    /// full (SO_RXQ_OVFL; `--udp-rcvbuf`).
+    dropped_kernel,
     /// UDP flows created.
     flows_created,
     /// UDP flows closed by the idle timeout.

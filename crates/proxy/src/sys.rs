@@ -181,6 +181,32 @@ impl RecvBatch {
         }
     }
 
+    /// The kernel's running count of datagrams dropped on the socket, as the last of the `n`
+    /// datagrams of the last call reported it (socket(7), SO_RXQ_OVFL; `None` if the socket
+    /// did not ask for it).
+    pub fn drops(&self, n: usize) -> Option<u32> {
+        use nix::libc;
+        let i = n.checked_sub(1)?;
+        let mut drops = None;
+        // SAFETY: as in `get`: a msghdr describing only the control buffer the kernel filled
+        // for datagram `i`, walked by the CMSG_* macros within `control_lens[i]` bytes; the
+        // payload is read unaligned.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_control = self.controls[i].as_ptr() as *mut libc::c_void;
+            msg.msg_controllen = self.control_lens[i];
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                let c = &*cmsg;
+                if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SO_RXQ_OVFL {
+                    drops = Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const u32));
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        drops
+    }
+
     /// Datagram `i` of the last call: payload, source address, destination address (from
     /// IP_PKTINFO / IPV6_PKTINFO, if the socket asked for it).
     pub fn get(&self, i: usize) -> (&[u8], Option<std::net::SocketAddr>, Option<std::net::IpAddr>) {

@@ -29,6 +29,7 @@ use crate::outgoing::{no_local_port, Sources};
 use crate::stats::{inc, ports_exhausted, Stats};
 use crate::sys::{RecvBatch, BATCH};
 use crate::token::Slot;
+use crate::udp_socket::UdpBuffers;
 use crate::Service;
 
 /// recvmmsg(2) calls on one socket before other work gets a turn (8 x 16 datagrams).
@@ -51,6 +52,10 @@ struct Listener {
     wildcard: bool,
     /// Slot of the service it feeds.
     service: usize,
+    /// The kernel's drop count for this socket when last reported (SO_RXQ_OVFL).
+    drops: u32,
+    /// Kernel buffers it was given.
+    buffers: UdpBuffers,
 }
 
 /// One flow's state beyond what the flow table keeps.
@@ -73,6 +78,8 @@ struct Flow {
     backend: usize,
     affinity: Option<AffinityKey>,
     attached: bool,
+    /// The kernel's drop count for this socket when last reported (SO_RXQ_OVFL).
+    drops: u32,
 }
 
 /// Where one datagram came from and was sent to.
@@ -147,7 +154,9 @@ impl Udp {
         let i = self.listeners.len();
         registry.register(&mut socket, Slot::UdpListener(i).token(), Interest::READABLE)?;
         let wildcard = local.ip().is_unspecified();
-        self.listeners.push(Some(Listener { socket, local, wildcard, service }));
+        // As bound (listener::bind applied them); a reload may change them (`set_buffers`).
+        let buffers = UdpBuffers::default();
+        self.listeners.push(Some(Listener { socket, local, wildcard, service, drops: 0, buffers }));
         Ok(())
     }
 
@@ -206,6 +215,21 @@ impl Udp {
         self.table(service).set_idle_timeout_ms(timeout.as_millis() as u64);
     }
 
+    /// Give the listeners of service slot `service` these kernel buffers (a reload changed
+    /// them; new flows read them from the service's settings).
+    pub fn set_buffers(&mut self, service: usize, buffers: UdpBuffers) {
+        for l in self.listeners.iter_mut().flatten() {
+            if l.service != service || l.buffers == buffers {
+                continue;
+            }
+            match buffers.apply(&l.socket) {
+                Ok(clamped) => clamped.iter().for_each(|c| log::debug!("udp {}: {c}", l.local)),
+                Err(e) => log::warn!("udp {}: setting buffers: {e}", l.local),
+            }
+            l.buffers = buffers;
+        }
+    }
+
     /// Earliest time (proxy milliseconds) a flow may expire.
     pub fn next_expiry(&self) -> Option<u64> {
         self.tables.iter().filter_map(FlowTable::next_expiry).min()
@@ -252,6 +276,9 @@ impl Udp {
                     return More::No;
                 }
             };
+            if let (Some(now), Some(Some(l))) = (batch.drops(n), self.listeners.get_mut(i)) {
+                kernel_drops(&mut l.drops, now, ctx.stats);
+            }
             for k in 0..n {
                 let (data, from, dst) = batch.get(k);
                 let Some(client) = from else { continue };
@@ -454,7 +481,13 @@ impl Udp {
         let target = &service.backends[backend];
         let from = &service.settings.connect_from;
         let mut socket = match self.sources.udp(target.addr, from, service.slot) {
-            Ok(s) => s,
+            Ok(s) => {
+                // Best effort: the flow works without; listener::bind logged any clamp.
+                if let Err(e) = service.settings.udp_buffers.apply(&s) {
+                    log::debug!("udp socket toward {}: options: {e}", target.addr);
+                }
+                s
+            }
             Err(e) => {
                 if no_local_port(&e) {
                     ports_exhausted(ctx.stats, target.addr, &e);
@@ -520,6 +553,7 @@ impl Udp {
             backend,
             affinity,
             attached,
+            drops: 0,
         });
         Some(slot)
     }
@@ -553,6 +587,9 @@ impl Udp {
             };
             let (client, local_ip, listener, key, table) =
                 (flow.client, flow.local_ip, flow.listener, flow.key, flow.service.slot);
+            if let (Some(now), Some(Some(flow))) = (batch.drops(n), self.flows.get_mut(slot)) {
+                kernel_drops(&mut flow.drops, now, ctx.stats);
+            }
             self.tables[table].get(&key, ctx.now_ms); // activity either way keeps the flow
             let Some(l) = self.listeners.get(listener).and_then(Option::as_ref) else {
                 return More::No;
@@ -598,6 +635,15 @@ impl Udp {
             flow.service.sticky.detach(k, ctx.now_ms);
         }
         self.free.push(slot);
+    }
+}
+
+/// Count the datagrams the kernel dropped on a socket since it last said (`seen`).
+fn kernel_drops(seen: &mut u32, now: u32, stats: &Stats) {
+    let new = u64::from(crate::udp_socket::new_drops(seen, now));
+    if new > 0 {
+        stats.dropped_kernel.fetch_add(new, Relaxed);
+        stats.datagrams_dropped.fetch_add(new, Relaxed);
     }
 }
 

@@ -143,6 +143,7 @@ impl Worker {
             self.services.resize(slot + 1, None);
         }
         self.udp.set_idle_timeout(slot, service.settings.udp_idle_timeout);
+        self.udp.set_buffers(slot, service.settings.udp_buffers);
         self.services[slot] = Some(service);
     }
 

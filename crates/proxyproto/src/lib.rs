@@ -57,6 +57,15 @@ pub const MAX_HEADER_LEN: usize = 4096;
 /// The 12 bytes every v2 header starts with (spec section 2.2).
 pub const V2_SIGNATURE: [u8; 12] = v2::SIGNATURE;
 
+/// A v2 header with the LOCAL command: what a proxy sends on a connection of its own, such as a
+/// health check, so that a receiver that requires a header accepts it and uses the
+/// connection's real addresses.
+pub const V2_LOCAL: [u8; 16] = v2::LOCAL_HEADER;
+
+/// The v1 line for a connection whose addresses the receiver should not take from the header:
+/// the v1 counterpart of [`V2_LOCAL`].
+pub const V1_UNKNOWN: &[u8] = b"PROXY UNKNOWN\r\n";
+
 /// What a PROXY protocol header says about a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Header<'a> {

@@ -426,3 +426,21 @@ proptest! {
         }
     }
 }
+
+// ---- headers of the proxy's own connections ----
+
+#[test]
+fn local_headers_parse_as_local_and_whole() {
+    for header in [&V2_LOCAL[..], V1_UNKNOWN] {
+        match parse(header) {
+            Ok(Parsed::Complete { header: Header::Local { tlvs }, consumed }) => {
+                assert_eq!(consumed, header.len(), "{header:?}");
+                assert!(tlvs.is_empty());
+            }
+            other => panic!("{header:?} parsed as {other:?}"),
+        }
+    }
+    // Byte for byte: signature, version 2 with command LOCAL, AF_UNSPEC/UNSPEC, no block.
+    assert_eq!(&V2_LOCAL[..12], &V2_SIGNATURE);
+    assert_eq!(&V2_LOCAL[12..], &[0x20, 0x00, 0x00, 0x00]);
+}

@@ -35,6 +35,20 @@ pub(crate) const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
 /// Signature, version and command, family and protocol, length.
 const FIXED_LEN: usize = 16;
+
+/// A whole v2 header with the LOCAL command and no address block (spec 2.2: "the receiver must
+/// accept this connection as valid and must use the real connection endpoints").
+pub(crate) const LOCAL_HEADER: [u8; FIXED_LEN] = {
+    let mut h = [0u8; FIXED_LEN];
+    let mut i = 0;
+    while i < SIGNATURE.len() {
+        h[i] = SIGNATURE[i];
+        i += 1;
+    }
+    h[12] = (VERSION << 4) | LOCAL;
+    h[13] = (AF_UNSPEC << 4) | UNSPEC;
+    h
+};
 const VERSION: u8 = 2;
 
 const LOCAL: u8 = 0;

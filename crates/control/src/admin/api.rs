@@ -1,163 +1,36 @@
-//! The admin HTTP interface: JSON API, Prometheus metrics and the status page. One thread of its
-//! own, off the data path: it answers while the workers are saturated, and a slow admin client
-//! never delays a datagram. Every change goes through the [`Registry`] mutex.
+//! The admin API's endpoints, behind the server in `super`: a request's method, path, query and
+//! body in, an [`Answer`] out. Runs on a blocking thread; takes the registry lock as it needs.
 
-use std::io::Read;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::IpAddr;
+use std::sync::Mutex;
 
+use hyper::Method;
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server};
 
+use super::Ask;
 use crate::registry::{Refusal, Registry};
 
-/// Largest request body accepted (the API's bodies are a few dozen bytes).
-const MAX_BODY: u64 = 16 * 1024;
-/// Requests handled at once. Each has a thread of its own, so a client that stalls mid-request
-/// holds only its own; past this many, new requests are answered 503 at once.
-const MAX_IN_FLIGHT: usize = 16;
-
-/// What the admin thread asks of the supervisor.
-#[derive(Debug)]
-pub enum Ask {
-    /// Reload the config file; the answer comes back on the channel.
-    Reload(crossbeam_channel::Sender<Result<String, String>>),
-}
-
-/// The running admin server.
-pub struct Admin {
-    server: Arc<Server>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    pub addr: SocketAddr,
-}
-
-/// The admin listener, bound (before privileges are dropped) but not yet serving.
-pub struct Bound(Server, SocketAddr);
-
-/// Bind the admin address.
-pub fn bind(addr: SocketAddr) -> Result<Bound, String> {
-    let server = Server::http(addr).map_err(|e| format!("--admin {addr}: {e}"))?;
-    let addr = server.server_addr().to_ip().unwrap_or(addr);
-    Ok(Bound(server, addr))
-}
-
-impl Admin {
-    /// Serve on a thread of its own. With a `token`, requests that change anything (PUT, POST,
-    /// DELETE) need `Authorization: Bearer TOKEN`; reads stay open.
-    pub fn start(
-        bound: Bound,
-        registry: Arc<Mutex<Registry>>,
-        asks: crossbeam_channel::Sender<Ask>,
-        token: Option<String>,
-    ) -> Result<Admin, String> {
-        let Bound(server, addr) = bound;
-        let server = Arc::new(server);
-        let serving = Arc::clone(&server);
-        let shared = Arc::new((registry, asks, token, std::sync::atomic::AtomicUsize::new(0)));
-        let thread = std::thread::Builder::new()
-            .name("tether-admin".into())
-            .spawn(move || {
-                use std::sync::atomic::Ordering::SeqCst;
-                for request in serving.incoming_requests() {
-                    let in_flight = &shared.3;
-                    if in_flight.fetch_add(1, SeqCst) >= MAX_IN_FLIGHT {
-                        in_flight.fetch_sub(1, SeqCst);
-                        reply(request, error(503, "too many admin requests at once"));
-                        continue;
-                    }
-                    let mine = Arc::clone(&shared);
-                    let spawned = std::thread::Builder::new()
-                        .name("tether-admin-req".into())
-                        .spawn(move || {
-                            let (registry, asks, token, in_flight) = &*mine;
-                            handle(request, registry, asks, token.as_deref());
-                            in_flight.fetch_sub(1, SeqCst);
-                        });
-                    if let Err(e) = spawned {
-                        log::warn!("admin: cannot start a request thread: {e}");
-                        shared.3.fetch_sub(1, SeqCst);
-                    }
-                }
-            })
-            .map_err(|e| format!("admin thread: {e}"))?;
-        Ok(Admin { server, thread: Some(thread), addr })
-    }
-}
-
-/// Whether `request` carries `Authorization: Bearer <token>`, compared in constant time.
-fn authorized(request: &Request, token: &str) -> bool {
-    let given = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .and_then(|h| h.value.as_str().strip_prefix("Bearer "))
-        .unwrap_or("");
-    let (a, b) = (given.as_bytes(), token.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
-    }
-    diff == 0
-}
-
-impl Drop for Admin {
-    fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn handle(
-    mut request: Request,
-    registry: &Mutex<Registry>,
-    asks: &crossbeam_channel::Sender<Ask>,
-    token: Option<&str>,
-) {
-    let url = request.url().to_string();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let segments: Vec<String> =
-        path.split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
-    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let method = request.method().clone();
-    let changes = matches!(method, Method::Put | Method::Post | Method::Delete | Method::Patch);
-    if let (true, Some(token)) = (changes, token) {
-        if !authorized(&request, token) {
-            log::warn!(
-                "admin: {method} {path} from {:?} without a valid token",
-                request.remote_addr()
-            );
-            return reply(request, error(401, "this needs `Authorization: Bearer <admin token>`"));
-        }
-    }
-    if request.body_length().is_some_and(|n| n as u64 > MAX_BODY) {
-        return reply(request, error(413, &format!("the body is larger than {MAX_BODY} bytes")));
-    }
-    let body = if matches!(method, Method::Put | Method::Post) {
-        match read_body(&mut request) {
-            Ok(body) => body,
-            Err(e) => return reply(request, error(413, &e)),
-        }
-    } else {
-        String::new()
-    };
-    let answer = route(&method, &segments, query, &body, registry, asks);
-    reply(request, answer);
+/// One request, as the endpoints see it: the token and the size and time limits are checked.
+pub struct Call<'a> {
+    pub method: &'a Method,
+    /// Percent-encoded, as sent.
+    pub path: &'a str,
+    pub query: &'a str,
+    pub body: &'a str,
 }
 
 /// A response: status, content type, body.
-struct Answer {
-    status: u16,
-    kind: &'static str,
-    body: String,
+pub struct Answer {
+    pub status: u16,
+    pub kind: &'static str,
+    pub body: String,
 }
 
 fn ok_json(v: Value) -> Answer {
     Answer { status: 200, kind: "application/json", body: v.to_string() }
 }
 
-fn error(status: u16, message: &str) -> Answer {
+pub fn error(status: u16, message: &str) -> Answer {
     Answer { status, kind: "application/json", body: json!({ "error": message }).to_string() }
 }
 
@@ -169,42 +42,44 @@ fn refused(r: Refusal) -> Answer {
     }
 }
 
-fn route(
-    method: &Method,
-    segments: &[&str],
-    query: &str,
-    body: &str,
+/// Answer `call`.
+pub fn route(
+    call: &Call<'_>,
     registry: &Mutex<Registry>,
     asks: &crossbeam_channel::Sender<Ask>,
 ) -> Answer {
+    let segments: Vec<String> =
+        call.path.split('/').filter(|s| !s.is_empty()).map(percent_decode).collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let (method, segments, query, body) = (call.method, &segments[..], call.query, call.body);
     let lock = || registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     match (method, segments) {
-        (Method::Get, []) => Answer {
+        (&Method::GET, []) => Answer {
             status: 200,
             kind: "text/html; charset=utf-8",
-            body: include_str!("status.html").to_string(),
+            body: include_str!("../status.html").to_string(),
         },
-        (Method::Get, ["metrics"]) => Answer {
+        (&Method::GET, ["metrics"]) => Answer {
             status: 200,
             kind: "text/plain; version=0.0.4; charset=utf-8",
             body: crate::metrics::render(&lock()),
         },
-        (Method::Get, ["api", "backends"]) => ok_json(backends_json(&lock())),
-        (Method::Get, ["api", "events"]) => ok_json(events_json(&lock())),
-        (Method::Get, ["api", "sticky"]) => sticky(query, &lock()),
-        (Method::Put, ["api", "services", service, "backends", name]) => {
+        (&Method::GET, ["api", "backends"]) => ok_json(backends_json(&lock())),
+        (&Method::GET, ["api", "events"]) => ok_json(events_json(&lock())),
+        (&Method::GET, ["api", "sticky"]) => sticky(query, &lock()),
+        (&Method::PUT, ["api", "services", service, "backends", name]) => {
             change_backend(service, name, body, &mut lock())
         }
-        (Method::Delete, ["api", "services", service, "backends", name]) => {
+        (&Method::DELETE, ["api", "services", service, "backends", name]) => {
             match lock().remove_backend(service, name) {
                 Ok(()) => ok_json(json!({ "removed": name })),
                 Err(r) => refused(r),
             }
         }
-        (Method::Post, ["api", "services", service, "backends"]) => {
+        (&Method::POST, ["api", "services", service, "backends"]) => {
             add_backend(service, body, &mut lock())
         }
-        (Method::Post, ["api", "reload"]) => {
+        (&Method::POST, ["api", "reload"]) => {
             let (tx, rx) = crossbeam_channel::bounded(1);
             if asks.send(Ask::Reload(tx)).is_err() {
                 return error(503, "shutting down");
@@ -388,31 +263,6 @@ fn events_json(registry: &Registry) -> Value {
             })
             .collect(),
     )
-}
-
-fn read_body(request: &mut Request) -> Result<String, String> {
-    let mut body = String::new();
-    request
-        .as_reader()
-        .take(MAX_BODY + 1)
-        .read_to_string(&mut body)
-        .map_err(|e| format!("reading the body: {e}"))?;
-    if body.len() as u64 > MAX_BODY {
-        return Err(format!("the body is larger than {MAX_BODY} bytes"));
-    }
-    Ok(body)
-}
-
-fn reply(request: Request, answer: Answer) {
-    let header = Header::from_bytes("Content-Type", answer.kind).expect("static header");
-    let nocache = Header::from_bytes("Cache-Control", "no-store").expect("static header");
-    let response = Response::from_string(answer.body)
-        .with_status_code(answer.status)
-        .with_header(header)
-        .with_header(nocache);
-    if let Err(e) = request.respond(response) {
-        log::debug!("admin reply: {e}");
-    }
 }
 
 /// `%XX` decoding of a URL part (names such as `[::1]:5432` arrive encoded).
