@@ -307,3 +307,87 @@ fn udp_headers_from_trusted_proxies_name_the_client_and_are_required_on_a_new_fl
     let direct = udp_client(client_ip(300)).unwrap();
     assert!(udp_ask(&direct, to, b"name", DEADLINE).is_ok());
 }
+
+/// A backend that, like HAProxy's `accept-proxy`, requires a PROXY header on every connection.
+/// Returns its address and a channel of what it made of each connection: `Ok(local)` for a
+/// LOCAL header (v2 LOCAL or v1 UNKNOWN) followed by the close, an error otherwise.
+fn proxy_requiring_backend(
+    addr: &str,
+) -> (SocketAddr, std::sync::mpsc::Receiver<Result<(), String>>) {
+    let listener = TcpListener::bind(addr).unwrap();
+    let at = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Bounded: probes come every 100 ms and the test reads at most a few dozen.
+        for stream in listener.incoming().take(200) {
+            let Ok(mut s) = stream else { continue };
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            let verdict = match proxyproto::parse(&got) {
+                Ok(proxyproto::Parsed::Complete { header, consumed }) => match header {
+                    proxyproto::Header::Local { .. } if consumed == got.len() => Ok(()),
+                    other => Err(format!("{other:?} then {} bytes", got.len() - consumed)),
+                },
+                // haproxy: "Connection closed while waiting for PROXY protocol header".
+                Ok(proxyproto::Parsed::Incomplete { .. }) => {
+                    Err(format!("closed while waiting for the header ({got:?})"))
+                }
+                Err(e) => Err(format!("{e:?}: {got:?}")),
+            };
+            if tx.send(verdict).is_err() {
+                return;
+            }
+        }
+    });
+    (at, rx)
+}
+
+#[test]
+fn health_probes_send_a_local_header_to_backends_that_require_one() {
+    for (net, version) in [(105, "v2"), (106, "v1")] {
+        let (backend, verdicts) = proxy_requiring_backend(&format!("127.0.{net}.10:0"));
+        let listen = format!("127.0.{net}.1:0");
+        let args = [
+            "--listen",
+            &listen,
+            "--backend",
+            &backend.to_string(),
+            "--send-proxy",
+            version,
+            "--health-check",
+            "tcp",
+            "--health-interval",
+            "100ms",
+            "--health-timeout",
+            "100ms",
+        ];
+        let t = Tether::start(bin(), args).expect("start tether");
+        for i in 0..5 {
+            let verdict = verdicts.recv_timeout(DEADLINE).expect("a probe");
+            assert_eq!(verdict, Ok(()), "{version} probe {i}");
+        }
+        drop(t);
+    }
+    // Turned off, a probe connects and closes without a word, as before.
+    let (backend, verdicts) = proxy_requiring_backend("127.0.107.10:0");
+    let args = [
+        "--listen",
+        "127.0.107.1:0",
+        "--backend",
+        &backend.to_string(),
+        "--send-proxy",
+        "v2",
+        "--health-check",
+        "tcp",
+        "--health-interval",
+        "100ms",
+        "--health-timeout",
+        "100ms",
+        "--health-send-proxy",
+        "off",
+    ];
+    let _t = Tether::start(bin(), args).expect("start tether");
+    let verdict = verdicts.recv_timeout(DEADLINE).expect("a probe");
+    assert!(verdict.unwrap_err().contains("closed while waiting"));
+}

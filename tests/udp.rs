@@ -324,3 +324,102 @@ fn udp_probes_take_a_silent_backend_down_and_bring_it_back() {
     assert!(wait_until(DEADLINE, || health("u0") == "up"), "never came back");
     drop(back);
 }
+
+/// Inodes of the sockets process `pid` holds (proc(5): /proc/PID/fd links read `socket:[N]`).
+fn socket_inodes(pid: u32) -> std::collections::HashSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| {
+                let link = std::fs::read_link(e.ok()?.path()).ok()?;
+                let link = link.to_str()?;
+                link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The kernel's own count of datagrams dropped on the UDP sockets with these inodes: the last
+/// column of /proc/net/udp and /proc/net/udp6 (`drops`, the socket's sk_drops).
+fn kernel_drops(inodes: &std::collections::HashSet<u64>) -> u64 {
+    let mut drops = 0;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() >= 13 && f[9].parse().is_ok_and(|inode: u64| inodes.contains(&inode)) {
+                drops += f[12].parse::<u64>().unwrap();
+            }
+        }
+    }
+    drops
+}
+
+/// Whether process `pid` is stopped (state `T` in /proc/PID/stat).
+fn stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+}
+
+/// Send `n` datagrams of 1,400 bytes to a one-worker tether while it is stopped (SIGSTOP), so
+/// its listener's receive buffer overflows by the same amount every run, then resume it.
+/// Returns the kernel's drop count for tether's sockets once tether's
+/// `tether_datagrams_dropped_total{reason="kernel_rcvbuf"}` says the same, and tether's log.
+fn flood_while_stopped(net: u8, n: usize, extra: &[&str]) -> (u64, String) {
+    let backend = udp_backends(net, 1);
+    let (listen, backend_addr) = (format!("127.0.{net}.1:0"), backend[0].addr().to_string());
+    let mut args = vec!["--listen", &listen, "--admin", &listen, "--protocol", "udp"];
+    args.extend(["--workers", "1", "--backend", &backend_addr]);
+    args.extend_from_slice(extra);
+    let mut t = Tether::start(bin(), no_probes(&args)).expect("start tether");
+    let to = t.udp_addr();
+    let client = udp_client(IpAddr::V4(Ipv4Addr::new(127, 0, net, 50))).unwrap();
+    assert_eq!(name_of(&client, to).0, "u0");
+    t.signal(nix::sys::signal::Signal::SIGSTOP).unwrap();
+    assert!(wait_until(DEADLINE, || stopped(t.pid())), "tether never stopped");
+    let payload = vec![7u8; 1400];
+    for _ in 0..n {
+        client.send_to(&payload, to).unwrap();
+    }
+    t.signal(nix::sys::signal::Signal::SIGCONT).unwrap();
+    // Drops are reported with the next datagram each socket receives: ask until both sides
+    // of the flow have had one and tether's count matches the kernel's.
+    let mut last = (0, 0.0);
+    let agreed = wait_until(DEADLINE, || {
+        client.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        client.send_to(b"name", to).unwrap();
+        let mut buf = vec![0u8; 2048];
+        while let Ok(len) = client.recv(&mut buf) {
+            if &buf[..len] == b"u0" {
+                break;
+            }
+        }
+        let kernel = kernel_drops(&socket_inodes(t.pid()));
+        let counted = scrape(&t, "tether_datagrams_dropped_total", "reason=\"kernel_rcvbuf\"");
+        last = (kernel, counted);
+        kernel as f64 == counted
+    });
+    assert!(agreed, "kernel dropped {} datagrams, tether counted {}", last.0, last.1);
+    (last.0, t.stderr_text())
+}
+
+#[test]
+fn kernel_drops_are_counted_and_a_bigger_receive_buffer_lowers_them() {
+    let n = 3000;
+    let (default_drops, _) = flood_while_stopped(108, n, &[]);
+    let (big_drops, log) = flood_while_stopped(109, n, &["--udp-rcvbuf", "4194304"]);
+    eprintln!("{n} datagrams of 1400 B to a stopped tether: {default_drops} dropped with the default receive buffer, {big_drops} with --udp-rcvbuf 4194304");
+    assert!(default_drops > 0, "the default buffer held {n} datagrams of 1400 B");
+    // As root tether forces the size (SO_RCVBUFFORCE); otherwise net.core.rmem_max caps it,
+    // and the log says what the kernel gave.
+    let granted: Option<u64> = log
+        .lines()
+        .find_map(|l| l.split("udp-rcvbuf 4194304: the kernel gave ").nth(1))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok());
+    let default: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_default")
+        .map_or(212_992, |s| s.trim().parse().unwrap());
+    match granted {
+        Some(bytes) if bytes <= default => assert!(big_drops <= default_drops),
+        _ => assert!(big_drops < default_drops, "{big_drops} >= {default_drops}"),
+    }
+}

@@ -191,6 +191,11 @@ impl Tether {
         self.process.status_field("VmRSS:")
     }
 
+    /// Peak resident set size in KiB (`VmHWM` in /proc/PID/status, proc(5)).
+    pub fn peak_rss_kib(&self) -> io::Result<u64> {
+        self.process.status_field("VmHWM:")
+    }
+
     /// Number of threads (`Threads` in /proc/PID/status).
     pub fn threads(&self) -> io::Result<u64> {
         self.process.status_field("Threads:")
