@@ -10,7 +10,7 @@ moment:
 - new: how long a new session of the pinned client takes to get an answer, and from whom;
 - down: how long until health checks mark b0 down.
 
-In the `black-holed` variants b0's accept queue is filled first, so the kernel drops every SYN
+In the `black-holed` variants b0's accept queue (1024) is filled first, so the kernel drops every SYN
 to it, as for a host that vanished or a firewall that drops.
 
 Usage: scripts/hung-backend.py [--only NAME] (builds nothing: run `cargo build` first).
@@ -131,8 +131,9 @@ def run(net, title, extra, blackhole):
         assert session.recv(100) == b"before\n"
         os.kill(b0[0].pid, signal.SIGSTOP)
         if blackhole:
-            # Fill b0's accept queue (backlog 128): from now on its kernel drops every SYN.
-            for _ in range(200):
+            # Fill b0's accept queue (the test backend's backlog is 1024): from now on its
+            # kernel drops every SYN.
+            for _ in range(1100):
                 f = socket.socket()
                 f.setblocking(False)
                 f.connect_ex(hostport(b0[1]))
@@ -179,6 +180,9 @@ def run(net, title, extra, blackhole):
 
 
 def main():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
     only = sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "--only" else None
     print("| backend b0, pinned client | existing session's next request | new session | b0 marked down |")
     print("|---|---|---|---|")
