@@ -104,6 +104,7 @@ fn idle_admin_connections_never_starve_the_data_path() {
         assert_eq!(ask_name(client_ip(i), t.addr()).unwrap(), "b0", "client {i}");
     }
     let now = t.threads().unwrap();
+    eprintln!("500 idle admin connections: {fds} -> {held} fds, {threads} -> {now} threads");
     assert!(now <= threads + 1, "{now} threads, {threads} before");
     drop(idle);
     // Once they are gone the admin answers, and says how many it turned away.
@@ -141,6 +142,10 @@ fn a_200_mib_request_line_costs_no_more_than_the_head_cap() {
         assert_eq!(status_of(&reply), Some(431), "{}", String::from_utf8_lossy(&reply));
     }
     let grew = t.peak_rss_kib().unwrap().saturating_sub(before);
+    eprintln!(
+        "request line: {sent} bytes sent before the close, peak RSS +{grew} KiB, reply {:?}",
+        status_of(&reply)
+    );
     assert!(grew < 4 * 1024, "peak RSS grew by {grew} KiB for one request line");
     assert_eq!(http(t.admin(), "GET", "/metrics", "").unwrap().status, 200);
 }
