@@ -27,7 +27,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TETHER = os.path.join(ROOT, "target", "release", "tether")
+# TETHER_BIN runs another build (an A/B of two commits in one sitting).
+TETHER = os.environ.get("TETHER_BIN") or os.path.join(ROOT, "target", "release", "tether")
 BENCH = os.path.join(ROOT, "target", "release", "tether-bench")
 LB_CPU = "1"
 GEN_CPU = "0"

@@ -910,9 +910,10 @@ mod tests {
     /// with `FLOW_SEED=<seed> cargo test -p tether-conntrack flow::tests::simulation`.
     #[test]
     fn simulation_agrees_with_the_model() {
-        let seeds: Vec<u64> = match std::env::var("FLOW_SEED") {
-            Ok(seed) => vec![seed.parse().expect("FLOW_SEED is a u64")],
-            Err(_) => (0..32).collect(),
+        let replay = std::env::var("FLOW_SEED").ok();
+        let seeds: Vec<u64> = match &replay {
+            Some(seed) => vec![seed.parse().expect("FLOW_SEED is a u64")],
+            None => (0..32).collect(),
         };
         let mut totals = FlowStats::default();
         for seed in seeds {
@@ -932,6 +933,10 @@ mod tests {
             totals.reclaimed += s.reclaimed;
             totals.removed += s.removed;
             totals.refused_full += s.refused_full;
+        }
+        // Every path taken over the seed set (not per seed: a replay passes when it agrees).
+        if replay.is_some() {
+            return;
         }
         let t = totals;
         assert!(

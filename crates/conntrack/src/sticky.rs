@@ -947,9 +947,10 @@ mod tests {
     /// one with `STICKY_SEED=<seed> cargo test -p tether-conntrack simulation`.
     #[test]
     fn simulation_agrees_with_the_model() {
-        let seeds: Vec<u64> = match std::env::var("STICKY_SEED") {
-            Ok(seed) => vec![seed.parse().expect("STICKY_SEED is a u64")],
-            Err(_) => (0..24).collect(),
+        let replay = std::env::var("STICKY_SEED").ok();
+        let seeds: Vec<u64> = match &replay {
+            Some(seed) => vec![seed.parse().expect("STICKY_SEED is a u64")],
+            None => (0..24).collect(),
         };
         let mut total = StickyStats::default();
         for seed in seeds {
@@ -975,7 +976,11 @@ mod tests {
                 Err(failure) => panic!("seed {seed} ({config:?}): {failure}"),
             }
         }
-        // Every path was taken somewhere, or the runs prove little.
+        // Every path was taken somewhere, or the runs prove little. That holds over the whole
+        // seed set, not for each seed: a replayed seed passes on its own when it agrees.
+        if replay.is_some() {
+            return;
+        }
         let t = total;
         let paths = [t.inserts, t.repins, t.evicted_expired, t.evicted_idle, t.full, t.swept];
         assert!(paths.iter().all(|&n| n > 0) && t.forgotten > 0, "{total:?}");

@@ -166,6 +166,7 @@ pub fn render(registry: &Registry) -> String {
         ("source_table_full", total.source_table_full),
         ("max_conns", total.refused_max_conns),
         ("no_backend", total.no_backend),
+        ("local", total.refused_local),
     ]
     .into_iter()
     .map(|(reason, n)| (format!("reason=\"{reason}\""), n as f64))
@@ -174,7 +175,7 @@ pub fn render(registry: &Registry) -> String {
         &mut out,
         "tether_sessions_refused_total",
         "counter",
-        "TCP clients turned away, by reason: denied (allow/deny), source_conns, source_rate and source_table_full (per-source limits), max_conns, no_backend",
+        "TCP clients turned away, by reason: denied (allow/deny), source_conns, source_rate and source_table_full (per-source limits), max_conns, no_backend, local (this host could not take the session)",
         &refusals,
     );
     let tracked: Vec<(String, f64)> = registry

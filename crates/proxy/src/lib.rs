@@ -31,6 +31,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 mod listener;
 pub mod outgoing;
 pub mod pump;

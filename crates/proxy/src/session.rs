@@ -4,13 +4,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use conntrack::AffinityKey;
-
 use crate::pump::{HalfPipe, Pools, Progress, PumpError, Side};
 use crate::sys;
 
-/// Most backends one client is tried on before it is turned away.
-pub const MAX_TRIES: usize = 8;
 /// How long a forwarded reset waits for the kernel to send bytes written before it. A reset
 /// discards the socket's send queue (SO_LINGER 0), and data received before an abort must not be
 /// lost (FAILURE-MODES F2, Envoy PR #45267).
@@ -66,30 +62,6 @@ pub enum Drive {
     Close(CloseReason),
 }
 
-/// Backends already tried for this session.
-#[derive(Debug, Default, Clone)]
-pub struct Tried {
-    ids: [u32; MAX_TRIES],
-    len: usize,
-}
-
-impl Tried {
-    pub fn push(&mut self, id: usize) {
-        if self.len < MAX_TRIES {
-            self.ids[self.len] = id as u32;
-            self.len += 1;
-        }
-    }
-
-    pub fn contains(&self, id: usize) -> bool {
-        self.ids[..self.len].contains(&(id as u32))
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-}
-
 /// One proxied TCP connection pair.
 #[derive(Debug)]
 pub struct Session {
@@ -104,18 +76,13 @@ pub struct Session {
     /// The address the client connected to (from the header when a proxy relayed it). On a
     /// wildcard listener it is looked up only when 5-tuple affinity or `send-proxy` needs it.
     pub destination: SocketAddr,
-    /// The service's per-source limiter counts this session.
-    pub limited: bool,
     /// The routing snapshot of the service at accept time: the session's backends, sticky table
     /// and timeouts, whatever later changes publish.
     pub service: std::sync::Arc<crate::Service>,
-    /// Sticky key (source affinity) or `None` (5-tuple affinity).
-    pub key: Option<AffinityKey>,
-    /// Hash of the affinity key; the table's fallback order follows it.
-    pub hash: u64,
+    /// What admission decided: sticky key, hash, per-source count, backends tried.
+    pub admitted: crate::admission::Admitted,
     /// Backend currently connected or being connected to (index in `service.backends`).
     pub target: usize,
-    pub tried: Tried,
     /// A sticky entry counts this session as live.
     pub attached: bool,
     /// The target backend's active counter includes this session.

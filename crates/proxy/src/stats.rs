@@ -90,6 +90,9 @@ counters! {
     /// any `connect-from` address (EADDRNOTAVAIL; F13). A TCP client moves on to the next
     /// backend; a datagram is dropped.
     ports_exhausted,
+    /// TCP clients reset because this host could not take their session (its sockets could
+    /// not be added to the worker's epoll).
+    refused_local,
     /// UDP datagrams received from clients.
     datagrams_in,
     /// UDP datagrams sent back to clients.

@@ -25,6 +25,8 @@ use mio::{Interest, Registry};
 
 use conntrack::{AffinityKey, Attach, FlowBudget, FlowKey, FlowTable};
 
+use crate::admission::{admit, Transport};
+
 use crate::outgoing::{no_local_port, Sources};
 use crate::stats::{inc, ports_exhausted, Stats};
 use crate::sys::{RecvBatch, BATCH};
@@ -450,34 +452,16 @@ impl Udp {
         if self.budget.available() == 0 {
             self.expire(ctx);
         }
-        // Access rules and the per-source flow rate, before any socket is made.
-        if !service.guards.acl.allows(source.ip()) {
-            inc(&ctx.stats.dropped_denied);
-            return None;
-        }
-        if let Some(limiter) = &service.guards.limiter {
-            if limiter.open_flow(source.ip(), ctx.now_ms) != guard::Verdict::Allow {
-                inc(&ctx.stats.dropped_source_limit);
-                return None;
-            }
-        }
-        let (affinity, hash) = match service.settings.affinity {
-            config::Affinity::Source => {
-                let k = AffinityKey::from_ip(source.ip());
-                (Some(k), service.hash_key(&k.to_bytes()))
-            }
-            config::Affinity::FiveTuple => {
-                let tuple = crate::routing::five_tuple(17, source, a.destination); // IPPROTO_UDP
-                (None, service.hash_key(&tuple))
-            }
-        };
-        let pinned = affinity
-            .and_then(|k| service.sticky.lookup(k, ctx.now_ms))
-            .and_then(|id| service.pinned(id, ctx.now_ms));
-        let Some(backend) = pinned.or_else(|| service.choose(hash, ctx.now_ms, |_| false)) else {
-            inc(&ctx.stats.dropped_no_backend);
-            return None;
-        };
+        // Access rules, the per-source flow rate, affinity and the backend, before any socket
+        // is made: the same path as a TCP session's, so a client's flows and sessions agree.
+        let (affinity, backend) =
+            match admit(service, Transport::Udp, source, a.destination, ctx.now_ms) {
+                Ok(admitted) => (admitted.key, admitted.first),
+                Err(refusal) => {
+                    inc(refusal.counter(Transport::Udp, ctx.stats));
+                    return None;
+                }
+            };
         let target = &service.backends[backend];
         let from = &service.settings.connect_from;
         let mut socket = match self.sources.udp(target.addr, from, service.slot) {

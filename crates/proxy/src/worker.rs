@@ -11,11 +11,12 @@ use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Waker};
 
-use conntrack::{AffinityKey, Attach};
+use conntrack::Attach;
 
-use crate::outgoing::{no_local_port, Sources};
+use crate::admission::{admit, Admitted, ConnectError, Transport};
+use crate::outgoing::Sources;
 use crate::pump::{HalfPipe, Pools, Side};
-use crate::session::{set_reset_on_close, CloseReason, Drive, Session, State, Tried, LINGER_POLL};
+use crate::session::{set_reset_on_close, CloseReason, Drive, Session, State, LINGER_POLL};
 use crate::stats::{inc, ports_exhausted, Stats};
 use crate::timer::{Timer, TimerKind, Timers};
 use crate::token::Slot;
@@ -494,7 +495,7 @@ impl Worker {
     /// Admit a client whose real address is `source` (the peer itself, or what a trusted
     /// proxy's header said) and start connecting it to a backend. `registered`: the client
     /// socket is already in the poll (it waited for a PROXY header). Every refusal resets the
-    /// client and gives back the session's place under `--max-conns`.
+    /// client, is counted by reason, and gives back the session's place under `--max-conns`.
     fn route(
         &mut self,
         mut stream: TcpStream,
@@ -504,53 +505,16 @@ impl Worker {
         service: Arc<Service>,
         registered: bool,
     ) {
-        let shared = Arc::clone(&self.shared);
-        let now_ms = shared.now_ms(self.now);
-        let turn_away = |counter: &std::sync::atomic::AtomicU64, stream| {
-            inc(counter);
-            shared.active.fetch_sub(1, AcqRel);
-            refuse(stream);
-        };
-        // Access rules, then per-source limits, before any backend is touched.
-        if !service.guards.acl.allows(source.ip()) {
-            turn_away(&self.stats.denied, stream);
-            return;
-        }
-        let limited = match &service.guards.limiter {
-            None => false,
-            Some(limiter) => match limiter.open_session(source.ip(), now_ms) {
-                guard::Verdict::Allow => true,
-                verdict => {
-                    turn_away(source_counter(&self.stats, verdict), stream);
-                    return;
-                }
-            },
-        };
-        let unlimit = |service: &Service| {
-            if let (true, Some(limiter)) = (limited, &service.guards.limiter) {
-                limiter.close_session(source.ip(), now_ms);
+        let now_ms = self.shared.now_ms(self.now);
+        let mut admitted = match admit(&service, Transport::Tcp, source, destination, now_ms) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                return self.turn_away(stream, refusal.counter(Transport::Tcp, &self.stats))
             }
         };
-        let (key, hash) = match service.settings.affinity {
-            config::Affinity::Source => {
-                let key = AffinityKey::from_ip(source.ip());
-                (Some(key), service.hash_key(&key.to_bytes()))
-            }
-            config::Affinity::FiveTuple => {
-                (None, service.hash_key(&crate::routing::five_tuple(6, source, destination)))
-            }
-        };
-        // A sticky entry wins over the table while its backend may keep its clients.
-        let pinned = key
-            .and_then(|k| service.sticky.lookup(k, now_ms))
-            .and_then(|id| service.pinned(id, now_ms));
-        let mut tried = Tried::default();
-        let first = pinned.or_else(|| service.choose(hash, now_ms, |i| tried.contains(i)));
-        let Some((target, backend)) = self.begin_connect(&service, hash, first, &mut tried, now_ms)
-        else {
-            unlimit(&service);
-            turn_away(&self.stats.no_backend, stream);
-            return;
+        let Some((target, backend)) = self.begin_connect(&service, &mut admitted, now_ms) else {
+            release_source(&service, &admitted, source, now_ms);
+            return self.turn_away(stream, &self.stats.no_backend);
         };
         if registered {
             let _ = self.poll.registry().deregister(&mut stream);
@@ -568,12 +532,9 @@ impl Worker {
             peer,
             source,
             destination,
-            limited,
             service,
-            key,
-            hash,
+            admitted,
             target,
-            tried,
             attached: false,
             counted: false,
             reserved: true,
@@ -583,21 +544,19 @@ impl Worker {
             linger_armed: false,
             queued: false,
         };
-        let registry = self.poll.registry();
-        let both = Interest::READABLE | Interest::WRITABLE;
-        let registered = registry
-            .register(&mut session.client.stream, Slot::Client(slot).token(), both)
-            .and_then(|()| {
-                registry.register(&mut session.backend.stream, Slot::Backend(slot).token(), both)
-            });
-        if let Err(e) = registered {
+        if let Err(e) = self.register_session(&mut session, slot) {
+            // This host's trouble (epoll out of memory): the client is reset and counted like
+            // every other refusal, and no backend is blamed.
             log::warn!("register session of {peer}: {e}");
+            let registry = self.poll.registry();
             let _ = registry.deregister(&mut session.client.stream);
+            let _ = registry.deregister(&mut session.backend.stream);
             session.service.backends[session.target].release();
-            unlimit(&session.service);
+            release_source(&session.service, &session.admitted, source, now_ms);
             self.free.push(slot);
-            shared.active.fetch_sub(1, AcqRel);
-            return;
+            inc(&self.stats.local_errors);
+            let Session { client, .. } = session;
+            return self.turn_away(client.stream, &self.stats.refused_local);
         }
         let generation = session.generation;
         if let State::Connecting { deadline } = session.state {
@@ -608,34 +567,47 @@ impl Worker {
         self.sessions[slot] = Some(session);
     }
 
+    /// Turn a client away: counted in `counter`, reset, its place under `--max-conns` given
+    /// back.
+    fn turn_away(&self, stream: TcpStream, counter: &std::sync::atomic::AtomicU64) {
+        inc(counter);
+        self.shared.active.fetch_sub(1, AcqRel);
+        refuse(stream);
+    }
+
+    /// Put both sockets of a new session in the poll.
+    fn register_session(&self, session: &mut Session, slot: usize) -> io::Result<()> {
+        #[cfg(test)]
+        if tests::FAIL_REGISTER.swap(false, Relaxed) {
+            return Err(io::Error::from_raw_os_error(nix::libc::ENOMEM));
+        }
+        let registry = self.poll.registry();
+        let both = Interest::READABLE | Interest::WRITABLE;
+        registry.register(&mut session.client.stream, Slot::Client(slot).token(), both)?;
+        registry.register(&mut session.backend.stream, Slot::Backend(slot).token(), both)
+    }
+
     // === connecting ===
 
-    /// Start a non-blocking connect to `first`, or to the next backends of the key's fallback
-    /// order while even starting one fails. Returns the backend and its connecting socket.
+    /// Start a non-blocking connect to the next backend of the client's order, and to the
+    /// ones after it while even starting one fails. Returns the backend, with a place under its
+    /// `max-conns` taken, and its connecting socket.
     fn begin_connect(
         &mut self,
         service: &Service,
-        hash: u64,
-        first: Option<usize>,
-        tried: &mut Tried,
+        admitted: &mut Admitted,
         now_ms: u64,
     ) -> Option<(usize, TcpStream)> {
-        let mut target = first;
-        while let Some(t) = target {
-            tried.push(t);
+        while let Some(t) = admitted.next(service, now_ms) {
             let backend = &service.backends[t];
             // A place under its max-conns, taken for the session's whole life (released on a
             // failed connect or at close).
             if !backend.try_reserve() {
                 inc(&self.stats.backend_full);
-                if tried.len() >= crate::session::MAX_TRIES {
-                    return None;
-                }
-                target = service.choose(hash, now_ms, |i| tried.contains(i));
                 continue;
             }
             let addr = backend.addr;
-            match self.sources.tcp(addr, &service.settings.connect_from, service.slot) {
+            let e = match self.sources.tcp(addr, &service.settings.connect_from, service.slot) {
                 Ok(stream) => {
                     if self.starved > 0 {
                         log::warn!("fds are back after {} accept pauses", self.starved);
@@ -645,13 +617,15 @@ impl Worker {
                     let _ = stream.set_nodelay(true);
                     return Some((t, stream));
                 }
-                // Out of fds or memory here: no other backend would do better, and none is
-                // to blame.
-                Err(e) if is_resource_error(&e) => {
-                    backend.release();
+                Err(e) => ConnectError::new(e),
+            };
+            backend.release();
+            match &e {
+                // Out of fds or memory here: no other backend would do better, none is to
+                // blame, and accepting more now would only reset more clients (F3): let them
+                // wait in the backlog until fds come back.
+                ConnectError::Local(_) => {
                     inc(&self.stats.local_errors);
-                    // Accepting more now would only reset more clients (F3): let them wait
-                    // in the backlog until fds come back.
                     for i in 0..self.listeners.len() {
                         self.pause_accepting(i, &format_args!("connect to {addr}: {e}"));
                     }
@@ -659,29 +633,21 @@ impl Worker {
                 }
                 // No port left toward this backend from any local address (F13): another
                 // backend may have some, and this one is not to blame.
-                Err(e) if no_local_port(&e) => {
-                    backend.release();
-                    ports_exhausted(&self.stats, addr, &e);
-                }
-                Err(e) => {
-                    backend.release();
+                ConnectError::NoPort(io) => ports_exhausted(&self.stats, addr, io),
+                ConnectError::Backend(_) | ConnectError::Attempt(_) => {
                     log::debug!("connect to {addr} failed at once: {e}");
-                    if blames_backend(&e) {
+                    if e.blames_backend() {
                         backend.mark_failing(now_ms);
                     }
                     inc(&self.stats.connect_failures);
                 }
             }
-            if tried.len() >= crate::session::MAX_TRIES {
-                return None;
-            }
-            target = service.choose(hash, now_ms, |i| tried.contains(i));
         }
         None
     }
 
     /// The connect in progress failed or timed out: mark the backend and try the next one.
-    fn connect_failed(&mut self, slot: usize, timed_out: bool, blame: bool) {
+    fn connect_failed(&mut self, slot: usize, failure: ConnectFailure) {
         let shared = Arc::clone(&self.shared);
         let now_ms = shared.now_ms(self.now);
         let Some(mut s) = self.sessions[slot].take() else { return };
@@ -690,16 +656,15 @@ impl Worker {
         if std::mem::take(&mut s.reserved) {
             service.backends[s.target].release();
         }
+        let (blame, counter) = match &failure {
+            ConnectFailure::TimedOut => (true, &self.stats.connect_timeouts),
+            ConnectFailure::Error(e) => (e.blames_backend(), &self.stats.connect_failures),
+        };
+        inc(counter);
         if blame {
             service.backends[s.target].mark_failing(now_ms);
         }
-        inc(if timed_out { &self.stats.connect_timeouts } else { &self.stats.connect_failures });
-        let next = if s.tried.len() < crate::session::MAX_TRIES {
-            service.choose(s.hash, now_ms, |i| s.tried.contains(i))
-        } else {
-            None
-        };
-        let started = self.begin_connect(&service, s.hash, next, &mut s.tried, now_ms);
+        let started = self.begin_connect(&service, &mut s.admitted, now_ms);
         let registry = self.poll.registry();
         let generation = s.generation;
         match started {
@@ -760,7 +725,7 @@ impl Worker {
         b.sessions.fetch_add(1, Relaxed);
         b.sessions_total.fetch_add(1, Relaxed);
         s.counted = true;
-        if let Some(key) = s.key {
+        if let Some(key) = s.admitted.key {
             // Pin the client to the backend it actually reached (re-pins after a failover).
             match s.service.sticky.attach(key, b.id, now_ms) {
                 Attach::Full => inc(&self.stats.sticky_full),
@@ -790,8 +755,7 @@ impl Worker {
                 Err(e) => {
                     let addr = s.service.backends[s.target].addr;
                     log::debug!("connect to {addr} failed: {e}");
-                    let blame = blames_backend(&e);
-                    self.connect_failed(slot, false, blame);
+                    self.connect_failed(slot, ConnectFailure::Error(ConnectError::new(e)));
                 }
             }
             return;
@@ -899,7 +863,7 @@ impl Worker {
                 // Still waiting on the attempt that armed this timer.
                 (TimerKind::Connect, State::Connecting { deadline }) if deadline == t.at => {
                     log::debug!("connect to {} timed out", s.service.backends[s.target].addr);
-                    self.connect_failed(t.slot, true, true);
+                    self.connect_failed(t.slot, ConnectFailure::TimedOut);
                 }
                 (TimerKind::Connect, _) => {}
                 // Idle means no byte either way since last_active; otherwise re-arm.
@@ -954,10 +918,8 @@ impl Worker {
         if s.reserved {
             s.service.backends[s.target].release();
         }
-        if let (true, Some(limiter)) = (s.limited, &s.service.guards.limiter) {
-            limiter.close_session(s.source.ip(), self.shared.now_ms(self.now));
-        }
-        if let (Some(key), true) = (s.key, s.attached) {
+        release_source(&s.service, &s.admitted, s.source, self.shared.now_ms(self.now));
+        if let (Some(key), true) = (s.admitted.key, s.attached) {
             s.service.sticky.detach(key, self.shared.now_ms(self.now));
         }
         self.shared.active.fetch_sub(1, AcqRel);
@@ -1020,12 +982,19 @@ fn encode_proxy_header(
     }
 }
 
-/// The counter of a per-source refusal.
-fn source_counter(stats: &Stats, verdict: guard::Verdict) -> &std::sync::atomic::AtomicU64 {
-    match verdict {
-        guard::Verdict::OverConns => &stats.source_over_conns,
-        guard::Verdict::OverConnRate | guard::Verdict::OverFlowRate => &stats.source_over_rate,
-        guard::Verdict::TableFull | guard::Verdict::Allow => &stats.source_table_full,
+/// Why a connect in progress failed.
+#[derive(Debug)]
+enum ConnectFailure {
+    /// No answer within the connect timeout: the backend is blamed.
+    TimedOut,
+    /// The handshake failed (`SO_ERROR`).
+    Error(ConnectError),
+}
+
+/// Give back the session count the per-source limiter holds for an admitted client, if any.
+fn release_source(service: &Service, admitted: &Admitted, source: SocketAddr, now_ms: u64) {
+    if let (true, Some(limiter)) = (admitted.limited, &service.guards.limiter) {
+        limiter.close_session(source.ip(), now_ms);
     }
 }
 
@@ -1034,17 +1003,94 @@ fn refuse(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
 }
 
-/// Whether a failed connect says something about the backend (refused, unreachable, timed out)
-/// rather than about this host (ports, fds, memory), which must not mark a healthy backend down.
-fn blames_backend(e: &io::Error) -> bool {
-    use nix::libc::{ECONNREFUSED, ECONNRESET, EHOSTUNREACH, ENETUNREACH, ETIMEDOUT};
-    matches!(
-        e.raw_os_error(),
-        Some(ECONNREFUSED | ECONNRESET | EHOSTUNREACH | ENETUNREACH | ETIMEDOUT)
-    )
-}
-
 fn is_resource_error(e: &io::Error) -> bool {
     use nix::libc::{EMFILE, ENFILE, ENOBUFS, ENOMEM};
     matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+    use conntrack::{Sticky, StickyConfig};
+
+    use super::*;
+    use crate::routing::{BackendState, Guards, Settings};
+
+    /// Set to make the next session registration fail as if epoll were out of memory.
+    pub(super) static FAIL_REGISTER: AtomicBool = AtomicBool::new(false);
+
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    fn wait_until(mut condition: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            if condition() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        condition()
+    }
+
+    #[test]
+    fn a_session_that_cannot_be_registered_resets_its_client_and_is_counted() {
+        // A backend that never accepts: the kernel completes handshakes into its backlog.
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let state = Arc::new(BackendState::new(0, "b0".into(), backend.local_addr().unwrap()));
+        state.set_max_conns(std::num::NonZeroU32::new(1));
+        let settings = Settings {
+            affinity: config::Affinity::Source,
+            connect_timeout: PATIENCE,
+            idle_timeout: PATIENCE,
+            udp_idle_timeout: PATIENCE,
+            connect_from: Vec::new(),
+            udp_buffers: Default::default(),
+        };
+        let sticky = Arc::new(Sticky::new(StickyConfig { capacity: 8, timeout_ms: 1000 }, [0; 16]));
+        let backends = vec![(Arc::clone(&state), 1)];
+        let service =
+            Service::new("s".into(), 0, settings, backends, 101, 0, sticky, Guards::default());
+        let shared = Arc::new(Shared {
+            max_conns: 8,
+            max_pipes: 0,
+            active: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
+            flow_hash_key: [0; 16],
+        });
+        let (mut sockets, addrs) = crate::bind_all(&["127.0.0.1:0".parse().unwrap()], 1).unwrap();
+        let listeners = Listeners { tcp: vec![(0, sockets[0].remove(0))], udp: Vec::new() };
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (worker, waker) = Worker::new(
+            0,
+            Arc::clone(&shared),
+            vec![Arc::new(service.unwrap())],
+            listeners,
+            Arc::clone(&stats),
+            rx,
+        )
+        .unwrap();
+        let running = std::thread::spawn(move || worker.run());
+
+        FAIL_REGISTER.store(true, Relaxed);
+        let mut client = std::net::TcpStream::connect(addrs[0]).unwrap();
+        client.set_read_timeout(Some(PATIENCE)).unwrap();
+        let got = client.read(&mut [0u8; 1]);
+        assert_eq!(got.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset), "not a reset");
+        assert!(wait_until(|| stats.refused_local.load(Relaxed) == 1), "not counted");
+        assert_eq!(stats.local_errors.load(Relaxed), 1);
+        assert_eq!(stats.no_backend.load(Relaxed), 0);
+        assert_eq!(shared.active.load(Relaxed), 0, "its place under --max-conns leaked");
+        // Its place under the backend's max-conns (1) came back: the next client is served.
+        let _next = std::net::TcpStream::connect(addrs[0]).unwrap();
+        assert!(wait_until(|| stats.established.load(Relaxed) == 1), "the next client waits");
+        assert_eq!(state.sessions.load(Relaxed), 1);
+
+        tx.send(Command::Shutdown { deadline: Instant::now() }).unwrap();
+        waker.wake().unwrap();
+        running.join().unwrap().unwrap();
+    }
 }
