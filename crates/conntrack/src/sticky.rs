@@ -1015,6 +1015,7 @@ mod tests {
     // ---- concurrency -----------------------------------------------------------------------
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // threads are the test's harness
     fn two_threads_on_overlapping_keys_keep_live_counts() {
         const KEYS: u64 = 64;
         const STEPS: u64 = 20_000;
@@ -1062,6 +1063,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // threads are the test's harness
     fn capacity_holds_under_concurrent_attach_and_sweep() {
         const CAPACITY: usize = 64;
         let sticky = Arc::new(table(CAPACITY, 20));

@@ -14,6 +14,7 @@
 //! ```
 
 #![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used)] // allowed in tests
 
 use std::fmt;
 use std::io::{self, Read, Write};

@@ -31,6 +31,9 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(unsafe_code)] // syscall wrappers in `sys` only
+#![deny(clippy::unwrap_used)] // traffic never panics the process (allowed in tests)
+
 pub mod admission;
 mod listener;
 pub mod outgoing;

@@ -1,4 +1,7 @@
-//! The few socket ioctls std, mio, socket2 and nix do not wrap.
+//! The few socket calls std, mio, socket2 and nix do not wrap: the one module of the data
+//! plane that may use `unsafe`, each block with a `// SAFETY:` comment.
+
+#![allow(unsafe_code)]
 
 use std::os::fd::AsRawFd;
 

@@ -8,6 +8,9 @@ use nix::sys::ptrace;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+/// How long a thread may take to show its name.
+const NAMED_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One thread held stopped (ptrace(2) `PTRACE_SEIZE` then `PTRACE_INTERRUPT`) until dropped.
 /// Only the thread that froze it may release it (a tracer is a thread), so it is neither
 /// `Send` nor `Sync`. If the test thread ends first, the kernel releases it.
@@ -18,8 +21,15 @@ pub struct FrozenThread {
 
 impl FrozenThread {
     /// Stop the thread named `name` (its `comm`) of process `pid`, and wait until it is stopped.
+    /// A thread names itself once it runs (std sets `comm` from the new thread), which may be
+    /// after the process said it is ready: its name is looked for until [`NAMED_WITHIN`].
     pub fn freeze(pid: u32, name: &str) -> io::Result<FrozenThread> {
-        let tid = thread_named(pid, name)?;
+        let mut found = thread_named(pid, name);
+        crate::wait_until(NAMED_WITHIN, || {
+            found = thread_named(pid, name);
+            !matches!(&found, Err(e) if e.kind() == io::ErrorKind::NotFound)
+        });
+        let tid = found?;
         ptrace::seize(tid, ptrace::Options::empty())?;
         let frozen = FrozenThread { tid, _tracer_thread: PhantomData };
         ptrace::interrupt(tid)?;
