@@ -34,12 +34,14 @@ use proxy::{Command, Listeners, Shared, Snapshot, Stats};
 
 use admin::{Admin, Ask};
 use registry::Registry;
+use reload::ReloadError;
 
 mod admin;
 mod checks;
 mod metrics;
 pub mod probe;
 mod registry;
+mod reload;
 
 /// File descriptors kept out of the session budget: listeners, epoll, wakers, logs, pooled
 /// pipes and room for the accept back-off to recover in.
@@ -457,14 +459,11 @@ impl Supervisor<'_> {
         }
     }
 
-    /// Read the config file again and apply it. Everything that can fail (reading, validating,
-    /// building tables, binding new listeners) happens before anything changes, so a refused
-    /// reload leaves the running configuration exactly as it was.
-    fn reload(&mut self) -> Result<String, String> {
-        let Some(path) = self.file.clone() else {
-            return Err("tether was started without --config: nothing to reload".into());
-        };
-        let next = config::file::load_path(&path).map_err(|e| e.to_string())?;
+    /// Read the config file again and apply it, all or nothing (`reload::prepare` changes
+    /// nothing; `reload::commit` cannot fail).
+    fn reload(&mut self) -> Result<String, ReloadError> {
+        let Some(path) = self.file.clone() else { return Err(ReloadError::NoFile) };
+        let next = config::file::load_path(&path).map_err(ReloadError::Config)?;
         for (what, same) in [
             ("workers", next.workers == self.config.workers),
             ("max-conns", next.max_conns == self.config.max_conns),
@@ -472,125 +471,17 @@ impl Supervisor<'_> {
             ("splice", next.splice == self.config.splice),
             ("listeners", next.listeners == self.config.listeners),
             ("admin", next.admin == self.config.admin),
+            ("admin-max-conns", next.admin_max_conns == self.config.admin_max_conns),
+            ("admin-timeout", next.admin_timeout == self.config.admin_timeout),
         ] {
             if !same {
                 log::warn!("reload: `{what}` changed; it takes effect at the next restart");
             }
         }
         let mut reg = self.lock();
-        if reg.shared.flow_budget.limit() == 0 && next.services.iter().any(|s| s.protocol.udp()) {
-            return Err(
-                "no UDP service ran at start, so no flows were budgeted from the fd limit: \
-                        restart tether to add the first UDP service"
-                    .into(),
-            );
-        }
-        // Check every service's table builds, and bind every new listener, first.
-        for service in &next.services {
-            let backends: Vec<ring::Member> = service
-                .backends
-                .iter()
-                .map(|b| ring::Member { name: b.name.clone(), weight: b.weight.get() })
-                .collect();
-            ring::Ring::build(&backends, service.table_size, service.seed)
-                .map_err(|e| format!("service {:?}: {e}", service.name))?;
-        }
-        check_connect_from(&next.services)?;
-        let slot_of = |name: &str| {
-            reg.services.iter().position(|s| s.as_ref().is_some_and(|s| s.config.name == name))
-        };
-        let mut new_slot = reg.services.len();
-        let mut per_worker: Vec<Listeners> =
-            (0..self.workers).map(|_| Listeners::default()).collect();
-        let mut bound_by_service = Vec::new();
-        let mut closing = Vec::new();
-        for service in &next.services {
-            let existing = slot_of(&service.name);
-            let slot = existing.unwrap_or_else(|| {
-                new_slot += 1;
-                new_slot - 1
-            });
-            let kept: Vec<(SocketAddr, SocketAddr, bool)> = match existing {
-                Some(i) => reg.services[i].as_ref().expect("found").listeners.clone(),
-                None => Vec::new(),
-            };
-            let keep = |want: &SocketAddr, udp: bool| {
-                kept.iter().find(|(w, _, u)| w == want && *u == udp).copied()
-            };
-            let mut listeners = Vec::new();
-            for &want in &service.listen {
-                let (tcp, udp) = (service.protocol.tcp(), service.protocol.udp());
-                let (tcp_kept, udp_kept) = (keep(&want, false), keep(&want, true));
-                listeners.extend(tcp_kept.filter(|_| tcp));
-                listeners.extend(udp_kept.filter(|_| udp));
-                let need_tcp = tcp && tcp_kept.is_none();
-                let need_udp = udp && udp_kept.is_none();
-                if need_tcp || need_udp {
-                    // A port already bound by one transport is reused for the other.
-                    let at = tcp_kept.or(udp_kept).map_or(want, |(_, bound, _)| bound);
-                    let mode = need_tcp.then_some(self.config.listeners);
-                    let udp = need_udp.then(|| proxy::udp_socket::UdpBuffers::of(service));
-                    let bound =
-                        proxy::bind(&[at], self.workers, mode, udp).map_err(|e| e.to_string())?;
-                    hand_out(want, bound, slot, &mut per_worker, &mut listeners);
-                }
-            }
-            for old in &kept {
-                if !listeners.contains(old) {
-                    closing.push((old.1, old.2));
-                }
-            }
-            bound_by_service.push((slot, existing.is_some(), listeners));
-        }
-        for (i, s) in reg.services.iter().enumerate() {
-            if let Some(s) = s {
-                if !next.services.iter().any(|n| n.name == s.config.name) {
-                    closing.extend(s.listeners.iter().map(|l| (l.1, l.2)));
-                    log::info!("reload: service {:?} removed (slot {i})", s.config.name);
-                }
-            }
-        }
-        // Nothing below can fail for a reason the checks above did not already rule out.
-        let mut summary = Vec::new();
-        let mut announced = Vec::new();
-        for (service, (slot, existed, listeners)) in next.services.iter().zip(bound_by_service) {
-            if existed {
-                reg.reconfigure(slot, service.clone()).map_err(|e| e.to_string())?;
-            } else {
-                let got = reg.add_service(service.clone()).map_err(|e| e.to_string())?;
-                debug_assert_eq!(got, slot);
-                summary.push(format!("service {:?} added", service.name));
-            }
-            for l in &listeners {
-                if !reg.services[slot].as_ref().expect("just set").listeners.contains(l) {
-                    announced.push(*l);
-                }
-            }
-            reg.services[slot].as_mut().expect("just set").listeners = listeners;
-        }
-        let removed: Vec<usize> = reg
-            .services
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| {
-                s.as_ref().is_some_and(|s| !next.services.iter().any(|n| n.name == s.config.name))
-            })
-            .map(|(i, _)| i)
-            .collect();
-        for i in removed {
-            let name = reg.services[i].take().map(|s| s.config.name).unwrap_or_default();
-            reg.event(format!("service {name:?} removed by reload"));
-            summary.push(format!("service {name:?} removed"));
-        }
-        // Old sockets close before new ones open: a new socket on an address a closing one
-        // shares (SO_REUSEPORT) must not be caught by the close.
-        if !closing.is_empty() {
-            for (tx, waker) in &reg.workers.links {
-                let _ = tx.send(Command::Unlisten(closing.clone()));
-                let _ = waker.wake();
-            }
-        }
-        reg.listen(per_worker);
+        let mode = self.config.listeners;
+        let plan = reload::prepare(&reg, &next.services, self.workers, mode, &mut |_| Ok(()))?;
+        let (mut summary, announced) = reload::commit(&mut reg, plan);
         reg.event(format!("configuration reloaded from {}", path.display()));
         drop(reg);
         announce_listeners(&announced);

@@ -49,7 +49,7 @@ pub struct Workers {
 }
 
 impl Workers {
-    fn send(&self, make: impl Fn() -> Command) {
+    pub(crate) fn send(&self, make: impl Fn() -> Command) {
         for (tx, waker) in &self.links {
             let _ = tx.send(make());
             let _ = waker.wake();
@@ -83,12 +83,12 @@ pub struct ServiceCtl {
 pub struct Registry {
     /// By slot; `None` once a reload removed the service.
     pub services: Vec<Option<ServiceCtl>>,
-    next_id: BackendId,
+    pub(crate) next_id: BackendId,
     pub shared: Arc<Shared>,
     pub stats: Vec<Arc<Stats>>,
     pub workers: Workers,
     pub events: VecDeque<Event>,
-    sticky_key: [u8; 16],
+    pub(crate) sticky_key: [u8; 16],
     /// Health state changes since start.
     pub transitions: u64,
     /// What the admin server counts (shared with its thread).
@@ -145,31 +145,11 @@ impl Registry {
         config: config::Service,
         slot: usize,
     ) -> Result<ServiceCtl, ring::BuildError> {
-        let sticky = Arc::new(Sticky::new(
-            StickyConfig {
-                capacity: config.sticky_capacity,
-                timeout_ms: config.sticky_timeout.as_millis() as u64,
-            },
-            self.sticky_key,
-        ));
-        let backends: Vec<BackendCtl> =
-            config.backends.iter().map(|b| self.new_backend(b, &config)).collect();
-        let limiter = limiter_for(&config.guard, self.sticky_key);
-        let snapshot = Arc::new(snapshot(&config, slot, &backends, &sticky, &limiter)?);
-        Ok(ServiceCtl { config, backends, sticky, limiter, snapshot, listeners: Vec::new() })
+        build_service(config, slot, &mut self.next_id, self.sticky_key)
     }
 
     fn new_backend(&mut self, spec: &config::BackendSpec, service: &config::Service) -> BackendCtl {
-        let id = self.next_id;
-        self.next_id += 1;
-        let state = BackendState::new(id, spec.name.clone(), spec.addr);
-        state.set_max_conns(spec.max_conns);
-        BackendCtl {
-            state: Arc::new(state),
-            weight: spec.weight,
-            checker: Checker::new(service.health.rise, service.health.fall),
-            failures_seen: 0,
-        }
+        backend_ctl(&mut self.next_id, spec, service)
     }
 
     /// Every current snapshot (for starting workers).
@@ -188,7 +168,7 @@ impl Registry {
     /// Rebuild service `slot`'s snapshot from its record and send it to the workers.
     fn publish(&mut self, slot: usize) -> Result<(), Refusal> {
         let Some(s) = self.services[slot].as_mut() else { return Ok(()) };
-        let snap = snapshot(&s.config, slot, &s.backends, &s.sticky, &s.limiter)
+        let snap = snapshot(&s.config, slot, members(&s.backends), &s.sticky, &s.limiter)
             .map_err(|e| Refusal::Bad(e.to_string()))?;
         s.snapshot = Arc::new(snap);
         let snap = Arc::clone(&s.snapshot);
@@ -380,69 +360,6 @@ impl Registry {
         }
     }
 
-    /// Replace service `slot`'s configuration (a reload): backends matched by name keep their
-    /// state, counters and pins; new ones start ready and up; removed ones take no new session.
-    pub fn reconfigure(&mut self, slot: usize, config: config::Service) -> Result<(), Refusal> {
-        let Some(s) = self.services[slot].as_mut() else { return Ok(()) };
-        let mut old: Vec<BackendCtl> = std::mem::take(&mut s.backends);
-        let mut fresh = Vec::with_capacity(config.backends.len());
-        let mut added = Vec::new();
-        for spec in &config.backends {
-            match old.iter().position(|b| b.state.name == spec.name && b.state.addr == spec.addr) {
-                Some(i) => {
-                    let mut b = old.swap_remove(i);
-                    b.weight = spec.weight;
-                    b.state.set_max_conns(spec.max_conns);
-                    b.checker.set_limits(config.health.rise, config.health.fall);
-                    fresh.push(b);
-                }
-                None => added.push(spec.clone()),
-            }
-        }
-        let removed: Vec<String> = old.iter().map(|b| b.state.name.clone()).collect();
-        let killed: Vec<BackendId> = if config.health.on_down == config::OnDown::Kill {
-            old.iter().map(|b| b.state.id).collect()
-        } else {
-            Vec::new()
-        };
-        for spec in &added {
-            let b = self.new_backend(spec, &config);
-            fresh.push(b);
-        }
-        // Keep the configured order (the table does not depend on it, the API shows it).
-        fresh.sort_by_key(|b| config.backends.iter().position(|c| c.name == b.state.name));
-        let s = self.services[slot].as_mut().expect("checked");
-        if limits_of(&s.config.guard) != limits_of(&config.guard) {
-            // New limits start counting afresh; sessions already open release on the limiter
-            // they were counted on.
-            s.limiter = limiter_for(&config.guard, self.sticky_key);
-        }
-        s.backends = fresh;
-        s.config = config;
-        let name = s.config.name.clone();
-        self.publish(slot)?;
-        for b in added {
-            self.event(format!("{name}/{}: added at {} by reload", b.name, b.addr));
-        }
-        for b in removed {
-            self.event(format!("{name}/{b}: removed by reload"));
-        }
-        for id in killed {
-            self.kill(id);
-        }
-        Ok(())
-    }
-
-    /// Add a service (a reload); returns its slot.
-    pub fn add_service(&mut self, config: config::Service) -> Result<usize, Refusal> {
-        let slot = self.services.len();
-        let ctl = self.make_service(config, slot).map_err(|e| Refusal::Bad(e.to_string()))?;
-        let snap = Arc::clone(&ctl.snapshot);
-        self.services.push(Some(ctl));
-        self.workers.send(|| Command::Publish(Arc::clone(&snap)));
-        Ok(slot)
-    }
-
     /// Sweep expired sticky entries and idle per-source records of every service; returns how
     /// many sticky entries went.
     pub fn sweep(&self) -> usize {
@@ -463,11 +380,11 @@ pub struct Pin {
 }
 
 /// The limits part of a guard config, to tell whether a reload changed them.
-fn limits_of(g: &config::GuardConfig) -> (Option<u32>, Option<u32>, Option<u32>, usize) {
+pub(crate) fn limits_of(g: &config::GuardConfig) -> (Option<u32>, Option<u32>, Option<u32>, usize) {
     (g.max_conns_per_source, g.conn_rate_per_source, g.flow_rate_per_source, g.tracked_sources)
 }
 
-fn limiter_for(g: &config::GuardConfig, key: [u8; 16]) -> Option<Arc<guard::Limiter>> {
+pub(crate) fn limiter_for(g: &config::GuardConfig, key: [u8; 16]) -> Option<Arc<guard::Limiter>> {
     g.limits().then(|| {
         Arc::new(guard::Limiter::new(
             guard::LimitConfig {
@@ -481,10 +398,56 @@ fn limiter_for(g: &config::GuardConfig, key: [u8; 16]) -> Option<Arc<guard::Limi
     })
 }
 
-fn snapshot(
+/// A new service's control record with fresh backends, ids taken from `next_id`. Changes
+/// nothing else: a reload builds its new services with this before committing to anything.
+pub(crate) fn build_service(
+    config: config::Service,
+    slot: usize,
+    next_id: &mut BackendId,
+    sticky_key: [u8; 16],
+) -> Result<ServiceCtl, ring::BuildError> {
+    let sticky = Arc::new(Sticky::new(
+        StickyConfig {
+            capacity: config.sticky_capacity,
+            timeout_ms: config.sticky_timeout.as_millis() as u64,
+        },
+        sticky_key,
+    ));
+    let backends: Vec<BackendCtl> =
+        config.backends.iter().map(|b| backend_ctl(next_id, b, &config)).collect();
+    let limiter = limiter_for(&config.guard, sticky_key);
+    let snapshot = Arc::new(snapshot(&config, slot, members(&backends), &sticky, &limiter)?);
+    Ok(ServiceCtl { config, backends, sticky, limiter, snapshot, listeners: Vec::new() })
+}
+
+/// A backend's control record, with the next id of `next_id`.
+pub(crate) fn backend_ctl(
+    next_id: &mut BackendId,
+    spec: &config::BackendSpec,
+    service: &config::Service,
+) -> BackendCtl {
+    let id = *next_id;
+    *next_id += 1;
+    let state = BackendState::new(id, spec.name.clone(), spec.addr);
+    state.set_max_conns(spec.max_conns);
+    BackendCtl {
+        state: Arc::new(state),
+        weight: spec.weight,
+        checker: Checker::new(service.health.rise, service.health.fall),
+        failures_seen: 0,
+    }
+}
+
+/// The table members of `backends`: each one's shared state and weight.
+pub(crate) fn members(backends: &[BackendCtl]) -> Vec<(Arc<BackendState>, u32)> {
+    backends.iter().map(|b| (Arc::clone(&b.state), b.weight.get())).collect()
+}
+
+/// A routing snapshot of service `config` at `slot` with these table members.
+pub(crate) fn snapshot(
     config: &config::Service,
     slot: usize,
-    backends: &[BackendCtl],
+    members: Vec<(Arc<BackendState>, u32)>,
     sticky: &Arc<Sticky>,
     limiter: &Option<Arc<guard::Limiter>>,
 ) -> Result<Service, ring::BuildError> {
@@ -504,7 +467,7 @@ fn snapshot(
         config.name.clone(),
         slot,
         Settings::of(config),
-        backends.iter().map(|b| (Arc::clone(&b.state), b.weight.get())).collect(),
+        members,
         config.table_size,
         config.seed,
         Arc::clone(sticky),

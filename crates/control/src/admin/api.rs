@@ -86,7 +86,7 @@ pub fn route(
             }
             match rx.recv_timeout(std::time::Duration::from_secs(30)) {
                 Ok(Ok(summary)) => ok_json(json!({ "reloaded": summary })),
-                Ok(Err(e)) => error(400, &e),
+                Ok(Err(e)) => error(e.status(), &e.to_string()),
                 Err(_) => error(503, "the reload did not finish in 30s"),
             }
         }

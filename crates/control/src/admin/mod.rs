@@ -93,7 +93,7 @@ pub struct Counters {
 #[derive(Debug)]
 pub enum Ask {
     /// Reload the config file; the answer comes back on the channel.
-    Reload(crossbeam_channel::Sender<Result<String, String>>),
+    Reload(crossbeam_channel::Sender<Result<String, crate::reload::ReloadError>>),
 }
 
 /// The admin listener, bound (before privileges are dropped) but not yet serving.
