@@ -13,170 +13,34 @@ pub fn render(registry: &Registry) -> String {
     for w in &workers {
         total += *w;
     }
-    let process: [(&str, &str, &str, u64); 26] = [
-        ("tether_sessions_accepted_total", "counter", "TCP clients accepted", total.accepted),
-        (
-            "tether_sessions_established_total",
-            "counter",
-            "TCP sessions whose backend connect completed",
-            total.established,
-        ),
-        ("tether_sessions_closed_total", "counter", "TCP sessions closed", total.closed),
-        (
-            "tether_sessions_refused_max_conns_total",
-            "counter",
-            "clients refused at --max-conns",
-            total.refused_max_conns,
-        ),
-        (
-            "tether_sessions_no_backend_total",
-            "counter",
-            "clients closed because no backend could take them",
-            total.no_backend,
-        ),
-        (
-            "tether_sessions_idle_timeouts_total",
-            "counter",
-            "sessions closed by the idle timeout",
-            total.idle_timeouts,
-        ),
-        (
-            "tether_proxy_headers_sent_total",
-            "counter",
-            "PROXY protocol headers sent to backends (TCP sessions and UDP datagrams)",
-            total.proxy_headers_sent,
-        ),
-        (
-            "tether_proxy_header_errors_total",
-            "counter",
-            "connections closed and datagrams dropped from trusted proxies for a missing, malformed or late PROXY header",
-            total.proxy_header_errors,
-        ),
-        (
-            "tether_connects_backend_full_total",
-            "counter",
-            "connect attempts that found their backend at its max-conns and moved on",
-            total.backend_full,
-        ),
-        (
-            "tether_sessions_killed_total",
-            "counter",
-            "sessions and flows ended because their backend went down or into maint (on-down kill)",
-            total.killed,
-        ),
-        (
-            "tether_resets_forwarded_total",
-            "counter",
-            "resets forwarded from one side to the other",
-            total.resets,
-        ),
-        (
-            "tether_connect_failures_total",
-            "counter",
-            "backend connects refused or failed",
-            total.connect_failures,
-        ),
-        (
-            "tether_connect_timeouts_total",
-            "counter",
-            "backend connects timed out",
-            total.connect_timeouts,
-        ),
-        (
-            "tether_connect_retries_total",
-            "counter",
-            "connects retried on the next backend",
-            total.retries,
-        ),
-        ("tether_bytes_in_total", "counter", "TCP bytes client -> backend", total.bytes_in),
-        ("tether_bytes_out_total", "counter", "TCP bytes backend -> client", total.bytes_out),
-        (
-            "tether_sticky_full_total",
-            "counter",
-            "sessions and flows served unpinned: sticky table full",
-            total.sticky_full,
-        ),
-        (
-            "tether_accept_errors_total",
-            "counter",
-            "accept(2) failures (fd exhaustion and the like)",
-            total.accept_errors,
-        ),
-        (
-            "tether_local_errors_total",
-            "counter",
-            "clients refused for lack of local fds, ports or memory",
-            total.local_errors,
-        ),
-        (
-            "tether_ports_exhausted_total",
-            "counter",
-            "backend connects and new flows that found no free local port (F13)",
-            total.ports_exhausted,
-        ),
-        ("tether_datagrams_in_total", "counter", "UDP datagrams from clients", total.datagrams_in),
-        ("tether_datagrams_out_total", "counter", "UDP datagrams to clients", total.datagrams_out),
-        ("tether_flows_created_total", "counter", "UDP flows created", total.flows_created),
-        (
-            "tether_flows_expired_total",
-            "counter",
-            "UDP flows ended by the idle timeout",
-            total.flows_expired,
-        ),
-        (
-            "tether_flows_refused_total",
-            "counter",
-            "new UDP flows dropped at --max-flows",
-            total.flows_refused,
-        ),
-        (
-            "tether_health_transitions_total",
-            "counter",
-            "backend health changes (up <-> down)",
-            registry.transitions,
-        ),
-    ];
-    for (name, kind, help, value) in process {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    // Every worker counter, as stats.rs defines it: under its own name, or in its family.
+    let mut families: Vec<Vec<(String, f64)>> = vec![Vec::new(); proxy::stats::FAMILIES.len()];
+    for (exports, value) in total.exports() {
+        for export in exports {
+            match *export {
+                proxy::stats::Export::Plain(name, help) => {
+                    let _ = writeln!(
+                        out,
+                        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+                    );
+                }
+                proxy::stats::Export::In(family, member) => {
+                    let at = proxy::stats::FAMILIES.iter().position(|f| std::ptr::eq(*f, family));
+                    if let Some(list) = at.and_then(|i| families.get_mut(i)) {
+                        list.push((format!("{}=\"{member}\"", family.label), value as f64));
+                    }
+                }
+            }
+        }
     }
-    let drops: Vec<(String, f64)> = [
-        ("max_flows", total.dropped_max_flows),
-        ("no_backend", total.dropped_no_backend),
-        ("denied", total.dropped_denied),
-        ("source_limit", total.dropped_source_limit),
-        ("local", total.dropped_local),
-        ("to_backend", total.dropped_to_backend),
-        ("to_client", total.dropped_to_client),
-        ("kernel_rcvbuf", total.dropped_kernel),
-    ]
-    .into_iter()
-    .map(|(reason, n)| (format!("reason=\"{reason}\""), n as f64))
-    .collect();
-    labelled(
-        &mut out,
-        "tether_datagrams_dropped_total",
-        "counter",
-        "UDP datagrams dropped, by reason: max_flows (no flow at --max-flows), no_backend, local (no socket or fd here), to_backend and to_client (send failed), kernel_rcvbuf (the kernel dropped them: a socket's receive buffer was full)",
-        &drops,
-    );
-    let refusals: Vec<(String, f64)> = [
-        ("denied", total.denied),
-        ("source_conns", total.source_over_conns),
-        ("source_rate", total.source_over_rate),
-        ("source_table_full", total.source_table_full),
-        ("max_conns", total.refused_max_conns),
-        ("no_backend", total.no_backend),
-        ("local", total.refused_local),
-    ]
-    .into_iter()
-    .map(|(reason, n)| (format!("reason=\"{reason}\""), n as f64))
-    .collect();
-    labelled(
-        &mut out,
-        "tether_sessions_refused_total",
-        "counter",
-        "TCP clients turned away, by reason: denied (allow/deny), source_conns, source_rate and source_table_full (per-source limits), max_conns, no_backend, local (this host could not take the session)",
-        &refusals,
+    for (family, values) in proxy::stats::FAMILIES.iter().zip(&families) {
+        labelled(&mut out, family.name, "counter", family.help, values);
+    }
+    let name = "tether_health_transitions_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} backend health changes (up <-> down)\n# TYPE {name} counter\n{name} {}",
+        registry.transitions
     );
     let tracked: Vec<(String, f64)> = registry
         .services

@@ -40,7 +40,7 @@ pub mod outgoing;
 pub mod pump;
 mod routing;
 mod session;
-mod stats;
+pub mod stats;
 mod sys;
 mod timer;
 mod token;

@@ -3,8 +3,45 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+/// Where a counter shows in `/metrics`: under a name of its own, and/or as one label value of
+/// a family (`tether_sessions_refused_total{reason="denied"}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Export {
+    /// `name` with `help`, a counter.
+    Plain(&'static str, &'static str),
+    /// The value of the family's label.
+    In(&'static Family, &'static str),
+}
+
+/// A counter family whose members are told apart by one label.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Family {
+    pub name: &'static str,
+    pub label: &'static str,
+    pub help: &'static str,
+}
+
+/// TCP clients turned away, by reason.
+pub static REFUSED: Family = Family {
+    name: "tether_sessions_refused_total",
+    label: "reason",
+    help: "TCP clients turned away, by reason: denied (allow/deny), source_conns, source_rate and source_table_full (per-source limits), max_conns, no_backend, local (this host could not take the session)",
+};
+
+/// UDP datagrams dropped, by reason.
+pub static DROPPED: Family = Family {
+    name: "tether_datagrams_dropped_total",
+    label: "reason",
+    help: "UDP datagrams dropped, by reason: max_flows (no flow at --max-flows), no_backend, denied, source_limit, local (no socket or fd here), to_backend and to_client (send failed), kernel_rcvbuf (the kernel dropped them: a socket's receive buffer was full)",
+};
+
+/// The families, in the order `/metrics` shows them.
+pub static FAMILIES: [&Family; 2] = [&DROPPED, &REFUSED];
+
+/// Every counter is defined once, here: its field in [`Stats`] and [`Snapshot`], its doc, and
+/// where it shows in `/metrics` ([`Export`]); `/metrics` is generated from this table.
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($($(#[$doc:meta])* $name:ident => [$($export:expr),* $(,)?]),* $(,)?) => {
         /// Counters of one worker, and its heartbeat.
         #[derive(Debug, Default)]
         pub struct Stats {
@@ -30,9 +67,17 @@ macro_rules! counters {
         }
 
         impl Snapshot {
-            /// `(name, value)` pairs, for logs and metrics.
+            /// `(name, value)` pairs, for logs.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)*]
+            }
+
+            /// Every counter's value with where it shows in `/metrics`, in definition order.
+            pub fn exports(&self) -> Vec<(&'static [Export], u64)> {
+                vec![$({
+                    const EXPORTS: &[Export] = &[$($export),*];
+                    (EXPORTS, self.$name)
+                },)*]
             }
         }
     };
@@ -40,88 +85,159 @@ macro_rules! counters {
 
 counters! {
     /// Client connections accepted.
-    accepted,
+    accepted => [Export::Plain("tether_sessions_accepted_total", "TCP clients accepted")],
     /// Clients refused because `--max-conns` sessions were open.
-    refused_max_conns,
+    refused_max_conns => [
+        Export::Plain("tether_sessions_refused_max_conns_total", "clients refused at --max-conns"),
+        Export::In(&REFUSED, "max_conns"),
+    ],
     /// Sessions closed, for any reason.
-    closed,
+    closed => [Export::Plain("tether_sessions_closed_total", "TCP sessions closed")],
     /// Sessions whose backend connect completed.
-    established,
+    established => [
+        Export::Plain(
+            "tether_sessions_established_total",
+            "TCP sessions whose backend connect completed",
+        ),
+    ],
     /// Backend connects refused or failed.
-    connect_failures,
+    connect_failures => [
+        Export::Plain("tether_connect_failures_total", "backend connects refused or failed"),
+    ],
     /// Backend connects that timed out.
-    connect_timeouts,
+    connect_timeouts => [
+        Export::Plain("tether_connect_timeouts_total", "backend connects timed out"),
+    ],
     /// Connects retried on another backend after a failure.
-    retries,
+    retries => [
+        Export::Plain("tether_connect_retries_total", "connects retried on the next backend"),
+    ],
     /// Clients closed because no backend could take them.
-    no_backend,
+    no_backend => [
+        Export::Plain(
+            "tether_sessions_no_backend_total",
+            "clients closed because no backend could take them",
+        ),
+        Export::In(&REFUSED, "no_backend"),
+    ],
     /// Connect attempts that found their backend full (`max-conns`) and moved on.
-    backend_full,
+    backend_full => [
+        Export::Plain(
+            "tether_connects_backend_full_total",
+            "connect attempts that found their backend at its max-conns and moved on",
+        ),
+    ],
     /// TCP clients refused by the service's allow/deny rules.
-    denied,
+    denied => [Export::In(&REFUSED, "denied")],
     /// PROXY protocol headers sent to backends (TCP sessions and UDP datagrams).
-    proxy_headers_sent,
+    proxy_headers_sent => [
+        Export::Plain(
+            "tether_proxy_headers_sent_total",
+            "PROXY protocol headers sent to backends (TCP sessions and UDP datagrams)",
+        ),
+    ],
     /// Connections and datagrams from trusted proxies whose header was missing or malformed
     /// (closed or dropped), or that did not send it within the header timeout.
-    proxy_header_errors,
+    proxy_header_errors => [
+        Export::Plain(
+            "tether_proxy_header_errors_total",
+            "connections closed and datagrams dropped from trusted proxies for a missing, malformed or late PROXY header",
+        ),
+    ],
     /// TCP clients refused for having `--max-conns-per-source` sessions open.
-    source_over_conns,
+    source_over_conns => [Export::In(&REFUSED, "source_conns")],
     /// TCP clients refused (and UDP flows not made) past their per-source rate.
-    source_over_rate,
+    source_over_rate => [Export::In(&REFUSED, "source_rate")],
     /// Clients refused because the per-source table was full of busy sources.
-    source_table_full,
+    source_table_full => [Export::In(&REFUSED, "source_table_full")],
     /// Bytes moved client -> backend.
-    bytes_in,
+    bytes_in => [Export::Plain("tether_bytes_in_total", "TCP bytes client -> backend")],
     /// Bytes moved backend -> client.
-    bytes_out,
+    bytes_out => [Export::Plain("tether_bytes_out_total", "TCP bytes backend -> client")],
     /// Resets forwarded from one side to the other.
-    resets,
+    resets => [
+        Export::Plain(
+            "tether_resets_forwarded_total",
+            "resets forwarded from one side to the other",
+        ),
+    ],
     /// Sessions closed by the idle timeout.
-    idle_timeouts,
+    idle_timeouts => [
+        Export::Plain("tether_sessions_idle_timeouts_total", "sessions closed by the idle timeout"),
+    ],
     /// Sessions and flows ended because their backend went down or into maint (`on-down kill`).
-    killed,
+    killed => [
+        Export::Plain(
+            "tether_sessions_killed_total",
+            "sessions and flows ended because their backend went down or into maint (on-down kill)",
+        ),
+    ],
     /// Sessions served unpinned because the sticky table was full.
-    sticky_full,
+    sticky_full => [
+        Export::Plain(
+            "tether_sticky_full_total",
+            "sessions and flows served unpinned: sticky table full",
+        ),
+    ],
     /// accept(2) failures (EMFILE and friends), each followed by a back-off.
-    accept_errors,
+    accept_errors => [
+        Export::Plain(
+            "tether_accept_errors_total",
+            "accept(2) failures (fd exhaustion and the like)",
+        ),
+    ],
     /// Clients refused because this host ran out of fds, ports or memory for the backend side.
-    local_errors,
+    local_errors => [
+        Export::Plain(
+            "tether_local_errors_total",
+            "clients refused for lack of local fds, ports or memory",
+        ),
+    ],
     /// Backend connects and new flows that found no free local port toward their backend on
     /// any `connect-from` address (EADDRNOTAVAIL; F13). A TCP client moves on to the next
     /// backend; a datagram is dropped.
-    ports_exhausted,
+    ports_exhausted => [
+        Export::Plain(
+            "tether_ports_exhausted_total",
+            "backend connects and new flows that found no free local port (F13)",
+        ),
+    ],
     /// TCP clients reset because this host could not take their session (its sockets could
     /// not be added to the worker's epoll).
-    refused_local,
+    refused_local => [Export::In(&REFUSED, "local")],
     /// UDP datagrams received from clients.
-    datagrams_in,
+    datagrams_in => [Export::Plain("tether_datagrams_in_total", "UDP datagrams from clients")],
     /// UDP datagrams sent back to clients.
-    datagrams_out,
+    datagrams_out => [Export::Plain("tether_datagrams_out_total", "UDP datagrams to clients")],
     /// UDP datagrams dropped, for any of the reasons below.
-    datagrams_dropped,
+    datagrams_dropped => [],
     /// ... because `--max-flows` flows were open (no flow for a new client).
-    dropped_max_flows,
+    dropped_max_flows => [Export::In(&DROPPED, "max_flows")],
     /// ... because no backend of the service could take a new flow.
-    dropped_no_backend,
+    dropped_no_backend => [Export::In(&DROPPED, "no_backend")],
     /// ... because the service's allow/deny rules refuse the client.
-    dropped_denied,
+    dropped_denied => [Export::In(&DROPPED, "denied")],
     /// ... because the client is past its per-source flow rate (or the table is full).
-    dropped_source_limit,
+    dropped_source_limit => [Export::In(&DROPPED, "source_limit")],
     /// ... because this host had no socket, fd or memory for a new flow.
-    dropped_local,
+    dropped_local => [Export::In(&DROPPED, "local")],
     /// ... because sending to the backend failed (full buffer, unreachable).
-    dropped_to_backend,
+    dropped_to_backend => [Export::In(&DROPPED, "to_backend")],
     /// ... because sending the reply to the client failed (full buffer, unreachable client).
-    dropped_to_client,
+    dropped_to_client => [Export::In(&DROPPED, "to_client")],
     /// ... by the kernel, before tether saw them: a listener's or flow's receive buffer was
     /// full (SO_RXQ_OVFL; `--udp-rcvbuf`).
-    dropped_kernel,
+    dropped_kernel => [Export::In(&DROPPED, "kernel_rcvbuf")],
     /// UDP flows created.
-    flows_created,
+    flows_created => [Export::Plain("tether_flows_created_total", "UDP flows created")],
     /// UDP flows closed by the idle timeout.
-    flows_expired,
+    flows_expired => [
+        Export::Plain("tether_flows_expired_total", "UDP flows ended by the idle timeout"),
+    ],
     /// New UDP flows refused because `--max-flows` flows were open.
-    flows_refused,
+    flows_refused => [
+        Export::Plain("tether_flows_refused_total", "new UDP flows dropped at --max-flows"),
+    ],
 }
 
 /// A worker whose event loop has not turned for this long after the supervisor woke it is
@@ -164,5 +280,40 @@ pub(crate) fn ports_exhausted(stats: &Stats, to: std::net::SocketAddr, e: &std::
         log::warn!(
             "no local port toward {to}: {e} ({n} times so far; add connect-from addresses or widen net.ipv4.ip_local_port_range)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn every_counter_shows_in_metrics_under_a_name_or_label_of_its_own() {
+        let s = Snapshot::default();
+        let (mut names, mut members) = (HashSet::new(), HashSet::new());
+        for ((field, _), (exports, _)) in s.fields().into_iter().zip(s.exports()) {
+            // The one counter left out is the sum of the `datagrams_dropped` family.
+            if exports.is_empty() {
+                assert_eq!(field, "datagrams_dropped", "{field} is not in /metrics");
+            }
+            for export in exports {
+                match *export {
+                    Export::Plain(name, help) => {
+                        assert!(names.insert(name), "{name} twice");
+                        assert!(name.starts_with("tether_") && name.ends_with("_total"), "{name}");
+                        assert!(!help.is_empty() && !help.ends_with('.'), "{name}: {help:?}");
+                    }
+                    Export::In(family, member) => {
+                        assert!(members.insert((family.name, member)), "{member} twice");
+                        assert!(FAMILIES.iter().any(|f| std::ptr::eq(*f, family)));
+                    }
+                }
+            }
+        }
+        for family in FAMILIES {
+            assert!(!names.contains(family.name), "{} is a name and a family", family.name);
+        }
     }
 }
