@@ -26,5 +26,5 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-cargo build --release --quiet --bin tether --bin tether-bench
+cargo build --release --quiet -p tether -p tether-bench
 exec python3 scripts/bench.py "$@"

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --quiet --bin tether --bin tether-bench
+cargo build --quiet -p tether -p tether-bench
 bin=target/debug
 work=$(mktemp -d)
 pids=()

@@ -13,7 +13,7 @@ moment:
 In the `black-holed` variants b0's accept queue (1024) is filled first, so the kernel drops every SYN
 to it, as for a host that vanished or a firewall that drops.
 
-Usage: scripts/hung-backend.py [--only NAME] (builds nothing: run `cargo build` first).
+Usage: scripts/hung-backend.py [--only NAME] (builds nothing: run `cargo build --workspace` first).
 Every process it starts is stopped by PID; every wait is bounded (CAP seconds).
 """
 

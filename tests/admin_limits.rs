@@ -89,7 +89,7 @@ fn idle_admin_connections_never_starve_the_data_path() {
     cmd.args(["--health-check", "off", "--admin-timeout", "1m", "--splice", "off"]);
     cmd.args(backend_args(&pool));
     let t = Tether::start_command(cmd).expect("start tether under prlimit");
-    assert_eq!(http(t.admin(), "GET", "/metrics", "").unwrap().status, 200);
+    // Counted before any admin connection: one just closed may hold its fd a moment longer.
     let (fds, threads) = (t.fd_count().unwrap(), t.threads().unwrap());
     let idle: Vec<TcpStream> =
         (0..500).filter_map(|_| TcpStream::connect_timeout(&t.admin(), DEADLINE).ok()).collect();

@@ -23,7 +23,6 @@
 
 #![forbid(unsafe_code)]
 
-mod duration;
 pub mod file;
 
 use std::fmt;
@@ -33,7 +32,8 @@ use std::time::Duration;
 
 use argh::FromArgs;
 
-pub use duration::{format_duration, parse_duration};
+pub use vocab::duration::{format_duration, parse_duration};
+pub use vocab::{Affinity, Listeners, OnDown, Protocol, ProxyVersion, Splice};
 
 /// How long a client stays pinned after its last session ends. Database clients reconnect after
 /// pool recycling and game clients after short drops; half an hour covers both.
@@ -243,53 +243,6 @@ pub struct Args {
     pub sticky_prefill: Option<String>,
 }
 
-/// What a client is pinned by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Affinity {
-    /// Every connection of one client IP goes to one backend (sticky table).
-    Source,
-    /// Each connection is hashed on its own 5-tuple; no sticky entry.
-    FiveTuple,
-}
-
-/// Which transports a service's listeners take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Both,
-}
-
-impl Protocol {
-    pub fn tcp(self) -> bool {
-        matches!(self, Protocol::Tcp | Protocol::Both)
-    }
-
-    pub fn udp(self) -> bool {
-        matches!(self, Protocol::Udp | Protocol::Both)
-    }
-}
-
-/// Which byte pump sessions use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Splice {
-    /// `splice(2)` through a pipe per direction where the kernel supports it.
-    Auto,
-    /// Userspace buffers only.
-    Off,
-}
-
-/// How the workers share a TCP listen address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listeners {
-    /// One socket, in every worker's epoll with `EPOLLEXCLUSIVE`: the kernel wakes one idle
-    /// worker per connection, so a stalled or busy worker holds no one up.
-    Shared,
-    /// One `SO_REUSEPORT` socket per worker: the kernel hashes each connection to one of them,
-    /// whether or not that worker is free.
-    PerWorker,
-}
-
 /// One backend as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
@@ -326,16 +279,6 @@ pub struct HealthConfig {
     pub on_down: OnDown,
 }
 
-/// What happens to a backend's open sessions and flows when it goes down (health) or into
-/// `maint` (admin), like HAProxy's `on-marked-down shutdown-sessions`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnDown {
-    /// They run on until they end by themselves (the default: never cut a live session).
-    Keep,
-    /// They are reset at once, so clients notice and reconnect to a backend that is up.
-    Kill,
-}
-
 /// `keep` or `kill`.
 pub fn parse_on_down(raw: &str) -> Result<OnDown, String> {
     match raw {
@@ -348,8 +291,8 @@ pub fn parse_on_down(raw: &str) -> Result<OnDown, String> {
 /// Who may connect, and how much (issue 6; docs/security.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardConfig {
-    pub allow: Vec<guard::Cidr>,
-    pub deny: Vec<guard::Cidr>,
+    pub allow: Vec<vocab::Cidr>,
+    pub deny: Vec<vocab::Cidr>,
     pub max_conns_per_source: Option<u32>,
     pub conn_rate_per_source: Option<u32>,
     pub flow_rate_per_source: Option<u32>,
@@ -366,13 +309,6 @@ impl GuardConfig {
     }
 }
 
-/// A PROXY protocol version (haproxy's spec).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyVersion {
-    V1,
-    V2,
-}
-
 /// The PROXY protocol, both ways.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyConfig {
@@ -381,7 +317,7 @@ pub struct ProxyConfig {
     /// UDP: a header on every datagram, not only a flow's first.
     pub send_every_datagram: bool,
     /// Sources whose header is required and believed; empty: no header is read.
-    pub trusted: Vec<guard::Cidr>,
+    pub trusted: Vec<vocab::Cidr>,
     /// How long a trusted proxy may take to send its whole header.
     pub header_timeout: Duration,
 }
@@ -937,11 +873,11 @@ pub fn parse_connect_from(raw: &str) -> Result<IpAddr, String> {
 }
 
 /// Networks from a list setting; errors name the item.
-fn cidrs(origin: &Origin, key: &str, raw: &[String]) -> Result<Vec<guard::Cidr>, ConfigError> {
+fn cidrs(origin: &Origin, key: &str, raw: &[String]) -> Result<Vec<vocab::Cidr>, ConfigError> {
     raw.iter()
         .enumerate()
         .map(|(i, r)| {
-            r.parse::<guard::Cidr>()
+            r.parse::<vocab::Cidr>()
                 .map_err(|e| ConfigError::at(origin.item(key, i), Some(r.clone()), e.to_string()))
         })
         .collect()

@@ -22,8 +22,8 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::hash::KeyedHasher;
-use crate::key::BackendId;
+use vocab::BackendId;
+use vocab::KeyedHasher;
 
 /// Heap entries beyond twice the number of flows that trigger a rebuild of the heap. Removed
 /// flows leave their entry behind (it is dropped when it comes due); a caller that removes many

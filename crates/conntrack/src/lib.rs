@@ -50,8 +50,6 @@
 #![warn(missing_docs)]
 
 mod flow;
-mod hash;
-mod key;
 mod sticky;
 #[doc(hidden)]
 pub mod testutil;
@@ -59,6 +57,5 @@ pub mod testutil;
 pub use flow::{
     Admit, Expired, Flow, FlowBudget, FlowKey, FlowStats, FlowTable, Inserted, Refused,
 };
-pub use hash::KeyedHasher;
-pub use key::{AffinityKey, BackendId};
 pub use sticky::{Attach, EntryView, Sticky, StickyConfig, StickyStats};
+pub use vocab::{AffinityKey, BackendId, KeyedHasher};

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::{DashMap, Entry};
 
-use crate::hash::KeyedHasher;
-use crate::key::{AffinityKey, BackendId};
+use vocab::KeyedHasher;
+use vocab::{AffinityKey, BackendId};
 
 /// Lock shards. A fixed number rather than dashmap's default (4 x cores) so that the table, and a
 /// simulation of it, behaves the same on every machine; 64 keeps contention low for 16 workers

@@ -287,7 +287,7 @@ fn bind_service(
     let mut out = Vec::new();
     for &want in &service.listen {
         let tcp = service.protocol.tcp().then_some(mode);
-        let udp = service.protocol.udp().then(|| proxy::udp_socket::UdpBuffers::of(service));
+        let udp = service.protocol.udp().then(|| registry::udp_buffers_of(service));
         let bound = proxy::bind(&[want], workers, tcp, udp).map_err(RunError::Bind)?;
         hand_out(want, bound, slot, per_worker, &mut out);
     }

@@ -438,6 +438,23 @@ pub(crate) fn backend_ctl(
     }
 }
 
+/// What a service's sessions and flows read of its settings.
+pub(crate) fn settings_of(service: &config::Service) -> Settings {
+    Settings {
+        affinity: service.affinity,
+        connect_timeout: service.connect_timeout,
+        idle_timeout: service.idle_timeout,
+        udp_idle_timeout: service.udp_idle_timeout,
+        connect_from: service.connect_from.clone(),
+        udp_buffers: udp_buffers_of(service),
+    }
+}
+
+/// The kernel buffers asked for a service's UDP sockets.
+pub(crate) fn udp_buffers_of(service: &config::Service) -> proxy::udp_socket::UdpBuffers {
+    proxy::udp_socket::UdpBuffers { rcvbuf: service.udp_rcvbuf, sndbuf: service.udp_sndbuf }
+}
+
 /// The table members of `backends`: each one's shared state and weight.
 pub(crate) fn members(backends: &[BackendCtl]) -> Vec<(Arc<BackendState>, u32)> {
     backends.iter().map(|b| (Arc::clone(&b.state), b.weight.get())).collect()
@@ -466,7 +483,7 @@ pub(crate) fn snapshot(
     Service::new(
         config.name.clone(),
         slot,
-        Settings::of(config),
+        settings_of(config),
         members,
         config.table_size,
         config.seed,

@@ -220,7 +220,7 @@ fn plan_listeners(
             let at = tcp_kept.or(udp_kept).map_or(want, |(_, bound, _)| bound);
             step(&Step::Bind(want))?;
             let mode = need_tcp.then_some(mode);
-            let udp = need_udp.then(|| proxy::udp_socket::UdpBuffers::of(service));
+            let udp = need_udp.then(|| registry::udp_buffers_of(service));
             let bound = proxy::bind(&[at], workers, mode, udp).map_err(ReloadError::Bind)?;
             let before = listeners.len();
             crate::hand_out(want, bound, slot, &mut plan.per_worker, &mut listeners);

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use conntrack::{AffinityKey, KeyedHasher};
+use vocab::{AffinityKey, KeyedHasher};
 
 /// Log2 of the number of lock shards.
 const SHARD_BITS: u32 = 6;

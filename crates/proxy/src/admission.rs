@@ -113,11 +113,11 @@ pub fn admit(
         limited = transport == Transport::Tcp;
     }
     let (key, hash) = match service.settings.affinity {
-        config::Affinity::Source => {
+        vocab::Affinity::Source => {
             let key = AffinityKey::from_ip(source.ip());
             (Some(key), service.hash_key(&key.to_bytes()))
         }
-        config::Affinity::FiveTuple => {
+        vocab::Affinity::FiveTuple => {
             (None, service.hash_key(&five_tuple(transport.protocol(), source, destination)))
         }
     };
@@ -257,7 +257,7 @@ mod tests {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, last)), port)
     }
 
-    fn service(n: usize, affinity: config::Affinity, guards: Guards) -> Service {
+    fn service(n: usize, affinity: vocab::Affinity, guards: Guards) -> Service {
         let backends = (0..n)
             .map(|i| {
                 let b = BackendState::new(i as u32, format!("b{i}"), addr(100 + i as u8, 5432));
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn tcp_and_udp_of_one_client_get_the_same_backend() {
-        let s = service(5, config::Affinity::Source, Guards::default());
+        let s = service(5, vocab::Affinity::Source, Guards::default());
         for last in 1..50 {
             let tcp = admit(&s, Transport::Tcp, addr(last, 1000), addr(1, DST), 0).unwrap();
             let udp = admit(&s, Transport::Udp, addr(last, 2000), addr(1, DST), 0).unwrap();
@@ -304,7 +304,7 @@ mod tests {
 
     #[test]
     fn a_pin_wins_over_the_table_while_its_backend_may_keep_it() {
-        let s = service(3, config::Affinity::Source, Guards::default());
+        let s = service(3, vocab::Affinity::Source, Guards::default());
         let client = addr(9, 1000);
         let table = admit(&s, Transport::Tcp, client, addr(1, DST), 0).unwrap();
         let other = (table.first + 1) % 3;
@@ -324,7 +324,7 @@ mod tests {
     fn refusals_in_order_each_counted_per_transport() {
         let acl = guard::Acl::new(Vec::new(), vec!["192.0.2.66/32".parse().unwrap()]);
         let guards = Guards { acl: Arc::new(acl), limiter: Some(limiter(1)), ..Guards::default() };
-        let s = service(2, config::Affinity::Source, guards);
+        let s = service(2, vocab::Affinity::Source, guards);
         let stats = Stats::default();
         let denied = admit(&s, Transport::Tcp, addr(66, 1), addr(1, DST), 0).unwrap_err();
         assert_eq!(denied, Refusal::Denied);
@@ -353,7 +353,7 @@ mod tests {
     #[test]
     fn no_backend_gives_the_session_count_back() {
         let guards = Guards { limiter: Some(limiter(1)), ..Guards::default() };
-        let s = service(1, config::Affinity::Source, guards);
+        let s = service(1, vocab::Affinity::Source, guards);
         s.backends[0].set_admin(AdminState::Maint);
         for port in 1..4 {
             let refused = admit(&s, Transport::Tcp, addr(5, port), addr(1, DST), 0).unwrap_err();
@@ -363,7 +363,7 @@ mod tests {
 
     #[test]
     fn the_walk_tries_each_backend_once_and_at_most_max_tries() {
-        let s = service(12, config::Affinity::FiveTuple, Guards::default());
+        let s = service(12, vocab::Affinity::FiveTuple, Guards::default());
         let mut a = admit(&s, Transport::Tcp, addr(5, 1), addr(1, DST), 0).unwrap();
         assert!(a.key.is_none());
         let mut seen = Vec::new();

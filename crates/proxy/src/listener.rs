@@ -1,7 +1,7 @@
 //! Binding listeners, all before any worker starts, so a bad address or a port in use stops the
 //! process before it serves anyone. TCP: one socket per address that every worker waits on
 //! (each holds its own descriptor of it), or one `SO_REUSEPORT` socket per worker per address
-//! ([`config::Listeners`]). UDP: always one `SO_REUSEPORT` socket per worker, so each client's
+//! ([`vocab::Listeners`]). UDP: always one `SO_REUSEPORT` socket per worker, so each client's
 //! datagrams reach the one worker that holds its flow.
 
 use std::io;
@@ -39,7 +39,7 @@ pub struct Bound {
 pub fn bind(
     addrs: &[SocketAddr],
     workers: usize,
-    tcp: Option<config::Listeners>,
+    tcp: Option<vocab::Listeners>,
     udp: Option<UdpBuffers>,
 ) -> Result<Bound, BindError> {
     let mut bound = Bound {
@@ -51,8 +51,8 @@ pub fn bind(
         let mut addr = want;
         if let Some(mode) = tcp {
             let (sockets, at) = match mode {
-                config::Listeners::PerWorker => bind_all(&[addr], workers)?,
-                config::Listeners::Shared => bind_shared(addr, workers)?,
+                vocab::Listeners::PerWorker => bind_all(&[addr], workers)?,
+                vocab::Listeners::Shared => bind_shared(addr, workers)?,
             };
             for (w, mut s) in sockets.into_iter().enumerate() {
                 bound.tcp[w].append(&mut s);
@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn a_shared_listener_is_one_socket_in_every_worker() {
         let want: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let bound = bind(&[want], 3, Some(config::Listeners::Shared), None).unwrap();
+        let bound = bind(&[want], 3, Some(vocab::Listeners::Shared), None).unwrap();
         assert_eq!(bound.tcp.len(), 3);
         let client = std::net::TcpStream::connect(bound.tcp_addrs[0]).unwrap();
         let last = &bound.tcp[2][0];

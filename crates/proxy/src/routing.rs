@@ -176,7 +176,7 @@ impl BackendState {
 /// Per-service settings a session or flow reads when it starts.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub affinity: config::Affinity,
+    pub affinity: vocab::Affinity,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
@@ -184,19 +184,6 @@ pub struct Settings {
     pub connect_from: Vec<std::net::IpAddr>,
     /// Kernel buffers of the service's UDP sockets.
     pub udp_buffers: crate::udp_socket::UdpBuffers,
-}
-
-impl Settings {
-    pub fn of(service: &config::Service) -> Settings {
-        Settings {
-            affinity: service.affinity,
-            connect_timeout: service.connect_timeout,
-            idle_timeout: service.idle_timeout,
-            udp_idle_timeout: service.udp_idle_timeout,
-            connect_from: service.connect_from.clone(),
-            udp_buffers: crate::udp_socket::UdpBuffers::of(service),
-        }
-    }
 }
 
 /// One service's routing snapshot. Immutable apart from the atomics of its backends.
@@ -233,7 +220,7 @@ pub struct Guards {
 /// The PROXY protocol as a snapshot applies it.
 #[derive(Debug, Clone, Default)]
 pub struct ProxyRules {
-    pub send: Option<config::ProxyVersion>,
+    pub send: Option<vocab::ProxyVersion>,
     pub send_every_datagram: bool,
     /// Sources whose header is required and believed (empty: none read).
     pub trusted: Arc<guard::Acl>,
@@ -343,7 +330,7 @@ mod tests {
             })
             .collect();
         let settings = Settings {
-            affinity: config::Affinity::Source,
+            affinity: vocab::Affinity::Source,
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             udp_idle_timeout: Duration::from_secs(1),

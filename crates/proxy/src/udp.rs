@@ -34,6 +34,9 @@ use crate::token::Slot;
 use crate::udp_socket::UdpBuffers;
 use crate::Service;
 
+/// A flow table's idle timeout until its service's settings set it (on publish, before any
+/// flow of the service exists).
+const INITIAL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// recvmmsg(2) calls on one socket before other work gets a turn (8 x 16 datagrams).
 const RECV_ROUNDS: usize = 8;
 
@@ -204,7 +207,7 @@ impl Udp {
         while self.tables.len() <= service {
             let table = FlowTable::new(
                 Arc::clone(&self.budget),
-                config::DEFAULT_UDP_IDLE_TIMEOUT.as_millis() as u64,
+                INITIAL_IDLE_TIMEOUT.as_millis() as u64,
                 self.hash_key,
             );
             self.tables.push(table);

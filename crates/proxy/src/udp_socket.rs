@@ -40,10 +40,6 @@ impl std::fmt::Display for Clamped {
 }
 
 impl UdpBuffers {
-    pub fn of(service: &config::Service) -> UdpBuffers {
-        UdpBuffers { rcvbuf: service.udp_rcvbuf, sndbuf: service.udp_sndbuf }
-    }
-
     /// Set the buffers asked for on `socket` and turn drop reports on. Returns the sizes the
     /// kernel did not give as asked.
     pub fn apply(&self, socket: &impl AsFd) -> io::Result<Vec<Clamped>> {

@@ -401,7 +401,7 @@ impl Worker {
         }
         // The address the client connected to: the listener's, unless it is a wildcard one; then
         // getsockname(2), but only when something needs it (5-tuple affinity, PROXY headers).
-        let needed = service.settings.affinity == config::Affinity::FiveTuple
+        let needed = service.settings.affinity == vocab::Affinity::FiveTuple
             || service.guards.proxy.send.is_some();
         let destination = match local {
             Some(addr) => addr,
@@ -963,7 +963,7 @@ impl Worker {
 
 /// A PROXY protocol header for a TCP session from `source` to `destination`, in `out`.
 fn encode_proxy_header(
-    version: config::ProxyVersion,
+    version: vocab::ProxyVersion,
     source: SocketAddr,
     destination: SocketAddr,
     out: &mut [u8; 108],
@@ -971,8 +971,8 @@ fn encode_proxy_header(
     let (source, destination) =
         (crate::routing::canonical(source), crate::routing::canonical(destination));
     match version {
-        config::ProxyVersion::V1 => proxyproto::encode_v1(source, destination, out),
-        config::ProxyVersion::V2 => {
+        vocab::ProxyVersion::V1 => proxyproto::encode_v1(source, destination, out),
+        vocab::ProxyVersion::V2 => {
             let mut v2 = [0u8; 52];
             let n =
                 proxyproto::encode_v2(proxyproto::Transport::Stream, source, destination, &mut v2);
@@ -1041,7 +1041,7 @@ mod tests {
         let state = Arc::new(BackendState::new(0, "b0".into(), backend.local_addr().unwrap()));
         state.set_max_conns(std::num::NonZeroU32::new(1));
         let settings = Settings {
-            affinity: config::Affinity::Source,
+            affinity: vocab::Affinity::Source,
             connect_timeout: PATIENCE,
             idle_timeout: PATIENCE,
             udp_idle_timeout: PATIENCE,
