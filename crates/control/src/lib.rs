@@ -30,7 +30,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use config::{Config, Splice};
 use conntrack::Sticky;
-use proxy::{Command, Listeners, Shared, Snapshot, Stats};
+use proxy::{Command, Counts, Listeners, Shared, Stats};
 
 use admin::{Admin, Ask};
 use registry::Registry;
@@ -413,9 +413,9 @@ impl Supervisor<'_> {
                 tell_all(running, || Command::Shutdown { deadline: at });
             }
         }
-        let mut total = Snapshot::default();
+        let mut total = Counts::default();
         for stats in &self.lock().stats {
-            total += stats.snapshot();
+            total += stats.counts();
         }
         let summary: Vec<String> = total
             .fields()
@@ -627,7 +627,7 @@ fn pin_to(cpu: usize) {
 
 /// Benchmark aid (`--sticky-prefill`): `n` idle entries for addresses of the IPv6 documentation
 /// prefix 2001:db8::/32 (RFC 3849), which no real client has.
-fn prefill(sticky: &Sticky, n: usize, service: &proxy::Service) {
+fn prefill(sticky: &Sticky, n: usize, service: &proxy::Snapshot) {
     let backends = service.backends.len().max(1);
     for i in 0..n {
         let ip = std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | i as u128);

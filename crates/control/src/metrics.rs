@@ -8,8 +8,8 @@ use crate::registry::Registry;
 pub fn render(registry: &Registry) -> String {
     let mut out = String::with_capacity(8192);
     // One snapshot per worker, read once: the totals and the per-worker families agree.
-    let workers: Vec<proxy::Snapshot> = registry.stats.iter().map(|s| s.snapshot()).collect();
-    let mut total = proxy::Snapshot::default();
+    let workers: Vec<proxy::Counts> = registry.stats.iter().map(|s| s.counts()).collect();
+    let mut total = proxy::Counts::default();
     for w in &workers {
         total += *w;
     }
@@ -59,7 +59,7 @@ pub fn render(registry: &Registry) -> String {
         &tracked,
     );
     // How the connections spread over the workers (F10), and whether each loop still turns.
-    let per_worker = |f: fn(&proxy::Snapshot) -> u64| -> Vec<(String, f64)> {
+    let per_worker = |f: fn(&proxy::Counts) -> u64| -> Vec<(String, f64)> {
         workers.iter().enumerate().map(|(i, w)| (format!("worker=\"{i}\""), f(w) as f64)).collect()
     };
     labelled(

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use conntrack::{AffinityKey, BackendId, Sticky, StickyConfig};
 use health::{AdminState, Checker, Health};
-use proxy::{BackendState, Command, Listeners, Service, Settings, Shared, Stats};
+use proxy::{BackendState, Command, Listeners, Settings, Shared, Snapshot, Stats};
 
 /// Events kept for the status page and `/api/events`.
 const EVENTS_KEPT: usize = 200;
@@ -74,7 +74,7 @@ pub struct ServiceCtl {
     pub sticky: Arc<Sticky>,
     /// The per-source limiter, kept while the limits stay the same.
     pub limiter: Option<Arc<guard::Limiter>>,
-    pub snapshot: Arc<Service>,
+    pub snapshot: Arc<Snapshot>,
     /// (configured address, bound address, udp) of each listener.
     pub listeners: Vec<(SocketAddr, SocketAddr, bool)>,
 }
@@ -153,7 +153,7 @@ impl Registry {
     }
 
     /// Every current snapshot (for starting workers).
-    pub fn snapshots(&self) -> Vec<Arc<Service>> {
+    pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
         self.services.iter().flatten().map(|s| Arc::clone(&s.snapshot)).collect()
     }
 
@@ -467,7 +467,7 @@ pub(crate) fn snapshot(
     members: Vec<(Arc<BackendState>, u32)>,
     sticky: &Arc<Sticky>,
     limiter: &Option<Arc<guard::Limiter>>,
-) -> Result<Service, ring::BuildError> {
+) -> Result<Snapshot, ring::BuildError> {
     let p = &config.proxy;
     let guards = proxy::Guards {
         acl: Arc::new(guard::Acl::new(config.guard.allow.clone(), config.guard.deny.clone())),
@@ -480,7 +480,7 @@ pub(crate) fn snapshot(
             header_timeout: p.header_timeout,
         },
     };
-    Service::new(
+    Snapshot::new(
         config.name.clone(),
         slot,
         settings_of(config),

@@ -112,7 +112,7 @@ struct Change {
     /// The service's backends in configured order.
     backends: Vec<Member>,
     limiter: Option<Arc<guard::Limiter>>,
-    snapshot: Arc<proxy::Service>,
+    snapshot: Arc<proxy::Snapshot>,
     listeners: Vec<(SocketAddr, SocketAddr, bool)>,
     removed: Vec<(BackendId, String)>,
 }

@@ -19,7 +19,7 @@ use conntrack::AffinityKey;
 
 use crate::routing::five_tuple;
 use crate::stats::Stats;
-use crate::Service;
+use crate::Snapshot;
 
 /// Most backends one client is tried on before it is turned away.
 pub const MAX_TRIES: usize = 8;
@@ -92,7 +92,7 @@ pub struct Admitted {
 /// Let `source` (the real client: the peer, or what a trusted proxy's header said) in to
 /// `service`, having connected to `destination`, or say why not.
 pub fn admit(
-    service: &Service,
+    service: &Snapshot,
     transport: Transport,
     source: SocketAddr,
     destination: SocketAddr,
@@ -140,7 +140,7 @@ impl Admitted {
     /// The next backend to try: the first one, then the next usable one of the fallback order
     /// not tried yet; `None` when [`MAX_TRIES`] were tried or none is left. Each one returned
     /// counts as tried.
-    pub fn next(&mut self, service: &Service, now_ms: u64) -> Option<usize> {
+    pub fn next(&mut self, service: &Snapshot, now_ms: u64) -> Option<usize> {
         if self.tried.len() >= MAX_TRIES {
             return None;
         }
@@ -257,7 +257,7 @@ mod tests {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, last)), port)
     }
 
-    fn service(n: usize, affinity: vocab::Affinity, guards: Guards) -> Service {
+    fn service(n: usize, affinity: vocab::Affinity, guards: Guards) -> Snapshot {
         let backends = (0..n)
             .map(|i| {
                 let b = BackendState::new(i as u32, format!("b{i}"), addr(100 + i as u8, 5432));
@@ -274,7 +274,7 @@ mod tests {
         };
         let sticky =
             Arc::new(Sticky::new(StickyConfig { capacity: 100, timeout_ms: 1000 }, [7; 16]));
-        Service::new("s".into(), 0, settings, backends, 101, 0, sticky, guards).unwrap()
+        Snapshot::new("s".into(), 0, settings, backends, 101, 0, sticky, guards).unwrap()
     }
 
     fn limiter(max_conns: u32) -> Arc<guard::Limiter> {

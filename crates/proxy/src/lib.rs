@@ -10,7 +10,7 @@
 //! 1. A worker accepts on its own `SO_REUSEPORT` listener until `WouldBlock`.
 //! 2. The affinity key (client IP, or the 5-tuple) is looked up in the service's sticky table;
 //!    a pinned backend that may keep its clients wins, otherwise the Maglev table's fallback
-//!    order picks (see [`Service::choose`]).
+//!    order picks (see [`Snapshot::choose`]).
 //! 3. A non-blocking connect with a timeout; a refused or timed-out connect marks the backend as
 //!    failing for a moment and the next backend of the key's order is tried.
 //! 4. Established: two [`pump::HalfPipe`]s move bytes (splice or buffer), with backpressure,
@@ -54,8 +54,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 pub use listener::{bind, bind_all, BindError, Bound};
-pub use routing::{BackendState, Guards, ProxyRules, Service, Settings, PASSIVE_HOLD};
-pub use stats::{Snapshot, Stats, STALLED_AFTER};
+pub use routing::{BackendState, Guards, ProxyRules, Settings, Snapshot, PASSIVE_HOLD};
+pub use stats::{Counts, Stats, STALLED_AFTER};
 pub use worker::Worker;
 
 /// Listener sockets handed to one worker, each with the slot of the service it feeds.
@@ -71,7 +71,7 @@ pub enum Command {
     /// Stop accepting now; let sessions run until `deadline`, then close them and return.
     Shutdown { deadline: Instant },
     /// Route new sessions and flows of service `service.slot` by this snapshot from now on.
-    Publish(Arc<Service>),
+    Publish(Arc<Snapshot>),
     /// Start accepting on these sockets too.
     Listen(Listeners),
     /// Stop accepting on these (address, is-UDP) listeners: close the sockets. Open sessions

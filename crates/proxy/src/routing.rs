@@ -2,7 +2,7 @@
 //! table, the sticky table) that control replaces as a whole, and per backend a long-lived
 //! [`BackendState`] of atomics that every snapshot naming the backend shares.
 //!
-//! A configuration change (add, remove, re-weight, reload) builds a new [`Service`] off the hot
+//! A configuration change (add, remove, re-weight, reload) builds a new [`Snapshot`] off the hot
 //! path and sends it to the workers; sessions keep the snapshot they started with (an `Arc`), so
 //! a removed backend's open sessions run on and count down its gauges. A health or admin change
 //! only flips an atomic of the backend, so a flapping backend never costs a table rebuild
@@ -188,7 +188,7 @@ pub struct Settings {
 
 /// One service's routing snapshot. Immutable apart from the atomics of its backends.
 #[derive(Debug)]
-pub struct Service {
+pub struct Snapshot {
     pub name: String,
     /// Where workers keep it (the same for every snapshot of this service).
     pub slot: usize,
@@ -228,7 +228,7 @@ pub struct ProxyRules {
     pub header_timeout: Duration,
 }
 
-impl Service {
+impl Snapshot {
     /// A snapshot of `backends` (with their weights) under a table of `table_size` slots.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -240,14 +240,14 @@ impl Service {
         seed: u64,
         sticky: Arc<Sticky>,
         guards: Guards,
-    ) -> Result<Service, ring::BuildError> {
+    ) -> Result<Snapshot, ring::BuildError> {
         let members: Vec<Member> =
             backends.iter().map(|(b, w)| Member { name: b.name.clone(), weight: *w }).collect();
         let ring =
             if members.is_empty() { None } else { Some(Ring::build(&members, table_size, seed)?) };
         let by_id = backends.iter().enumerate().map(|(i, (b, _))| (b.id, i)).collect();
         let (backends, weights) = backends.into_iter().unzip();
-        Ok(Service { name, slot, settings, backends, weights, ring, sticky, guards, by_id })
+        Ok(Snapshot { name, slot, settings, backends, weights, ring, sticky, guards, by_id })
     }
 
     /// The index of the backend with `id` in this snapshot.
@@ -315,7 +315,7 @@ mod tests {
     use super::*;
     use conntrack::StickyConfig;
 
-    fn service(states: &[AdminState]) -> Service {
+    fn service(states: &[AdminState]) -> Snapshot {
         let backends = states
             .iter()
             .enumerate()
@@ -339,7 +339,7 @@ mod tests {
         };
         let sticky =
             Arc::new(Sticky::new(StickyConfig { capacity: 16, timeout_ms: 1000 }, [1; 16]));
-        Service::new("s".into(), 0, settings, backends, 13, 0, sticky, Guards::default()).unwrap()
+        Snapshot::new("s".into(), 0, settings, backends, 13, 0, sticky, Guards::default()).unwrap()
     }
 
     #[test]

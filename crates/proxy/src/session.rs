@@ -78,7 +78,7 @@ pub struct Session {
     pub destination: SocketAddr,
     /// The routing snapshot of the service at accept time: the session's backends, sticky table
     /// and timeouts, whatever later changes publish.
-    pub service: std::sync::Arc<crate::Service>,
+    pub service: std::sync::Arc<crate::Snapshot>,
     /// What admission decided: sticky key, hash, per-source count, backends tried.
     pub admitted: crate::admission::Admitted,
     /// Backend currently connected or being connected to (index in `service.backends`).

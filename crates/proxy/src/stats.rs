@@ -38,7 +38,7 @@ pub static DROPPED: Family = Family {
 /// The families, in the order `/metrics` shows them.
 pub static FAMILIES: [&Family; 2] = [&DROPPED, &REFUSED];
 
-/// Every counter is defined once, here: its field in [`Stats`] and [`Snapshot`], its doc, and
+/// Every counter is defined once, here: its field in [`Stats`] and [`Counts`], its doc, and
 /// where it shows in `/metrics` ([`Export`]); `/metrics` is generated from this table.
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident => [$($export:expr),* $(,)?]),* $(,)?) => {
@@ -54,19 +54,19 @@ macro_rules! counters {
 
         /// A plain copy of [`Stats`], summable across workers.
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct Snapshot { $($(#[$doc])* pub $name: u64,)* }
+        pub struct Counts { $($(#[$doc])* pub $name: u64,)* }
 
         impl Stats {
-            pub fn snapshot(&self) -> Snapshot {
-                Snapshot { $($name: self.$name.load(Relaxed),)* }
+            pub fn counts(&self) -> Counts {
+                Counts { $($name: self.$name.load(Relaxed),)* }
             }
         }
 
-        impl std::ops::AddAssign for Snapshot {
-            fn add_assign(&mut self, o: Snapshot) { $(self.$name += o.$name;)* }
+        impl std::ops::AddAssign for Counts {
+            fn add_assign(&mut self, o: Counts) { $(self.$name += o.$name;)* }
         }
 
-        impl Snapshot {
+        impl Counts {
             /// `(name, value)` pairs, for logs.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)*]
@@ -291,7 +291,7 @@ mod tests {
 
     #[test]
     fn every_counter_shows_in_metrics_under_a_name_or_label_of_its_own() {
-        let s = Snapshot::default();
+        let s = Counts::default();
         let (mut names, mut members) = (HashSet::new(), HashSet::new());
         for ((field, _), (exports, _)) in s.fields().into_iter().zip(s.exports()) {
             // The one counter left out is the sum of the `datagrams_dropped` family.

@@ -32,7 +32,7 @@ use crate::stats::{inc, ports_exhausted, Stats};
 use crate::sys::{RecvBatch, BATCH};
 use crate::token::Slot;
 use crate::udp_socket::UdpBuffers;
-use crate::Service;
+use crate::Snapshot;
 
 /// A flow table's idle timeout until its service's settings set it (on publish, before any
 /// flow of the service exists).
@@ -44,7 +44,7 @@ const RECV_ROUNDS: usize = 8;
 pub struct Ctx<'a> {
     pub registry: &'a Registry,
     /// Routing snapshots by service slot.
-    pub services: &'a [Option<Arc<Service>>],
+    pub services: &'a [Option<Arc<Snapshot>>],
     pub stats: &'a Stats,
     pub now_ms: u64,
 }
@@ -79,7 +79,7 @@ struct Flow {
     /// datagram carries one, so a lost first send does not leave the flow without).
     header_sent: bool,
     /// The service's snapshot when the flow began, and its backend's index in it.
-    service: Arc<Service>,
+    service: Arc<Snapshot>,
     backend: usize,
     affinity: Option<AffinityKey>,
     attached: bool,
@@ -123,11 +123,11 @@ pub struct Udp {
 
 /// What a receive loop left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum More {
-    /// Drained to `WouldBlock`.
-    No,
-    /// Budget spent: call again after other work.
-    Yes,
+pub enum Recv {
+    /// Drained to `WouldBlock`: wait for the next event.
+    Drained,
+    /// Budget spent with datagrams left: call again after other work.
+    Again,
 }
 
 impl Udp {
@@ -252,24 +252,26 @@ impl Udp {
     // === client -> backend ===
 
     /// Datagrams from clients on listener `i`.
-    pub fn listener_readable(&mut self, i: usize, ctx: &Ctx<'_>) -> More {
+    pub fn listener_readable(&mut self, i: usize, ctx: &Ctx<'_>) -> Recv {
         self.with_batch(|udp, batch| udp.take_from_clients(i, batch, ctx))
     }
 
     /// Lend the receive buffers out of `self`, so the handler may borrow `self` mutably too.
-    fn with_batch(&mut self, f: impl FnOnce(&mut Self, &mut RecvBatch) -> More) -> More {
-        let Some(mut batch) = self.batch.take() else { return More::No };
+    fn with_batch(&mut self, f: impl FnOnce(&mut Self, &mut RecvBatch) -> Recv) -> Recv {
+        let Some(mut batch) = self.batch.take() else { return Recv::Drained };
         let more = f(self, &mut batch);
         self.batch = Some(batch);
         more
     }
 
-    fn take_from_clients(&mut self, i: usize, batch: &mut RecvBatch, ctx: &Ctx<'_>) -> More {
+    fn take_from_clients(&mut self, i: usize, batch: &mut RecvBatch, ctx: &Ctx<'_>) -> Recv {
         for _ in 0..RECV_ROUNDS {
-            let Some(l) = self.listeners.get(i).and_then(Option::as_ref) else { return More::No };
+            let Some(l) = self.listeners.get(i).and_then(Option::as_ref) else {
+                return Recv::Drained;
+            };
             let (wildcard, local, service) = (l.wildcard, l.local, l.service);
             let Some(service) = ctx.services.get(service).and_then(Option::as_ref) else {
-                return More::No;
+                return Recv::Drained;
             };
             let n = match batch.recv(&l.socket) {
                 Ok(n) => n,
@@ -278,7 +280,7 @@ impl Udp {
                     if e.kind() != io::ErrorKind::WouldBlock {
                         log::debug!("udp recv on {local}: {e}");
                     }
-                    return More::No;
+                    return Recv::Drained;
                 }
             };
             if let (Some(now), Some(Some(l))) = (batch.drops(n), self.listeners.get_mut(i)) {
@@ -301,10 +303,10 @@ impl Udp {
                 self.client_datagram(service, arrival, data, ctx);
             }
             if n < BATCH {
-                return More::No; // a short batch drained the socket
+                return Recv::Drained; // a short batch drained the socket
             }
         }
-        More::Yes
+        Recv::Again
     }
 
     /// A datagram from a client, or from a trusted proxy: then a PROXY v2 header in front
@@ -314,7 +316,7 @@ impl Udp {
     /// one is dropped and counted, and no flow is made.
     fn client_datagram(
         &mut self,
-        service: &Arc<Service>,
+        service: &Arc<Snapshot>,
         mut a: Arrival,
         data: &[u8],
         ctx: &Ctx<'_>,
@@ -357,7 +359,7 @@ impl Udp {
     }
 
     /// Send `data` from `a.client` on its flow, making the flow if needed.
-    fn forward(&mut self, service: &Arc<Service>, a: Arrival, data: &[u8], ctx: &Ctx<'_>) {
+    fn forward(&mut self, service: &Arc<Snapshot>, a: Arrival, data: &[u8], ctx: &Ctx<'_>) {
         let key = FlowKey::new(a.client, a.local);
         // At most two rounds: a flow whose backend turned out dead is replaced once.
         for round in 0..2 {
@@ -440,7 +442,7 @@ impl Udp {
     fn open(
         &mut self,
         key: FlowKey,
-        service: &Arc<Service>,
+        service: &Arc<Snapshot>,
         a: Arrival,
         ctx: &Ctx<'_>,
     ) -> Option<usize> {
@@ -548,16 +550,18 @@ impl Udp {
     // === backend -> client ===
 
     /// Datagrams from the backend of the flow in `slot`.
-    pub fn flow_readable(&mut self, slot: usize, ctx: &Ctx<'_>) -> More {
+    pub fn flow_readable(&mut self, slot: usize, ctx: &Ctx<'_>) -> Recv {
         self.with_batch(|udp, batch| udp.take_from_backend(slot, batch, ctx))
     }
 
-    fn take_from_backend(&mut self, slot: usize, batch: &mut RecvBatch, ctx: &Ctx<'_>) -> More {
+    fn take_from_backend(&mut self, slot: usize, batch: &mut RecvBatch, ctx: &Ctx<'_>) -> Recv {
         for _ in 0..RECV_ROUNDS {
-            let Some(flow) = self.flows.get(slot).and_then(Option::as_ref) else { return More::No };
+            let Some(flow) = self.flows.get(slot).and_then(Option::as_ref) else {
+                return Recv::Drained;
+            };
             let n = match batch.recv(&flow.socket) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return More::No,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Recv::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // ECONNREFUSED: the backend's port is closed. The flow ends; the client's
@@ -569,7 +573,7 @@ impl Udp {
                     let (key, table) = (flow.key, flow.service.slot);
                     self.tables[table].remove(&key);
                     self.close(slot, ctx);
-                    return More::No;
+                    return Recv::Drained;
                 }
             };
             let (client, local_ip, listener, key, table) =
@@ -579,7 +583,7 @@ impl Udp {
             }
             self.tables[table].get(&key, ctx.now_ms); // activity either way keeps the flow
             let Some(l) = self.listeners.get(listener).and_then(Option::as_ref) else {
-                return More::No;
+                return Recv::Drained;
             };
             for k in 0..n {
                 match send_from(&l.socket, batch.get(k).0, client, local_ip) {
@@ -593,10 +597,10 @@ impl Udp {
                 }
             }
             if n < BATCH {
-                return More::No;
+                return Recv::Drained;
             }
         }
-        More::Yes
+        Recv::Again
     }
 
     // === expiry ===

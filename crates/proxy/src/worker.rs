@@ -20,8 +20,8 @@ use crate::session::{set_reset_on_close, CloseReason, Drive, Session, State, LIN
 use crate::stats::{inc, ports_exhausted, Stats};
 use crate::timer::{Timer, TimerKind, Timers};
 use crate::token::Slot;
-use crate::udp::{Ctx, More, Udp};
-use crate::{Command, Listeners, Service, Shared};
+use crate::udp::{Ctx, Recv, Udp};
+use crate::{Command, Listeners, Shared, Snapshot};
 
 /// Events taken from one poll.
 const EVENTS: usize = 1024;
@@ -48,7 +48,7 @@ const PROXY_HEADER_MAX: usize = proxyproto::MAX_HEADER_LEN;
 struct Pending {
     stream: TcpStream,
     peer: SocketAddr,
-    service: Arc<Service>,
+    service: Arc<Snapshot>,
     generation: u64,
 }
 
@@ -60,7 +60,7 @@ pub struct Worker {
     stats: Arc<Stats>,
     commands: Receiver<Command>,
     /// Routing snapshots by service slot (`None`: no such service, or retired).
-    services: Vec<Option<Arc<Service>>>,
+    services: Vec<Option<Arc<Snapshot>>>,
     /// TCP listeners, the service slot each feeds, and the address each is bound to.
     listeners: Vec<Option<(TcpListener, usize)>>,
     /// Per listener: its bound address, `None` for a wildcard one (0.0.0.0, [::]), whose
@@ -96,7 +96,7 @@ impl Worker {
     pub fn new(
         id: usize,
         shared: Arc<Shared>,
-        services: Vec<Arc<Service>>,
+        services: Vec<Arc<Snapshot>>,
         listeners: Listeners,
         stats: Arc<Stats>,
         commands: Receiver<Command>,
@@ -138,7 +138,7 @@ impl Worker {
     }
 
     /// Route service `service.slot` by this snapshot from now on.
-    fn publish(&mut self, service: Arc<Service>) {
+    fn publish(&mut self, service: Arc<Snapshot>) {
         let slot = service.slot;
         if self.services.len() <= slot {
             self.services.resize(slot + 1, None);
@@ -384,7 +384,7 @@ impl Worker {
         stream: TcpStream,
         peer: SocketAddr,
         local: Option<SocketAddr>,
-        service: Arc<Service>,
+        service: Arc<Snapshot>,
     ) {
         let shared = Arc::clone(&self.shared);
         let before = shared.active.fetch_add(1, AcqRel);
@@ -415,7 +415,7 @@ impl Worker {
 
     /// Hold a trusted proxy's connection until its header has come, for at most the header
     /// timeout. Registering reports data already there, so nothing is missed.
-    fn await_header(&mut self, mut stream: TcpStream, peer: SocketAddr, service: Arc<Service>) {
+    fn await_header(&mut self, mut stream: TcpStream, peer: SocketAddr, service: Arc<Snapshot>) {
         let n = self.pending_free.pop().unwrap_or_else(|| {
             self.pending.push(None);
             self.pending.len() - 1
@@ -502,7 +502,7 @@ impl Worker {
         peer: SocketAddr,
         source: SocketAddr,
         destination: SocketAddr,
-        service: Arc<Service>,
+        service: Arc<Snapshot>,
         registered: bool,
     ) {
         let now_ms = self.shared.now_ms(self.now);
@@ -594,7 +594,7 @@ impl Worker {
     /// `max-conns` taken, and its connecting socket.
     fn begin_connect(
         &mut self,
-        service: &Service,
+        service: &Snapshot,
         admitted: &mut Admitted,
         now_ms: u64,
     ) -> Option<(usize, TcpStream)> {
@@ -812,9 +812,9 @@ impl Worker {
         let more = match what {
             Ready::UdpListener(i) => self.udp.listener_readable(i, &ctx),
             Ready::Flow(n) => self.udp.flow_readable(n, &ctx),
-            _ => More::No,
+            _ => Recv::Drained,
         };
-        if more == More::Yes {
+        if more == Recv::Again {
             self.ready.push_back(what);
         }
     }
@@ -992,7 +992,7 @@ enum ConnectFailure {
 }
 
 /// Give back the session count the per-source limiter holds for an admitted client, if any.
-fn release_source(service: &Service, admitted: &Admitted, source: SocketAddr, now_ms: u64) {
+fn release_source(service: &Snapshot, admitted: &Admitted, source: SocketAddr, now_ms: u64) {
     if let (true, Some(limiter)) = (admitted.limited, &service.guards.limiter) {
         limiter.close_session(source.ip(), now_ms);
     }
@@ -1051,7 +1051,7 @@ mod tests {
         let sticky = Arc::new(Sticky::new(StickyConfig { capacity: 8, timeout_ms: 1000 }, [0; 16]));
         let backends = vec![(Arc::clone(&state), 1)];
         let service =
-            Service::new("s".into(), 0, settings, backends, 101, 0, sticky, Guards::default());
+            Snapshot::new("s".into(), 0, settings, backends, 101, 0, sticky, Guards::default());
         let shared = Arc::new(Shared {
             max_conns: 8,
             max_pipes: 0,
