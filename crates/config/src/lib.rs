@@ -1220,29 +1220,19 @@ pub fn check_name(v: &str) -> Result<(), String> {
 /// Parse `ADDR[,weight=N][,name=NAME]`.
 pub fn parse_backend(raw: &str) -> Result<BackendSpec, String> {
     let mut parts = raw.split(',');
-    let addr = check_backend_addr(parts.next().unwrap_or_default())?;
-    let mut weight = None;
-    let mut name = None;
-    let mut max_conns = None;
+    let address = parts.next().unwrap_or_default();
+    let mut given = BackendParts { address, ..BackendParts::default() };
     for part in parts {
         let (k, v) = part
             .split_once('=')
             .ok_or_else(|| format!("expected key=value after the address, got {part:?}"))?;
+        let number = |what: &str| {
+            v.parse::<i64>().map_err(|_| format!("{what} {v:?} is not a whole number"))
+        };
         match k {
-            "weight" => {
-                let w: u32 =
-                    v.parse().map_err(|_| format!("weight {v:?} is not a whole number"))?;
-                weight = Some(check_weight(w.into()).map_err(|p| format!("weight {w} {p}"))?);
-            }
-            "name" => {
-                check_name(v)?;
-                name = Some(v.to_string());
-            }
-            "max-conns" => {
-                let n: i64 =
-                    v.parse().map_err(|_| format!("max-conns {v:?} is not a whole number"))?;
-                max_conns = Some(check_backend_max_conns(n).map_err(|p| format!("max-conns {p}"))?);
-            }
+            "weight" => given.weight = Some(number("weight")?),
+            "name" => given.name = Some(v),
+            "max-conns" => given.max_conns = Some(number("max-conns")?),
             other => {
                 return Err(format!(
                     "unknown backend option {other:?} (expected weight, name or max-conns)"
@@ -1250,9 +1240,37 @@ pub fn parse_backend(raw: &str) -> Result<BackendSpec, String> {
             }
         }
     }
-    let mut spec = backend_spec(addr, weight, name);
-    spec.max_conns = max_conns;
-    Ok(spec)
+    given.spec()
+}
+
+/// A backend as given, before validation: by `--backend`'s options, or by the admin API's JSON.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BackendParts<'a> {
+    pub address: &'a str,
+    pub weight: Option<i64>,
+    pub name: Option<&'a str>,
+    pub max_conns: Option<i64>,
+}
+
+impl BackendParts<'_> {
+    /// The backend, every part checked the one way every form of input is.
+    pub fn spec(&self) -> Result<BackendSpec, String> {
+        let addr = check_backend_addr(self.address)?;
+        let weight = match self.weight {
+            Some(w) => Some(check_weight(w).map_err(|p| format!("weight {w} {p}"))?),
+            None => None,
+        };
+        if let Some(name) = self.name {
+            check_name(name)?;
+        }
+        let max_conns = match self.max_conns {
+            Some(n) => Some(check_backend_max_conns(n).map_err(|p| format!("max-conns {p}"))?),
+            None => None,
+        };
+        let mut spec = backend_spec(addr, weight, self.name.map(str::to_string));
+        spec.max_conns = max_conns;
+        Ok(spec)
+    }
 }
 
 /// A backend's `max-conns`: 1..=1,000,000.

@@ -216,10 +216,12 @@ impl Registry {
     }
 
     /// Set a backend's weight (rebuilds the table; pinned clients stay where they are).
-    pub fn set_weight(&mut self, service: &str, name: &str, weight: u32) -> Result<(), Refusal> {
-        let weight = NonZeroU32::new(weight)
-            .filter(|w| w.get() <= config::MAX_WEIGHT)
-            .ok_or_else(|| Refusal::Bad(format!("weight {weight} out of range 1..=1000")))?;
+    pub fn set_weight(
+        &mut self,
+        service: &str,
+        name: &str,
+        weight: NonZeroU32,
+    ) -> Result<(), Refusal> {
         let (slot, i) = self.find_backend(service, name)?;
         let s = self.services[slot].as_mut().expect("found");
         let before = s.backends[i].weight;

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 
 use hyper::Method;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::Ask;
@@ -98,39 +99,52 @@ pub fn route(
     }
 }
 
-fn parse_object(body: &str) -> Result<serde_json::Map<String, Value>, Answer> {
-    match serde_json::from_str::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(error(400, "the body must be a JSON object")),
-        Err(e) => Err(error(400, &format!("the body is not JSON: {e}"))),
-    }
+/// The body of `PUT /api/services/{service}/backends/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendChange {
+    state: Option<String>,
+    weight: Option<i64>,
+}
+
+/// The body of `POST /api/services/{service}/backends`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBackend {
+    address: String,
+    weight: Option<i64>,
+    name: Option<String>,
+    max_conns: Option<i64>,
+}
+
+/// A JSON body decoded into `T`; a 400 naming the problem (serde's words: unknown field, missing
+/// field, invalid type) otherwise.
+fn decode<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, Answer> {
+    serde_json::from_str(body).map_err(|e| {
+        let why = match e.classify() {
+            serde_json::error::Category::Data => format!("the body does not fit: {e}"),
+            _ => format!("the body is not JSON: {e}"),
+        };
+        error(400, &why)
+    })
 }
 
 fn change_backend(service: &str, name: &str, body: &str, registry: &mut Registry) -> Answer {
-    let map = match parse_object(body) {
-        Ok(map) => map,
+    let change: BackendChange = match decode(body) {
+        Ok(change) => change,
         Err(a) => return a,
     };
     // Check everything before changing anything.
-    let mut state = None;
-    let mut weight = None;
-    for (k, v) in &map {
-        match (k.as_str(), v) {
-            ("state", Value::String(s)) => match s.parse::<health::AdminState>() {
-                Ok(s) => state = Some(s),
-                Err(e) => return error(400, &format!("state: {e}")),
-            },
-            ("weight", Value::Number(n)) => match n.as_u64() {
-                Some(w @ 1..=1000) => weight = Some(w as u32),
-                _ => return error(400, &format!("weight: {n} out of range 1..=1000")),
-            },
-            ("state", _) => return error(400, "state: expected a string"),
-            ("weight", _) => return error(400, "weight: expected a whole number"),
-            (other, _) => {
-                return error(400, &format!("unknown key {other:?} (expected state or weight)"))
-            }
-        }
-    }
+    let state = match change.state.as_deref().map(str::parse::<health::AdminState>) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => return error(400, &format!("state: {e}")),
+    };
+    let weight = match change.weight.map(config::check_weight) {
+        None => None,
+        Some(Ok(w)) => Some(w),
+        Some(Err(p)) => return error(400, &format!("weight: {} {p}", change.weight.unwrap_or(0))),
+    };
     if state.is_none() && weight.is_none() {
         return error(400, "nothing to change: give \"state\" and/or \"weight\"");
     }
@@ -152,36 +166,17 @@ fn change_backend(service: &str, name: &str, body: &str, registry: &mut Registry
 }
 
 fn add_backend(service: &str, body: &str, registry: &mut Registry) -> Answer {
-    let map = match parse_object(body) {
-        Ok(map) => map,
+    let new: NewBackend = match decode(body) {
+        Ok(new) => new,
         Err(a) => return a,
     };
-    let mut spec = String::new();
-    let mut address = None;
-    for (k, v) in &map {
-        match (k.as_str(), v) {
-            ("address", Value::String(a)) => address = Some(a.clone()),
-            ("weight", Value::Number(n)) => spec.push_str(&format!(",weight={n}")),
-            ("name", Value::String(n)) => spec.push_str(&format!(",name={n}")),
-            ("max_conns", Value::Number(n)) => spec.push_str(&format!(",max-conns={n}")),
-            ("max_conns", _) => return error(400, "max_conns: expected a whole number"),
-            ("address" | "name", _) => return error(400, &format!("{k}: expected a string")),
-            ("weight", _) => return error(400, "weight: expected a whole number"),
-            (other, _) => {
-                return error(
-                    400,
-                    &format!("unknown key {other:?} (expected address, weight, name or max_conns)"),
-                )
-            }
-        }
-    }
-    let Some(address) = address else { return error(400, "address: required") };
-    // The parts are joined into the flag form: a comma inside one would smuggle in an option.
-    let commas = map.values().filter_map(Value::as_str).any(|v| v.contains(','));
-    if commas || address.contains(',') {
-        return error(400, "address and name may not contain a comma");
-    }
-    let spec = match config::parse_backend(&format!("{address}{spec}")) {
+    let parts = config::BackendParts {
+        address: &new.address,
+        weight: new.weight,
+        name: new.name.as_deref(),
+        max_conns: new.max_conns,
+    };
+    let spec = match parts.spec() {
         Ok(spec) => spec,
         Err(e) => return error(400, &e),
     };
