@@ -114,22 +114,21 @@ fn check_connect_from(services: &[config::Service]) -> Result<(), String> {
     Ok(())
 }
 
-/// Start tether and block until it has shut down.
-pub fn run(config: Config) -> Result<(), RunError> {
-    // Signals are taken by a thread of ours (sigwait), so block them before any thread exists:
-    // threads inherit the mask.
-    let mut signals = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        signals.add(s);
-    }
-    signals.thread_block().map_err(|e| RunError::Os("blocking signals", e.into()))?;
+/// What the fd limit allows: sessions, flows and splice pipes, with the reserve kept out.
+struct Budget {
+    max_conns: usize,
+    max_flows: usize,
+    max_pipes: usize,
+    workers: usize,
+}
 
+/// Size the limits from the fd limit (raised to the hard limit first); an explicit
+/// `--max-conns` or `--max-flows` that does not fit is an error naming what does.
+fn budget(config: &Config, admin_limits: &admin::Limits) -> Result<Budget, RunError> {
     let nofile = raise_nofile();
-    let admin_limits =
-        admin::Limits { max_conns: config.admin_max_conns, timeout: config.admin_timeout };
     // The admin side's descriptors are its own: it can never take the last ones the data path
     // needs (issue 10).
-    let admin_fds = if config.admin.is_some() { admin::fds(&admin_limits) } else { 0 };
+    let admin_fds = if config.admin.is_some() { admin::fds(admin_limits) } else { 0 };
     let reserved = fd_reserve(nofile) + admin_fds;
     let usable = nofile.saturating_sub(reserved);
     let udp = config.services.iter().any(|s| s.protocol.udp());
@@ -163,6 +162,22 @@ pub fn run(config: Config) -> Result<(), RunError> {
     // Pipes get the fds the sessions cannot use: two sockets per session come first.
     let spare_fds = usable.saturating_sub(2 * max_conns as u64);
     let max_pipes = if splice { (spare_fds / 2 / workers as u64) as usize } else { 0 };
+    Ok(Budget { max_conns, max_flows, max_pipes, workers })
+}
+
+/// Start tether and block until it has shut down.
+pub fn run(config: Config) -> Result<(), RunError> {
+    // Signals are taken by a thread of ours (sigwait), so block them before any thread exists:
+    // threads inherit the mask.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().map_err(|e| RunError::Os("blocking signals", e.into()))?;
+
+    let admin_limits =
+        admin::Limits { max_conns: config.admin_max_conns, timeout: config.admin_timeout };
+    let Budget { max_conns, max_flows, max_pipes, workers } = budget(&config, &admin_limits)?;
     let shared = Arc::new(Shared {
         max_conns,
         max_pipes,
@@ -174,19 +189,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     check_connect_from(&config.services).map_err(RunError::ConnectFrom)?;
     let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
         .map_err(RunError::Table)?;
-    let mut per_worker: Vec<Listeners> = (0..workers).map(|_| Listeners::default()).collect();
-    let mut announced = Vec::new();
-    for (slot, service) in config.services.iter().enumerate() {
-        let bound = bind_service(service, slot, workers, config.listeners, &mut per_worker)?;
-        announced.extend(bound.iter().copied());
-        if let Some(Some(s)) = registry.services.get_mut(slot) {
-            s.listeners = bound;
-        }
-    }
-    if let Some(Some(first)) = registry.services.first() {
-        prefill(&first.sticky, config.sticky_prefill, &first.snapshot);
-    }
-
+    let (per_worker, announced) = bind_services(&config, workers, &mut registry)?;
     // Everything that needs privileges happens before they are dropped: every listener (the
     // admin one too) is bound and the token file read.
     let admin_bound = match config.admin {
@@ -203,34 +206,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         drop_privileges(user)?;
     }
 
-    let cpus = allowed_cpus();
-    let mut running = Vec::with_capacity(workers);
-    for (i, listeners) in per_worker.into_iter().enumerate() {
-        let stats = Arc::new(Stats::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let (worker, waker) = proxy::Worker::new(
-            i,
-            Arc::clone(&shared),
-            registry.snapshots(),
-            listeners,
-            Arc::clone(&stats),
-            rx,
-        )
-        .map_err(|e| RunError::Os("starting a worker", e))?;
-        let cpu = cpus.get(i % cpus.len().max(1)).copied();
-        let thread = std::thread::Builder::new()
-            .name(format!("tether-w{i}"))
-            .spawn(move || {
-                if let Some(cpu) = cpu {
-                    pin_to(cpu);
-                }
-                worker.run()
-            })
-            .map_err(|e| RunError::Os("spawning a worker thread", e))?;
-        registry.workers.links.push((tx.clone(), Arc::clone(&waker)));
-        registry.stats.push(Arc::clone(&stats));
-        running.push(Running { thread: Some(thread), tx, waker });
-    }
+    let running = start_workers(&mut registry, per_worker, &shared)?;
     let registry = Arc::new(Mutex::new(registry));
 
     let (asks_tx, asks_rx) = crossbeam_channel::unbounded();
@@ -266,6 +242,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         config,
         stalled: vec![false; workers],
     };
+    let mut running = running;
     let result = context.supervise(&mut running, &signal_rx, &asks_rx);
     drop(signal_tx);
     // A reload asked for from now on fails at once instead of waiting for an answer.
@@ -274,6 +251,69 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let _ = stop_checks.send(());
     let _ = checks.join();
     result
+}
+
+/// Bind every service's listeners for every worker (before privileges are dropped), record
+/// them in the registry, and prefill the first sticky table if asked. Returns each worker's
+/// sockets and (configured, bound, udp) per listener to announce.
+#[allow(clippy::type_complexity)]
+fn bind_services(
+    config: &Config,
+    workers: usize,
+    registry: &mut Registry,
+) -> Result<(Vec<Listeners>, Vec<(SocketAddr, SocketAddr, bool)>), RunError> {
+    let mut per_worker: Vec<Listeners> = (0..workers).map(|_| Listeners::default()).collect();
+    let mut announced = Vec::new();
+    for (slot, service) in config.services.iter().enumerate() {
+        let bound = bind_service(service, slot, workers, config.listeners, &mut per_worker)?;
+        announced.extend(bound.iter().copied());
+        if let Some(Some(s)) = registry.services.get_mut(slot) {
+            s.listeners = bound;
+        }
+    }
+    if let Some(Some(first)) = registry.services.first() {
+        prefill(&first.sticky, config.sticky_prefill, &first.snapshot);
+    }
+
+    Ok((per_worker, announced))
+}
+
+/// Start one worker thread per set of listeners, each pinned to the next CPU the process may
+/// use, and record how to reach it and its counters in the registry.
+fn start_workers(
+    registry: &mut Registry,
+    per_worker: Vec<Listeners>,
+    shared: &Arc<Shared>,
+) -> Result<Vec<Running>, RunError> {
+    let cpus = allowed_cpus();
+    let mut running = Vec::with_capacity(per_worker.len());
+    for (i, listeners) in per_worker.into_iter().enumerate() {
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (worker, waker) = proxy::Worker::new(
+            i,
+            Arc::clone(shared),
+            registry.snapshots(),
+            listeners,
+            Arc::clone(&stats),
+            rx,
+        )
+        .map_err(|e| RunError::Os("starting a worker", e))?;
+        let cpu = cpus.get(i % cpus.len().max(1)).copied();
+        let thread = std::thread::Builder::new()
+            .name(format!("tether-w{i}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to(cpu);
+                }
+                worker.run()
+            })
+            .map_err(|e| RunError::Os("spawning a worker thread", e))?;
+        registry.workers.links.push((tx.clone(), Arc::clone(&waker)));
+        registry.stats.push(Arc::clone(&stats));
+        running.push(Running { thread: Some(thread), tx, waker });
+    }
+    Ok(running)
 }
 
 /// Bind a service's listeners for every worker; returns (configured, bound, udp) per listener.
@@ -387,21 +427,8 @@ impl Supervisor<'_> {
                 }
                 self.watch_workers(running);
             }
-            for (i, r) in running.iter_mut().enumerate() {
-                if r.thread.as_ref().is_some_and(JoinHandle::is_finished) {
-                    match r.thread.take().map(JoinHandle::join) {
-                        Some(Ok(Ok(()))) | None => {}
-                        Some(Ok(Err(e))) => {
-                            log::error!("worker {i} failed: {e}");
-                            failure.get_or_insert(RunError::Worker(i, e));
-                        }
-                        Some(Err(_)) => {
-                            log::error!("worker {i} panicked");
-                            failure
-                                .get_or_insert(RunError::Worker(i, io::Error::other("panicked")));
-                        }
-                    }
-                }
+            if let Some(e) = reap(running) {
+                failure.get_or_insert(e);
             }
             if running.iter().all(|r| r.thread.is_none()) {
                 break;
@@ -489,6 +516,28 @@ impl Supervisor<'_> {
         summary.push(format!("{} services", self.config.services.len()));
         Ok(summary.join(", "))
     }
+}
+
+/// Join the worker threads that ended; the first failure among them, if any.
+fn reap(running: &mut [Running]) -> Option<RunError> {
+    let mut failure = None;
+    for (i, r) in running.iter_mut().enumerate() {
+        if !r.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+            continue;
+        }
+        match r.thread.take().map(JoinHandle::join) {
+            Some(Ok(Ok(()))) | None => {}
+            Some(Ok(Err(e))) => {
+                log::error!("worker {i} failed: {e}");
+                failure.get_or_insert(RunError::Worker(i, e));
+            }
+            Some(Err(_)) => {
+                log::error!("worker {i} panicked");
+                failure.get_or_insert(RunError::Worker(i, io::Error::other("panicked")));
+            }
+        }
+    }
+    failure
 }
 
 fn tell_all(running: &[Running], cmd: impl Fn() -> Command) {

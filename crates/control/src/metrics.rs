@@ -13,7 +13,16 @@ pub fn render(registry: &Registry) -> String {
     for w in &workers {
         total += *w;
     }
-    // Every worker counter, as stats.rs defines it: under its own name, or in its family.
+    counters(&mut out, &total, registry);
+    per_worker(&mut out, &workers, registry);
+    process(&mut out, registry);
+    services(&mut out, registry);
+    backends(&mut out, registry);
+    out
+}
+
+/// Every worker counter, summed, as `proxy::stats` defines it; and health changes.
+fn counters(out: &mut String, total: &proxy::Counts, registry: &Registry) {
     let mut families: Vec<Vec<(String, f64)>> = vec![Vec::new(); proxy::stats::FAMILIES.len()];
     for (exports, value) in total.exports() {
         for export in exports {
@@ -34,7 +43,7 @@ pub fn render(registry: &Registry) -> String {
         }
     }
     for (family, values) in proxy::stats::FAMILIES.iter().zip(&families) {
-        labelled(&mut out, family.name, "counter", family.help, values);
+        labelled(out, family.name, "counter", family.help, values);
     }
     let name = "tether_health_transitions_total";
     let _ = writeln!(
@@ -42,35 +51,22 @@ pub fn render(registry: &Registry) -> String {
         "# HELP {name} backend health changes (up <-> down)\n# TYPE {name} counter\n{name} {}",
         registry.transitions
     );
-    let tracked: Vec<(String, f64)> = registry
-        .services
-        .iter()
-        .flatten()
-        .filter_map(|s| {
-            let l = s.limiter.as_ref()?;
-            Some((format!("service=\"{}\"", escape(&s.config.name)), l.len() as f64))
-        })
-        .collect();
-    labelled(
-        &mut out,
-        "tether_tracked_sources",
-        "gauge",
-        "client IPs the per-source limits track",
-        &tracked,
-    );
-    // How the connections spread over the workers (F10), and whether each loop still turns.
+}
+
+/// How the connections spread over the workers (F10), and whether each loop still turns.
+fn per_worker(out: &mut String, workers: &[proxy::Counts], registry: &Registry) {
     let per_worker = |f: fn(&proxy::Counts) -> u64| -> Vec<(String, f64)> {
         workers.iter().enumerate().map(|(i, w)| (format!("worker=\"{i}\""), f(w) as f64)).collect()
     };
     labelled(
-        &mut out,
+        out,
         "tether_worker_accepted_total",
         "counter",
         "TCP clients accepted, per worker",
         &per_worker(|w| w.accepted),
     );
     labelled(
-        &mut out,
+        out,
         "tether_worker_flows_created_total",
         "counter",
         "UDP flows created, per worker",
@@ -82,19 +78,23 @@ pub fn render(registry: &Registry) -> String {
         each.map(|(i, s)| (format!("worker=\"{i}\""), f(s))).collect()
     };
     labelled(
-        &mut out,
+        out,
         "tether_worker_loop_age_seconds",
         "gauge",
         "time since the worker last turned its event loop (woken every second)",
         &heartbeat(&|s| s.loop_age_ms(now_ms) as f64 / 1000.0),
     );
     labelled(
-        &mut out,
+        out,
         "tether_worker_stalled",
         "gauge",
         "1 while the worker's loop has not turned for 2 s: its sessions and flows wait",
         &heartbeat(&|s| f64::from(u8::from(s.stalled(now_ms)))),
     );
+}
+
+/// The admin server, and what is open now across the process.
+fn process(out: &mut String, registry: &Registry) {
     let admin = &registry.admin;
     let read =
         |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
@@ -125,14 +125,32 @@ pub fn render(registry: &Registry) -> String {
         ),
     ];
     for (name, kind, help, values) in admin_rows {
-        plain(&mut out, name, kind, help, &values);
+        plain(out, name, kind, help, &values);
     }
     let active = registry.shared.active.load(std::sync::atomic::Ordering::Relaxed);
-    gauge(&mut out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);
+    gauge(out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);
     let flows = registry.shared.flow_budget.used();
-    gauge(&mut out, "tether_flows_active", "UDP flows open now", &[("", flows as f64)]);
+    gauge(out, "tether_flows_active", "UDP flows open now", &[("", flows as f64)]);
+}
 
-    // Per service: sticky table.
+/// Per service: sticky table and per-source limits.
+fn services(out: &mut String, registry: &Registry) {
+    let tracked: Vec<(String, f64)> = registry
+        .services
+        .iter()
+        .flatten()
+        .filter_map(|s| {
+            let l = s.limiter.as_ref()?;
+            Some((format!("service=\"{}\"", escape(&s.config.name)), l.len() as f64))
+        })
+        .collect();
+    labelled(
+        out,
+        "tether_tracked_sources",
+        "gauge",
+        "client IPs the per-source limits track",
+        &tracked,
+    );
     let mut sticky_size = Vec::new();
     let mut sticky_evicted = Vec::new();
     for s in registry.services.iter().flatten() {
@@ -141,17 +159,40 @@ pub fn render(registry: &Registry) -> String {
         sticky_size.push((label.clone(), s.sticky.len() as f64));
         sticky_evicted.push((label, (st.evicted_expired + st.evicted_idle) as f64));
     }
-    labelled(&mut out, "tether_sticky_entries", "gauge", "sticky entries held", &sticky_size);
+    labelled(out, "tether_sticky_entries", "gauge", "sticky entries held", &sticky_size);
     labelled(
-        &mut out,
+        out,
         "tether_sticky_evictions_total",
         "counter",
         "idle sticky entries evicted to make room",
         &sticky_evicted,
     );
+}
 
-    // Per backend.
+/// Per backend: sessions, flows, pins, failures, bytes, settings and states.
+fn backends(out: &mut String, registry: &Registry) {
     let views = registry.backends();
+    for (name, kind, help, values) in backend_rows(&views) {
+        labelled(out, name, kind, help, &values);
+    }
+    let states: Vec<(String, f64)> = views
+        .iter()
+        .flat_map(|b| {
+            ["ready", "drain", "maint"].into_iter().map(move |s| {
+                let label = format!(
+                    "service=\"{}\",backend=\"{}\",state=\"{s}\"",
+                    escape(&b.service),
+                    escape(&b.name)
+                );
+                (label, f64::from(u8::from(b.state.as_str() == s)))
+            })
+        })
+        .collect();
+    labelled(out, "tether_backend_state", "gauge", "admin state (1 for the current one)", &states);
+}
+
+/// The per-backend families, labelled with service, backend and address: a table.
+fn backend_rows(views: &[crate::registry::BackendView]) -> [Family; 12] {
     let per = |f: &dyn Fn(&crate::registry::BackendView) -> f64| -> Vec<(String, f64)> {
         views
             .iter()
@@ -166,7 +207,7 @@ pub fn render(registry: &Registry) -> String {
             })
             .collect()
     };
-    let rows: [Family; 12] = [
+    [
         (
             "tether_backend_sessions",
             "gauge",
@@ -234,31 +275,7 @@ pub fn render(registry: &Registry) -> String {
             "1 if the admin state is ready (0: drain or maint)",
             per(&|b| f64::from(u8::from(b.state == health::AdminState::Ready))),
         ),
-    ];
-    for (name, kind, help, values) in rows {
-        labelled(&mut out, name, kind, help, &values);
-    }
-    let states: Vec<(String, f64)> = views
-        .iter()
-        .flat_map(|b| {
-            ["ready", "drain", "maint"].into_iter().map(move |s| {
-                let label = format!(
-                    "service=\"{}\",backend=\"{}\",state=\"{s}\"",
-                    escape(&b.service),
-                    escape(&b.name)
-                );
-                (label, f64::from(u8::from(b.state.as_str() == s)))
-            })
-        })
-        .collect();
-    labelled(
-        &mut out,
-        "tether_backend_state",
-        "gauge",
-        "admin state (1 for the current one)",
-        &states,
-    );
-    out
+    ]
 }
 
 /// Name, type, help text and labelled values of one metric family.

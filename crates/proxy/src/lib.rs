@@ -35,6 +35,7 @@
 #![deny(clippy::unwrap_used)] // traffic never panics the process (allowed in tests)
 
 pub mod admission;
+mod held;
 mod listener;
 pub mod outgoing;
 pub mod pump;
@@ -42,6 +43,7 @@ mod routing;
 mod session;
 pub mod stats;
 mod sys;
+mod tcp;
 mod timer;
 mod token;
 mod udp;

@@ -1,9 +1,12 @@
-//! A session: one client socket, one backend socket, two half-duplex pipes and a state.
+//! A session: one client socket, one backend socket, two half-duplex pipes, and a phase that
+//! carries what the session holds in it. Every shared resource a session holds is a value that
+//! gives itself back when dropped (`crate::held`), so a session ends by being dropped.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::held::{Live, Pinned, Place, Reservation, SourceCount};
 use crate::pump::{HalfPipe, Pools, Progress, PumpError, Side};
 use crate::sys;
 
@@ -21,15 +24,45 @@ pub enum Which {
     Backend,
 }
 
-/// Where a session is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+/// Where a session is in its life, and what it holds in that phase.
+#[derive(Debug)]
+pub enum Phase {
     /// The backend's handshake is under way; the client is not read yet.
     Connecting { deadline: Instant },
     /// Bytes flow both ways (or one way after a half-close).
-    Established,
+    Established(Open),
     /// The other side aborted: what it sent is flushed to `survivor`, which then gets a reset.
-    Resetting { survivor: Which, until: Instant },
+    Resetting { survivor: Which, until: Instant, open: Open },
+}
+
+impl Phase {
+    /// For logs: `connecting`, `established`, `resetting`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Connecting { .. } => "connecting",
+            Phase::Established(_) => "established",
+            Phase::Resetting { .. } => "resetting",
+        }
+    }
+
+    /// What the session holds of its backend once the handshake is done, if it is.
+    pub fn open(&self) -> Option<&Open> {
+        match self {
+            Phase::Connecting { .. } => None,
+            Phase::Established(open) | Phase::Resetting { open, .. } => Some(open),
+        }
+    }
+}
+
+/// What a session holds from its backend's handshake on: held for what each gives back when
+/// the session is dropped, never read.
+#[derive(Debug)]
+#[allow(dead_code)]
+pub struct Open {
+    /// The backend's open-sessions gauge counts it.
+    pub live: Live,
+    /// The client's sticky entry counts it (`None`: 5-tuple affinity, or the table was full).
+    pub pin: Option<Pinned>,
 }
 
 /// Why a session ended.
@@ -66,7 +99,7 @@ pub enum Drive {
 #[derive(Debug)]
 pub struct Session {
     pub generation: u64,
-    pub state: State,
+    pub phase: Phase,
     pub client: Side,
     pub backend: Side,
     pub peer: SocketAddr,
@@ -83,12 +116,14 @@ pub struct Session {
     pub admitted: crate::admission::Admitted,
     /// Backend currently connected or being connected to (index in `service.backends`).
     pub target: usize,
-    /// A sticky entry counts this session as live.
-    pub attached: bool,
-    /// The target backend's active counter includes this session.
-    pub counted: bool,
-    /// The session holds a place under the target backend's `max-conns`.
-    pub reserved: bool,
+    /// A place under `--max-conns`, held from accept.
+    pub place: Place,
+    /// The per-source limiter's count of this session, if the service limits sources (held
+    /// for what it gives back when dropped).
+    #[allow(dead_code)]
+    pub source_count: Option<SourceCount>,
+    /// A place under the target backend's `max-conns`: the attempt's, then the session's.
+    pub reservation: Reservation,
     pub c2b: HalfPipe,
     pub b2c: HalfPipe,
     pub last_active: Instant,
@@ -99,19 +134,39 @@ pub struct Session {
 }
 
 impl Session {
-    /// Every change of state goes through here, so one trace line tells the session's story.
-    pub fn set_state(&mut self, next: State) {
-        log::trace!("session {} {}: {:?} => {:?}", self.generation, self.peer, self.state, next);
-        self.state = next;
+    /// Every change of phase goes through here, so one trace line tells the session's story.
+    pub fn set_phase(&mut self, next: Phase) {
+        log::trace!(
+            "session {} {}: {} => {}",
+            self.generation,
+            self.peer,
+            self.phase.name(),
+            next.name()
+        );
+        self.phase = next;
+    }
+
+    /// Established or resetting already: a session aborted on one side starts resetting the
+    /// other, keeping what it holds of its backend.
+    fn start_resetting(&mut self, survivor: Which, until: Instant) {
+        let placeholder = Phase::Connecting { deadline: until };
+        match std::mem::replace(&mut self.phase, placeholder) {
+            // The rule: only an established session pumps, so only it can see an abort.
+            Phase::Established(open) | Phase::Resetting { open, .. } => {
+                self.set_phase(Phase::Resetting { survivor, until, open })
+            }
+            // Unreachable by that rule; kept as it was.
+            connecting @ Phase::Connecting { .. } => self.phase = connecting,
+        }
     }
 
     /// Move bytes both ways until both block, and turn errors into resets to forward.
     pub fn drive(&mut self, pools: &mut Pools, now: Instant) -> Drive {
-        match self.state {
+        match self.phase {
             // Not readable or writable until the handshake completes.
-            State::Connecting { .. } => Drive::Wait,
+            Phase::Connecting { .. } => Drive::Wait,
             // Pump both directions.
-            State::Established => {
+            Phase::Established(_) => {
                 let before = self.c2b.moved + self.b2c.moved;
                 self.c2b.last = self.b2c.shut;
                 let up = self.c2b.pump(&mut self.client, &mut self.backend, pools);
@@ -143,7 +198,7 @@ impl Session {
                         self.peer,
                         other(survivor)
                     );
-                    self.set_state(State::Resetting { survivor, until: now + LINGER_MAX });
+                    self.start_resetting(survivor, now + LINGER_MAX);
                     return self.drive(pools, now);
                 }
                 match (up, down) {
@@ -155,7 +210,7 @@ impl Session {
             // Forward what the dead side sent (its socket still holds data received before the
             // reset, and reads return it before the error), wait until the kernel has sent it,
             // then reset the survivor.
-            State::Resetting { survivor, until } => {
+            Phase::Resetting { survivor, until, .. } => {
                 let (pipe, src, dst) = match survivor {
                     Which::Backend => (&mut self.c2b, &mut self.client, &mut self.backend),
                     Which::Client => (&mut self.b2c, &mut self.backend, &mut self.client),

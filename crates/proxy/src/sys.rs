@@ -188,12 +188,23 @@ impl RecvBatch {
     /// datagrams of the last call reported it (socket(7), SO_RXQ_OVFL; `None` if the socket
     /// did not ask for it).
     pub fn drops(&self, n: usize) -> Option<u32> {
-        use nix::libc;
         let i = n.checked_sub(1)?;
         let mut drops = None;
-        // SAFETY: as in `get`: a msghdr describing only the control buffer the kernel filled
-        // for datagram `i`, walked by the CMSG_* macros within `control_lens[i]` bytes; the
-        // payload is read unaligned.
+        self.control_messages(i, |level, kind, data| {
+            if level == nix::libc::SOL_SOCKET && kind == nix::libc::SO_RXQ_OVFL {
+                // SAFETY: an SO_RXQ_OVFL message carries a u32 (socket(7)), read unaligned.
+                drops = Some(unsafe { std::ptr::read_unaligned(data as *const u32) });
+            }
+        });
+        drops
+    }
+
+    /// Call `f(level, type, payload)` for each control message the kernel attached to datagram
+    /// `i` of the last call; `payload` points into this batch's buffer (read it unaligned).
+    fn control_messages(&self, i: usize, mut f: impl FnMut(i32, i32, *const u8)) {
+        use nix::libc;
+        // SAFETY: a msghdr describing only the control buffer the kernel filled for datagram
+        // `i`; the CMSG_* macros walk it within `control_lens[i]` bytes.
         unsafe {
             let mut msg: libc::msghdr = std::mem::zeroed();
             msg.msg_control = self.controls[i].as_ptr() as *mut libc::c_void;
@@ -201,13 +212,10 @@ impl RecvBatch {
             let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
             while !cmsg.is_null() {
                 let c = &*cmsg;
-                if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SO_RXQ_OVFL {
-                    drops = Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const u32));
-                }
+                f(c.cmsg_level, c.cmsg_type, libc::CMSG_DATA(cmsg) as *const u8);
                 cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
             }
         }
-        drops
     }
 
     /// Datagram `i` of the last call: payload, source address, destination address (from
@@ -219,28 +227,18 @@ impl RecvBatch {
         // SAFETY: the kernel wrote a valid address of `name_lens[i]` bytes into `names[i]`.
         let from = unsafe { socket2::SockAddr::new(self.names[i], self.name_lens[i]) }.as_socket();
         let mut dst = None;
-        // SAFETY: a msghdr describing only the control buffer the kernel filled for datagram
-        // `i`; the CMSG_* macros walk it within `control_lens[i]` bytes, and payloads are read
-        // unaligned.
-        unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_control = self.controls[i].as_ptr() as *mut libc::c_void;
-            msg.msg_controllen = self.control_lens[i];
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            while !cmsg.is_null() {
-                let c = &*cmsg;
-                if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO {
-                    let pi: libc::in_pktinfo =
-                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const _);
-                    dst = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))));
-                } else if c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_PKTINFO {
-                    let pi: libc::in6_pktinfo =
-                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const _);
-                    dst = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)).to_canonical());
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        self.control_messages(i, |level, kind, payload| {
+            if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO {
+                // SAFETY: an IP_PKTINFO message carries an in_pktinfo (ip(7)), read unaligned.
+                let pi: libc::in_pktinfo = unsafe { std::ptr::read_unaligned(payload as *const _) };
+                dst = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr))));
+            } else if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO {
+                // SAFETY: an IPV6_PKTINFO message carries an in6_pktinfo (ipv6(7)).
+                let pi: libc::in6_pktinfo =
+                    unsafe { std::ptr::read_unaligned(payload as *const _) };
+                dst = Some(IpAddr::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr)).to_canonical());
             }
-        }
+        });
         (data, from, dst)
     }
 }

@@ -468,38 +468,7 @@ impl Udp {
                 }
             };
         let target = &service.backends[backend];
-        let from = &service.settings.connect_from;
-        let mut socket = match self.sources.udp(target.addr, from, service.slot) {
-            Ok(s) => {
-                // Best effort: the flow works without; listener::bind logged any clamp.
-                if let Err(e) = service.settings.udp_buffers.apply(&s) {
-                    log::debug!("udp socket toward {}: options: {e}", target.addr);
-                }
-                s
-            }
-            Err(e) => {
-                if no_local_port(&e) {
-                    ports_exhausted(ctx.stats, target.addr, &e);
-                } else {
-                    log::warn!("udp socket toward {}: {e}", target.addr);
-                }
-                inc(&ctx.stats.local_errors);
-                inc(&ctx.stats.dropped_local);
-                return None;
-            }
-        };
-        let slot = self.free.pop().unwrap_or_else(|| {
-            self.flows.push(None);
-            self.flows.len() - 1
-        });
-        if let Err(e) =
-            ctx.registry.register(&mut socket, Slot::Flow(slot).token(), Interest::READABLE)
-        {
-            log::warn!("register udp flow: {e}");
-            inc(&ctx.stats.dropped_local);
-            self.free.push(slot);
-            return None;
-        }
+        let (socket, slot) = self.flow_socket(service, backend, ctx)?;
         match self.table(service.slot).insert(key, target.id, slot, ctx.now_ms) {
             Ok(inserted) => {
                 if let Some((_, old)) = inserted.reclaimed {
@@ -545,6 +514,50 @@ impl Udp {
             drops: 0,
         });
         Some(slot)
+    }
+
+    /// A socket connected to backend `backend` of `service`, in the poll under a free flow
+    /// slot; `None` (counted) when this host has no socket, port or epoll room for it.
+    fn flow_socket(
+        &mut self,
+        service: &Snapshot,
+        backend: usize,
+        ctx: &Ctx<'_>,
+    ) -> Option<(UdpSocket, usize)> {
+        let target = &service.backends[backend];
+        let from = &service.settings.connect_from;
+        let mut socket = match self.sources.udp(target.addr, from, service.slot) {
+            Ok(s) => {
+                // Best effort: the flow works without; listener::bind logged any clamp.
+                if let Err(e) = service.settings.udp_buffers.apply(&s) {
+                    log::debug!("udp socket toward {}: options: {e}", target.addr);
+                }
+                s
+            }
+            Err(e) => {
+                if no_local_port(&e) {
+                    ports_exhausted(ctx.stats, target.addr, &e);
+                } else {
+                    log::warn!("udp socket toward {}: {e}", target.addr);
+                }
+                inc(&ctx.stats.local_errors);
+                inc(&ctx.stats.dropped_local);
+                return None;
+            }
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.flows.push(None);
+            self.flows.len() - 1
+        });
+        if let Err(e) =
+            ctx.registry.register(&mut socket, Slot::Flow(slot).token(), Interest::READABLE)
+        {
+            log::warn!("register udp flow: {e}");
+            inc(&ctx.stats.dropped_local);
+            self.free.push(slot);
+            return None;
+        }
+        Some((socket, slot))
     }
 
     // === backend -> client ===
