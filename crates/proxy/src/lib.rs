@@ -41,6 +41,8 @@ pub mod outgoing;
 pub mod pump;
 mod routing;
 mod session;
+#[cfg(test)]
+mod sim;
 pub mod stats;
 mod sys;
 mod tcp;

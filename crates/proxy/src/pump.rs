@@ -44,19 +44,76 @@ const BULK_MIN: usize = BUF_SIZE / 4;
 /// pipe-user-pages-soft); the pipe then keeps its default size, which only costs more calls.
 pub const PIPE_SIZE: usize = 1024 * 1024;
 
+/// What the pump and a session need of a socket: tether's `TcpStream`, or a scripted stream
+/// that a test drives on a virtual clock (`crate::sim`).
+pub trait Io {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// `shutdown(Write)`: the peer reads EOF once it has read everything written.
+    fn shutdown_write(&mut self) -> io::Result<()>;
+    /// Move up to `len` bytes from this socket into `pipe` (splice(2)).
+    fn splice_into(&mut self, pipe: &Pipe, len: usize) -> io::Result<usize>;
+    /// Move up to `len` bytes from `pipe` into this socket.
+    fn splice_from(&mut self, pipe: &Pipe, len: usize) -> io::Result<usize>;
+    /// Whether the next byte to read is the TCP urgent mark.
+    fn at_urgent_mark(&self) -> bool;
+    /// Bytes written that the peer has not acknowledged yet.
+    fn unsent(&self) -> usize;
+    /// Make the close send a reset (and drop what is unsent) instead of a FIN.
+    fn reset_on_close(&self);
+}
+
+impl Io for TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
+    }
+
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+
+    fn splice_into(&mut self, pipe: &Pipe, len: usize) -> io::Result<usize> {
+        // splice(2): "SPLICE_F_NONBLOCK: do not block on I/O"; SPLICE_F_MOVE is a hint.
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        splice(self.as_fd(), None, pipe.w.as_fd(), None, len, flags).map_err(io::Error::from)
+    }
+
+    fn splice_from(&mut self, pipe: &Pipe, len: usize) -> io::Result<usize> {
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        splice(pipe.r.as_fd(), None, self.as_fd(), None, len, flags).map_err(io::Error::from)
+    }
+
+    fn at_urgent_mark(&self) -> bool {
+        sys::at_urgent_mark(self)
+    }
+
+    fn unsent(&self) -> usize {
+        sys::unsent(self).max(0) as usize
+    }
+
+    fn reset_on_close(&self) {
+        // SO_LINGER with a zero timeout (socket(7)).
+        let _ = socket2::SockRef::from(self).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
 /// One socket of a session with the readiness the pump believes it has. Edge-triggered events
 /// set a flag; only a `WouldBlock` clears it, so no edge is ever lost.
 #[derive(Debug)]
-pub struct Side {
-    pub stream: TcpStream,
+pub struct Side<S = TcpStream> {
+    pub stream: S,
     pub readable: bool,
     pub writable: bool,
     /// An event reported the peer's FIN or an error: read until `WouldBlock` or EOF from now on.
     pub hung_up: bool,
 }
 
-impl Side {
-    pub fn new(stream: TcpStream) -> Self {
+impl<S> Side<S> {
+    pub fn new(stream: S) -> Self {
         Side { stream, readable: true, writable: true, hung_up: false }
     }
 }
@@ -205,10 +262,10 @@ impl HalfPipe {
     }
 
     /// Move bytes until a socket blocks, the budget is spent, or the direction is done.
-    pub fn pump(
+    pub fn pump<S: Io>(
         &mut self,
-        src: &mut Side,
-        dst: &mut Side,
+        src: &mut Side<S>,
+        dst: &mut Side<S>,
         pools: &mut Pools,
     ) -> Result<Progress, PumpError> {
         for _ in 0..BUDGET {
@@ -224,7 +281,7 @@ impl HalfPipe {
                     self.shut = true;
                     if !self.last {
                         // The peer may already be gone; the other direction will see it.
-                        let _ = dst.stream.shutdown(Shutdown::Write);
+                        let _ = dst.stream.shutdown_write();
                     }
                 }
                 return Ok(Progress::Done);
@@ -239,7 +296,11 @@ impl HalfPipe {
 
     /// Write what is pending without reading more (used while forwarding a reset). Returns
     /// whether everything pending has been written.
-    pub fn flush(&mut self, dst: &mut Side, pools: &mut Pools) -> Result<bool, PumpError> {
+    pub fn flush<S: Io>(
+        &mut self,
+        dst: &mut Side<S>,
+        pools: &mut Pools,
+    ) -> Result<bool, PumpError> {
         for _ in 0..BUDGET {
             if self.pending() == 0 {
                 return Ok(true);
@@ -257,7 +318,7 @@ impl HalfPipe {
         pools.give(std::mem::replace(&mut self.store, Store::Empty));
     }
 
-    fn read(&mut self, src: &mut Side, pools: &mut Pools) -> Result<(), PumpError> {
+    fn read<S: Io>(&mut self, src: &mut Side<S>, pools: &mut Pools) -> Result<(), PumpError> {
         if let Store::Empty = self.store {
             self.store = pools.take(self.bulk);
         }
@@ -266,17 +327,14 @@ impl HalfPipe {
             Store::Buf { buf, start, end } => {
                 *start = 0;
                 *end = 0;
-                let r = (&src.stream).read(buf);
+                let r = src.stream.read(buf);
                 if let Ok(n) = r {
                     *end = n;
                 }
                 (r, false)
             }
             Store::Pipe { pipe, pending } => {
-                // splice(2): "SPLICE_F_NONBLOCK: do not block on I/O"; SPLICE_F_MOVE is a hint.
-                let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-                let r = splice(src.stream.as_fd(), None, pipe.w.as_fd(), None, PIPE_SIZE, flags)
-                    .map_err(io::Error::from);
+                let r = src.stream.splice_into(pipe, PIPE_SIZE);
                 if let Ok(n) = r {
                     *pending = n;
                 }
@@ -288,7 +346,7 @@ impl HalfPipe {
         // past the mark: copy the next read instead of taking either answer at face value.
         let nothing = matches!(&got, Ok(0))
             || matches!(&got, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
-        if spliced && nothing && sys::at_urgent_mark(&src.stream) {
+        if spliced && nothing && src.stream.at_urgent_mark() {
             self.bulk = false;
             self.release(pools);
             return Ok(());
@@ -327,20 +385,18 @@ impl HalfPipe {
         }
     }
 
-    fn write(&mut self, dst: &mut Side, pools: &mut Pools) -> Result<(), PumpError> {
+    fn write<S: Io>(&mut self, dst: &mut Side<S>, pools: &mut Pools) -> Result<(), PumpError> {
         let r = match &mut self.store {
             Store::Empty => return Ok(()),
             Store::Buf { buf, start, end } => {
-                let r = (&dst.stream).write(&buf[*start..*end]);
+                let r = dst.stream.write(&buf[*start..*end]);
                 if let Ok(n) = r {
                     *start += n;
                 }
                 r
             }
             Store::Pipe { pipe, pending } => {
-                let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-                let r = splice(pipe.r.as_fd(), None, dst.stream.as_fd(), None, *pending, flags)
-                    .map_err(io::Error::from);
+                let r = dst.stream.splice_from(pipe, *pending);
                 if let Ok(n) = r {
                     *pending -= n;
                 }

@@ -7,8 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::held::{Live, Pinned, Place, Reservation, SourceCount};
-use crate::pump::{HalfPipe, Pools, Progress, PumpError, Side};
-use crate::sys;
+use crate::pump::{HalfPipe, Io, Pools, Progress, PumpError, Side};
 
 /// How long a forwarded reset waits for the kernel to send bytes written before it. A reset
 /// discards the socket's send queue (SO_LINGER 0), and data received before an abort must not be
@@ -95,13 +94,13 @@ pub enum Drive {
     Close(CloseReason),
 }
 
-/// One proxied TCP connection pair.
+/// One proxied TCP connection pair (over `TcpStream`s; over scripted streams in `crate::sim`).
 #[derive(Debug)]
-pub struct Session {
+pub struct Session<S = mio::net::TcpStream> {
     pub generation: u64,
     pub phase: Phase,
-    pub client: Side,
-    pub backend: Side,
+    pub client: Side<S>,
+    pub backend: Side<S>,
     pub peer: SocketAddr,
     /// The client's real address: `peer`, or what a trusted proxy's PROXY header said. ACLs,
     /// limits, affinity and the header sent to backends use it.
@@ -133,7 +132,7 @@ pub struct Session {
     pub queued: bool,
 }
 
-impl Session {
+impl<S: Io> Session<S> {
     /// Every change of phase goes through here, so one trace line tells the session's story.
     pub fn set_phase(&mut self, next: Phase) {
         log::trace!(
@@ -230,7 +229,7 @@ impl Session {
                     // Re-checked on the linger timer: a stuck peer may never send an event.
                     return Drive::Linger;
                 }
-                if now < until && sys::unsent(&dst.stream) > 0 {
+                if now < until && dst.stream.unsent() > 0 {
                     return Drive::Linger;
                 }
                 set_reset_on_close(dst);
@@ -239,6 +238,13 @@ impl Session {
         }
     }
 
+    /// Whether both directions ended cleanly with nothing left to write.
+    pub fn finished(&self) -> bool {
+        self.c2b.shut && self.b2c.shut && self.c2b.pending() == 0 && self.b2c.pending() == 0
+    }
+}
+
+impl Session {
     /// Check a connecting backend socket after an event: `Ok(true)` connected, `Ok(false)`
     /// still connecting, `Err` failed. A connecting socket becomes writable only once the
     /// handshake is over (connect(2), EINPROGRESS), and a failed one also reports an error or
@@ -254,11 +260,6 @@ impl Session {
             None => Ok(true),
         }
     }
-
-    /// Whether both directions ended cleanly with nothing left to write.
-    pub fn finished(&self) -> bool {
-        self.c2b.shut && self.b2c.shut && self.c2b.pending() == 0 && self.b2c.pending() == 0
-    }
 }
 
 fn other(w: Which) -> Which {
@@ -269,6 +270,6 @@ fn other(w: Which) -> Which {
 }
 
 /// Close with a reset instead of a FIN (SO_LINGER with a zero timeout, socket(7)).
-pub fn set_reset_on_close(side: &Side) {
-    let _ = socket2::SockRef::from(&side.stream).set_linger(Some(Duration::ZERO));
+pub fn set_reset_on_close<S: Io>(side: &Side<S>) {
+    side.stream.reset_on_close();
 }
