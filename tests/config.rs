@@ -397,3 +397,46 @@ fn a_reload_serves_the_clients_queued_on_a_listener_it_closes() {
     assert!(t.wait_stderr(|l| l.contains(&closed), DEADLINE), "{}", t.stderr_text());
     assert!(connect_from(client_ip(9), gone, DEADLINE).is_err(), "the listener is still open");
 }
+
+/// The receive buffer the kernel holds for the UDP socket bound to `addr` (`rb` of
+/// `ss -uamn`, sock_diag's SK_MEMINFO_RCVBUF: twice what was asked, socket(7)).
+fn udp_rcvbuf(addr: SocketAddr) -> Option<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-uamnH", "src", &addr.to_string()])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text.find("rb")? + 2;
+    text[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// `udp-rcvbuf` reaches the listener at start and again on a reload (sizes under the default
+/// net.core.rmem_max, so root or not the kernel grants them).
+#[test]
+fn a_reload_gives_kept_udp_listeners_their_new_buffer_size() {
+    let pool = backends(38, 1);
+    let text = |bytes: u32| {
+        format!(
+            "admin = \"127.0.38.1:0\"\nworkers = 1\n{}",
+            service("u", "127.0.38.2:0", &[(&pool[0], 1)])
+        )
+        .replace(
+            "health-check = \"off\"\n",
+            &format!("health-check = \"off\"\nprotocol = \"udp\"\nudp-rcvbuf = {bytes}\n"),
+        )
+    };
+    let file = ConfigFile::new("rcvbuf", &text(65_536));
+    let t = Tether::start(bin(), ["--config", file.path()]).unwrap();
+    let listener = t.udp_addr();
+    assert_eq!(udp_rcvbuf(listener), Some(2 * 65_536));
+    file.write(&text(100_000));
+    let r = http(t.admin(), "POST", "/api/reload", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The worker applies it when it takes the new snapshot.
+    let mut seen = None;
+    let applied = wait_until(DEADLINE, || {
+        seen = udp_rcvbuf(listener);
+        seen == Some(2 * 100_000)
+    });
+    assert!(applied, "the listener's buffer is {seen:?} after the reload");
+}
