@@ -437,3 +437,89 @@ pub fn splice_supported() -> bool {
         Err(Errno::ENOSYS | Errno::EINVAL)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream with `readable` bytes waiting (then EOF if `eof`), taking at most `room` bytes
+    /// of writes; it records what it was given and whether its write side was shut.
+    #[derive(Default)]
+    struct Mock {
+        readable: usize,
+        eof: bool,
+        room: usize,
+        written: usize,
+        read_total: usize,
+        shut: bool,
+    }
+
+    impl Io for Mock {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.readable);
+            if n == 0 && !self.eof {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.readable -= n;
+            self.read_total += n;
+            Ok(n)
+        }
+
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.room);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.room -= n;
+            self.written += n;
+            Ok(n)
+        }
+
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            self.shut = true;
+            Ok(())
+        }
+
+        fn splice_into(&mut self, _: &Pipe, _: usize) -> io::Result<usize> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+
+        fn splice_from(&mut self, _: &Pipe, _: usize) -> io::Result<usize> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+
+        fn at_urgent_mark(&self) -> bool {
+            false
+        }
+
+        fn unsent(&self) -> usize {
+            0
+        }
+
+        fn reset_on_close(&self) {}
+    }
+
+    #[test]
+    fn a_slow_destination_stops_the_source_being_read_and_eof_shuts_it_after_the_data() {
+        let mut pools = Pools::new(0);
+        let mut pipe = HalfPipe::new("client->backend");
+        let mut src = Side::new(Mock { readable: 1 << 20, eof: true, ..Mock::default() });
+        let mut dst = Side::new(Mock { room: 10, ..Mock::default() });
+        // The destination takes 10 bytes: the source is read once (one buffer), not more.
+        assert_eq!(pipe.pump(&mut src, &mut dst, &mut pools).unwrap(), Progress::Blocked);
+        assert_eq!(src.stream.read_total, BUF_SIZE);
+        assert_eq!(dst.stream.written, 10);
+        assert_eq!(pipe.pending(), BUF_SIZE - 10);
+        // Room comes back (an event would say so): everything flows, then the FIN follows the
+        // last byte.
+        while !pipe.shut {
+            dst.stream.room = 100_000;
+            dst.writable = true;
+            src.readable = true;
+            pipe.pump(&mut src, &mut dst, &mut pools).unwrap();
+        }
+        assert_eq!(dst.stream.written, 1 << 20);
+        assert_eq!(pipe.moved, 1 << 20);
+        assert!(dst.stream.shut, "no FIN after the data");
+    }
+}

@@ -663,3 +663,140 @@ fn send_from(
         None => socket.send_to(data, to),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket as StdSocket;
+    use std::time::Duration;
+
+    use conntrack::{Sticky, StickyConfig};
+
+    use super::*;
+    use crate::routing::{BackendState, Guards, Settings};
+
+    /// One worker's UDP side with a listener, a backend socket the test answers from, and the
+    /// service they form.
+    struct Rig {
+        udp: Udp,
+        poll: mio::Poll,
+        services: Vec<Option<Arc<Snapshot>>>,
+        stats: Stats,
+        listener: SocketAddr,
+        backend: StdSocket,
+        state: Arc<BackendState>,
+    }
+
+    impl Rig {
+        fn new(flows: usize, guards: Guards) -> Rig {
+            let backend = StdSocket::bind("127.0.0.1:0").unwrap();
+            backend.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let at = backend.local_addr().unwrap();
+            let state = Arc::new(BackendState::new(0, "u0".into(), at));
+            let settings = Settings {
+                affinity: vocab::Affinity::Source,
+                connect_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(60),
+                udp_idle_timeout: Duration::from_secs(60),
+                connect_from: Vec::new(),
+                udp_buffers: Default::default(),
+            };
+            let sticky =
+                Arc::new(Sticky::new(StickyConfig { capacity: 8, timeout_ms: 1000 }, [4; 16]));
+            let members = vec![(Arc::clone(&state), 1)];
+            let snapshot =
+                Snapshot::new("s".into(), 0, settings, members, 7, 0, sticky, guards).unwrap();
+            let poll = mio::Poll::new().unwrap();
+            let mut udp = Udp::new(Arc::new(FlowBudget::new(flows)), [9; 16]);
+            let socket = StdSocket::bind("127.0.0.1:0").unwrap();
+            socket.set_nonblocking(true).unwrap();
+            let listener = socket.local_addr().unwrap();
+            udp.listen(socket, 0, poll.registry()).unwrap();
+            udp.set_idle_timeout(0, Duration::from_millis(100));
+            let services = vec![Some(Arc::new(snapshot))];
+            Rig { udp, poll, services, stats: Stats::default(), listener, backend, state }
+        }
+
+        /// Run `f` on the UDP side with a context at `now_ms`.
+        fn with<T>(&mut self, now_ms: u64, f: impl FnOnce(&mut Udp, &Ctx<'_>) -> T) -> T {
+            let ctx = Ctx {
+                registry: self.poll.registry(),
+                services: &self.services,
+                stats: &self.stats,
+                now_ms,
+            };
+            f(&mut self.udp, &ctx)
+        }
+
+        /// A client at `ip` sends `data`; the worker takes it.
+        fn send(&mut self, client: &StdSocket, data: &[u8], now_ms: u64) {
+            client.send_to(data, self.listener).unwrap();
+            assert_eq!(self.with(now_ms, |udp, ctx| udp.listener_readable(0, ctx)), Recv::Drained);
+        }
+    }
+
+    fn client(ip: &str) -> StdSocket {
+        let s = StdSocket::bind((ip, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    #[test]
+    fn a_flow_carries_both_ways_and_expires_giving_back_its_pin() {
+        let mut rig = Rig::new(8, Guards::default());
+        let a = client("127.0.0.2");
+        rig.send(&a, b"hello", 0);
+        let mut buf = [0u8; 64];
+        let (n, flow_addr) = rig.backend.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(rig.stats.flows_created.load(Relaxed), 1);
+        assert_eq!(rig.state.flows.load(Relaxed), 1);
+        // The reply goes back to the client from the address it sent to.
+        rig.backend.send_to(b"world", flow_addr).unwrap();
+        assert_eq!(rig.with(1, |udp, ctx| udp.flow_readable(0, ctx)), Recv::Drained);
+        let (n, from) = a.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"world"[..], rig.listener));
+        // The client's next datagram takes the same flow (the same source port at the backend).
+        rig.send(&a, b"again", 2);
+        assert_eq!(rig.backend.recv_from(&mut buf).unwrap().1, flow_addr);
+        assert_eq!(rig.stats.flows_created.load(Relaxed), 1);
+        let key = AffinityKey::from_ip(a.local_addr().unwrap().ip());
+        let sticky = Arc::clone(&rig.services[0].as_ref().unwrap().sticky);
+        assert_eq!(sticky.get(key, 2).map(|e| e.live), Some(1));
+        // Silent past the idle timeout: the flow ends, its gauge and pin count come back.
+        rig.with(1_000, |udp, ctx| udp.expire(ctx));
+        assert_eq!(rig.stats.flows_expired.load(Relaxed), 1);
+        assert_eq!(rig.state.flows.load(Relaxed), 0);
+        assert_eq!(sticky.get(key, 1_000).map(|e| e.live), Some(0));
+    }
+
+    #[test]
+    fn refused_datagrams_make_no_flow_and_are_counted_by_reason() {
+        let acl = guard::Acl::new(Vec::new(), vec!["127.0.0.66/32".parse().unwrap()]);
+        let mut rig = Rig::new(1, Guards { acl: Arc::new(acl), ..Guards::default() });
+        rig.send(&client("127.0.0.66"), b"denied", 0);
+        assert_eq!(rig.stats.dropped_denied.load(Relaxed), 1);
+        // One flow fits: a second client is dropped, the first keeps its flow.
+        let (a, b) = (client("127.0.0.2"), client("127.0.0.3"));
+        rig.send(&a, b"first", 1);
+        rig.send(&b, b"second", 2);
+        assert_eq!(rig.stats.dropped_max_flows.load(Relaxed), 1);
+        assert_eq!(rig.stats.flows_created.load(Relaxed), 1);
+        let mut buf = [0u8; 64];
+        let (n, _) = rig.backend.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"first");
+        assert_eq!(rig.stats.datagrams_dropped.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn killing_a_backend_ends_its_flows() {
+        let mut rig = Rig::new(8, Guards::default());
+        for ip in ["127.0.0.2", "127.0.0.3"] {
+            rig.send(&client(ip), b"x", 0);
+        }
+        assert_eq!(rig.state.flows.load(Relaxed), 2);
+        let id = rig.state.id;
+        assert_eq!(rig.with(1, |udp, ctx| udp.kill(id, ctx)), 2);
+        assert_eq!(rig.state.flows.load(Relaxed), 0);
+        assert_eq!(rig.stats.killed.load(Relaxed), 2);
+    }
+}
