@@ -51,12 +51,19 @@ pub trait Io {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize>;
     /// `shutdown(Write)`: the peer reads EOF once it has read everything written.
     fn shutdown_write(&mut self) -> io::Result<()>;
-    /// Move up to `len` bytes from this socket into `pipe` (splice(2)).
-    fn splice_into(&mut self, pipe: &Pipe, len: usize) -> io::Result<usize>;
+    /// Move up to `len` bytes from this socket into `pipe` (splice(2)). A stream that cannot
+    /// (a scripted one) is only given buffers: pools without pipes never ask.
+    fn splice_into(&mut self, _pipe: &Pipe, _len: usize) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
     /// Move up to `len` bytes from `pipe` into this socket.
-    fn splice_from(&mut self, pipe: &Pipe, len: usize) -> io::Result<usize>;
-    /// Whether the next byte to read is the TCP urgent mark.
-    fn at_urgent_mark(&self) -> bool;
+    fn splice_from(&mut self, _pipe: &Pipe, _len: usize) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+    /// Whether the next byte to read is the TCP urgent mark (none in a scripted stream).
+    fn at_urgent_mark(&self) -> bool {
+        false
+    }
     /// Bytes written that the peer has not acknowledged yet.
     fn unsent(&self) -> usize;
     /// Make the close send a reset (and drop what is unsent) instead of a FIN.
@@ -478,18 +485,6 @@ mod tests {
         fn shutdown_write(&mut self) -> io::Result<()> {
             self.shut = true;
             Ok(())
-        }
-
-        fn splice_into(&mut self, _: &Pipe, _: usize) -> io::Result<usize> {
-            Err(io::ErrorKind::Unsupported.into())
-        }
-
-        fn splice_from(&mut self, _: &Pipe, _: usize) -> io::Result<usize> {
-            Err(io::ErrorKind::Unsupported.into())
-        }
-
-        fn at_urgent_mark(&self) -> bool {
-            false
         }
 
         fn unsent(&self) -> usize {

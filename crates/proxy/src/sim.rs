@@ -26,7 +26,7 @@ use conntrack::{Attach, Sticky, StickyConfig};
 
 use crate::admission::{admit, Transport};
 use crate::held::{Live, Pinned, Place, Reservation};
-use crate::pump::{HalfPipe, Io, Pipe, Pools, Side};
+use crate::pump::{HalfPipe, Io, Pools, Side};
 use crate::routing::{BackendState, Guards, Settings};
 use crate::session::{CloseReason, Drive, Open, Phase, Session};
 use crate::{Shared, Snapshot};
@@ -147,18 +147,6 @@ impl Io for End {
     fn shutdown_write(&mut self) -> io::Result<()> {
         self.outbox.borrow_mut().fin = true;
         Ok(())
-    }
-
-    fn splice_into(&mut self, _: &Pipe, _: usize) -> io::Result<usize> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-
-    fn splice_from(&mut self, _: &Pipe, _: usize) -> io::Result<usize> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-
-    fn at_urgent_mark(&self) -> bool {
-        false
     }
 
     fn unsent(&self) -> usize {
