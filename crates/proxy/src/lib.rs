@@ -46,6 +46,8 @@ mod sim;
 pub mod stats;
 mod sys;
 mod tcp;
+#[cfg(test)]
+mod tcp_sim;
 mod timer;
 mod token;
 mod udp;

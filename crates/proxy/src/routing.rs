@@ -138,6 +138,12 @@ impl BackendState {
             .is_ok()
     }
 
+    /// Places under `max-conns` taken now (the simulation checks them).
+    #[cfg(test)]
+    pub fn reserved(&self) -> u64 {
+        self.inflight.load(Relaxed)
+    }
+
     /// A session that reserved a place ended or moved on.
     pub fn release(&self) {
         self.inflight.fetch_sub(1, Relaxed);

@@ -135,6 +135,12 @@ impl Tcp {
         self.sessions.len() - self.free.len()
     }
 
+    /// The open sessions (the simulation checks what they hold).
+    #[cfg(test)]
+    pub(crate) fn sessions(&self) -> impl Iterator<Item = &Session> {
+        self.sessions.iter().flatten()
+    }
+
     /// The earliest time something here must happen without an event: now, when work is
     /// queued, else the next timer.
     pub fn deadline(&self, now: Instant) -> Option<Instant> {
