@@ -8,7 +8,8 @@
 //! | [`SourceCount`] | admission | the per-source limiter's count of open sessions |
 //! | [`Reservation`] | each connect attempt | a place under the backend's `max-conns` |
 //! | [`Live`] | the backend's handshake | the backend's open-sessions gauge |
-//! | [`Pinned`] | the backend's handshake | the sticky entry's live-session count |
+//! | [`Pinned`] | the backend's handshake (a flow: its making) | the sticky entry's live-session count |
+//! | [`FlowLive`] | a UDP flow's making | the backend's open-flows gauge |
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::{AcqRel, Relaxed};
@@ -96,6 +97,24 @@ impl Live {
 impl Drop for Live {
     fn drop(&mut self) {
         self.0.sessions.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The backend's gauge of open UDP flows counts this one.
+#[derive(Debug)]
+pub struct FlowLive(Arc<BackendState>);
+
+impl FlowLive {
+    pub fn new(backend: &Arc<BackendState>) -> FlowLive {
+        backend.flows.fetch_add(1, Relaxed);
+        backend.flows_total.fetch_add(1, Relaxed);
+        FlowLive(Arc::clone(backend))
+    }
+}
+
+impl Drop for FlowLive {
+    fn drop(&mut self) {
+        self.0.flows.fetch_sub(1, Relaxed);
     }
 }
 

@@ -86,7 +86,7 @@ impl Worker {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), Slot::Waker.token())?);
         let tcp = Tcp::new(id, shared.max_pipes);
-        let udp = Udp::new(Arc::clone(&shared.flow_budget), shared.flow_hash_key);
+        let udp = Udp::new(&shared);
         let mut worker = Worker {
             id,
             poll,
