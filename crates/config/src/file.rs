@@ -27,6 +27,8 @@ use std::path::Path;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::settings::{RawFile, RawService};
+
 use crate::{
     add_backend, backend_spec, build_config, build_service, check_backend_addr,
     check_backend_max_conns, check_name, check_weight, listen_addrs, BackendSpec, Config,
@@ -51,81 +53,10 @@ pub fn load_str(text: &str) -> Result<Config, ConfigError> {
     Config::try_from(raw)
 }
 
-/// The file as written: process-wide settings and the `[[service]]` tables.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawFile {
-    admin: Option<String>,
-    #[serde(default)]
-    admin_allow_remote: bool,
-    admin_token_file: Option<String>,
-    admin_max_conns: Option<i64>,
-    admin_timeout: Option<DurationText>,
-    user: Option<String>,
-    workers: Option<i64>,
-    max_conns: Option<i64>,
-    max_flows: Option<i64>,
-    splice: Option<String>,
-    listeners: Option<String>,
-    grace: Option<DurationText>,
-    #[serde(default)]
-    service: Vec<RawService>,
-}
-
-/// One `[[service]]` table as written. Counts are TOML integers (`i64`, so that a negative count
-/// reaches the count's own check and its message), durations strings.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawService {
-    name: Option<String>,
-    #[serde(default)]
-    listen: Vec<String>,
-    protocol: Option<String>,
-    affinity: Option<String>,
-    sticky_timeout: Option<DurationText>,
-    sticky_capacity: Option<i64>,
-    connect_timeout: Option<DurationText>,
-    idle_timeout: Option<DurationText>,
-    udp_idle_timeout: Option<DurationText>,
-    seed: Option<i64>,
-    table_size: Option<i64>,
-    health_check: Option<String>,
-    health_interval: Option<DurationText>,
-    health_timeout: Option<DurationText>,
-    health_rise: Option<i64>,
-    health_fall: Option<i64>,
-    health_send: Option<String>,
-    health_expect: Option<String>,
-    health_send_proxy: Option<String>,
-    udp_rcvbuf: Option<i64>,
-    udp_sndbuf: Option<i64>,
-    on_down: Option<String>,
-    #[serde(default)]
-    allow: Vec<String>,
-    #[serde(default)]
-    deny: Vec<String>,
-    max_conns_per_source: Option<i64>,
-    max_conn_rate_per_source: Option<i64>,
-    max_flow_rate_per_source: Option<i64>,
-    tracked_sources: Option<i64>,
-    send_proxy: Option<String>,
-    #[serde(default)]
-    send_proxy_every_datagram: bool,
-    #[serde(default)]
-    accept_proxy: bool,
-    #[serde(default)]
-    trusted_proxies: Vec<String>,
-    proxy_header_timeout: Option<DurationText>,
-    #[serde(default)]
-    connect_from: Vec<String>,
-    #[serde(default)]
-    backend: Vec<RawBackend>,
-}
-
 /// One `[[service.backend]]` table as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct RawBackend {
+pub(crate) struct RawBackend {
     address: Option<String>,
     weight: Option<i64>,
     name: Option<String>,
@@ -135,7 +66,7 @@ struct RawBackend {
 /// A duration as the flags take it (`"30s"`). Its own type only so that a bare number says
 /// what is expected: `expected a duration string such as "30s", found integer `30``.
 #[derive(Debug)]
-struct DurationText(String);
+pub(crate) struct DurationText(pub(crate) String);
 
 impl<'de> Deserialize<'de> for DurationText {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -168,25 +99,12 @@ impl TryFrom<RawFile> for Config {
                 "at least one [[service]] table is required",
             ));
         }
+        let input = ProcessInput::of(&raw);
         let mut services: Vec<Service> = Vec::with_capacity(raw.service.len());
         for (i, service) in raw.service.into_iter().enumerate() {
             let service = file_service(i, service, &services)?;
             services.push(service);
         }
-        let input = ProcessInput {
-            admin: raw.admin,
-            admin_allow_remote: raw.admin_allow_remote,
-            admin_token_file: raw.admin_token_file,
-            admin_max_conns: raw.admin_max_conns.map(|n| n.to_string()),
-            admin_timeout: raw.admin_timeout.map(|d| d.0),
-            user: raw.user,
-            workers: raw.workers.map(|n| n.to_string()),
-            max_conns: raw.max_conns.map(|n| n.to_string()),
-            max_flows: raw.max_flows.map(|n| n.to_string()),
-            splice: raw.splice,
-            listeners: raw.listeners,
-            grace: raw.grace.map(|d| d.0),
-        };
         build_config(&Origin::Table(String::new()), &input, services)
     }
 }
@@ -196,6 +114,7 @@ impl TryFrom<RawFile> for Config {
 fn file_service(i: usize, raw: RawService, before: &[Service]) -> Result<Service, ConfigError> {
     let table = format!("service[{i}]");
     let origin = Origin::Table(table.clone());
+    let input = ServiceInput::of(&raw);
     let Some(name) = raw.name else {
         return Err(ConfigError::at(format!("{table}.name"), None, "required"));
     };
@@ -219,40 +138,6 @@ fn file_service(i: usize, raw: RawService, before: &[Service]) -> Result<Service
     for (j, backend) in raw.backend.into_iter().enumerate() {
         file_backend(&format!("{table}.backend[{j}]"), backend, &mut backends)?;
     }
-    let input = ServiceInput {
-        protocol: raw.protocol,
-        affinity: raw.affinity,
-        sticky_timeout: raw.sticky_timeout.map(|d| d.0),
-        sticky_capacity: raw.sticky_capacity.map(|n| n.to_string()),
-        connect_timeout: raw.connect_timeout.map(|d| d.0),
-        idle_timeout: raw.idle_timeout.map(|d| d.0),
-        udp_idle_timeout: raw.udp_idle_timeout.map(|d| d.0),
-        seed: raw.seed.map(|n| n.to_string()),
-        table_size: raw.table_size.map(|n| n.to_string()),
-        health_check: raw.health_check,
-        health_interval: raw.health_interval.map(|d| d.0),
-        health_timeout: raw.health_timeout.map(|d| d.0),
-        health_rise: raw.health_rise.map(|n| n.to_string()),
-        health_fall: raw.health_fall.map(|n| n.to_string()),
-        health_send: raw.health_send,
-        health_expect: raw.health_expect,
-        health_send_proxy: raw.health_send_proxy,
-        udp_rcvbuf: raw.udp_rcvbuf.map(|n| n.to_string()),
-        udp_sndbuf: raw.udp_sndbuf.map(|n| n.to_string()),
-        on_down: raw.on_down,
-        allow: raw.allow,
-        deny: raw.deny,
-        max_conns_per_source: raw.max_conns_per_source.map(|n| n.to_string()),
-        max_conn_rate_per_source: raw.max_conn_rate_per_source.map(|n| n.to_string()),
-        max_flow_rate_per_source: raw.max_flow_rate_per_source.map(|n| n.to_string()),
-        tracked_sources: raw.tracked_sources.map(|n| n.to_string()),
-        send_proxy: raw.send_proxy,
-        send_proxy_every_datagram: raw.send_proxy_every_datagram,
-        accept_proxy: raw.accept_proxy,
-        trusted_proxies: raw.trusted_proxies,
-        proxy_header_timeout: raw.proxy_header_timeout.map(|d| d.0),
-        connect_from: raw.connect_from,
-    };
     build_service(&origin, name, listen, backends, &input)
 }
 

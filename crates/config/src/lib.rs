@@ -24,14 +24,15 @@
 #![forbid(unsafe_code)]
 
 pub mod file;
+mod settings;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use argh::FromArgs;
-
+pub use settings::Args;
+pub(crate) use settings::{ProcessInput, ServiceInput};
 pub use vocab::duration::{format_duration, parse_duration};
 pub use vocab::{Affinity, Listeners, OnDown, Protocol, ProxyVersion, Splice};
 
@@ -80,168 +81,6 @@ pub const MAX_ADMIN_CONNS: usize = 10_000;
 pub const MAX_UDP_BUFFER: usize = 1 << 30;
 /// Name of the service the flags define.
 pub const DEFAULT_SERVICE: &str = "default";
-
-/// tether: an L4 TCP/UDP load balancer that pins each client to one backend.
-/// `tether check` with the same flags (or --config FILE) validates them and exits.
-#[derive(FromArgs, Debug, Default)]
-pub struct Args {
-    /// TOML file with one or more services (see docs/configuration.md); replaces the service flags
-    #[argh(option)]
-    pub config: Option<String>,
-    /// address to accept clients on, e.g. 0.0.0.0:5432 or [::]:5432 (repeatable)
-    #[argh(option)]
-    pub listen: Vec<String>,
-    /// backend ADDR[,weight=N][,name=NAME][,max-conns=N]; weight 1..=1000 (default 1), name
-    /// defaults to ADDR, max-conns caps its open sessions (repeatable)
-    #[argh(option)]
-    pub backend: Vec<String>,
-    /// what pins a client: `source` (client IP, default) or `5tuple` (each connection on its own)
-    #[argh(option)]
-    pub affinity: Option<String>,
-    /// how long a client stays pinned after its last session closes (default 30m)
-    #[argh(option)]
-    pub sticky_timeout: Option<String>,
-    /// most sticky entries kept; new clients past it are served unpinned (default 1000000)
-    #[argh(option)]
-    pub sticky_capacity: Option<String>,
-    /// backend connect timeout before the next backend is tried (default 5s)
-    #[argh(option)]
-    pub connect_timeout: Option<String>,
-    /// close a session after this long without traffic either way (default 1h)
-    #[argh(option)]
-    pub idle_timeout: Option<String>,
-    /// worker threads, one event loop each (default: one per CPU available to the process)
-    #[argh(option)]
-    pub workers: Option<String>,
-    /// most concurrent sessions; further clients are refused (default: from the fd limit)
-    #[argh(option)]
-    pub max_conns: Option<String>,
-    /// byte pump: `auto` (splice(2) through pipes where available) or `off` (userspace copy)
-    #[argh(option)]
-    pub splice: Option<String>,
-    /// TCP listening sockets: `shared` (default: one per address, every worker waits on it and
-    /// the kernel wakes one that is idle) or `per-worker` (one per worker, SO_REUSEPORT)
-    #[argh(option)]
-    pub listeners: Option<String>,
-    /// on SIGTERM/SIGINT, how long open sessions may run before exit (default 30s)
-    #[argh(option)]
-    pub grace: Option<String>,
-    /// seed of the Maglev table: processes with the same seed and pool agree on every client (default 0)
-    #[argh(option)]
-    pub seed: Option<String>,
-    /// size of the Maglev table, a prime larger than the backend count (default 65537)
-    #[argh(option)]
-    pub table_size: Option<String>,
-    /// listeners given by --listen take `tcp` (default), `udp` or `both`
-    #[argh(option)]
-    pub protocol: Option<String>,
-    /// how long a UDP flow lives without a datagram either way (default 1m)
-    #[argh(option)]
-    pub udp_idle_timeout: Option<String>,
-    /// receive buffer of UDP listener and flow sockets, in bytes (default: the kernel's,
-    /// net.core.rmem_default); above net.core.rmem_max it takes root (SO_RCVBUFFORCE)
-    #[argh(option)]
-    pub udp_rcvbuf: Option<String>,
-    /// send buffer of UDP listener and flow sockets, in bytes (default: the kernel's)
-    #[argh(option)]
-    pub udp_sndbuf: Option<String>,
-    /// most UDP flows open at once across all workers; new flows past it are dropped
-    /// (default: from the fd limit, at most 65536)
-    #[argh(option)]
-    pub max_flows: Option<String>,
-    /// active health probe: `tcp` (connect), `udp` (send --health-send, expect --health-expect)
-    /// or `off` (default: `udp` if --health-send is given, else `tcp` for TCP services, else off)
-    #[argh(option)]
-    pub health_check: Option<String>,
-    /// time between two probes of one backend (default 2s)
-    #[argh(option)]
-    pub health_interval: Option<String>,
-    /// a probe not answered by then failed; at most the interval (default 1s)
-    #[argh(option)]
-    pub health_timeout: Option<String>,
-    /// consecutive good probes that bring a down backend back up (default 2)
-    #[argh(option)]
-    pub health_rise: Option<String>,
-    /// consecutive failures, probes or passive, that take a backend down (default 3)
-    #[argh(option)]
-    pub health_fall: Option<String>,
-    /// UDP probe payload (text; \xNN escapes allowed)
-    #[argh(option)]
-    pub health_send: Option<String>,
-    /// UDP probe: the reply must start with these bytes (text; \xNN escapes; default: any reply)
-    #[argh(option)]
-    pub health_expect: Option<String>,
-    /// whether TCP probes send a PROXY header (v2 LOCAL, or v1 `PROXY UNKNOWN`) before closing,
-    /// so backends that require one log no error per probe: `on` or `off` (default: on with
-    /// --send-proxy)
-    #[argh(option)]
-    pub health_send_proxy: Option<String>,
-    /// what happens to a backend's open sessions and flows when it goes down or into maint:
-    /// `keep` (default: they run on) or `kill` (reset at once, so clients reconnect elsewhere)
-    #[argh(option)]
-    pub on_down: Option<String>,
-    /// allow only clients in this network, e.g. 10.0.0.0/8 or 2001:db8::/32 (repeatable; default:
-    /// everyone not denied)
-    #[argh(option)]
-    pub allow: Vec<String>,
-    /// refuse clients in this network (repeatable; wins over --allow)
-    #[argh(option)]
-    pub deny: Vec<String>,
-    /// most TCP sessions open at once per client IP (default: no limit)
-    #[argh(option)]
-    pub max_conns_per_source: Option<String>,
-    /// most new TCP sessions per second per client IP, as a burst and sustained (default: none)
-    #[argh(option)]
-    pub max_conn_rate_per_source: Option<String>,
-    /// most new UDP flows per second per client IP, as a burst and sustained (default: none)
-    #[argh(option)]
-    pub max_flow_rate_per_source: Option<String>,
-    /// most client IPs the per-source limits track at once (default 100000)
-    #[argh(option)]
-    pub tracked_sources: Option<String>,
-    /// send a PROXY protocol header to backends: `v1` or `v2` (UDP flows always get v2)
-    #[argh(option)]
-    pub send_proxy: Option<String>,
-    /// with --send-proxy, put the v2 header on every UDP datagram, not only a flow's first
-    #[argh(switch)]
-    pub send_proxy_every_datagram: bool,
-    /// require a PROXY protocol header (v1 or v2) from --trusted-proxies and use its client address
-    #[argh(switch)]
-    pub accept_proxy: bool,
-    /// a network of proxies whose PROXY headers are believed (repeatable; needs --accept-proxy)
-    #[argh(option)]
-    pub trusted_proxies: Vec<String>,
-    /// how long a trusted proxy may take to send its whole header (default 5s)
-    #[argh(option)]
-    pub proxy_header_timeout: Option<String>,
-    /// connect to backends from this local IP (repeatable: used in turn, and the next one when
-    /// one runs out of ports toward a backend; default: the kernel's choice)
-    #[argh(option)]
-    pub connect_from: Vec<String>,
-    /// admin HTTP address (API, /metrics, status page), e.g. 127.0.0.1:9100 (default: off)
-    #[argh(option)]
-    pub admin: Option<String>,
-    /// allow --admin on an address other than loopback (needs --admin-token-file)
-    #[argh(switch)]
-    pub admin_allow_remote: bool,
-    /// file holding the admin token: PUT/POST/DELETE need `Authorization: Bearer TOKEN`
-    #[argh(option)]
-    pub admin_token_file: Option<String>,
-    /// most admin HTTP connections open at once; more are closed at once (default 64)
-    #[argh(option)]
-    pub admin_max_conns: Option<String>,
-    /// how long an admin client may take to send a request head, then its body, and may keep
-    /// a connection idle (default 10s)
-    #[argh(option)]
-    pub admin_timeout: Option<String>,
-    /// after binding every listener, run as this user (NAME or NAME:GROUP); needs root
-    #[argh(option)]
-    pub user: Option<String>,
-    /// benchmark aid: start with N idle sticky entries for documentation addresses
-    /// (2001:db8::/32) to measure tether with a large table (default 0)
-    #[argh(option)]
-    pub sticky_prefill: Option<String>,
-}
 
 /// One backend as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,68 +250,18 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Flags that describe the one service of the flag form; refused next to `--config`.
-fn service_flags(args: &Args) -> Vec<&'static str> {
+/// Flags that describe the settings (every one but `--config` and `--sticky-prefill`); refused
+/// next to `--config`.
+fn service_flags(args: &Args) -> Vec<String> {
     let mut given = Vec::new();
-    let opts: [(&'static str, bool); 36] = [
-        ("allow", !args.allow.is_empty()),
-        ("deny", !args.deny.is_empty()),
-        ("max-conns-per-source", args.max_conns_per_source.is_some()),
-        ("max-conn-rate-per-source", args.max_conn_rate_per_source.is_some()),
-        ("max-flow-rate-per-source", args.max_flow_rate_per_source.is_some()),
-        ("tracked-sources", args.tracked_sources.is_some()),
-        ("send-proxy", args.send_proxy.is_some()),
-        ("send-proxy-every-datagram", args.send_proxy_every_datagram),
-        ("accept-proxy", args.accept_proxy),
-        ("trusted-proxies", !args.trusted_proxies.is_empty()),
-        ("proxy-header-timeout", args.proxy_header_timeout.is_some()),
-        ("connect-from", !args.connect_from.is_empty()),
-        ("listen", !args.listen.is_empty()),
-        ("backend", !args.backend.is_empty()),
-        ("affinity", args.affinity.is_some()),
-        ("sticky-timeout", args.sticky_timeout.is_some()),
-        ("sticky-capacity", args.sticky_capacity.is_some()),
-        ("connect-timeout", args.connect_timeout.is_some()),
-        ("idle-timeout", args.idle_timeout.is_some()),
-        ("seed", args.seed.is_some()),
-        ("table-size", args.table_size.is_some()),
-        ("protocol", args.protocol.is_some()),
-        ("udp-idle-timeout", args.udp_idle_timeout.is_some()),
-        ("health-check", args.health_check.is_some()),
-        ("on-down", args.on_down.is_some()),
-        ("health-interval", args.health_interval.is_some()),
-        ("health-timeout", args.health_timeout.is_some()),
-        ("health-rise", args.health_rise.is_some()),
-        ("health-fall", args.health_fall.is_some()),
-        ("health-send", args.health_send.is_some()),
-        ("health-expect", args.health_expect.is_some()),
-        ("health-send-proxy", args.health_send_proxy.is_some()),
-        ("udp-rcvbuf", args.udp_rcvbuf.is_some()),
-        ("udp-sndbuf", args.udp_sndbuf.is_some()),
-        ("workers", args.workers.is_some()),
-        ("max-conns", args.max_conns.is_some()),
-    ];
-    for (flag, set) in opts {
-        if set {
-            given.push(flag);
-        }
+    if !args.listen.is_empty() {
+        given.push("listen".to_string());
     }
-    for (flag, set) in [
-        ("max-flows", args.max_flows.is_some()),
-        ("splice", args.splice.is_some()),
-        ("listeners", args.listeners.is_some()),
-        ("grace", args.grace.is_some()),
-        ("admin", args.admin.is_some()),
-        ("admin-allow-remote", args.admin_allow_remote),
-        ("admin-token-file", args.admin_token_file.is_some()),
-        ("admin-max-conns", args.admin_max_conns.is_some()),
-        ("admin-timeout", args.admin_timeout.is_some()),
-        ("user", args.user.is_some()),
-    ] {
-        if set {
-            given.push(flag);
-        }
+    if !args.backend.is_empty() {
+        given.push("backend".to_string());
     }
+    given.extend(ServiceInput::given(args));
+    given.extend(ProcessInput::given(args));
     given
 }
 
@@ -509,120 +298,6 @@ impl Origin {
 
     fn missing(&self, key: &str, problem: impl Into<String>) -> ConfigError {
         ConfigError::at(self.place(key), None, problem)
-    }
-}
-
-/// One service's settings as given, before validation: the flags' text, or the config file's
-/// values with integers written in decimal. Both forms go through [`build_service`], so they
-/// share every default and every validator and cannot disagree.
-#[derive(Debug, Default)]
-pub(crate) struct ServiceInput {
-    pub protocol: Option<String>,
-    pub affinity: Option<String>,
-    pub sticky_timeout: Option<String>,
-    pub sticky_capacity: Option<String>,
-    pub connect_timeout: Option<String>,
-    pub idle_timeout: Option<String>,
-    pub udp_idle_timeout: Option<String>,
-    pub seed: Option<String>,
-    pub table_size: Option<String>,
-    pub health_check: Option<String>,
-    pub health_interval: Option<String>,
-    pub health_timeout: Option<String>,
-    pub health_rise: Option<String>,
-    pub health_fall: Option<String>,
-    pub health_send: Option<String>,
-    pub health_expect: Option<String>,
-    pub health_send_proxy: Option<String>,
-    pub udp_rcvbuf: Option<String>,
-    pub udp_sndbuf: Option<String>,
-    pub on_down: Option<String>,
-    pub allow: Vec<String>,
-    pub deny: Vec<String>,
-    pub max_conns_per_source: Option<String>,
-    pub max_conn_rate_per_source: Option<String>,
-    pub max_flow_rate_per_source: Option<String>,
-    pub tracked_sources: Option<String>,
-    pub send_proxy: Option<String>,
-    pub send_proxy_every_datagram: bool,
-    pub accept_proxy: bool,
-    pub trusted_proxies: Vec<String>,
-    pub proxy_header_timeout: Option<String>,
-    pub connect_from: Vec<String>,
-}
-
-impl From<&Args> for ServiceInput {
-    fn from(args: &Args) -> Self {
-        ServiceInput {
-            protocol: args.protocol.clone(),
-            affinity: args.affinity.clone(),
-            sticky_timeout: args.sticky_timeout.clone(),
-            sticky_capacity: args.sticky_capacity.clone(),
-            connect_timeout: args.connect_timeout.clone(),
-            idle_timeout: args.idle_timeout.clone(),
-            udp_idle_timeout: args.udp_idle_timeout.clone(),
-            seed: args.seed.clone(),
-            table_size: args.table_size.clone(),
-            health_check: args.health_check.clone(),
-            health_interval: args.health_interval.clone(),
-            health_timeout: args.health_timeout.clone(),
-            health_rise: args.health_rise.clone(),
-            health_fall: args.health_fall.clone(),
-            health_send: args.health_send.clone(),
-            health_expect: args.health_expect.clone(),
-            health_send_proxy: args.health_send_proxy.clone(),
-            udp_rcvbuf: args.udp_rcvbuf.clone(),
-            udp_sndbuf: args.udp_sndbuf.clone(),
-            on_down: args.on_down.clone(),
-            allow: args.allow.clone(),
-            deny: args.deny.clone(),
-            max_conns_per_source: args.max_conns_per_source.clone(),
-            max_conn_rate_per_source: args.max_conn_rate_per_source.clone(),
-            max_flow_rate_per_source: args.max_flow_rate_per_source.clone(),
-            tracked_sources: args.tracked_sources.clone(),
-            send_proxy: args.send_proxy.clone(),
-            send_proxy_every_datagram: args.send_proxy_every_datagram,
-            accept_proxy: args.accept_proxy,
-            trusted_proxies: args.trusted_proxies.clone(),
-            proxy_header_timeout: args.proxy_header_timeout.clone(),
-            connect_from: args.connect_from.clone(),
-        }
-    }
-}
-
-/// The process-wide settings as given (see [`ServiceInput`]), validated by [`build_config`].
-#[derive(Debug, Default)]
-pub(crate) struct ProcessInput {
-    pub admin: Option<String>,
-    pub admin_allow_remote: bool,
-    pub admin_token_file: Option<String>,
-    pub admin_max_conns: Option<String>,
-    pub admin_timeout: Option<String>,
-    pub user: Option<String>,
-    pub workers: Option<String>,
-    pub max_conns: Option<String>,
-    pub max_flows: Option<String>,
-    pub splice: Option<String>,
-    pub listeners: Option<String>,
-    pub grace: Option<String>,
-}
-
-impl From<&Args> for ProcessInput {
-    fn from(args: &Args) -> Self {
-        ProcessInput {
-            admin: args.admin.clone(),
-            admin_allow_remote: args.admin_allow_remote,
-            admin_token_file: args.admin_token_file.clone(),
-            admin_max_conns: args.admin_max_conns.clone(),
-            admin_timeout: args.admin_timeout.clone(),
-            user: args.user.clone(),
-            workers: args.workers.clone(),
-            max_conns: args.max_conns.clone(),
-            max_flows: args.max_flows.clone(),
-            splice: args.splice.clone(),
-            listeners: args.listeners.clone(),
-            grace: args.grace.clone(),
-        }
     }
 }
 
@@ -1378,6 +1053,8 @@ fn is_prime(n: usize) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use argh::FromArgs;
+
     use super::*;
 
     fn parse(flags: &[&str]) -> Result<Config, String> {
