@@ -165,15 +165,20 @@ fn budget(config: &Config, admin_limits: &admin::Limits) -> Result<Budget, RunEr
     Ok(Budget { max_conns, max_flows, max_pipes, workers })
 }
 
-/// Start tether and block until it has shut down.
-pub fn run(config: Config) -> Result<(), RunError> {
-    // Signals are taken by a thread of ours (sigwait), so block them before any thread exists:
-    // threads inherit the mask.
+/// Block the signals tether takes on a thread of its own (sigwait), before any thread exists:
+/// threads inherit the mask.
+fn block_signals() -> Result<SigSet, RunError> {
     let mut signals = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(s);
     }
     signals.thread_block().map_err(|e| RunError::Os("blocking signals", e.into()))?;
+    Ok(signals)
+}
+
+/// Start tether and block until it has shut down.
+pub fn run(config: Config) -> Result<(), RunError> {
+    let signals = block_signals()?;
 
     let admin_limits =
         admin::Limits { max_conns: config.admin_max_conns, timeout: config.admin_timeout };
@@ -192,16 +197,12 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let (per_worker, announced) = bind_services(&config, workers, &mut registry)?;
     // Everything that needs privileges happens before they are dropped: every listener (the
     // admin one too) is bound and the token file read.
-    let admin_bound = match config.admin {
-        Some(addr) => {
-            Some(admin::bind(addr).map_err(|e| RunError::Os("admin", io::Error::other(e)))?)
-        }
-        None => None,
-    };
-    let token = match &config.admin_token_file {
-        Some(path) => Some(read_token(path)?),
-        None => None,
-    };
+    let admin_bound = config
+        .admin
+        .map(admin::bind)
+        .transpose()
+        .map_err(|e| RunError::Os("admin", io::Error::other(e)))?;
+    let token = config.admin_token_file.as_deref().map(read_token).transpose()?;
     if let Some(user) = &config.user {
         drop_privileges(user)?;
     }
