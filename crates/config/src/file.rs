@@ -274,6 +274,8 @@ mod tests {
             max-flows = 20000
             splice = "off"
             grace = "45s"
+            state-file = "/var/lib/tether/state"
+            state-interval = "5s"
 
             [[service]]
             name = "pg"
@@ -341,6 +343,8 @@ mod tests {
         assert_eq!(c.max_flows, NonZeroUsize::new(20_000));
         assert_eq!(c.splice, Splice::Off);
         assert_eq!(c.grace, Duration::from_secs(45));
+        assert_eq!(c.state_file, Some("/var/lib/tether/state".into()));
+        assert_eq!(c.state_interval, Duration::from_secs(5));
         assert_eq!(c.sticky_prefill, 0);
         assert_eq!(c.file, None);
         let weight = |w| NonZeroU32::new(w).unwrap();
@@ -541,7 +545,7 @@ mod tests {
                 top("wat = 1"),
                 "wat: unknown key (expected one of admin, admin-allow-remote, admin-token-file, admin-max-conns, \
                  admin-timeout, user, workers, max-conns, \
-                 max-flows, splice, listeners, grace, service)",
+                 max-flows, splice, listeners, grace, state-file, state-interval, service)",
             ),
             (
                 service("colour = 1"),
@@ -713,6 +717,8 @@ mod tests {
             (top("admin = \"0.0.0.0:9100\""), "admin \"0.0.0.0:9100\": not a loopback address"),
             (top("admin = \"9100\""), "admin \"9100\": not an IP:port address"),
             (top("admin-max-conns = 0"), "admin-max-conns \"0\": expected a whole number from 1"),
+            (top("state-file = \"\""), "state-file \"\": expected a file path"),
+            (top("state-interval = \"0s\""), "state-interval \"0s\": "),
             (top("admin-timeout = \"0s\""), "admin-timeout \"0s\": "),
             // === health probes' PROXY header, UDP buffers ===
             (

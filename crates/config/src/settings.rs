@@ -271,5 +271,10 @@ settings! {
         listeners: text,
         /// on SIGTERM/SIGINT, how long open sessions may run before exit (default 30s)
         grace: duration,
+        /// file the sticky tables are saved to every --state-interval and at shutdown, and
+        /// loaded from at start (default: none, pins live in memory only)
+        state_file: text,
+        /// how often the sticky tables are saved to --state-file (default 10s)
+        state_interval: duration,
     }
 }

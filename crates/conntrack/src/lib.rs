@@ -50,6 +50,7 @@
 #![warn(missing_docs)]
 
 mod flow;
+pub mod state;
 mod sticky;
 #[doc(hidden)]
 pub mod testutil;

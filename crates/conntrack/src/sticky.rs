@@ -330,6 +330,42 @@ impl Sticky {
         })
     }
 
+    /// Every pinned entry at `now`: its key, backend, and time left (`None` while sessions are
+    /// open), for saving the table (a state file, an upgrade). Visits every entry under one
+    /// shard read lock at a time; entries changing meanwhile are seen before or after.
+    pub fn export(&self, now: u64) -> Vec<(AffinityKey, BackendId, Option<u64>)> {
+        let mut out = Vec::with_capacity(self.len());
+        for entry in self.map.iter() {
+            let slot = entry.value();
+            if slot.pinned(now) {
+                let left = (slot.live == 0).then(|| slot.expires - now);
+                out.push((*entry.key(), slot.backend, left));
+            }
+        }
+        out
+    }
+
+    /// Put back a saved pin: `key` on `backend`, idle, expiring `left_ms` after `now`. A key
+    /// already in the table keeps what it has (it is fresher), and nothing is evicted for a
+    /// restored entry: returns whether it was stored.
+    pub fn restore(&self, key: AffinityKey, backend: BackendId, left_ms: u64, now: u64) -> bool {
+        if left_ms == 0 {
+            return false;
+        }
+        let Entry::Vacant(vacant) = self.map.entry(key) else { return false };
+        let capacity = self.config.capacity;
+        let reserved = self.len.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |len| {
+            (len < capacity).then_some(len + 1)
+        });
+        if reserved.is_err() {
+            return false;
+        }
+        vacant.insert(Slot { backend, live: 0, expires: now.saturating_add(left_ms) });
+        self.idle.fetch_add(1, Ordering::Relaxed);
+        bump(&self.counters.inserts, 1);
+        true
+    }
+
     /// Pinned entries per backend (sticky clients per backend), indexed by backend id, for
     /// `backends` backends; pins to ids beyond that (a stale snapshot) are not counted. Visits
     /// every entry under one shard read lock at a time.
@@ -1010,6 +1046,36 @@ mod tests {
                 return Err(TestCaseError::fail(failure));
             }
         }
+    }
+
+    // ---- saving and restoring ----
+
+    #[test]
+    fn exported_pins_restore_with_their_time_left_and_never_over_fresher_ones() {
+        let from = Sticky::new(StickyConfig { capacity: 8, timeout_ms: 1_000 }, [1; 16]);
+        assert!(matches!(from.attach(k(1), 3, 0), Attach::Pinned));
+        assert!(matches!(from.attach(k(2), 4, 0), Attach::Pinned));
+        from.detach(k(2), 100); // expires at 1,100
+        assert!(matches!(from.attach(k(3), 5, 0), Attach::Pinned));
+        from.detach(k(3), 0); // expires at 1,000
+        let mut saved = from.export(500);
+        saved.sort_by_key(|(_, backend, _)| *backend);
+        assert_eq!(saved, vec![(k(1), 3, None), (k(2), 4, Some(600)), (k(3), 5, Some(500))]);
+        assert!(from.export(1_000).iter().all(|(key, _, _)| *key != k(3)), "expired ones go");
+
+        let into = Sticky::new(StickyConfig { capacity: 2, timeout_ms: 1_000 }, [2; 16]);
+        assert!(matches!(into.attach(k(2), 9, 0), Attach::Pinned)); // fresher than the file
+        assert!(!into.restore(k(2), 4, 600, 0), "a live key keeps its own pin");
+        assert!(into.restore(k(3), 5, 500, 0));
+        assert!(!into.restore(k(1), 3, 500, 0), "no room: nothing evicted for a restore");
+        assert!(!into.restore(k(4), 3, 0, 0), "no time left");
+        let view = into.get(k(3), 100).unwrap();
+        assert_eq!(view, EntryView { backend: 5, live: 0, expires_in_ms: Some(400) });
+        assert_eq!(into.get(k(2), 100).unwrap().backend, 9);
+        assert!(into.get(k(3), 500).is_none(), "it keeps its time left, not a new timeout");
+        // A restored entry is an idle one: a full table can reclaim it.
+        assert_eq!(into.len(), 2);
+        assert!(matches!(into.attach(k(5), 1, 600), Attach::Pinned));
     }
 
     // ---- concurrency -----------------------------------------------------------------------

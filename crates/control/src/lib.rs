@@ -42,6 +42,7 @@ mod metrics;
 pub mod probe;
 mod registry;
 mod reload;
+mod state;
 
 /// File descriptors kept out of the session budget: listeners, epoll, wakers, logs, pooled
 /// pipes and room for the accept back-off to recover in.
@@ -195,6 +196,10 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
         .map_err(RunError::Table)?;
     let (per_worker, announced) = bind_services(&config, workers, &mut registry)?;
+    // Saved pins come back before any worker accepts a client.
+    if let Some(path) = &config.state_file {
+        state::load(&registry, path);
+    }
     // Everything that needs privileges happens before they are dropped: every listener (the
     // admin one too) is bound and the token file read.
     let admin_bound = config
@@ -221,6 +226,18 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let (stop_checks, checks_stop_rx) = crossbeam_channel::bounded::<()>(1);
     let checks = checks::spawn(Arc::clone(&registry), checks_stop_rx)
         .map_err(|e| RunError::Os("spawning the health-check thread", e))?;
+    let (stop_saving, saving_stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let state_file = config.state_file.clone();
+    let saving = match &state_file {
+        Some(path) => {
+            let (registry, path) = (Arc::clone(&registry), path.clone());
+            Some(
+                state::spawn(registry, path, config.state_interval, saving_stop_rx)
+                    .map_err(|e| RunError::Os("spawning the state-file thread", e))?,
+            )
+        }
+        None => None,
+    };
 
     log::info!(
         "tether {} workers, {} services, max {} sessions, max {} flows, pump {}",
@@ -251,6 +268,17 @@ pub fn run(config: Config) -> Result<(), RunError> {
     drop(admin);
     let _ = stop_checks.send(());
     let _ = checks.join();
+    let _ = stop_saving.send(());
+    if let Some(saving) = saving {
+        let _ = saving.join();
+    }
+    // The last save, once every session has ended.
+    if let Some(path) = &state_file {
+        match state::save(&registry, path) {
+            Ok(n) => log::info!("state file {}: {n} pins saved", path.display()),
+            Err(e) => log::error!("state file {}: final save failed: {e}", path.display()),
+        }
+    }
     result
 }
 

@@ -14,6 +14,7 @@ pub fn render(registry: &Registry) -> String {
         total += *w;
     }
     counters(&mut out, &total, registry);
+    state_file(&mut out, registry);
     per_worker(&mut out, &workers, registry);
     process(&mut out, registry);
     services(&mut out, registry);
@@ -51,6 +52,38 @@ fn counters(out: &mut String, total: &proxy::Counts, registry: &Registry) {
         "# HELP {name} backend health changes (up <-> down)\n# TYPE {name} counter\n{name} {}",
         registry.transitions
     );
+}
+
+/// The state file: when it was last saved, what it held, what came back at start.
+fn state_file(out: &mut String, registry: &Registry) {
+    let s = &registry.state;
+    let read = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let rows: [(&str, &str, &str, f64); 6] = [
+        (
+            "tether_state_saved_timestamp_seconds",
+            "gauge",
+            "when the state file was last saved (unix time; 0: never)",
+            read(&s.saved_unix_ms) as f64 / 1000.0,
+        ),
+        ("tether_state_entries", "gauge", "pins in the last save", read(&s.entries) as f64),
+        ("tether_state_bytes", "gauge", "size of the last save", read(&s.bytes) as f64),
+        (
+            "tether_state_save_errors_total",
+            "counter",
+            "state-file saves that failed (the previous file stays)",
+            read(&s.errors) as f64,
+        ),
+        ("tether_state_entries_loaded", "gauge", "pins restored at start", read(&s.loaded) as f64),
+        (
+            "tether_state_entries_skipped",
+            "gauge",
+            "saved pins skipped at start (service or backend gone, expired, no room)",
+            read(&s.skipped) as f64,
+        ),
+    ];
+    for (name, kind, help, value) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
 }
 
 /// How the connections spread over the workers (F10), and whether each loop still turns.

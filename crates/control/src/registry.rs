@@ -93,6 +93,8 @@ pub struct Registry {
     pub transitions: u64,
     /// What the admin server counts (shared with its thread).
     pub admin: Arc<crate::admin::Counters>,
+    /// What the state file's saves and load count.
+    pub state: Arc<crate::state::Counters>,
 }
 
 /// A backend as the API shows it.
@@ -132,6 +134,7 @@ impl Registry {
             sticky_key,
             transitions: 0,
             admin: Arc::default(),
+            state: Arc::default(),
         };
         for s in services {
             let ctl = registry.make_service(s.clone(), registry.services.len())?;

@@ -68,6 +68,7 @@ pub fn route(
         (&Method::GET, ["api", "backends"]) => ok_json(backends_json(&lock())),
         (&Method::GET, ["api", "events"]) => ok_json(events_json(&lock())),
         (&Method::GET, ["api", "sticky"]) => sticky(query, &lock()),
+        (&Method::GET, ["api", "state"]) => ok_json(state_json(&lock())),
         (&Method::PUT, ["api", "services", service, "backends", name]) => {
             change_backend(service, name, body, &mut lock())
         }
@@ -91,7 +92,7 @@ pub fn route(
                 Err(_) => error(503, "the reload did not finish in 30s"),
             }
         }
-        (_, [] | ["metrics"] | ["api", "backends" | "events" | "sticky" | "reload"])
+        (_, [] | ["metrics"] | ["api", "backends" | "events" | "sticky" | "reload" | "state"])
         | (_, ["api", "services", _, "backends", ..]) => {
             error(405, &format!("{method} is not allowed on /{}", segments.join("/")))
         }
@@ -239,6 +240,23 @@ pub(crate) fn backend_json(b: &crate::registry::BackendView) -> Value {
         "failures": b.failures,
         "bytes_in": b.bytes_in,
         "bytes_out": b.bytes_out,
+    })
+}
+
+/// `GET /api/state`: the state file, its last save, and what came back at start.
+fn state_json(registry: &Registry) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &registry.state;
+    let saved = s.saved_unix_ms.load(Relaxed);
+    json!({
+        "file": s.file.get().map(|p| p.display().to_string()),
+        "last_save_unix_ms": (saved > 0).then_some(saved),
+        "last_save_duration_us": s.save_us.load(Relaxed),
+        "entries": s.entries.load(Relaxed),
+        "bytes": s.bytes.load(Relaxed),
+        "save_errors": s.errors.load(Relaxed),
+        "loaded": s.loaded.load(Relaxed),
+        "skipped": s.skipped.load(Relaxed),
     })
 }
 
