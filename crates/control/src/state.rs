@@ -133,6 +133,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// sticky timeout has passed, is skipped alone. Never fails.
 pub fn load(registry: &Registry, path: &Path) {
     let _ = registry.state.file.set(path.to_path_buf());
+    let started = Instant::now();
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -182,8 +183,9 @@ pub fn load(registry: &Registry, path: &Path) {
     registry.state.skipped.store(skipped as u64, Relaxed);
     let age = Duration::from_millis(now_wall.saturating_sub(state.saved_at_unix_ms));
     log::info!(
-        "state file {}: {loaded} pins restored, {skipped} skipped (saved {age:?} ago)",
-        path.display()
+        "state file {}: {loaded} pins restored, {skipped} skipped (saved {age:?} ago; read in {:?})",
+        path.display(),
+        started.elapsed()
     );
 }
 
