@@ -429,3 +429,17 @@ fn a_stalled_admin_client_holds_only_its_own_request() {
     assert!(t.wait_exit(DEADLINE).is_some(), "tether hung on a stalled admin client");
     drop(stalled);
 }
+
+#[test]
+fn status_names_the_version_the_pid_and_the_start() {
+    let pool = backends(113, 1);
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let t = tether_with_admin(113, &pool, &[]);
+    let body = http(t.admin(), "GET", "/api/status", "").unwrap().body;
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(status["version"].as_str().unwrap().starts_with(env!("CARGO_PKG_VERSION")), "{body}");
+    assert_eq!(status["pid"], t.pid());
+    let started = status["started_unix_ms"].as_u64().unwrap();
+    assert!(started + 1_000 >= before.as_millis() as u64, "{body}");
+    assert!(t.stderr_text().contains(&format!("(pid {})", t.pid())), "{}", t.stderr_text());
+}

@@ -44,6 +44,15 @@ mod registry;
 mod reload;
 mod state;
 
+/// This build's version: the package's, and the build id given at compile time in
+/// `TETHER_BUILD_ID` if any (tells two builds of one version apart, as an upgrade test does).
+pub fn version() -> String {
+    match option_env!("TETHER_BUILD_ID") {
+        Some(id) => format!("{} ({id})", env!("CARGO_PKG_VERSION")),
+        None => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
 /// File descriptors kept out of the session budget: listeners, epoll, wakers, logs, pooled
 /// pipes and room for the accept back-off to recover in.
 /// An eighth of the limit when that is less, so a host whose hard limit is 1024 still serves.
@@ -240,7 +249,9 @@ pub fn run(config: Config) -> Result<(), RunError> {
     };
 
     log::info!(
-        "tether {} workers, {} services, max {} sessions, max {} flows, pump {}",
+        "tether {} (pid {}): {} workers, {} services, max {} sessions, max {} flows, pump {}",
+        version(),
+        std::process::id(),
         workers,
         config.services.len(),
         max_conns,

@@ -95,6 +95,8 @@ pub struct Registry {
     pub admin: Arc<crate::admin::Counters>,
     /// What the state file's saves and load count.
     pub state: Arc<crate::state::Counters>,
+    /// When this process started (unix ms).
+    pub started_unix_ms: u64,
 }
 
 /// A backend as the API shows it.
@@ -135,6 +137,9 @@ impl Registry {
             transitions: 0,
             admin: Arc::default(),
             state: Arc::default(),
+            started_unix_ms: SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         };
         for s in services {
             let ctl = registry.make_service(s.clone(), registry.services.len())?;

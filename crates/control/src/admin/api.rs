@@ -69,6 +69,14 @@ pub fn route(
         (&Method::GET, ["api", "events"]) => ok_json(events_json(&lock())),
         (&Method::GET, ["api", "sticky"]) => sticky(query, &lock()),
         (&Method::GET, ["api", "state"]) => ok_json(state_json(&lock())),
+        (&Method::GET, ["api", "status"]) => {
+            let started = lock().started_unix_ms;
+            ok_json(json!({
+                "version": crate::version(),
+                "pid": std::process::id(),
+                "started_unix_ms": started,
+            }))
+        }
         (&Method::PUT, ["api", "services", service, "backends", name]) => {
             change_backend(service, name, body, &mut lock())
         }
@@ -92,7 +100,12 @@ pub fn route(
                 Err(_) => error(503, "the reload did not finish in 30s"),
             }
         }
-        (_, [] | ["metrics"] | ["api", "backends" | "events" | "sticky" | "reload" | "state"])
+        (
+            _,
+            []
+            | ["metrics"]
+            | ["api", "backends" | "events" | "sticky" | "reload" | "state" | "status"],
+        )
         | (_, ["api", "services", _, "backends", ..]) => {
             error(405, &format!("{method} is not allowed on /{}", segments.join("/")))
         }
