@@ -142,3 +142,18 @@ fn a_torn_corrupted_empty_or_foreign_state_file_is_skipped_and_tether_serves() {
         assert!(body.contains("\"loaded\":0"), "{what}: {body}");
     }
 }
+
+#[test]
+fn a_state_file_that_cannot_be_written_stops_tether_at_start_with_the_reason() {
+    let pool = backends(114, 1);
+    let mut args = vec!["--listen".to_string(), "127.0.114.1:0".into()];
+    args.extend(backend_args(&pool));
+    args.extend(["--state-file".into(), "/nonexistent-tether-dir/state".into()]);
+    let exit = run_to_exit(bin(), &args, DEADLINE).unwrap();
+    assert_eq!(exit.status.code(), Some(1), "{}", exit.stderr);
+    assert!(
+        exit.stderr.contains("--state-file /nonexistent-tether-dir/state: cannot be written"),
+        "{}",
+        exit.stderr
+    );
+}

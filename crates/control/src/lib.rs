@@ -83,6 +83,8 @@ pub enum RunError {
     ConnectFrom(String),
     /// A system call needed to start failed.
     Os(&'static str, io::Error),
+    /// The state file cannot be written.
+    StateFile(std::path::PathBuf, io::Error),
     /// A worker's event loop failed.
     Worker(usize, io::Error),
 }
@@ -102,6 +104,9 @@ impl fmt::Display for RunError {
             ),
             RunError::ConnectFrom(e) => f.write_str(e),
             RunError::Os(what, e) => write!(f, "{what}: {e}"),
+            RunError::StateFile(path, e) => {
+                write!(f, "--state-file {}: cannot be written ({e})", path.display())
+            }
             RunError::Worker(i, e) => write!(f, "worker {i} failed: {e}"),
         }
     }
@@ -207,6 +212,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let (per_worker, announced) = bind_services(&config, workers, &mut registry)?;
     // Saved pins come back before any worker accepts a client.
     if let Some(path) = &config.state_file {
+        state::check_writable(path).map_err(|e| RunError::StateFile(path.clone(), e))?;
         state::load(&registry, path);
     }
     // Everything that needs privileges happens before they are dropped: every listener (the

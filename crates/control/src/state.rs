@@ -127,6 +127,17 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Whether tether can write the state file: a temporary file beside it is created and removed.
+/// Checked at start (before privileges are dropped too, so a file only root could write is
+/// found out later, by the first save), so that a path in a missing or read-only directory
+/// stops tether with the reason instead of failing every save.
+pub fn check_writable(path: &Path) -> std::io::Result<()> {
+    let mut probe = path.as_os_str().to_owned();
+    probe.push(".tmp");
+    std::fs::File::create(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
 /// Restore the pins saved in `path` into the registry's tables, before any client is
 /// accepted. A missing file is a first start; an unreadable, torn, corrupted or foreign one is
 /// logged in one line and skipped whole; an entry whose service or backend is gone, or whose
