@@ -286,3 +286,83 @@ pub fn deregister(epoll: &impl AsRawFd, fd: &impl AsRawFd) {
         );
     }
 }
+
+/// Descriptors one hand-over message may carry.
+pub const MAX_FDS: usize = 64;
+
+/// Send `bytes` as one message on a `SOCK_SEQPACKET` Unix socket, with `fds` attached
+/// (SCM_RIGHTS, unix(7)): the receiver gets its own descriptors of the same open files.
+pub fn send_with_fds(
+    socket: &impl AsRawFd,
+    bytes: &[u8],
+    fds: &[std::os::fd::RawFd],
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [std::io::IoSlice::new(bytes)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    let sent = sendmsg::<()>(socket.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)?;
+    if sent != bytes.len() {
+        return Err(std::io::Error::other(format!("sent {sent} of {} bytes", bytes.len())));
+    }
+    Ok(())
+}
+
+/// Receive one message (at most `buf.len()` bytes) and the descriptors attached to it; 0 bytes
+/// and no descriptor is the end (the peer closed). A message longer than `buf` is an error.
+pub fn recv_with_fds(
+    socket: &impl AsRawFd,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg =
+        recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: SCM_RIGHTS hands this process new descriptors that nothing else owns.
+            fds.extend(raw.into_iter().map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    if msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+        return Err(std::io::Error::other("a hand-over message was longer than expected"));
+    }
+    Ok((msg.bytes, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    use super::*;
+
+    #[test]
+    fn descriptors_cross_a_seqpacket_socket_and_name_the_same_files() {
+        let (a, b) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+                .unwrap();
+        let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_with_fds(&a, b"one", &[w.as_raw_fd()]).unwrap();
+        send_with_fds(&a, b"two", &[]).unwrap();
+        drop(a);
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"one"[..], 1));
+        // The received descriptor writes into the same socket as the sent one.
+        std::os::unix::net::UnixStream::from(fds.into_iter().next().unwrap())
+            .write_all(b"hi")
+            .unwrap();
+        let mut got = [0u8; 2];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"two"[..], 0));
+        assert_eq!(recv_with_fds(&b, &mut buf).unwrap().0, 0, "the end");
+        drop(w);
+    }
+}
