@@ -43,6 +43,7 @@ pub mod probe;
 mod registry;
 mod reload;
 mod state;
+mod upgrade;
 
 /// This build's version: the package's, and the build id given at compile time in
 /// `TETHER_BUILD_ID` if any (tells two builds of one version apart, as an upgrade test does).
@@ -85,6 +86,8 @@ pub enum RunError {
     Os(&'static str, io::Error),
     /// The state file cannot be written.
     StateFile(std::path::PathBuf, io::Error),
+    /// Taking over from the process that started this one failed.
+    Upgrade(String),
     /// A worker's event loop failed.
     Worker(usize, io::Error),
 }
@@ -104,6 +107,7 @@ impl fmt::Display for RunError {
             ),
             RunError::ConnectFrom(e) => f.write_str(e),
             RunError::Os(what, e) => write!(f, "{what}: {e}"),
+            RunError::Upgrade(why) => write!(f, "upgrade: {why}"),
             RunError::StateFile(path, e) => {
                 write!(f, "--state-file {}: cannot be written ({e})", path.display())
             }
@@ -180,11 +184,47 @@ fn budget(config: &Config, admin_limits: &admin::Limits) -> Result<Budget, RunEr
     Ok(Budget { max_conns, max_flows, max_pipes, workers })
 }
 
+/// The pins (and backend states) a new process starts with: those an upgrade handed over, or
+/// the state file's, before any worker accepts a client.
+fn restore_pins(
+    config: &Config,
+    registry: &mut Registry,
+    handover: &upgrade::Handover,
+    taken_over: bool,
+) -> Result<(), RunError> {
+    if let Some(path) = &config.state_file {
+        state::check_writable(path).map_err(|e| RunError::StateFile(path.clone(), e))?;
+    }
+    if taken_over {
+        state::restore(registry, &handover.state, "upgrade");
+        registry.resume_health(&handover.health);
+    } else if let Some(path) = &config.state_file {
+        state::load(registry, path);
+    }
+    Ok(())
+}
+
+/// The admin listener: the one an upgrade handed over, else a new one.
+fn bind_admin(
+    config: &Config,
+    inherited: Option<std::os::fd::OwnedFd>,
+) -> Result<Option<admin::Bound>, RunError> {
+    let fail = |e: String| RunError::Os("admin", io::Error::other(e));
+    match (config.admin, inherited) {
+        (Some(_), Some(fd)) => {
+            let listener = std::net::TcpListener::from(fd);
+            Ok(Some(admin::adopt(listener).map_err(|e| fail(e.to_string()))?))
+        }
+        (Some(addr), None) => Ok(Some(admin::bind(addr).map_err(fail)?)),
+        (None, _) => Ok(None),
+    }
+}
+
 /// Block the signals tether takes on a thread of its own (sigwait), before any thread exists:
 /// threads inherit the mask.
 fn block_signals() -> Result<SigSet, RunError> {
     let mut signals = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR2] {
         signals.add(s);
     }
     signals.thread_block().map_err(|e| RunError::Os("blocking signals", e.into()))?;
@@ -194,6 +234,16 @@ fn block_signals() -> Result<SigSet, RunError> {
 /// Start tether and block until it has shut down.
 pub fn run(config: Config) -> Result<(), RunError> {
     let signals = block_signals()?;
+    let exe = std::env::current_exe().ok();
+    // Started by an upgrade: take over from the old process (listeners, pins, health).
+    let (mut handover, taken_over) = match std::env::var(upgrade::FD_VAR) {
+        Ok(raw) => {
+            std::env::remove_var(upgrade::FD_VAR);
+            let (handover, socket) = upgrade::receive(&raw).map_err(RunError::Upgrade)?;
+            (handover, Some(socket))
+        }
+        Err(_) => (upgrade::Handover::default(), None),
+    };
 
     let admin_limits =
         admin::Limits { max_conns: config.admin_max_conns, timeout: config.admin_timeout };
@@ -209,19 +259,12 @@ pub fn run(config: Config) -> Result<(), RunError> {
     check_connect_from(&config.services).map_err(RunError::ConnectFrom)?;
     let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
         .map_err(RunError::Table)?;
-    let (per_worker, announced) = bind_services(&config, workers, &mut registry)?;
-    // Saved pins come back before any worker accepts a client.
-    if let Some(path) = &config.state_file {
-        state::check_writable(path).map_err(|e| RunError::StateFile(path.clone(), e))?;
-        state::load(&registry, path);
-    }
+    let (per_worker, announced) = bind_services(&config, workers, &mut registry, &mut handover)?;
+    restore_pins(&config, &mut registry, &handover, taken_over.is_some())?;
     // Everything that needs privileges happens before they are dropped: every listener (the
     // admin one too) is bound and the token file read.
-    let admin_bound = config
-        .admin
-        .map(admin::bind)
-        .transpose()
-        .map_err(|e| RunError::Os("admin", io::Error::other(e)))?;
+    let admin_bound = bind_admin(&config, handover.admin.take())?;
+    let admin_fd = admin_bound.as_ref().and_then(|b| b.dup().ok());
     let token = config.admin_token_file.as_deref().map(read_token).transpose()?;
     if let Some(user) = &config.user {
         drop_privileges(user)?;
@@ -265,6 +308,9 @@ pub fn run(config: Config) -> Result<(), RunError> {
         if max_pipes > 0 { "copy+splice" } else { "copy" },
     );
     announce(&announced, admin.as_ref().map(|a| a.addr));
+    if let Some(socket) = taken_over {
+        upgrade::ready(&socket);
+    }
 
     // Our own sender keeps the channel open even if the signal thread dies, so the supervisor's
     // timed receive never turns into a spin on `Disconnected`.
@@ -276,21 +322,24 @@ pub fn run(config: Config) -> Result<(), RunError> {
         workers,
         config,
         stalled: vec![false; workers],
+        exe,
+        admin,
+        admin_fd,
+        stop_saving: Some(stop_saving),
+        upgraded: false,
     };
     let mut running = running;
-    let result = context.supervise(&mut running, &signal_rx, &asks_rx);
+    let (result, upgraded) = context.supervise(&mut running, &signal_rx, &asks_rx);
     drop(signal_tx);
     // A reload asked for from now on fails at once instead of waiting for an answer.
     drop(asks_rx);
-    drop(admin);
     let _ = stop_checks.send(());
     let _ = checks.join();
-    let _ = stop_saving.send(());
     if let Some(saving) = saving {
         let _ = saving.join();
     }
-    // The last save, once every session has ended.
-    if let Some(path) = &state_file {
+    // The last save, once every session has ended (after an upgrade the new process saves).
+    if let (Some(path), false) = (&state_file, upgraded) {
         match state::save(&registry, path) {
             Ok(n) => log::info!("state file {}: {n} pins saved", path.display()),
             Err(e) => log::error!("state file {}: final save failed: {e}", path.display()),
@@ -307,11 +356,14 @@ fn bind_services(
     config: &Config,
     workers: usize,
     registry: &mut Registry,
+    handover: &mut upgrade::Handover,
 ) -> Result<(Vec<Listeners>, Vec<(SocketAddr, SocketAddr, bool)>), RunError> {
     let mut per_worker: Vec<Listeners> = (0..workers).map(|_| Listeners::default()).collect();
     let mut announced = Vec::new();
     for (slot, service) in config.services.iter().enumerate() {
-        let bound = bind_service(service, slot, workers, config.listeners, &mut per_worker)?;
+        let mode = config.listeners;
+        let held = &mut registry.held;
+        let bound = bind_service(service, slot, workers, mode, &mut per_worker, handover, held)?;
         announced.extend(bound.iter().copied());
         if let Some(Some(s)) = registry.services.get_mut(slot) {
             s.listeners = bound;
@@ -369,13 +421,37 @@ fn bind_service(
     workers: usize,
     mode: config::Listeners,
     per_worker: &mut [Listeners],
+    handover: &mut upgrade::Handover,
+    held: &mut Vec<upgrade::HeldListener>,
 ) -> Result<Vec<(SocketAddr, SocketAddr, bool)>, RunError> {
     let mut out = Vec::new();
+    let shared = mode == config::Listeners::Shared;
+    let took = |e| RunError::Os("taking over a listener", e);
     for &want in &service.listen {
-        let tcp = service.protocol.tcp().then_some(mode);
-        let udp = service.protocol.udp().then(|| registry::udp_buffers_of(service));
-        let bound = proxy::bind(&[want], workers, tcp, udp).map_err(RunError::Bind)?;
-        hand_out(want, bound, slot, per_worker, &mut out);
+        // Sockets an upgrade handed over are used as they are: not one SYN or datagram is
+        // refused for a re-bind.
+        let tcp_in = match service.protocol.tcp() {
+            true => handover.take(want, false, workers, shared).map_err(took)?,
+            false => None,
+        };
+        let udp_in = match service.protocol.udp() {
+            true => handover.take(want, true, workers, shared).map_err(took)?,
+            false => None,
+        };
+        let at = tcp_in
+            .as_ref()
+            .or(udp_in.as_ref())
+            .map_or(want, |b| *b.tcp_addrs.first().or(b.udp_addrs.first()).unwrap_or(&want));
+        let tcp = (service.protocol.tcp() && tcp_in.is_none()).then_some(mode);
+        let need_udp = service.protocol.udp() && udp_in.is_none();
+        let udp = need_udp.then(|| registry::udp_buffers_of(service));
+        for bound in [tcp_in, udp_in].into_iter().flatten() {
+            hand_out(want, bound, slot, per_worker, &mut out, held);
+        }
+        if tcp.is_some() || udp.is_some() {
+            let bound = proxy::bind(&[at], workers, tcp, udp).map_err(RunError::Bind)?;
+            hand_out(want, bound, slot, per_worker, &mut out, held);
+        }
     }
     Ok(out)
 }
@@ -388,7 +464,9 @@ fn hand_out(
     slot: usize,
     per_worker: &mut [Listeners],
     out: &mut Vec<(SocketAddr, SocketAddr, bool)>,
+    held: &mut Vec<upgrade::HeldListener>,
 ) {
+    held.extend(upgrade::hold(&bound, want));
     out.extend(bound.tcp_addrs.iter().map(|addr| (want, *addr, false)));
     out.extend(bound.udp_addrs.iter().map(|addr| (want, *addr, true)));
     for (w, (tcp, udp)) in bound.tcp.into_iter().zip(bound.udp).enumerate() {
@@ -413,6 +491,16 @@ struct Supervisor<'a> {
     config: Config,
     /// Per worker: found stalled at the last look (its loop had not turned for a while).
     stalled: Vec<bool>,
+    /// This binary's path at start: an upgrade starts what is there now.
+    exe: Option<std::path::PathBuf>,
+    /// The admin server, stopped once an upgrade handed over.
+    admin: Option<Admin>,
+    /// A descriptor of the admin listener, to hand over.
+    admin_fd: Option<std::os::fd::OwnedFd>,
+    /// Stops the state file's thread (an upgrade hands the pins over instead).
+    stop_saving: Option<crossbeam_channel::Sender<()>>,
+    /// An upgrade handed this process over: it serves its open sessions and exits.
+    upgraded: bool,
 }
 
 impl Supervisor<'_> {
@@ -426,42 +514,17 @@ impl Supervisor<'_> {
         running: &mut [Running],
         signals: &Receiver<Signal>,
         asks: &Receiver<Ask>,
-    ) -> Result<(), RunError> {
-        let grace = self.config.grace;
+    ) -> (Result<(), RunError>, bool) {
         let mut deadline: Option<Instant> = None;
         let mut failure = None;
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         loop {
             crossbeam_channel::select! {
-                recv(signals) -> sig => match sig {
-                    Ok(Signal::SIGHUP) => match self.reload() {
-                        Ok(summary) => log::info!("SIGHUP: reloaded: {summary}"),
-                        Err(e) => log::error!("SIGHUP: reload refused, configuration unchanged: {e}"),
-                    },
-                    Ok(sig) => {
-                        // A second signal during the grace period cuts it short.
-                        let at = match deadline {
-                            None => {
-                                log::info!("{sig}: closing listeners; open sessions have {grace:?}");
-                                Instant::now() + grace
-                            }
-                            Some(_) => {
-                                log::info!("{sig} again: closing open sessions now");
-                                Instant::now()
-                            }
-                        };
-                        deadline = Some(at);
-                        tell_all(running, || Command::Shutdown { deadline: at });
-                    }
-                    Err(_) => {}
+                recv(signals) -> sig => if let Ok(sig) = sig {
+                    self.on_signal(sig, running, &mut deadline);
                 },
-                recv(asks) -> ask => if let Ok(Ask::Reload(reply)) = ask {
-                    let result = self.reload();
-                    match &result {
-                        Ok(summary) => log::info!("admin: reloaded: {summary}"),
-                        Err(e) => log::error!("admin: reload refused, configuration unchanged: {e}"),
-                    }
-                    let _ = reply.send(result);
+                recv(asks) -> ask => if let Ok(ask) = ask {
+                    self.on_ask(ask, running, &mut deadline);
                 },
                 default(Duration::from_millis(200)) => {}
             }
@@ -481,7 +544,7 @@ impl Supervisor<'_> {
             }
             if failure.is_some() && deadline.is_none() {
                 // One loop gone means its share of clients goes unserved: stop everything.
-                let at = Instant::now() + grace;
+                let at = Instant::now() + self.config.grace;
                 deadline = Some(at);
                 tell_all(running, || Command::Shutdown { deadline: at });
             }
@@ -497,7 +560,114 @@ impl Supervisor<'_> {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         log::info!("stopped: {}", summary.join(" "));
-        failure.map_or(Ok(()), Err)
+        (failure.map_or(Ok(()), Err), self.upgraded)
+    }
+
+    /// SIGHUP reloads, SIGUSR2 upgrades, SIGTERM and SIGINT stop (a second one at once).
+    fn on_signal(&mut self, sig: Signal, running: &[Running], deadline: &mut Option<Instant>) {
+        match sig {
+            Signal::SIGHUP => match self.reload() {
+                Ok(summary) => log::info!("SIGHUP: reloaded: {summary}"),
+                Err(e) => log::error!("SIGHUP: reload refused, configuration unchanged: {e}"),
+            },
+            Signal::SIGUSR2 => match self.upgrade(running, deadline) {
+                Ok(summary) => {
+                    log::info!("SIGUSR2: upgraded: {summary}");
+                    self.admin = None;
+                }
+                Err(e) => log::error!("SIGUSR2: upgrade refused, this process serves on: {e}"),
+            },
+            _ => {
+                // A second signal during the grace period cuts it short.
+                let at = match deadline {
+                    None => {
+                        let grace = self.config.grace;
+                        log::info!("{sig}: closing listeners; open sessions have {grace:?}");
+                        Instant::now() + grace
+                    }
+                    Some(_) => {
+                        log::info!("{sig} again: closing open sessions now");
+                        Instant::now()
+                    }
+                };
+                *deadline = Some(at);
+                tell_all(running, || Command::Shutdown { deadline: at });
+            }
+        }
+    }
+
+    /// What the admin API asks for: a reload or an upgrade, answered on its channel.
+    fn on_ask(&mut self, ask: Ask, running: &[Running], deadline: &mut Option<Instant>) {
+        match ask {
+            Ask::Reload(reply) => {
+                let result = self.reload();
+                match &result {
+                    Ok(summary) => log::info!("admin: reloaded: {summary}"),
+                    Err(e) => log::error!("admin: reload refused, configuration unchanged: {e}"),
+                }
+                let _ = reply.send(result);
+            }
+            Ask::Upgrade(reply) => {
+                let result = self.upgrade(running, deadline);
+                match &result {
+                    Ok(summary) => log::info!("admin: upgraded: {summary}"),
+                    Err(e) => log::error!("admin: upgrade refused, this process serves on: {e}"),
+                }
+                let upgraded = result.is_ok();
+                let _ = reply.send(result);
+                // Stopped once the answer is on its way: it finishes it, and accepts no more.
+                if upgraded {
+                    self.admin = None;
+                }
+            }
+        }
+    }
+
+    /// Start the binary at this one's path and hand it over (`upgrade`); once it serves, stop
+    /// accepting, let open sessions run until they end or the grace period is over, and stop the
+    /// state file's saves (the new process saves). The caller stops the admin server once it
+    /// has answered (the new process serves the admin listener).
+    fn upgrade(
+        &mut self,
+        running: &[Running],
+        deadline: &mut Option<Instant>,
+    ) -> Result<String, String> {
+        if self.upgraded {
+            return Err("an upgrade already handed this process over; it is draining".into());
+        }
+        if deadline.is_some() {
+            return Err("this process is stopping".into());
+        }
+        let exe = self.exe.clone().ok_or("the path of this binary is unknown")?;
+        let (state, pins) = state::encode(self.registry);
+        let (held, health) = {
+            let reg = self.lock();
+            let held: Vec<upgrade::HeldListener> = reg
+                .held
+                .iter()
+                .filter_map(|h| {
+                    let fd = h.fd.try_clone().ok()?;
+                    Some(upgrade::HeldListener { want: h.want, bound: h.bound, udp: h.udp, fd })
+                })
+                .collect();
+            (held, reg.health_of())
+        };
+        let pid = upgrade::start(&exe, &held, self.admin_fd.as_ref(), &state, health)?;
+        self.upgraded = true;
+        let at = Instant::now() + self.config.grace;
+        *deadline = Some(at);
+        tell_all(running, || Command::Shutdown { deadline: at });
+        if let Some(stop) = self.stop_saving.take() {
+            let _ = stop.send(());
+        }
+        self.lock().event(format!("upgraded: pid {pid} serves now"));
+        Ok(format!(
+            "pid {pid} serves now with {pins} pins and {} listeners; this process (pid {}) \
+             serves its open sessions for at most {:?}",
+            held.len(),
+            std::process::id(),
+            self.config.grace
+        ))
     }
 
     /// Say when a worker's event loop stops turning, and when it turns again (F10), then wake

@@ -97,6 +97,8 @@ pub struct Registry {
     pub state: Arc<crate::state::Counters>,
     /// When this process started (unix ms).
     pub started_unix_ms: u64,
+    /// A descriptor of every listening socket, to hand them over on upgrade.
+    pub held: Vec<crate::upgrade::HeldListener>,
 }
 
 /// A backend as the API shows it.
@@ -137,6 +139,7 @@ impl Registry {
             transitions: 0,
             admin: Arc::default(),
             state: Arc::default(),
+            held: Vec::new(),
             started_unix_ms: SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -367,6 +370,38 @@ impl Registry {
         for ((tx, waker), l) in self.workers.links.iter().zip(per_worker) {
             let _ = tx.send(Command::Listen(l));
             let _ = waker.wake();
+        }
+    }
+
+    /// Every backend's health and admin state, for an upgrade to hand over.
+    pub fn health_of(&self) -> Vec<crate::upgrade::HealthOf> {
+        let mut out = Vec::new();
+        for s in self.services.iter().flatten() {
+            for b in &s.backends {
+                out.push(crate::upgrade::HealthOf {
+                    service: s.config.name.clone(),
+                    backend: b.state.name.clone(),
+                    up: b.state.health() == Health::Up,
+                    admin: b.state.admin().as_str().to_string(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Take up the health and admin states an old process handed over (an upgrade), by service
+    /// and backend name.
+    pub fn resume_health(&mut self, states: &[crate::upgrade::HealthOf]) {
+        for h in states {
+            let Ok((slot, i)) = self.find_backend(&h.service, &h.backend) else { continue };
+            let Some(s) = self.services[slot].as_mut() else { continue };
+            let b = &mut s.backends[i];
+            let health = if h.up { Health::Up } else { Health::Down };
+            b.state.set_health(health);
+            b.checker.resume(health);
+            if let Ok(admin) = h.admin.parse::<AdminState>() {
+                b.state.set_admin(admin);
+            }
         }
     }
 

@@ -93,6 +93,8 @@ pub struct Plan {
     announced: Vec<(SocketAddr, SocketAddr, bool)>,
     /// The registry's next backend id once the plan's new backends have theirs.
     next_id: BackendId,
+    /// Descriptors of the new listeners, kept for upgrades.
+    held: Vec<crate::upgrade::HeldListener>,
 }
 
 /// What happens to one service of the file.
@@ -152,6 +154,7 @@ pub fn prepare(
         closing: Vec::new(),
         announced: Vec::new(),
         next_id: reg.next_id,
+        held: Vec::new(),
     };
     let mut new_slot = reg.services.len();
     for service in next {
@@ -223,7 +226,8 @@ fn plan_listeners(
             let udp = need_udp.then(|| registry::udp_buffers_of(service));
             let bound = proxy::bind(&[at], workers, mode, udp).map_err(ReloadError::Bind)?;
             let before = listeners.len();
-            crate::hand_out(want, bound, slot, &mut plan.per_worker, &mut listeners);
+            let (per_worker, held) = (&mut plan.per_worker, &mut plan.held);
+            crate::hand_out(want, bound, slot, per_worker, &mut listeners, held);
             plan.announced.extend_from_slice(&listeners[before..]);
         }
     }
@@ -361,6 +365,9 @@ pub fn commit(
         reg.event(format!("service {name:?} removed by reload"));
         summary.push(format!("service {name:?} removed"));
     }
+    // Closed listeners are not handed over any more; new ones are.
+    reg.held.retain(|h| !plan.closing.contains(&(h.bound, h.udp)));
+    reg.held.extend(plan.held);
     // Old sockets close before new ones open: a new socket on an address a closing one shares
     // (SO_REUSEPORT) must not be caught by the close.
     if !plan.closing.is_empty() {

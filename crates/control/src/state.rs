@@ -72,10 +72,26 @@ fn tables(registry: &Mutex<Registry>) -> (Vec<Table>, Arc<Counters>, u64) {
     (tables, Arc::clone(&reg.state), now_ms)
 }
 
+/// Every sticky table in the state file's format, and how many pins it holds.
+pub fn encode(registry: &Mutex<Registry>) -> (Vec<u8>, usize) {
+    let (tables, _, now_ms) = tables(registry);
+    encode_tables(tables, now_ms)
+}
+
 /// Save every sticky table to `path`. Returns the entries written.
 pub fn save(registry: &Mutex<Registry>, path: &Path) -> std::io::Result<usize> {
     let started = Instant::now();
     let (tables, counters, now_ms) = tables(registry);
+    let (bytes, entries) = encode_tables(tables, now_ms);
+    write_atomically(path, &bytes)?;
+    counters.saved_unix_ms.store(unix_ms(SystemTime::now()), Relaxed);
+    counters.entries.store(entries as u64, Relaxed);
+    counters.bytes.store(bytes.len() as u64, Relaxed);
+    counters.save_us.store(started.elapsed().as_micros() as u64, Relaxed);
+    Ok(entries)
+}
+
+fn encode_tables(tables: Vec<Table>, now_ms: u64) -> (Vec<u8>, usize) {
     let now_wall = unix_ms(SystemTime::now());
     let mut state = SavedState { saved_at_unix_ms: now_wall, services: Vec::new() };
     for t in tables {
@@ -103,13 +119,7 @@ pub fn save(registry: &Mutex<Registry>, path: &Path) -> std::io::Result<usize> {
         state.services.push(SavedService { name: t.name, backends: t.names, entries });
     }
     let entries: usize = state.services.iter().map(|s| s.entries.len()).sum();
-    let bytes = state.encode();
-    write_atomically(path, &bytes)?;
-    counters.saved_unix_ms.store(unix_ms(SystemTime::now()), Relaxed);
-    counters.entries.store(entries as u64, Relaxed);
-    counters.bytes.store(bytes.len() as u64, Relaxed);
-    counters.save_us.store(started.elapsed().as_micros() as u64, Relaxed);
-    Ok(entries)
+    (state.encode(), entries)
 }
 
 /// Write `bytes` to `path` so that a crash leaves the old file or the new one: a temporary
@@ -144,7 +154,6 @@ pub fn check_writable(path: &Path) -> std::io::Result<()> {
 /// sticky timeout has passed, is skipped alone. Never fails.
 pub fn load(registry: &Registry, path: &Path) {
     let _ = registry.state.file.set(path.to_path_buf());
-    let started = Instant::now();
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -159,10 +168,17 @@ pub fn load(registry: &Registry, path: &Path) {
             return;
         }
     };
-    let (state, mut skipped) = match SavedState::decode(&bytes) {
+    restore(registry, &bytes, &format!("state file {}", path.display()));
+}
+
+/// Restore the pins in `bytes` (the state file's format) into the registry's tables; `from`
+/// names where they came from in the log line.
+pub fn restore(registry: &Registry, bytes: &[u8], from: &str) {
+    let started = Instant::now();
+    let (state, mut skipped) = match SavedState::decode(bytes) {
         Ok(read) => read,
         Err(e) => {
-            log::warn!("state file {}: ignored, {e}; starting without saved pins", path.display());
+            log::warn!("{from}: ignored, {e}; starting without saved pins");
             return;
         }
     };
@@ -194,8 +210,7 @@ pub fn load(registry: &Registry, path: &Path) {
     registry.state.skipped.store(skipped as u64, Relaxed);
     let age = Duration::from_millis(now_wall.saturating_sub(state.saved_at_unix_ms));
     log::info!(
-        "state file {}: {loaded} pins restored, {skipped} skipped (saved {age:?} ago; read in {:?})",
-        path.display(),
+        "{from}: {loaded} pins restored, {skipped} skipped (saved {age:?} ago; read in {:?})",
         started.elapsed()
     );
 }

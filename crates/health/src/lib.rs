@@ -128,6 +128,12 @@ impl Checker {
         self.state
     }
 
+    /// Take up where another process left off (an upgrade): this state, no streak.
+    pub fn resume(&mut self, state: Health) {
+        self.state = state;
+        self.streak = 0;
+    }
+
     /// Change rise and fall (a reload) without forgetting the state.
     pub fn set_limits(&mut self, rise: u32, fall: u32) {
         self.rise = rise.max(1);

@@ -62,7 +62,7 @@ use std::time::Instant;
 pub use listener::{bind, bind_all, BindError, Bound};
 pub use routing::{BackendState, Guards, ProxyRules, Settings, Snapshot, PASSIVE_HOLD};
 pub use stats::{Counts, Stats, STALLED_AFTER};
-pub use sys::{recv_with_fds, send_with_fds, MAX_FDS};
+pub use sys::{inherited_fd, recv_with_fds, send_with_fds, MAX_FDS};
 pub use worker::Worker;
 
 /// Listener sockets handed to one worker, each with the slot of the service it feeds.

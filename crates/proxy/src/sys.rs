@@ -287,6 +287,18 @@ pub fn deregister(epoll: &impl AsRawFd, fd: &impl AsRawFd) {
     }
 }
 
+/// Take ownership of descriptor `raw`, inherited across exec (an upgrade's hand-over socket),
+/// after checking that it is open. Call it once per descriptor: the result closes it on drop.
+pub fn inherited_fd(raw: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD)?;
+    // Mark it close-on-exec from now on, so that a later upgrade does not leak it.
+    nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+    // SAFETY: `raw` is open (F_GETFD succeeded), was handed to this process by its parent for
+    // this purpose, and nothing else in the process owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+}
+
 /// Descriptors one hand-over message may carry.
 pub const MAX_FDS: usize = 64;
 

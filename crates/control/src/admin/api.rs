@@ -89,6 +89,18 @@ pub fn route(
         (&Method::POST, ["api", "services", service, "backends"]) => {
             add_backend(service, body, &mut lock())
         }
+        (&Method::POST, ["api", "upgrade"]) => {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if asks.send(Ask::Upgrade(tx)).is_err() {
+                return error(503, "shutting down");
+            }
+            match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(Ok(summary)) => ok_json(json!({ "upgraded": summary })),
+                Ok(Err(e)) if e.contains("already") || e.contains("stopping") => error(409, &e),
+                Ok(Err(e)) => error(500, &e),
+                Err(_) => error(503, "the upgrade did not finish in 60s"),
+            }
+        }
         (&Method::POST, ["api", "reload"]) => {
             let (tx, rx) = crossbeam_channel::bounded(1);
             if asks.send(Ask::Reload(tx)).is_err() {

@@ -53,6 +53,8 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_BODY: usize = 16 * 1024;
 /// Requests handled at once, each on a blocking thread; past this many, 503 at once.
 pub const MAX_IN_FLIGHT: usize = 16;
+/// How long a stopping admin server finishes the answers under way.
+const DRAIN: Duration = Duration::from_secs(2);
 /// Descriptors of the admin side besides its connections: the listener, the runtime's epoll
 /// and its waker, and one connection accepted past the cap on its way to being closed.
 const BASE_FDS: u64 = 4;
@@ -94,6 +96,8 @@ pub struct Counters {
 pub enum Ask {
     /// Reload the config file; the answer comes back on the channel.
     Reload(crossbeam_channel::Sender<Result<String, crate::reload::ReloadError>>),
+    /// Upgrade to the binary at this one's path; the answer comes back on the channel.
+    Upgrade(crossbeam_channel::Sender<Result<String, String>>),
 }
 
 /// The admin listener, bound (before privileges are dropped) but not yet serving.
@@ -103,9 +107,21 @@ pub struct Bound(std::net::TcpListener, SocketAddr);
 pub fn bind(addr: SocketAddr) -> Result<Bound, String> {
     let fail = |e: io::Error| format!("--admin {addr}: {e}");
     let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
-    listener.set_nonblocking(true).map_err(fail)?;
-    let addr = listener.local_addr().map_err(fail)?;
+    adopt(listener).map_err(fail)
+}
+
+/// Serve on a listener bound already (by the process an upgrade took over from).
+pub fn adopt(listener: std::net::TcpListener) -> io::Result<Bound> {
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
     Ok(Bound(listener, addr))
+}
+
+impl Bound {
+    /// Another descriptor of the listener, to hand it to a new process on upgrade.
+    pub fn dup(&self) -> io::Result<std::os::fd::OwnedFd> {
+        Ok(self.0.try_clone()?.into())
+    }
 }
 
 /// The running admin server; dropping it stops the server and joins its thread.
@@ -158,12 +174,20 @@ impl Admin {
             in_flight: AtomicUsize::new(0),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel();
+        let open = Arc::clone(&ctx.counters);
         let thread = std::thread::Builder::new()
             .name("tether-admin".into())
             .spawn(move || {
-                runtime.block_on(accept_loop(listener, ctx, stopped));
-                // A handler may wait up to 30 s for a reload; shutdown does not wait for it.
-                runtime.shutdown_timeout(Duration::from_secs(1));
+                runtime.block_on(async move {
+                    accept_loop(listener, ctx, stopped).await;
+                    // Answers under way are finished (the one to an upgrade request, say),
+                    // for a moment: a handler may wait 30 s for a reload, shutdown does not.
+                    let until = tokio::time::Instant::now() + DRAIN;
+                    while open.open.load(Relaxed) > 0 && tokio::time::Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                });
+                runtime.shutdown_timeout(Duration::from_millis(100));
             })
             .map_err(|e| format!("admin thread: {e}"))?;
         Ok(Admin { stop: Some(stop), thread: Some(thread), addr })

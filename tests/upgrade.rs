@@ -1,0 +1,234 @@
+//! In-place upgrade (issue 12): SIGUSR2 or `POST /api/upgrade` starts the binary at tether's
+//! path again and hands it the listeners, the admin listener, the pins and the backends'
+//! states; the old process serves its open sessions and exits.
+
+mod common;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// A copy of the binary in a directory of the test's own (so it can be replaced, as a deploy
+/// does), removed when dropped.
+struct Install(PathBuf);
+
+impl Install {
+    fn new(tag: &str) -> Install {
+        let dir = std::env::temp_dir().join(format!("tether-upgrade-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let install = Install(dir);
+        install.deploy(std::fs::read(bin()).unwrap());
+        install
+    }
+
+    fn exe(&self) -> PathBuf {
+        self.0.join("tether")
+    }
+
+    /// Put a new file at the binary's path (write beside it, then rename, as package managers do).
+    fn deploy(&self, bytes: Vec<u8>) {
+        use std::os::unix::fs::PermissionsExt;
+        let next = self.0.join("tether.next");
+        std::fs::write(&next, bytes).unwrap();
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&next, self.exe()).unwrap();
+    }
+}
+
+impl Drop for Install {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The process an upgrade started: stopped (SIGTERM, then SIGKILL) when dropped.
+struct Successor(Option<u32>);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let Some(pid) = self.0 else { return };
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let gone = wait_until(DEADLINE, || {
+            nix::sys::signal::kill(pid, None).is_err()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z"))
+        });
+        if !gone {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+fn start(install: &Install, net: u8, pool: &[Backend], extra: &[&str]) -> Tether {
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("127.0.{net}.1:0"),
+        "--admin".into(),
+        format!("127.0.{net}.1:0"),
+        "--workers".into(),
+        "2".into(),
+    ];
+    args.extend(backend_args(pool));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Tether::start(&install.exe(), no_probes(&args)).expect("start tether")
+}
+
+fn status_pid(t: &Tether) -> Option<u32> {
+    let body = http(t.admin(), "GET", "/api/status", "").ok()?.body;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["pid"].as_u64().map(|p| p as u32)
+}
+
+fn put_state(t: &Tether, backend: &str, state: &str) {
+    let path = format!("/api/services/default/backends/{backend}");
+    let r = http(t.admin(), "PUT", &path, &format!(r#"{{"state":"{state}"}}"#)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Pin `clients`, moving b0's to other backends (maint, then ready again): where each is now.
+fn pin_and_move(t: &Tether, clients: &[IpAddr]) -> Vec<String> {
+    for &ip in clients {
+        ask_name(ip, t.addr()).unwrap();
+    }
+    put_state(t, "b0", "maint");
+    let now: Vec<String> = clients.iter().map(|&ip| ask_name(ip, t.addr()).unwrap()).collect();
+    put_state(t, "b0", "ready");
+    now
+}
+
+#[test]
+fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_and_open_session() {
+    let pool = backends(115, 3);
+    let install = Install::new("load");
+    let mut t = start(&install, 115, &pool, &[]);
+    let old = t.pid();
+    let clients: Vec<IpAddr> = (0..100).map(client_ip).collect();
+    let before = pin_and_move(&t, &clients);
+    let mut open: Vec<_> = (200..220).map(|i| echo_session(client_ip(i), t.addr())).collect();
+    // New connections all along, from their own addresses.
+    let (stop, ok, failed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let addr = t.addr();
+    let load = {
+        let (stop, ok, failed) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let mut i = 1000;
+            while !stop.load(Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                match ask_name(client_ip(i % 20_000), addr) {
+                    Ok(_) => ok.fetch_add(1, Relaxed),
+                    Err(_) => failed.fetch_add(1, Relaxed),
+                };
+                i += 1;
+            }
+        })
+    };
+    assert!(wait_until(DEADLINE, || ok.load(Relaxed) > 20));
+    install.deploy(std::fs::read(bin()).unwrap());
+    t.signal(Signal::SIGUSR2).unwrap();
+    let mut new = None;
+    assert!(wait_until(DEADLINE, || {
+        new = status_pid(&t).filter(|&p| p != old);
+        new.is_some()
+    }));
+    let _successor = Successor(new);
+    let served = ok.load(Relaxed);
+    assert!(wait_until(DEADLINE, || ok.load(Relaxed) > served + 50), "no client served after");
+    stop.store(true, Relaxed);
+    load.join().unwrap();
+    assert_eq!(
+        failed.load(Relaxed),
+        0,
+        "{} connections failed across the upgrade",
+        failed.load(Relaxed)
+    );
+    // Every pin came along, moved ones included.
+    for (ip, want) in clients.iter().zip(&before) {
+        assert_eq!(&ask_name(*ip, t.addr()).unwrap(), want, "client {ip}");
+    }
+    // The old process serves its open sessions, then exits once they end.
+    for s in open.iter_mut() {
+        echo_roundtrip(s, "still here").unwrap();
+    }
+    assert!(
+        t.wait_stderr(|l| l.contains("SIGUSR2: upgraded: pid"), DEADLINE),
+        "{}",
+        t.stderr_text()
+    );
+    drop(open);
+    let status = t.wait_exit(DEADLINE).expect("the old process exits once its sessions end");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_failing_upgrade_leaves_the_old_process_serving_and_a_second_one_works() {
+    let pool = backends(116, 2);
+    let install = Install::new("fail");
+    let t = start(&install, 116, &pool, &[]);
+    let old = t.pid();
+    let clients: Vec<IpAddr> = (0..30).map(client_ip).collect();
+    let before = pin_and_move(&t, &clients);
+    // A broken binary: it exits at once.
+    install.deploy(b"#!/bin/sh\nexit 3\n".to_vec());
+    let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert!(r.body.contains("exited before"), "{}", r.body);
+    assert_eq!(status_pid(&t), Some(old));
+    for (ip, want) in clients.iter().zip(&before) {
+        assert_eq!(&ask_name(*ip, t.addr()).unwrap(), want, "client {ip}");
+    }
+    // The real binary again: the upgrade goes through, and the old process, still serving an
+    // open session, refuses another.
+    let mut open = echo_session(client_ip(500), t.addr());
+    install.deploy(std::fs::read(bin()).unwrap());
+    let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The old admin server stops once it has answered: the new process answers from then on.
+    let mut new = None;
+    assert!(wait_until(DEADLINE, || {
+        new = status_pid(&t).filter(|&p| p != old);
+        new.is_some()
+    }));
+    let _successor = Successor(new);
+    let mut old_process = t;
+    old_process.signal(Signal::SIGUSR2).unwrap();
+    assert!(
+        old_process
+            .wait_stderr(|l| l.contains("upgrade refused") && l.contains("already"), DEADLINE),
+        "{}",
+        old_process.stderr_text()
+    );
+    for (ip, want) in clients.iter().zip(&before) {
+        assert_eq!(&ask_name(*ip, old_process.addr()).unwrap(), want, "client {ip}");
+    }
+    echo_roundtrip(&mut open, "served by the old process").unwrap();
+    drop(open);
+    assert!(old_process.wait_exit(DEADLINE).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn an_upgrade_with_a_bad_configuration_is_refused_and_nothing_changes() {
+    let pool = backends(117, 1);
+    let install = Install::new("badconf");
+    let file = std::env::temp_dir().join(format!("tether-upgrade-{}.toml", std::process::id()));
+    let text = format!(
+        "admin = \"127.0.117.1:0\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.117.1:0\"]\nhealth-check = \"off\"\n[[service.backend]]\naddress = \"{}\"\nname = \"b0\"\n",
+        pool[0].addr()
+    );
+    std::fs::write(&file, &text).unwrap();
+    let t = Tether::start(&install.exe(), ["--config", file.to_str().unwrap()]).unwrap();
+    std::fs::write(&file, text.replace("name = \"b0\"", "weight = 0")).unwrap();
+    let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(status_pid(&t), Some(t.pid()));
+    assert_eq!(ask_name(client_ip(1), t.addr()).unwrap(), "b0");
+    let _ = std::fs::remove_file(&file);
+}
