@@ -232,3 +232,27 @@ fn an_upgrade_with_a_bad_configuration_is_refused_and_nothing_changes() {
     assert_eq!(ask_name(client_ip(1), t.addr()).unwrap(), "b0");
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn after_an_upgrade_the_old_process_cuts_its_sessions_at_the_upgrade_grace_not_the_grace() {
+    let pool = backends(118, 1);
+    let install = Install::new("grace");
+    let mut t = start(&install, 118, &pool, &["--grace", "1h", "--upgrade-grace", "1s"]);
+    let old = t.pid();
+    let mut open = echo_session(client_ip(1), t.addr());
+    echo_roundtrip(&mut open, "before").unwrap();
+    let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut new = None;
+    assert!(wait_until(DEADLINE, || {
+        new = status_pid(&t).filter(|&p| p != old);
+        new.is_some()
+    }));
+    let _successor = Successor(new);
+    // The session never ends by itself: only the 1 s upgrade grace (not the hour) ends it.
+    let status = t.wait_exit(DEADLINE).expect("the old process exits at the upgrade grace");
+    assert!(status.success(), "{status}");
+    assert!(echo_roundtrip(&mut open, "after").is_err(), "the old process's session was cut");
+    // The new process serves.
+    assert_eq!(ask_name(client_ip(2), t.addr()).unwrap(), "b0");
+}

@@ -274,6 +274,7 @@ mod tests {
             max-flows = 20000
             splice = "off"
             grace = "45s"
+            upgrade-grace = "10m"
             state-file = "/var/lib/tether/state"
             state-interval = "5s"
 
@@ -343,6 +344,7 @@ mod tests {
         assert_eq!(c.max_flows, NonZeroUsize::new(20_000));
         assert_eq!(c.splice, Splice::Off);
         assert_eq!(c.grace, Duration::from_secs(45));
+        assert_eq!(c.upgrade_grace, Duration::from_secs(600));
         assert_eq!(c.state_file, Some("/var/lib/tether/state".into()));
         assert_eq!(c.state_interval, Duration::from_secs(5));
         assert_eq!(c.sticky_prefill, 0);
@@ -545,7 +547,7 @@ mod tests {
                 top("wat = 1"),
                 "wat: unknown key (expected one of admin, admin-allow-remote, admin-token-file, admin-max-conns, \
                  admin-timeout, user, workers, max-conns, \
-                 max-flows, splice, listeners, grace, state-file, state-interval, service)",
+                 max-flows, splice, listeners, grace, upgrade-grace, state-file, state-interval, service)",
             ),
             (
                 service("colour = 1"),

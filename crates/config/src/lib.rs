@@ -222,6 +222,8 @@ pub struct Config {
     pub splice: Splice,
     pub listeners: Listeners,
     pub grace: Duration,
+    /// How long the old process serves its open sessions after an upgrade.
+    pub upgrade_grace: Duration,
     /// Idle sticky entries inserted at start in the first service (benchmarks only).
     pub sticky_prefill: usize,
     /// Where the sticky tables are saved and loaded from (`None`: memory only).
@@ -690,6 +692,7 @@ pub(crate) fn build_config(
         ));
     }
     let user = opt(origin, "user", &input.user, None, |raw| parse_user(raw).map(Some))?;
+    let grace = opt(origin, "grace", &input.grace, DEFAULT_GRACE, check_duration)?;
     Ok(Config {
         services,
         file: None,
@@ -715,7 +718,8 @@ pub(crate) fn build_config(
         max_flows: opt_nonzero(origin, "max-flows", &input.max_flows)?,
         splice,
         listeners: opt(origin, "listeners", &input.listeners, Listeners::Shared, parse_listeners)?,
-        grace: opt(origin, "grace", &input.grace, DEFAULT_GRACE, check_duration)?,
+        grace,
+        upgrade_grace: opt(origin, "upgrade-grace", &input.upgrade_grace, grace, check_duration)?,
         sticky_prefill: 0,
         state_file: opt(origin, "state-file", &input.state_file, None, |raw| {
             if raw.is_empty() {
@@ -1235,6 +1239,14 @@ mod tests {
         assert!(err(&["--connect-timeout", "0s"]).contains("greater than zero"));
         assert!(err(&["--idle-timeout", "9999999999999999h"]).contains("at most a year"));
         assert!(err(&["--grace", "8761h"]).contains("at most a year"));
+        assert!(err(&["--upgrade-grace", "2"]).starts_with("--upgrade-grace \"2\""));
+        // --upgrade-grace follows --grace unless given.
+        assert_eq!(with(&["--grace", "7s"]).unwrap().upgrade_grace, Duration::from_secs(7));
+        let both = with(&["--grace", "7s", "--upgrade-grace", "5m"]).unwrap();
+        assert_eq!(
+            (both.grace, both.upgrade_grace),
+            (Duration::from_secs(7), Duration::from_secs(300))
+        );
         assert!(err(&["--workers", "0"]).starts_with("--workers"));
         assert!(err(&["--workers", "-1"]).starts_with("--workers"));
         assert!(err(&["--table-size", "65536"]).contains("prime"));

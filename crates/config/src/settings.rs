@@ -271,6 +271,9 @@ settings! {
         listeners: text,
         /// on SIGTERM/SIGINT, how long open sessions may run before exit (default 30s)
         grace: duration,
+        /// after an upgrade, how long the old process serves its open sessions before it exits
+        /// (default: --grace)
+        upgrade_grace: duration,
         /// file the sticky tables are saved to every --state-interval and at shutdown, and
         /// loaded from at start (default: none, pins live in memory only)
         state_file: text,

@@ -654,7 +654,7 @@ impl Supervisor<'_> {
         };
         let pid = upgrade::start(&exe, &held, self.admin_fd.as_ref(), &state, health)?;
         self.upgraded = true;
-        let at = Instant::now() + self.config.grace;
+        let at = Instant::now() + self.config.upgrade_grace;
         *deadline = Some(at);
         tell_all(running, || Command::Shutdown { deadline: at });
         if let Some(stop) = self.stop_saving.take() {
@@ -666,7 +666,7 @@ impl Supervisor<'_> {
              serves its open sessions for at most {:?}",
             held.len(),
             std::process::id(),
-            self.config.grace
+            self.config.upgrade_grace
         ))
     }
 
