@@ -2,7 +2,9 @@
 # Demo: tether in front of three local backends; clients from twelve source addresses connect
 # three times each and print which backend served them. Then one backend is stopped and the same
 # clients connect again: its clients fail over, everybody else stays put. Last, a backend is
-# drained through the admin API: its pinned clients stay, new clients go elsewhere.
+# drained through the admin API: its pinned clients stay, new clients go elsewhere. Then the
+# binary is upgraded in place (SIGUSR2) while clients keep connecting: nobody is refused,
+# nobody moves.
 # Needs only the Rust toolchain. Loopback only; every process started here is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,10 +41,13 @@ for name in alpha bravo charlie; do
   backends+=("$(awk '/listening/ {print $NF; exit}' "$work/$name.out"),name=$name")
 done
 
+# tether runs from a copy of its own, so that the upgrade step can install a new file there.
+cp "$bin/tether" "$work/tether"
+
 args=(--listen 127.0.0.10:0 --workers 2 --admin 127.0.0.10:0)
 for b in "${backends[@]}"; do args+=(--backend "$b"); done
 echo "\$ tether ${args[*]}"
-"$bin/tether" "${args[@]}" >"$work/tether.out" 2>"$work/tether.err" &
+"$work/tether" "${args[@]}" >"$work/tether.out" 2>"$work/tether.err" &
 tether_pid=$!
 pids+=($tether_pid)
 wait_line "$work/tether.out" "^ready"
@@ -80,7 +85,54 @@ echo "\$ GET /api/backends"
 http GET /api/backends
 
 echo
-echo "== tether stops on SIGTERM; its log:"
-kill -TERM "$tether_pid"
+echo "== upgrade in place: a new binary is installed and tether gets SIGUSR2 while clients"
+echo "   (127.1.1.1 .. 127.1.1.24) keep connecting, round after round"
+"$bin/tether-bench" clients --connect "$addr" --sources 24 --first 127.1.1.1 >"$work/before.txt"
+(
+  for _ in $(seq 1 300); do
+    [ -e "$work/load.stop" ] && break
+    if "$bin/tether-bench" clients --connect "$addr" --sources 24 --first 127.1.1.1 \
+      >"$work/round.txt" 2>&1 && cmp -s <(grep '^127' "$work/before.txt") <(grep '^127' "$work/round.txt"); then
+      echo same
+    else
+      echo "differs or failed:"; cat "$work/round.txt"
+    fi
+  done
+) >"$work/load.log" &
+load_pid=$!
+pids+=($load_pid)
+wait_line "$work/load.log" "same"
+cp "$bin/tether" "$work/tether.next" && mv "$work/tether.next" "$work/tether"
+echo "\$ kill -USR2 $tether_pid"
+kill -USR2 "$tether_pid"
+new_pid=""
+for _ in $(seq 1 300); do
+  new_pid=$(http GET /api/status | sed -n 's/.*"pid":\([0-9]*\).*/\1/p')
+  [ -n "$new_pid" ] && [ "$new_pid" != "$tether_pid" ] && break
+  sleep 0.1
+done
+[ -n "$new_pid" ] && [ "$new_pid" != "$tether_pid" ] || { echo "demo: the upgrade did not happen" >&2; cat "$work/tether.err" >&2; exit 1; }
+pids+=($new_pid)
+echo "GET /api/status: pid $new_pid serves now (was $tether_pid)"
+rounds=$(grep -c . "$work/load.log")
+for _ in $(seq 1 300); do
+  [ "$(grep -c . "$work/load.log")" -ge $(( rounds + 3 )) ] && break
+  sleep 0.1
+done
+touch "$work/load.stop"
+wait "$load_pid" 2>/dev/null || true
 wait "$tether_pid" 2>/dev/null || true
+echo "rounds of 24 connections across the upgrade: $(grep -c '^same' "$work/load.log") with every client on its backend of before, $(grep -c '^differs' "$work/load.log") otherwise"
+grep -A40 '^differs' "$work/load.log" || true
+echo "the old process (pid $tether_pid) has exited: $(kill -0 "$tether_pid" 2>/dev/null && echo no || echo yes)"
+echo "\$ GET /api/backends (alpha is still drained: the admin states came along)"
+http GET /api/backends
+
+echo
+echo "== tether (pid $new_pid) stops on SIGTERM; the log of both processes:"
+kill -TERM "$new_pid"
+for _ in $(seq 1 300); do
+  kill -0 "$new_pid" 2>/dev/null || break
+  sleep 0.1
+done
 sed 's/^/  /' "$work/tether.err"
