@@ -101,15 +101,90 @@ fn pin_and_move(t: &Tether, clients: &[IpAddr]) -> Vec<String> {
     now
 }
 
+/// UDP clients, each sending a numbered datagram every 20 ms from its own address until
+/// stopped, and counting the echoes.
+struct UdpLoad {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+impl UdpLoad {
+    fn start(to: std::net::SocketAddr, clients: Vec<IpAddr>) -> UdpLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets: Vec<_> = clients
+            .iter()
+            .map(|&ip| {
+                let s = udp_client(ip).unwrap();
+                s.set_nonblocking(true).unwrap();
+                s
+            })
+            .collect();
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut sent, mut got) = (0u64, 0u64);
+                let mut buf = [0u8; 64];
+                let mut drain = |got: &mut u64| {
+                    for s in &sockets {
+                        while s.recv(&mut buf).is_ok() {
+                            *got += 1;
+                        }
+                    }
+                };
+                let started = std::time::Instant::now();
+                while !stop.load(Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    for s in &sockets {
+                        if s.send_to(format!("{sent}").as_bytes(), to).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20)); // pacing, not synchronisation
+                    drain(&mut got);
+                }
+                // The last echoes: until all are in or 5 s have passed.
+                wait_until(Duration::from_secs(5), || {
+                    drain(&mut got);
+                    got >= sent
+                });
+                (sent, got)
+            })
+        };
+        UdpLoad { stop, thread: Some(thread) }
+    }
+
+    /// Datagrams sent and echoes received.
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Relaxed);
+        self.thread.take().map(|t| t.join().unwrap()).unwrap_or_default()
+    }
+}
+
+impl Drop for UdpLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
-fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_and_open_session() {
+fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_open_session_and_flow() {
     let pool = backends(115, 3);
+    // A UDP backend of the same name on each TCP backend's address.
+    let udp_pool: Vec<UdpBackend> =
+        pool.iter().map(|b| UdpBackend::start(b.name(), b.addr()).unwrap()).collect();
     let install = Install::new("load");
-    let mut t = start(&install, 115, &pool, &[]);
+    let mut t = start(&install, 115, &pool, &["--protocol", "both"]);
     let old = t.pid();
     let clients: Vec<IpAddr> = (0..100).map(client_ip).collect();
     let before = pin_and_move(&t, &clients);
-    let mut open: Vec<_> = (200..220).map(|i| echo_session(client_ip(i), t.addr())).collect();
+    let mut open: Vec<_> = (200..250).map(|i| echo_session(client_ip(i), t.addr())).collect();
+    // 20 UDP flows, a datagram every 20 ms each, through the upgrade.
+    let flows = UdpLoad::start(t.udp_addr(), (300..320).map(client_ip).collect());
+    assert!(wait_until(DEADLINE, || {
+        udp_pool.iter().map(|u| u.sources().len()).sum::<usize>() == 20
+    }));
     // New connections all along, from their own addresses.
     let (stop, ok, failed) = (
         Arc::new(AtomicBool::new(false)),
@@ -150,6 +225,20 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_and_open_session() {
         "{} connections failed across the upgrade",
         failed.load(Relaxed)
     );
+    // Every flow went on with its backend and its source port toward it: the backends saw
+    // no source but the 20 of before.
+    let (sent, echoed) = flows.finish();
+    let sources: Vec<_> = udp_pool.iter().flat_map(|u| u.sources()).collect();
+    assert_eq!(sources.len(), 20, "a flow changed backend or source port: {sources:?}");
+    // None lost but what the kernel dropped on full socket buffers (counted on the sockets,
+    // which the new process now reads).
+    let kernel = scrape(&t, "tether_datagrams_dropped_total", "reason=\"kernel_rcvbuf\"");
+    eprintln!("udp across the upgrade: {sent} sent, {echoed} echoed, kernel drops {kernel}");
+    assert!(
+        sent.saturating_sub(echoed) as f64 <= kernel,
+        "{} of {sent} datagrams lost, the kernel dropped {kernel}",
+        sent.saturating_sub(echoed)
+    );
     // Every pin came along, moved ones included.
     for (ip, want) in clients.iter().zip(&before) {
         assert_eq!(&ask_name(*ip, t.addr()).unwrap(), want, "client {ip}");
@@ -171,17 +260,26 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_and_open_session() {
 #[test]
 fn a_failing_upgrade_leaves_the_old_process_serving_and_a_second_one_works() {
     let pool = backends(116, 2);
+    let udp_pool: Vec<UdpBackend> =
+        pool.iter().map(|b| UdpBackend::start(b.name(), b.addr()).unwrap()).collect();
     let install = Install::new("fail");
-    let t = start(&install, 116, &pool, &[]);
+    let t = start(&install, 116, &pool, &["--protocol", "both"]);
     let old = t.pid();
     let clients: Vec<IpAddr> = (0..30).map(client_ip).collect();
     let before = pin_and_move(&t, &clients);
+    let flow = udp_client(client_ip(400)).unwrap();
+    let echo = |payload: &[u8]| udp_ask(&flow, t.udp_addr(), payload, DEADLINE).map(|r| r.0);
+    assert_eq!(echo(b"one").unwrap(), b"one");
     // A broken binary: it exits at once.
     install.deploy(b"#!/bin/sh\nexit 3\n".to_vec());
     let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
     assert_eq!(r.status, 500, "{}", r.body);
     assert!(r.body.contains("exited before"), "{}", r.body);
     assert_eq!(status_pid(&t), Some(old));
+    // The UDP flow was paused for the hand-over and runs on in the old process, same socket.
+    assert_eq!(echo(b"two").unwrap(), b"two");
+    let sources: Vec<_> = udp_pool.iter().flat_map(|u| u.sources()).collect();
+    assert_eq!(sources.len(), 1, "{sources:?}");
     for (ip, want) in clients.iter().zip(&before) {
         assert_eq!(&ask_name(*ip, t.addr()).unwrap(), want, "client {ip}");
     }

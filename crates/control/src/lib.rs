@@ -259,7 +259,9 @@ pub fn run(config: Config) -> Result<(), RunError> {
     check_connect_from(&config.services).map_err(RunError::ConnectFrom)?;
     let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
         .map_err(RunError::Table)?;
-    let (per_worker, announced) = bind_services(&config, workers, &mut registry, &mut handover)?;
+    let (mut per_worker, announced) =
+        bind_services(&config, workers, &mut registry, &mut handover)?;
+    place_flows(&mut per_worker, std::mem::take(&mut handover.flows));
     restore_pins(&config, &mut registry, &handover, taken_over.is_some())?;
     // Everything that needs privileges happens before they are dropped: every listener (the
     // admin one too) is bound and the token file read.
@@ -454,6 +456,30 @@ fn bind_service(
         }
     }
     Ok(out)
+}
+
+/// Give each UDP flow an upgrade handed over to the worker that reads its listener socket (its
+/// client's datagrams arrive there). A flow whose listener this configuration no longer has
+/// ends here (its client's next datagram makes a new flow).
+fn place_flows(per_worker: &mut [Listeners], flows: Vec<proxy::HandedFlow>) {
+    let mut reader = std::collections::HashMap::new();
+    for (w, listeners) in per_worker.iter().enumerate() {
+        for (_, socket) in &listeners.udp {
+            if let Ok(id) = proxy::socket_id(std::os::fd::AsFd::as_fd(socket)) {
+                reader.insert(id, w);
+            }
+        }
+    }
+    let mut ended = 0;
+    for flow in flows {
+        match reader.get(&flow.listener) {
+            Some(&w) => per_worker[w].flows.push(flow),
+            None => ended += 1,
+        }
+    }
+    if ended > 0 {
+        log::info!("upgrade: {ended} UDP flows ended: their listener is no longer configured");
+    }
 }
 
 /// Share freshly bound sockets of listen address `want` among the workers, for service `slot`,
@@ -652,7 +678,16 @@ impl Supervisor<'_> {
                 .collect();
             (held, reg.health_of())
         };
-        let pid = upgrade::start(&exe, &held, self.admin_fd.as_ref(), &state, health)?;
+        // The UDP flows go along: every worker stops reading its UDP sockets and hands over
+        // copies of its flows' sockets. They read again if the upgrade fails.
+        let flows = if held.iter().any(|h| h.udp) { pause_udp(running)? } else { Vec::new() };
+        let started = upgrade::start(&exe, &held, self.admin_fd.as_ref(), &flows, &state, health);
+        let pid = started.inspect_err(|_| {
+            if held.iter().any(|h| h.udp) {
+                tell_all(running, || Command::ResumeUdp);
+            }
+        })?;
+        let flows = flows.len();
         self.upgraded = true;
         let at = Instant::now() + self.config.upgrade_grace;
         *deadline = Some(at);
@@ -662,8 +697,8 @@ impl Supervisor<'_> {
         }
         self.lock().event(format!("upgraded: pid {pid} serves now"));
         Ok(format!(
-            "pid {pid} serves now with {pins} pins and {} listeners; this process (pid {}) \
-             serves its open sessions for at most {:?}",
+            "pid {pid} serves now with {pins} pins, {flows} UDP flows and {} listeners; this \
+             process (pid {}) serves its open sessions for at most {:?}",
             held.len(),
             std::process::id(),
             self.config.upgrade_grace
@@ -754,6 +789,28 @@ fn reap(running: &mut [Running]) -> Option<RunError> {
         }
     }
     failure
+}
+
+/// Stop every worker reading its UDP sockets and collect its flows (for an upgrade). A worker
+/// that does not answer within 5 s fails the upgrade, and every worker reads again.
+fn pause_udp(running: &[Running]) -> Result<Vec<proxy::HandedFlow>, String> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let live: Vec<&Running> = running.iter().filter(|r| r.thread.is_some()).collect();
+    for r in &live {
+        let _ = r.tx.send(Command::PauseUdp(tx.clone()));
+        let _ = r.waker.wake();
+    }
+    let mut flows = Vec::new();
+    for _ in &live {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(mine) => flows.extend(mine),
+            Err(_) => {
+                tell_all(running, || Command::ResumeUdp);
+                return Err("a worker did not hand over its UDP flows within 5s".into());
+            }
+        }
+    }
+    Ok(flows)
 }
 
 fn tell_all(running: &[Running], cmd: impl Fn() -> Command) {

@@ -7,12 +7,17 @@
 //! serve its open sessions until they end or the grace period is over. If anything fails before
 //! `ready`, the new process is gone and the old one serves on as if nothing had happened.
 //!
-//! Not handed over: established TCP sessions (they stay with the old process until they end)
-//! and UDP flows (the old process's flows end with it; the clients' next datagrams make new
-//! flows in the new process, on the backend of their pin).
+//! UDP flows are handed over too: before the hand-over every worker stops reading its UDP
+//! sockets and gives a copy of each flow's connected socket; the new process's workers carry
+//! the flows on from their first turn (same backend, same source port toward it). Datagrams
+//! that arrive in between wait in the kernel's socket buffers. If the upgrade fails, the old
+//! workers read their sockets again.
+//!
+//! Not handed over: established TCP sessions (they stay with the old process until they end).
 //!
 //! Messages, old to new: a JSON [`Hello`]; one message per descriptor, in the hello's order
-//! (listeners, then the admin listener); the state bytes in chunks. New to old: `ready`.
+//! (listeners, then the admin listener); the flows' sockets, [`proxy::MAX_FDS`] a message; the
+//! state bytes in chunks. New to old: `ready`.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -91,11 +96,25 @@ struct ListenerOf {
     udp: bool,
 }
 
+/// A UDP flow as handed over, its socket apart (see [`proxy::HandedFlow`]).
+#[derive(Debug, Serialize, Deserialize)]
+struct FlowOf {
+    listener: u64,
+    client: SocketAddr,
+    local: SocketAddr,
+    local_ip: Option<std::net::IpAddr>,
+    source: SocketAddr,
+    destination: SocketAddr,
+    header_sent: bool,
+    backend: String,
+}
+
 /// The first message of a hand-over.
 #[derive(Debug, Serialize, Deserialize)]
 struct Hello {
     listeners: Vec<ListenerOf>,
     admin: bool,
+    flows: Vec<FlowOf>,
     state_len: usize,
     health: Vec<HealthOf>,
 }
@@ -108,6 +127,8 @@ pub struct Handover {
     /// The sticky tables in the state file's format.
     pub state: Vec<u8>,
     pub health: Vec<HealthOf>,
+    /// The UDP flows, each to go to the worker that reads its listener socket.
+    pub flows: Vec<proxy::HandedFlow>,
 }
 
 impl Handover {
@@ -160,6 +181,7 @@ pub fn start(
     exe: &std::path::Path,
     listeners: &[HeldListener],
     admin: Option<&OwnedFd>,
+    flows: &[proxy::HandedFlow],
     state: &[u8],
     health: Vec<HealthOf>,
 ) -> Result<u32, String> {
@@ -180,7 +202,8 @@ pub fn start(
         .map_err(|e| format!("starting {}: {e}", exe.display()))?;
     drop(theirs);
     let pid = child.id();
-    let handed = hand_over(&ours, listeners, admin, state, health).and_then(|()| wait_ready(&ours));
+    let handed =
+        hand_over(&ours, listeners, admin, flows, state, health).and_then(|()| wait_ready(&ours));
     match handed {
         Ok(()) => {
             // The new process lives on alone; nobody waits for it (it is reaped at our exit).
@@ -199,6 +222,7 @@ fn hand_over(
     socket: &OwnedFd,
     listeners: &[HeldListener],
     admin: Option<&OwnedFd>,
+    flows: &[proxy::HandedFlow],
     state: &[u8],
     health: Vec<HealthOf>,
 ) -> Result<(), String> {
@@ -208,6 +232,19 @@ fn hand_over(
             .map(|h| ListenerOf { want: h.want, bound: h.bound, udp: h.udp })
             .collect(),
         admin: admin.is_some(),
+        flows: flows
+            .iter()
+            .map(|f| FlowOf {
+                listener: f.listener,
+                client: f.client,
+                local: f.local,
+                local_ip: f.local_ip,
+                source: f.source,
+                destination: f.destination,
+                header_sent: f.header_sent,
+                backend: f.backend.clone(),
+            })
+            .collect(),
         state_len: state.len(),
         health,
     };
@@ -221,6 +258,10 @@ fn hand_over(
     proxy::send_with_fds(socket, &json, &[]).map_err(fail)?;
     for fd in listeners.iter().map(|h| h.fd.as_fd()).chain(admin.map(|a| a.as_fd())) {
         proxy::send_with_fds(socket, b"fd", &[fd.as_raw_fd()]).map_err(fail)?;
+    }
+    for batch in flows.chunks(proxy::MAX_FDS) {
+        let fds: Vec<_> = batch.iter().map(|f| f.socket.as_raw_fd()).collect();
+        proxy::send_with_fds(socket, b"flows", &fds).map_err(fail)?;
     }
     for chunk in state.chunks(CHUNK) {
         proxy::send_with_fds(socket, chunk, &[]).map_err(fail)?;
@@ -274,6 +315,29 @@ pub fn receive(raw: &str) -> Result<(Handover, OwnedFd), String> {
     }
     if hello.admin {
         handover.admin = Some(fd()?);
+    }
+    let mut sockets: Vec<OwnedFd> = Vec::with_capacity(hello.flows.len());
+    while sockets.len() < hello.flows.len() {
+        let mut small = [0u8; 8];
+        let (_, fds) =
+            proxy::recv_with_fds(&socket, &mut small).map_err(|e| format!("hand-over: {e}"))?;
+        if fds.is_empty() {
+            return Err("hand-over: the flows' sockets are missing".into());
+        }
+        sockets.extend(fds);
+    }
+    for (f, fd) in hello.flows.into_iter().zip(sockets) {
+        handover.flows.push(proxy::HandedFlow {
+            socket: std::net::UdpSocket::from(fd),
+            listener: f.listener,
+            client: f.client,
+            local: f.local,
+            local_ip: f.local_ip,
+            source: f.source,
+            destination: f.destination,
+            header_sent: f.header_sent,
+            backend: f.backend,
+        });
     }
     let mut chunk = vec![0u8; CHUNK];
     while handover.state.len() < hello.state_len {

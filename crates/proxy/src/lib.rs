@@ -21,7 +21,7 @@
 //! # fn demo(shared: Arc<tether_proxy::Shared>, listeners: Vec<std::net::TcpListener>) -> std::io::Result<()> {
 //! let stats = Arc::new(tether_proxy::Stats::default());
 //! let (tx, rx) = crossbeam_channel::unbounded();
-//! let listeners = tether_proxy::Listeners { tcp: listeners.into_iter().map(|l| (0, l)).collect(), udp: Vec::new() };
+//! let listeners = tether_proxy::Listeners { tcp: listeners.into_iter().map(|l| (0, l)).collect(), ..Default::default() };
 //! # let services = Vec::new();
 //! let (worker, waker) = tether_proxy::Worker::new(0, shared, services, listeners, stats, rx)?;
 //! let handle = std::thread::spawn(move || worker.run());
@@ -63,13 +63,16 @@ pub use listener::{bind, bind_all, BindError, Bound};
 pub use routing::{BackendState, Guards, ProxyRules, Settings, Snapshot, PASSIVE_HOLD};
 pub use stats::{Counts, Stats, STALLED_AFTER};
 pub use sys::{inherited_fd, recv_with_fds, send_with_fds, MAX_FDS};
+pub use udp::{socket_id, HandedFlow};
 pub use worker::Worker;
 
-/// Listener sockets handed to one worker, each with the slot of the service it feeds.
+/// Listener sockets handed to one worker, each with the slot of the service it feeds, and the
+/// UDP flows an upgrade handed over that arrive on its UDP sockets.
 #[derive(Debug, Default)]
 pub struct Listeners {
     pub tcp: Vec<(usize, std::net::TcpListener)>,
     pub udp: Vec<(usize, std::net::UdpSocket)>,
+    pub flows: Vec<HandedFlow>,
 }
 
 /// What control tells a worker.
@@ -89,6 +92,12 @@ pub enum Command {
     /// End every open session (with a reset) and flow of the backend with this id: it went
     /// down or into maintenance and its service says `on-down kill`.
     Kill(conntrack::BackendId),
+    /// Stop reading every UDP socket and send a copy of each flow's socket, with what another
+    /// process needs to carry the flow on (an upgrade). The flows stay, unread, until
+    /// `ResumeUdp` or shutdown.
+    PauseUdp(crossbeam_channel::Sender<Vec<HandedFlow>>),
+    /// Read the UDP sockets again (the upgrade failed).
+    ResumeUdp,
 }
 
 /// State every worker of a process shares (read-only apart from atomics).

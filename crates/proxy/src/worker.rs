@@ -182,6 +182,12 @@ impl Worker {
                 }
                 Command::Unlisten(addrs) => self.unlisten(&addrs),
                 Command::Kill(id) => self.kill(id),
+                Command::PauseUdp(reply) => {
+                    let flows = self.udp.pause(self.poll.registry());
+                    log::debug!("worker {}: UDP paused, {} flows handed", self.id, flows.len());
+                    let _ = reply.send(flows);
+                }
+                Command::ResumeUdp => self.udp.resume(self.poll.registry()),
             }
         }
     }
@@ -202,6 +208,20 @@ impl Worker {
         self.tcp.listen(listeners.tcp, &tcp_ctx!(self))?;
         for (service, socket) in listeners.udp {
             self.udp.listen(socket, service, self.poll.registry())?;
+        }
+        let (mut adopted, mut lost) = (0, 0);
+        for flow in listeners.flows {
+            let (client, backend) = (flow.client, flow.backend.clone());
+            match self.udp.adopt(flow, &udp_ctx!(self)) {
+                Ok(()) => adopted += 1,
+                Err(why) => {
+                    lost += 1;
+                    log::info!("udp flow of {client} to {backend} not taken over: {why}");
+                }
+            }
+        }
+        if adopted + lost > 0 {
+            log::info!("worker {}: {adopted} UDP flows taken over, {lost} not", self.id);
         }
         Ok(())
     }
@@ -300,7 +320,7 @@ pub(crate) mod tests {
             flow_hash_key: [0; 16],
         });
         let (mut sockets, addrs) = crate::bind_all(&["127.0.0.1:0".parse().unwrap()], 1).unwrap();
-        let listeners = Listeners { tcp: vec![(0, sockets[0].remove(0))], udp: Vec::new() };
+        let listeners = Listeners { tcp: vec![(0, sockets[0].remove(0))], ..Listeners::default() };
         let stats = Arc::new(Stats::default());
         let (tx, rx) = crossbeam_channel::unbounded();
         let (worker, waker) = Worker::new(
