@@ -17,6 +17,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== a second build of tether with another version string (for tests/upgrade.rs)"
+# Built here, before the tests, so that it does not compete with them for the CPUs; the test
+# builds it itself when run alone (a no-op once built).
+CARGO_TARGET_DIR=target/rebuilt TETHER_BUILD_ID=rebuilt cargo build -q -p tether --bin tether
 echo "== cargo test"
 # Black-box tests start several tether processes each; two at a time keeps a 2-core machine
 # responsive enough for their timeouts to stay generous.

@@ -45,6 +45,35 @@ impl Drop for Install {
     }
 }
 
+/// A second build of tether, with another version string (`TETHER_BUILD_ID=rebuilt`), as a
+/// deploy brings: built into target/rebuilt (scripts/test.sh builds it before the tests; here
+/// the build is then a no-op).
+fn rebuilt() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            let dir = root.join("target").join("rebuilt");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .current_dir(&root)
+                .args(["build", "-q", "-p", "tether", "--bin", "tether"])
+                .env("CARGO_TARGET_DIR", &dir)
+                .env("TETHER_BUILD_ID", "rebuilt")
+                .status()
+                .expect("running cargo build");
+            assert!(status.success(), "building the second tether: {status}");
+            dir.join("debug").join("tether")
+        })
+        .clone()
+}
+
+fn status_version(t: &Tether) -> Option<String> {
+    let body = http(t.admin(), "GET", "/api/status", "").ok()?.body;
+    let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+    status["version"].as_str().map(str::to_string)
+}
+
 /// The process an upgrade started: stopped (SIGTERM, then SIGKILL) when dropped.
 struct Successor(Option<u32>);
 
@@ -207,7 +236,9 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_open_session_and_flow
         })
     };
     assert!(wait_until(DEADLINE, || ok.load(Relaxed) > 20));
-    install.deploy(std::fs::read(bin()).unwrap());
+    let old_version = status_version(&t).unwrap();
+    assert!(!old_version.contains("rebuilt"), "{old_version}");
+    install.deploy(std::fs::read(rebuilt()).unwrap());
     t.signal(Signal::SIGUSR2).unwrap();
     let mut new = None;
     assert!(wait_until(DEADLINE, || {
@@ -215,6 +246,15 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_open_session_and_flow
         new.is_some()
     }));
     let _successor = Successor(new);
+    // The new build answers, and says so in its log.
+    let new_version = status_version(&t).unwrap();
+    assert!(new_version.ends_with("(rebuilt)"), "{new_version}");
+    let pid = new.unwrap_or_default();
+    assert!(
+        t.wait_stderr(|l| l.contains(&format!("tether {new_version} (pid {pid})")), DEADLINE),
+        "{}",
+        t.stderr_text()
+    );
     let served = ok.load(Relaxed);
     assert!(wait_until(DEADLINE, || ok.load(Relaxed) > served + 50), "no client served after");
     stop.store(true, Relaxed);
