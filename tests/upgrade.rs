@@ -391,6 +391,57 @@ fn after_an_upgrade_the_old_process_cuts_its_sessions_at_the_upgrade_grace_not_t
     let status = t.wait_exit(DEADLINE).expect("the old process exits at the upgrade grace");
     assert!(status.success(), "{status}");
     assert!(echo_roundtrip(&mut open, "after").is_err(), "the old process's session was cut");
-    // The new process serves.
+    // The new process serves, and upgrades in its turn (two in a row).
     assert_eq!(ask_name(client_ip(2), t.addr()).unwrap(), "b0");
+    let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut third = None;
+    assert!(wait_until(DEADLINE, || {
+        third = status_pid(&t).filter(|&p| Some(p) != new);
+        third.is_some()
+    }));
+    let _third = Successor(third);
+    assert_eq!(ask_name(client_ip(2), t.addr()).unwrap(), "b0");
+}
+
+#[test]
+fn a_second_upgrade_asked_while_one_runs_is_refused() {
+    let pool = backends(119, 1);
+    let install = Install::new("concurrent");
+    let mut t = start(&install, 119, &pool, &[]);
+    let old = t.pid();
+    // An open session keeps the old process alive after it hands over.
+    let mut open = echo_session(client_ip(1), t.addr());
+    // A new binary that takes a while to start (a slow disk, a big binary).
+    let real = install.0.join("tether.real");
+    std::fs::copy(bin(), &real).unwrap();
+    install.deploy(format!("#!/bin/sh\nsleep 2\nexec {} \"$@\"\n", real.display()).into_bytes());
+    let admin = t.admin();
+    let first = std::thread::spawn(move || http(admin, "POST", "/api/upgrade", "").unwrap());
+    // The first has begun (its new process is starting) when the second is asked.
+    assert!(wait_until(DEADLINE, || {
+        std::fs::read_to_string(format!("/proc/{old}/task/{old}/children"))
+            .is_ok_and(|c| !c.trim().is_empty())
+    }));
+    t.signal(Signal::SIGUSR2).unwrap();
+    let r = first.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut new = None;
+    assert!(wait_until(DEADLINE, || {
+        new = status_pid(&t).filter(|&p| p != old);
+        new.is_some()
+    }));
+    let _successor = Successor(new);
+    assert!(
+        t.wait_stderr(
+            |l| l.contains("SIGUSR2: upgrade refused") && l.contains("already"),
+            DEADLINE
+        ),
+        "{}",
+        t.stderr_text()
+    );
+    // One new process, not two.
+    let children = std::fs::read_to_string(format!("/proc/{old}/task/{old}/children"));
+    assert_eq!(children.unwrap_or_default().split_whitespace().count(), 1);
+    echo_roundtrip(&mut open, "served by the old process").unwrap();
 }
