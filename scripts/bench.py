@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -444,6 +445,58 @@ def state(lb, args):
     return r
 
 
+def upgrade(lb, args):
+    """New connections per second, second by second, while tether upgrades in place: SIGUSR2
+    0.2 s into the fourth second (the binary upgrades to itself; the hand-over is the same)."""
+    seconds, at = 8, 3
+    found = {}
+
+    def kick():
+        time.sleep(0.2)  # into the window: pacing, not synchronisation
+        old = lb.proc.pid
+        os.kill(old, signal.SIGUSR2)
+        deadline = time.time() + 10
+        while time.time() < deadline and "pid" not in found:
+            try:
+                with open(f"/proc/{old}/task/{old}/children") as f:
+                    kids = f.read().split()
+                if kids:
+                    found["pid"] = int(kids[0])
+            except OSError:
+                break
+            time.sleep(0.01)
+
+    per_second, errors = [], 0
+    for second in range(seconds):
+        kicker = threading.Thread(target=kick) if second == at else None
+        if kicker:
+            kicker.start()
+        out = json.loads(gen([BENCH, "connrate", "--connect", f"{lb.addr[0]}:{lb.addr[1]}",
+                              "--sources", "1000", "--threads", "8", "--seconds", "1"], 60))
+        per_second.append(out["conn_s"])
+        errors += out["errors"]
+        if kicker:
+            kicker.join()
+    new = found.get("pid")
+    if new is None:
+        raise RuntimeError("the upgrade started no new process")
+    # The new process is not ours to wait for: stop it by its pid.
+    os.kill(new, signal.SIGTERM)
+    deadline = time.time() + 40
+    while time.time() < deadline and os.path.exists(f"/proc/{new}"):
+        with open(f"/proc/{new}/stat") as f:
+            if ") Z" in f.read():
+                break
+        time.sleep(0.05)
+    before = statistics.median(per_second[:at])
+    after = statistics.median(per_second[at + 1:])
+    print("  upgrade: conn/s by second: " + ", ".join(f"{r:.0f}" for r in per_second) +
+          f" (SIGUSR2 in second {at + 1}); errors {errors}", flush=True)
+    return {"before_conn_s": before, "upgrade_second_conn_s": per_second[at],
+            "after_conn_s": after, "upgrade_second_ratio": per_second[at] / before,
+            "errors": float(errors)}
+
+
 class TetherUdp(Tether):
     name = "tether"
     extra = ["--protocol", "udp"]
@@ -517,6 +570,7 @@ METRICS = {
     "memory": (redis_backends, [Tether, HAProxy, Nginx]),
     "state": (http_backends, [TetherEmpty, TetherMillion]),
     "udp": (udp_backends, [DirectUdp, TetherUdp, NginxUdp]),
+    "upgrade": (http_backends, [Tether]),
 }
 
 
@@ -536,12 +590,13 @@ def run_metric(name, args, work, results):
         "pingpong": [("pingpong", lambda lb: pingpong(lb, args))],
         "memory": [("memory", lambda lb: memory(lb, args))],
         "state": [("state", lambda lb: state(lb, args))],
+        "upgrade": [("upgrade", lambda lb: upgrade(lb, args))],
         "udp": [("udp-pingpong", lambda lb: udp_pingpong(lb, args)),
                 ("udp-rate", lambda lb: udp_rate(lb, args))],
     }[name]
     try:
         for test, fn in tests:
-            reps = 1 if name == "memory" else args.reps
+            reps = 1 if name in ("memory", "upgrade") else args.reps
             runs = {lb.name: [] for lb in started}
             for rep in range(reps):
                 for lb in started:
