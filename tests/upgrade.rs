@@ -236,6 +236,8 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_open_session_and_flow
         })
     };
     assert!(wait_until(DEADLINE, || ok.load(Relaxed) > 20));
+    // An admin state set before goes along (b2 takes no new clients, keeps its pinned ones).
+    put_state(&t, "b2", "drain");
     let old_version = status_version(&t).unwrap();
     assert!(!old_version.contains("rebuilt"), "{old_version}");
     install.deploy(std::fs::read(rebuilt()).unwrap());
@@ -249,6 +251,7 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_open_session_and_flow
     // The new build answers, and says so in its log.
     let new_version = status_version(&t).unwrap();
     assert!(new_version.ends_with("(rebuilt)"), "{new_version}");
+    assert_eq!(api_backend(t.admin(), "b2")["state"], "drain");
     let pid = new.unwrap_or_default();
     assert!(
         t.wait_stderr(|l| l.contains(&format!("tether {new_version} (pid {pid})")), DEADLINE),
