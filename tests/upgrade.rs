@@ -74,6 +74,16 @@ fn status_version(t: &Tether) -> Option<String> {
     status["version"].as_str().map(str::to_string)
 }
 
+/// The process that an upgrade of `old` started, once it answers the admin address.
+fn successor_of(t: &Tether, old: u32) -> Successor {
+    let mut new = None;
+    assert!(wait_until(DEADLINE, || {
+        new = status_pid(t).filter(|&p| p != old);
+        new.is_some()
+    }));
+    Successor(new)
+}
+
 /// The process an upgrade started: stopped (SIGTERM, then SIGKILL) when dropped.
 struct Successor(Option<u32>);
 
@@ -233,6 +243,7 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_open_session_and_flow
                 };
                 i += 1;
             }
+            started.elapsed()
         })
     };
     assert!(wait_until(DEADLINE, || ok.load(Relaxed) > 20));
@@ -242,12 +253,8 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_open_session_and_flow
     assert!(!old_version.contains("rebuilt"), "{old_version}");
     install.deploy(std::fs::read(rebuilt()).unwrap());
     t.signal(Signal::SIGUSR2).unwrap();
-    let mut new = None;
-    assert!(wait_until(DEADLINE, || {
-        new = status_pid(&t).filter(|&p| p != old);
-        new.is_some()
-    }));
-    let _successor = Successor(new);
+    let successor = successor_of(&t, old);
+    let new = successor.0;
     // The new build answers, and says so in its log.
     let new_version = status_version(&t).unwrap();
     assert!(new_version.ends_with("(rebuilt)"), "{new_version}");
@@ -261,7 +268,12 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_open_session_and_flow
     let served = ok.load(Relaxed);
     assert!(wait_until(DEADLINE, || ok.load(Relaxed) > served + 50), "no client served after");
     stop.store(true, Relaxed);
-    load.join().unwrap();
+    let lasted = load.join().unwrap();
+    eprintln!(
+        "new connections: {} in {lasted:?} ({:.0}/s)",
+        ok.load(Relaxed),
+        ok.load(Relaxed) as f64 / lasted.as_secs_f64()
+    );
     assert_eq!(
         failed.load(Relaxed),
         0,
@@ -333,12 +345,7 @@ fn a_failing_upgrade_leaves_the_old_process_serving_and_a_second_one_works() {
     let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     // The old admin server stops once it has answered: the new process answers from then on.
-    let mut new = None;
-    assert!(wait_until(DEADLINE, || {
-        new = status_pid(&t).filter(|&p| p != old);
-        new.is_some()
-    }));
-    let _successor = Successor(new);
+    let _successor = successor_of(&t, old);
     let mut old_process = t;
     old_process.signal(Signal::SIGUSR2).unwrap();
     assert!(
@@ -384,12 +391,8 @@ fn after_an_upgrade_the_old_process_cuts_its_sessions_at_the_upgrade_grace_not_t
     echo_roundtrip(&mut open, "before").unwrap();
     let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let mut new = None;
-    assert!(wait_until(DEADLINE, || {
-        new = status_pid(&t).filter(|&p| p != old);
-        new.is_some()
-    }));
-    let _successor = Successor(new);
+    let successor = successor_of(&t, old);
+    let new = successor.0;
     // The session never ends by itself: only the 1 s upgrade grace (not the hour) ends it.
     let status = t.wait_exit(DEADLINE).expect("the old process exits at the upgrade grace");
     assert!(status.success(), "{status}");
@@ -398,12 +401,7 @@ fn after_an_upgrade_the_old_process_cuts_its_sessions_at_the_upgrade_grace_not_t
     assert_eq!(ask_name(client_ip(2), t.addr()).unwrap(), "b0");
     let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let mut third = None;
-    assert!(wait_until(DEADLINE, || {
-        third = status_pid(&t).filter(|&p| Some(p) != new);
-        third.is_some()
-    }));
-    let _third = Successor(third);
+    let _third = successor_of(&t, new.unwrap_or_default());
     assert_eq!(ask_name(client_ip(2), t.addr()).unwrap(), "b0");
 }
 
@@ -429,12 +427,7 @@ fn a_second_upgrade_asked_while_one_runs_is_refused() {
     t.signal(Signal::SIGUSR2).unwrap();
     let r = first.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let mut new = None;
-    assert!(wait_until(DEADLINE, || {
-        new = status_pid(&t).filter(|&p| p != old);
-        new.is_some()
-    }));
-    let _successor = Successor(new);
+    let _successor = successor_of(&t, old);
     assert!(
         t.wait_stderr(
             |l| l.contains("SIGUSR2: upgrade refused") && l.contains("already"),
