@@ -1,0 +1,154 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0)
+// tether's UDP offload (issue 13): established flows rewritten at tc ingress.
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+// One direction of a flow as it arrives: family 4 or 6, addresses in network order (IPv4 in
+// the first 4 bytes), ports in network order.
+struct tuple {
+    __u8 saddr[16];
+    __u8 daddr[16];
+    __u16 sport;
+    __u16 dport;
+    __u8 family;
+    __u8 pad[3];
+};
+
+// What it becomes, and what the program saw of it.
+struct nat {
+    struct tuple to;
+    __u64 last_seen_ns;
+    __u64 packets;
+    __u64 bytes;
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1024);
+    __type(key, struct tuple);
+    __type(value, struct nat);
+} FLOWS SEC(".maps");
+
+#define L3 ETH_HLEN
+#define IP4_CSUM (L3 + __builtin_offsetof(struct iphdr, check))
+#define IP4_SRC (L3 + __builtin_offsetof(struct iphdr, saddr))
+#define IP6_SRC (L3 + __builtin_offsetof(struct ipv6hdr, saddr))
+#define L4_4 (L3 + sizeof(struct iphdr))
+#define L4_6 (L3 + sizeof(struct ipv6hdr))
+
+static __always_inline int rewrite4(struct __sk_buff *skb, const struct tuple *from,
+                                    const struct tuple *to) {
+    const __u32 l4_csum = L4_4 + __builtin_offsetof(struct udphdr, check);
+    const __u64 pseudo = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
+    __u32 old_s, new_s, old_d, new_d;
+    __builtin_memcpy(&old_s, from->saddr, 4);
+    __builtin_memcpy(&new_s, to->saddr, 4);
+    __builtin_memcpy(&old_d, from->daddr, 4);
+    __builtin_memcpy(&new_d, to->daddr, 4);
+    if (bpf_l4_csum_replace(skb, l4_csum, old_s, new_s, pseudo | 4) ||
+        bpf_l4_csum_replace(skb, l4_csum, old_d, new_d, pseudo | 4) ||
+        bpf_l4_csum_replace(skb, l4_csum, from->sport, to->sport, BPF_F_MARK_MANGLED_0 | 2) ||
+        bpf_l4_csum_replace(skb, l4_csum, from->dport, to->dport, BPF_F_MARK_MANGLED_0 | 2) ||
+        bpf_l3_csum_replace(skb, IP4_CSUM, old_s, new_s, 4) ||
+        bpf_l3_csum_replace(skb, IP4_CSUM, old_d, new_d, 4))
+        return -1;
+    __u32 addrs[2] = {new_s, new_d};
+    __u16 ports[2] = {to->sport, to->dport};
+    if (bpf_skb_store_bytes(skb, IP4_SRC, addrs, 8, 0) ||
+        bpf_skb_store_bytes(skb, L4_4, ports, 4, 0))
+        return -1;
+    return 0;
+}
+
+static __always_inline int rewrite6(struct __sk_buff *skb, const struct tuple *from,
+                                    const struct tuple *to) {
+    const __u32 l4_csum = L4_6 + __builtin_offsetof(struct udphdr, check);
+    const __u64 pseudo = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
+#pragma unroll
+    for (int i = 0; i < 16; i += 4) {
+        __u32 o, n;
+        __builtin_memcpy(&o, from->saddr + i, 4);
+        __builtin_memcpy(&n, to->saddr + i, 4);
+        if (bpf_l4_csum_replace(skb, l4_csum, o, n, pseudo | 4))
+            return -1;
+        __builtin_memcpy(&o, from->daddr + i, 4);
+        __builtin_memcpy(&n, to->daddr + i, 4);
+        if (bpf_l4_csum_replace(skb, l4_csum, o, n, pseudo | 4))
+            return -1;
+    }
+    if (bpf_l4_csum_replace(skb, l4_csum, from->sport, to->sport, BPF_F_MARK_MANGLED_0 | 2) ||
+        bpf_l4_csum_replace(skb, l4_csum, from->dport, to->dport, BPF_F_MARK_MANGLED_0 | 2))
+        return -1;
+    __u16 ports[2] = {to->sport, to->dport};
+    if (bpf_skb_store_bytes(skb, IP6_SRC, to->saddr, 16, 0) ||
+        bpf_skb_store_bytes(skb, IP6_SRC + 16, to->daddr, 16, 0) ||
+        bpf_skb_store_bytes(skb, L4_6, ports, 4, 0))
+        return -1;
+    return 0;
+}
+
+SEC("tc")
+int tether_udp(struct __sk_buff *skb) {
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct tuple key = {};
+    __u32 udp_len;
+    // GSO super-packets go to user space whole.
+    if (skb->gso_segs > 1)
+        return TC_ACT_OK;
+    if ((void *)(eth + 1) > end)
+        return TC_ACT_OK;
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = (void *)(eth + 1);
+        struct udphdr *udp = (void *)(ip + 1);
+        if ((void *)(udp + 1) > end)
+            return TC_ACT_OK;
+        // Options and fragments stay with user space.
+        if (ip->ihl != 5 || ip->protocol != IPPROTO_UDP ||
+            (ip->frag_off & bpf_htons(0x3fff)))
+            return TC_ACT_OK;
+        key.family = 4;
+        __builtin_memcpy(key.saddr, &ip->saddr, 4);
+        __builtin_memcpy(key.daddr, &ip->daddr, 4);
+        key.sport = udp->source;
+        key.dport = udp->dest;
+        udp_len = bpf_ntohs(udp->len);
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip = (void *)(eth + 1);
+        struct udphdr *udp = (void *)(ip + 1);
+        if ((void *)(udp + 1) > end)
+            return TC_ACT_OK;
+        // Extension headers (fragments included) stay with user space.
+        if (ip->nexthdr != IPPROTO_UDP)
+            return TC_ACT_OK;
+        key.family = 6;
+        __builtin_memcpy(key.saddr, &ip->saddr, 16);
+        __builtin_memcpy(key.daddr, &ip->daddr, 16);
+        key.sport = udp->source;
+        key.dport = udp->dest;
+        udp_len = bpf_ntohs(udp->len);
+    } else {
+        return TC_ACT_OK;
+    }
+    struct nat *nat = bpf_map_lookup_elem(&FLOWS, &key);
+    if (!nat)
+        return TC_ACT_OK;
+    struct tuple to = nat->to;
+    int err = key.family == 4 ? rewrite4(skb, &key, &to) : rewrite6(skb, &key, &to);
+    if (err)
+        return TC_ACT_SHOT;
+    nat->last_seen_ns = bpf_ktime_get_ns();
+    __sync_fetch_and_add(&nat->packets, 1);
+    __sync_fetch_and_add(&nat->bytes, udp_len > 8 ? udp_len - 8 : 0);
+    return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
