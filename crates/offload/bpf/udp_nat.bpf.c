@@ -94,7 +94,7 @@ static __always_inline int rewrite6(struct __sk_buff *skb, const struct tuple *f
     return 0;
 }
 
-SEC("tc")
+SEC("classifier")
 int tether_udp(struct __sk_buff *skb) {
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;

@@ -1,0 +1,201 @@
+//! UDP offload (issue 13, in progress): a tc ingress program (`bpf/udp_nat.bpf.c`) that
+//! rewrites the datagrams of established flows in the kernel, and the user-space side that
+//! loads it, attaches it to an interface and keeps its flow map.
+//!
+//! A flow is two entries: client -> listener becomes flow address -> backend, and backend ->
+//! flow address becomes listener -> client. The program touches no packet that matches no
+//! entry; it counts packets and payload bytes per entry and stamps when it last saw one.
+//!
+//! Attachment: a tcx link (kernel 6.6+) owned by this process's descriptor, so that a process
+//! killed with SIGKILL leaves nothing attached; a clsact filter on older kernels, with filters
+//! of the same program name left by an earlier process removed first. Not wired into tether yet.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use aya::maps::{HashMap, MapData};
+use aya::programs::tc::{self, TcAttachOptions, TcAttachType};
+use aya::programs::{LinkOrder, SchedClassifier};
+use aya::util::KernelVersion;
+use aya::{Ebpf, EbpfLoader};
+
+mod sys;
+
+/// The program's function name (also its name in the kernel and in tc).
+const PROGRAM: &str = "tether_udp";
+/// The flow map's name in the object.
+const MAP: &str = "FLOWS";
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp_nat.bpf.o"));
+
+/// One direction of a flow as the program sees it (`struct tuple` in the C source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    /// Network byte order.
+    sport: [u8; 2],
+    dport: [u8; 2],
+    /// 4 or 6.
+    family: u8,
+    pad: [u8; 3],
+}
+
+impl Tuple {
+    /// A datagram from `src` to `dst`; both must be of one family (IPv4-mapped IPv6 counts as
+    /// IPv4, as the kernel sends it).
+    pub fn new(src: SocketAddr, dst: SocketAddr) -> Tuple {
+        let (s, sf) = addr(src);
+        let (d, df) = addr(dst);
+        debug_assert_eq!(sf, df, "{src} and {dst} are of different families");
+        Tuple {
+            saddr: s,
+            daddr: d,
+            sport: src.port().to_be_bytes(),
+            dport: dst.port().to_be_bytes(),
+            family: sf,
+            pad: [0; 3],
+        }
+    }
+}
+
+fn addr(a: SocketAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match a {
+        SocketAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.ip().octets());
+            (out, 4)
+        }
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => {
+                out[..4].copy_from_slice(&v4.octets());
+                (out, 4)
+            }
+            None => (v6.ip().octets(), 6),
+        },
+    }
+}
+
+/// An entry's value (`struct nat`): what the datagram becomes, and what the program saw.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Nat {
+    to: Tuple,
+    last_seen_ns: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+/// What the program saw of one entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub packets: u64,
+    /// UDP payload bytes.
+    pub bytes: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last packet (0: none yet).
+    pub last_seen_ns: u64,
+}
+
+/// How the program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// A tcx link owned by this process (kernel 6.6+).
+    Tcx,
+    /// A clsact qdisc filter.
+    Clsact,
+}
+
+/// Why offload cannot work here.
+#[derive(Debug)]
+pub struct Error(String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+fn err(what: &str) -> impl FnOnce(&dyn fmt::Display) -> Error + '_ {
+    move |e| Error(format!("{what}: {e}"))
+}
+
+/// The program, attached at one interface's ingress, and its flow map. Dropping it detaches
+/// and unloads the program.
+pub struct Offload {
+    flows: HashMap<MapData, Tuple, Nat>,
+    attachment: Attachment,
+    // Last: the program outlives the map handle while both drop.
+    _ebpf: Ebpf,
+}
+
+impl Offload {
+    /// Load the program with room for `max_entries` entries and attach it at `iface`'s
+    /// ingress.
+    pub fn attach(iface: &str, max_entries: u32) -> Result<Offload, Error> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP, max_entries.max(1))
+            .load(OBJECT)
+            .map_err(|e| err("loading the BPF object")(&e))?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM)
+            .ok_or_else(|| Error(format!("the BPF object has no program {PROGRAM}")))?
+            .try_into()
+            .map_err(|e| err("the BPF program")(&e))?;
+        program.load().map_err(|e| err("loading the BPF program (verifier)")(&e))?;
+        // A filter an earlier process left (killed before it could detach) would go on
+        // rewriting with maps nobody updates: remove it, whichever way we attach.
+        match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM) {
+            Ok(()) => {
+                log::warn!("{iface}: removed a stale {PROGRAM} filter left by an earlier process")
+            }
+            Err(e) => log::debug!("{iface}: no stale {PROGRAM} filter ({e})"),
+        }
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let attachment = if tcx {
+            program
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(|e| err("attaching with tcx")(&e))?;
+            Attachment::Tcx
+        } else {
+            if let Err(e) = tc::qdisc_add_clsact(iface) {
+                log::debug!("{iface}: clsact: {e} (already there?)");
+            }
+            program
+                .attach(iface, TcAttachType::Ingress)
+                .map_err(|e| err("attaching a clsact filter")(&e))?;
+            Attachment::Clsact
+        };
+        let map = ebpf.take_map(MAP).ok_or_else(|| Error(format!("no map {MAP}")))?;
+        let flows = HashMap::try_from(map).map_err(|e| err("the flow map")(&e))?;
+        Ok(Offload { flows, attachment, _ebpf: ebpf })
+    }
+
+    pub fn attachment(&self) -> Attachment {
+        self.attachment
+    }
+
+    /// Rewrite datagrams matching `from` into `to` from now on.
+    pub fn insert(&mut self, from: Tuple, to: Tuple) -> Result<(), Error> {
+        let nat = Nat { to, last_seen_ns: 0, packets: 0, bytes: 0 };
+        self.flows.insert(from, nat, 0).map_err(|e| err("adding a flow entry")(&e))
+    }
+
+    /// Stop rewriting `from` (its datagrams go up to the sockets again). `false` if there was
+    /// no such entry.
+    pub fn remove(&mut self, from: &Tuple) -> bool {
+        self.flows.remove(from).is_ok()
+    }
+
+    /// What the program saw of `from`'s entry, if there is one.
+    pub fn seen(&self, from: &Tuple) -> Option<Seen> {
+        let nat = self.flows.get(from, 0).ok()?;
+        Some(Seen { packets: nat.packets, bytes: nat.bytes, last_seen_ns: nat.last_seen_ns })
+    }
+}
