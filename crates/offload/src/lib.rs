@@ -168,7 +168,11 @@ impl Offload {
                 log::debug!("{iface}: clsact: {e} (already there?)");
             }
             program
-                .attach(iface, TcAttachType::Ingress)
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(tc::NlOptions::default()),
+                )
                 .map_err(|e| err("attaching a clsact filter")(&e))?;
             Attachment::Clsact
         };

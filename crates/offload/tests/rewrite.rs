@@ -112,3 +112,53 @@ fn once_dropped_nothing_stays_attached() {
         assert_eq!((&buf[..n], from), (&b"plain"[..], addr(&client)));
     });
 }
+
+/// Set in the child process of the SIGKILL test: the addresses of its one entry.
+const CHILD: &str = "TETHER_OFFLOAD_TEST_CHILD";
+
+#[test]
+fn a_process_killed_with_sigkill_leaves_nothing_that_rewrites() {
+    if let Ok(spec) = std::env::var(CHILD) {
+        // The child: attach, add the entry, say so, and wait to be killed.
+        let a: Vec<SocketAddr> = spec.split(',').map(|s| s.parse().unwrap()).collect();
+        let mut off = Offload::attach("lo", 8).expect("attach in the child");
+        off.insert(Tuple::new(a[0], a[1]), Tuple::new(a[1], a[2])).unwrap();
+        println!("attached");
+        loop {
+            std::thread::park();
+        }
+    }
+    in_own_netns(|| {
+        use std::io::BufRead;
+        let client = bind("127.0.0.2:0");
+        let listener = bind("127.0.0.1:0");
+        let backend = bind("127.0.0.3:0");
+        let spec = format!("{},{},{}", addr(&client), addr(&listener), addr(&backend));
+        // This test binary again, in this namespace (a child of this thread lives in it).
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "a_process_killed_with_sigkill_leaves_nothing_that_rewrites"])
+            .args(["--nocapture", "--test-threads", "1"])
+            .env(CHILD, spec)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        assert!(lines.any(|l| l.is_ok_and(|l| l.contains("attached"))), "the child never attached");
+        let mut buf = [0u8; 16];
+        client.send_to(b"kept", addr(&listener)).unwrap();
+        let (n, _) = backend.recv_from(&mut buf).expect("the child's entry rewrites");
+        assert_eq!(&buf[..n], b"kept");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+        client.send_to(b"plain", addr(&listener)).unwrap();
+        let (n, from) = listener.recv_from(&mut buf).expect("nothing rewrites after SIGKILL");
+        assert_eq!((&buf[..n], from), (&b"plain"[..], addr(&client)));
+        // A new process starts clean.
+        let off = Offload::attach("lo", 8).expect("attach again");
+        assert!(off.seen(&Tuple::new(addr(&client), addr(&listener))).is_none());
+    });
+}
