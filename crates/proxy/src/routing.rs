@@ -192,6 +192,21 @@ pub struct Settings {
     pub udp_buffers: crate::udp_socket::UdpBuffers,
 }
 
+#[cfg(test)]
+impl Settings {
+    /// Source affinity, 1 s to connect, these idle timeouts, nothing else set (tests).
+    pub(crate) fn for_tests(idle: Duration, udp_idle: Duration) -> Settings {
+        Settings {
+            affinity: vocab::Affinity::Source,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: idle,
+            udp_idle_timeout: udp_idle,
+            connect_from: Vec::new(),
+            udp_buffers: Default::default(),
+        }
+    }
+}
+
 /// One service's routing snapshot. Immutable apart from the atomics of its backends.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -335,14 +350,7 @@ mod tests {
                 (Arc::new(b), 1)
             })
             .collect();
-        let settings = Settings {
-            affinity: vocab::Affinity::Source,
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(1),
-            udp_idle_timeout: Duration::from_secs(1),
-            connect_from: Vec::new(),
-            udp_buffers: Default::default(),
-        };
+        let settings = Settings::for_tests(Duration::from_secs(1), Duration::from_secs(1));
         let sticky =
             Arc::new(Sticky::new(StickyConfig { capacity: 16, timeout_ms: 1000 }, [1; 16]));
         Snapshot::new("s".into(), 0, settings, backends, 13, 0, sticky, Guards::default()).unwrap()

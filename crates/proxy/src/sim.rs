@@ -278,14 +278,7 @@ impl World {
         });
         let backend = Arc::new(BackendState::new(0, "b0".into(), addr(10, 5432)));
         backend.set_max_conns(std::num::NonZeroU32::new(1));
-        let settings = Settings {
-            affinity: vocab::Affinity::Source,
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(3600),
-            udp_idle_timeout: Duration::from_secs(60),
-            connect_from: Vec::new(),
-            udp_buffers: Default::default(),
-        };
+        let settings = Settings::for_tests(Duration::from_secs(3600), Duration::from_secs(60));
         let sticky = Arc::new(Sticky::new(StickyConfig { capacity: 4, timeout_ms: 1000 }, [5; 16]));
         let members = vec![(Arc::clone(&backend), 1)];
         let snapshot =

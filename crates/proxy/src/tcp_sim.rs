@@ -103,14 +103,7 @@ impl Sim {
 
     /// A new snapshot of the service (a reload): these weights, 0 leaving a backend out.
     fn reload(&mut self, weights: &[u32]) {
-        let settings = Settings {
-            affinity: vocab::Affinity::Source,
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(20),
-            udp_idle_timeout: Duration::from_secs(60),
-            connect_from: Vec::new(),
-            udp_buffers: Default::default(),
-        };
+        let settings = Settings::for_tests(Duration::from_secs(20), Duration::from_secs(60));
         let members = self
             .states
             .iter()

@@ -875,14 +875,7 @@ mod tests {
             backend.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let at = backend.local_addr().unwrap();
             let state = Arc::new(BackendState::new(0, "u0".into(), at));
-            let settings = Settings {
-                affinity: vocab::Affinity::Source,
-                connect_timeout: Duration::from_secs(1),
-                idle_timeout: Duration::from_secs(60),
-                udp_idle_timeout: Duration::from_secs(60),
-                connect_from: Vec::new(),
-                udp_buffers: Default::default(),
-            };
+            let settings = Settings::for_tests(Duration::from_secs(60), Duration::from_secs(60));
             let sticky =
                 Arc::new(Sticky::new(StickyConfig { capacity: 8, timeout_ms: 1000 }, [4; 16]));
             let members = vec![(Arc::clone(&state), 1)];
@@ -1000,14 +993,7 @@ mod tests {
         sticky: &Arc<Sticky>,
         guards: Guards,
     ) -> Arc<Snapshot> {
-        let settings = Settings {
-            affinity: vocab::Affinity::Source,
-            connect_timeout: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(60),
-            udp_idle_timeout: Duration::from_secs(60),
-            connect_from: Vec::new(),
-            udp_buffers: Default::default(),
-        };
+        let settings = Settings::for_tests(Duration::from_secs(60), Duration::from_secs(60));
         let members = members.iter().filter(|(_, w)| *w > 0).cloned().collect();
         let sticky = Arc::clone(sticky);
         Arc::new(Snapshot::new("s".into(), 0, settings, members, 7, 0, sticky, guards).unwrap())
