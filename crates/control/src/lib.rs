@@ -680,10 +680,11 @@ impl Supervisor<'_> {
         };
         // The UDP flows go along: every worker stops reading its UDP sockets and hands over
         // copies of its flows' sockets. They read again if the upgrade fails.
-        let flows = if held.iter().any(|h| h.udp) { pause_udp(running)? } else { Vec::new() };
+        let udp = held.iter().any(|h| h.udp);
+        let flows = if udp { pause_udp(running)? } else { Vec::new() };
         let started = upgrade::start(&exe, &held, self.admin_fd.as_ref(), &flows, &state, health);
         let pid = started.inspect_err(|_| {
-            if held.iter().any(|h| h.udp) {
+            if udp {
                 tell_all(running, || Command::ResumeUdp);
             }
         })?;

@@ -125,9 +125,7 @@ fn encode_tables(tables: Vec<Table>, now_ms: u64) -> (Vec<u8>, usize) {
 /// Write `bytes` to `path` so that a crash leaves the old file or the new one: a temporary
 /// file beside it, fsynced, renamed over it, and the directory fsynced (rename(2), fsync(2)).
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = tmp_path(path);
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -142,10 +140,16 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// found out later, by the first save), so that a path in a missing or read-only directory
 /// stops tether with the reason instead of failing every save.
 pub fn check_writable(path: &Path) -> std::io::Result<()> {
-    let mut probe = path.as_os_str().to_owned();
-    probe.push(".tmp");
+    let probe = tmp_path(path);
     std::fs::File::create(&probe)?;
     std::fs::remove_file(&probe)
+}
+
+/// PATH.tmp: where a save writes before the rename.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    PathBuf::from(tmp)
 }
 
 /// Restore the pins saved in `path` into the registry's tables, before any client is
