@@ -21,9 +21,14 @@ struct tuple {
     __u8 pad[3];
 };
 
-// What it becomes, and what the program saw of it.
+// What it becomes, where it goes, and what the program saw of it.
 struct nat {
     struct tuple to;
+    // 0: delivered on this host (TC_ACT_OK after the rewrite); else the interface the route to
+    // `to.daddr` leaves by (user space looked it up: bpf_fib_lookup refuses unless forwarding
+    // is enabled on the ingress interface), redirected there with bpf_redirect_neigh.
+    __u32 oif;
+    __u32 pad;
     __u64 last_seen_ns;
     __u64 packets;
     __u64 bytes;
@@ -31,6 +36,9 @@ struct nat {
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
+    // Entries are allocated as user space inserts them (one pair per offloaded flow), not all
+    // at load: the map is sized for --max-flows, which may be far above what is used.
+    __uint(map_flags, BPF_F_NO_PREALLOC);
     __uint(max_entries, 1024);
     __type(key, struct tuple);
     __type(value, struct nat);
@@ -94,41 +102,54 @@ static __always_inline int rewrite6(struct __sk_buff *skb, const struct tuple *f
     return 0;
 }
 
+// The headers up to the end of the UDP header are in the linear part of the packet.
+static __always_inline int pulled(struct __sk_buff *skb, __u32 len) {
+    if ((long)skb->data + len <= (long)skb->data_end)
+        return 1;
+    return bpf_skb_pull_data(skb, len) == 0;
+}
+
+// Anything the program does not rewrite goes on as if it were not there: the next tcx program
+// (TCX_NEXT), or the next clsact filter, then the stack (tether's sockets, in user space).
+#define PASS TC_ACT_UNSPEC
+
 SEC("classifier")
 int tether_udp(struct __sk_buff *skb) {
-    void *data = (void *)(long)skb->data;
-    void *end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
     struct tuple key = {};
     __u32 udp_len;
     // GSO super-packets go to user space whole.
     if (skb->gso_segs > 1)
-        return TC_ACT_OK;
-    if ((void *)(eth + 1) > end)
-        return TC_ACT_OK;
-    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-        struct iphdr *ip = (void *)(eth + 1);
-        struct udphdr *udp = (void *)(ip + 1);
+        return PASS;
+    if (skb->protocol == bpf_htons(ETH_P_IP)) {
+        if (!pulled(skb, L4_4 + sizeof(struct udphdr)))
+            return PASS;
+        void *data = (void *)(long)skb->data;
+        void *end = (void *)(long)skb->data_end;
+        struct iphdr *ip = data + L3;
+        struct udphdr *udp = data + L4_4;
         if ((void *)(udp + 1) > end)
-            return TC_ACT_OK;
+            return PASS;
         // Options and fragments stay with user space.
-        if (ip->ihl != 5 || ip->protocol != IPPROTO_UDP ||
-            (ip->frag_off & bpf_htons(0x3fff)))
-            return TC_ACT_OK;
+        if (ip->ihl != 5 || ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)))
+            return PASS;
         key.family = 4;
         __builtin_memcpy(key.saddr, &ip->saddr, 4);
         __builtin_memcpy(key.daddr, &ip->daddr, 4);
         key.sport = udp->source;
         key.dport = udp->dest;
         udp_len = bpf_ntohs(udp->len);
-    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-        struct ipv6hdr *ip = (void *)(eth + 1);
-        struct udphdr *udp = (void *)(ip + 1);
+    } else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+        if (!pulled(skb, L4_6 + sizeof(struct udphdr)))
+            return PASS;
+        void *data = (void *)(long)skb->data;
+        void *end = (void *)(long)skb->data_end;
+        struct ipv6hdr *ip = data + L3;
+        struct udphdr *udp = data + L4_6;
         if ((void *)(udp + 1) > end)
-            return TC_ACT_OK;
+            return PASS;
         // Extension headers (fragments included) stay with user space.
         if (ip->nexthdr != IPPROTO_UDP)
-            return TC_ACT_OK;
+            return PASS;
         key.family = 6;
         __builtin_memcpy(key.saddr, &ip->saddr, 16);
         __builtin_memcpy(key.daddr, &ip->daddr, 16);
@@ -136,19 +157,29 @@ int tether_udp(struct __sk_buff *skb) {
         key.dport = udp->dest;
         udp_len = bpf_ntohs(udp->len);
     } else {
-        return TC_ACT_OK;
+        return PASS;
     }
     struct nat *nat = bpf_map_lookup_elem(&FLOWS, &key);
     if (!nat)
-        return TC_ACT_OK;
+        return PASS;
+    // A copy: user space may replace the entry meanwhile.
     struct tuple to = nat->to;
+    __u32 oif = nat->oif;
+    // Larger than the way out carries: user space sends it (the stack fragments it).
+    if (oif) {
+        __u32 mtu = 0;
+        if (bpf_check_mtu(skb, oif, &mtu, 0, 0))
+            return PASS;
+    }
     int err = key.family == 4 ? rewrite4(skb, &key, &to) : rewrite6(skb, &key, &to);
     if (err)
         return TC_ACT_SHOT;
     nat->last_seen_ns = bpf_ktime_get_ns();
     __sync_fetch_and_add(&nat->packets, 1);
     __sync_fetch_and_add(&nat->bytes, udp_len > 8 ? udp_len - 8 : 0);
-    return TC_ACT_OK;
+    if (!oif)
+        return TC_ACT_OK;
+    return bpf_redirect_neigh(oif, 0, 0, 0);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -8,10 +8,18 @@
 //!
 //! Attachment: a tcx link (kernel 6.6+) owned by this process's descriptor, so that a process
 //! killed with SIGKILL leaves nothing attached; a clsact filter on older kernels, with filters
-//! of the same program name left by an earlier process removed first. Not wired into tether yet.
+//! of the same program name left by an earlier process removed first. One program and one map
+//! serve every interface it is attached to; each worker holds its own handle on the map
+//! ([`FlowMap`]), so no lock is shared.
+//!
+//! Where a rewritten datagram goes: delivered on this host when its new destination is local
+//! (entry `oif` 0), else redirected to the interface the route leaves by ([`route::egress`],
+//! looked up by user space when the entry is made: the kernel's `bpf_fib_lookup` answers
+//! FWD_DISABLED for every destination unless forwarding is enabled on the ingress interface).
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 
 use aya::maps::{HashMap, MapData};
 use aya::programs::tc::{self, TcAttachOptions, TcAttachType};
@@ -19,6 +27,7 @@ use aya::programs::{LinkOrder, SchedClassifier};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 
+pub mod route;
 mod sys;
 
 /// The program's function name (also its name in the kernel and in tc).
@@ -82,6 +91,9 @@ fn addr(a: SocketAddr) -> ([u8; 16], u8) {
 #[derive(Clone, Copy, Debug)]
 pub struct Nat {
     to: Tuple,
+    /// 0: delivered here; else the interface index to redirect to.
+    oif: u32,
+    pad: u32,
     last_seen_ns: u64,
     packets: u64,
     bytes: u64,
@@ -122,19 +134,20 @@ fn err(what: &str) -> impl FnOnce(&dyn fmt::Display) -> Error + '_ {
     move |e| Error(format!("{what}: {e}"))
 }
 
-/// The program, attached at one interface's ingress, and its flow map. Dropping it detaches
-/// and unloads the program.
+/// The program, attached at the ingress of some interfaces, and its flow map. Dropping it
+/// detaches and unloads the program (a handle a worker still holds keeps only the map).
 pub struct Offload {
-    flows: HashMap<MapData, Tuple, Nat>,
+    map: MapData,
     attachment: Attachment,
+    interfaces: Vec<String>,
     // Last: the program outlives the map handle while both drop.
     _ebpf: Ebpf,
 }
 
 impl Offload {
-    /// Load the program with room for `max_entries` entries and attach it at `iface`'s
-    /// ingress.
-    pub fn attach(iface: &str, max_entries: u32) -> Result<Offload, Error> {
+    /// Load the program with room for `max_entries` entries and attach it at the ingress of
+    /// each of `interfaces` (at least one).
+    pub fn attach(interfaces: &[&str], max_entries: u32) -> Result<Offload, Error> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP, max_entries.max(1))
             .load(OBJECT)
@@ -145,49 +158,81 @@ impl Offload {
             .try_into()
             .map_err(|e| err("the BPF program")(&e))?;
         program.load().map_err(|e| err("loading the BPF program (verifier)")(&e))?;
-        // A filter an earlier process left (killed before it could detach) would go on
-        // rewriting with maps nobody updates: remove it, whichever way we attach.
-        match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM) {
-            Ok(()) => {
-                log::warn!("{iface}: removed a stale {PROGRAM} filter left by an earlier process")
-            }
-            Err(e) => log::debug!("{iface}: no stale {PROGRAM} filter ({e})"),
-        }
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        let attachment = if tcx {
-            program
-                .attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .map_err(|e| err("attaching with tcx")(&e))?;
-            Attachment::Tcx
-        } else {
-            if let Err(e) = tc::qdisc_add_clsact(iface) {
-                log::debug!("{iface}: clsact: {e} (already there?)");
-            }
-            program
-                .attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::Netlink(tc::NlOptions::default()),
-                )
-                .map_err(|e| err("attaching a clsact filter")(&e))?;
-            Attachment::Clsact
-        };
+        let attachment = if tcx { Attachment::Tcx } else { Attachment::Clsact };
+        for &iface in interfaces {
+            attach_one(program, iface, attachment)?;
+        }
         let map = ebpf.take_map(MAP).ok_or_else(|| Error(format!("no map {MAP}")))?;
-        let flows = HashMap::try_from(map).map_err(|e| err("the flow map")(&e))?;
-        Ok(Offload { flows, attachment, _ebpf: ebpf })
+        let aya::maps::Map::HashMap(map) = map else {
+            return Err(Error(format!("{MAP} is not a hash map")));
+        };
+        let interfaces = interfaces.iter().map(|i| i.to_string()).collect();
+        Ok(Offload { map, attachment, interfaces, _ebpf: ebpf })
     }
 
     pub fn attachment(&self) -> Attachment {
         self.attachment
     }
 
-    /// Rewrite datagrams matching `from` into `to` from now on.
-    pub fn insert(&mut self, from: Tuple, to: Tuple) -> Result<(), Error> {
-        let nat = Nat { to, last_seen_ns: 0, packets: 0, bytes: 0 };
+    /// The interfaces the program is attached to.
+    pub fn interfaces(&self) -> &[String] {
+        &self.interfaces
+    }
+
+    /// A handle on the flow map of one's own (each worker holds one).
+    pub fn flow_map(&self) -> Result<FlowMap, Error> {
+        let fd = self.map.fd().as_fd().try_clone_to_owned().map_err(|e| err("the map's fd")(&e))?;
+        let data = MapData::from_fd(fd).map_err(|e| err("the flow map")(&e))?;
+        let flows = HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|e| err("the flow map")(&e))?;
+        Ok(FlowMap { flows })
+    }
+}
+
+fn attach_one(
+    program: &mut SchedClassifier,
+    iface: &str,
+    attachment: Attachment,
+) -> Result<(), Error> {
+    // A filter an earlier process left (killed before it could detach) would go on rewriting
+    // with maps nobody updates: remove it, whichever way we attach.
+    match tc::qdisc_detach_program(iface, TcAttachType::Ingress, PROGRAM) {
+        Ok(()) => {
+            log::warn!("{iface}: removed a stale {PROGRAM} filter left by an earlier process")
+        }
+        Err(e) => log::debug!("{iface}: no stale {PROGRAM} filter ({e})"),
+    }
+    match attachment {
+        Attachment::Tcx => {
+            let order = TcAttachOptions::TcxOrder(LinkOrder::first());
+            program
+                .attach_with_options(iface, TcAttachType::Ingress, order)
+                .map_err(|e| Error(format!("attaching to {iface} with tcx: {e}")))?;
+        }
+        Attachment::Clsact => {
+            if let Err(e) = tc::qdisc_add_clsact(iface) {
+                log::debug!("{iface}: clsact: {e} (already there?)");
+            }
+            let options = TcAttachOptions::Netlink(tc::NlOptions::default());
+            program
+                .attach_with_options(iface, TcAttachType::Ingress, options)
+                .map_err(|e| Error(format!("attaching a clsact filter to {iface}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// One handle on the flow map.
+pub struct FlowMap {
+    flows: HashMap<MapData, Tuple, Nat>,
+}
+
+impl FlowMap {
+    /// Rewrite datagrams matching `from` into `to` from now on, delivered here (`oif` 0) or
+    /// redirected to interface `oif`. Replaces an entry of `from` (its counts start again).
+    pub fn insert(&mut self, from: Tuple, to: Tuple, oif: u32) -> Result<(), Error> {
+        let nat = Nat { to, oif, pad: 0, last_seen_ns: 0, packets: 0, bytes: 0 };
         self.flows.insert(from, nat, 0).map_err(|e| err("adding a flow entry")(&e))
     }
 
@@ -202,4 +247,9 @@ impl Offload {
         let nat = self.flows.get(from, 0).ok()?;
         Some(Seen { packets: nat.packets, bytes: nat.bytes, last_seen_ns: nat.last_seen_ns })
     }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of [`Seen::last_seen_ns`].
+pub fn monotonic_ns() -> u64 {
+    sys::monotonic_ns()
 }

@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use tether_offload::{Attachment, Offload, Tuple};
+use tether_offload::{Attachment, FlowMap, Offload, Tuple};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -37,7 +37,7 @@ fn addr(s: &UdpSocket) -> SocketAddr {
 
 /// One flow through "tether" at `listener`, from `client` to `backend` over `flow` (tether's
 /// socket toward the backend): both entries in, three round trips, each checked and counted.
-fn round_trips(off: &mut Offload, ips: [&str; 4]) {
+fn round_trips(off: &mut FlowMap, ips: [&str; 4]) {
     let [client_ip, listener_ip, flow_ip, backend_ip] = ips;
     let client = bind(&format!("{client_ip}:0"));
     let listener = bind(&format!("{listener_ip}:0"));
@@ -45,8 +45,8 @@ fn round_trips(off: &mut Offload, ips: [&str; 4]) {
     let backend = bind(&format!("{backend_ip}:0"));
     let there = Tuple::new(addr(&client), addr(&listener));
     let back = Tuple::new(addr(&backend), addr(&flow));
-    off.insert(back, Tuple::new(addr(&listener), addr(&client))).unwrap();
-    off.insert(there, Tuple::new(addr(&flow), addr(&backend))).unwrap();
+    off.insert(back, Tuple::new(addr(&listener), addr(&client)), 0).unwrap();
+    off.insert(there, Tuple::new(addr(&flow), addr(&backend)), 0).unwrap();
     let mut buf = [0u8; 64];
     for i in 0..3 {
         let ping = format!("ping {i}");
@@ -82,17 +82,20 @@ fn round_trips(off: &mut Offload, ips: [&str; 4]) {
 #[test]
 fn entries_rewrite_ipv4_datagrams_both_ways_and_count_them() {
     in_own_netns(|| {
-        let mut off = Offload::attach("lo", 64).expect("attach");
+        let off = Offload::attach(&["lo"], 64).expect("attach");
         assert_eq!(off.attachment(), Attachment::Tcx, "this kernel has tcx (6.6+)");
-        round_trips(&mut off, ["127.0.0.2", "127.0.0.1", "127.0.0.1", "127.0.0.3"]);
+        round_trips(
+            &mut off.flow_map().unwrap(),
+            ["127.0.0.2", "127.0.0.1", "127.0.0.1", "127.0.0.3"],
+        );
     });
 }
 
 #[test]
 fn entries_rewrite_ipv6_datagrams_both_ways_and_count_them() {
     in_own_netns(|| {
-        let mut off = Offload::attach("lo", 64).expect("attach");
-        round_trips(&mut off, ["[::1]"; 4]);
+        let off = Offload::attach(&["lo"], 64).expect("attach");
+        round_trips(&mut off.flow_map().unwrap(), ["[::1]"; 4]);
     });
 }
 
@@ -102,9 +105,11 @@ fn once_dropped_nothing_stays_attached() {
         let client = bind("127.0.0.2:0");
         let listener = bind("127.0.0.1:0");
         let backend = bind("127.0.0.3:0");
-        let mut off = Offload::attach("lo", 8).expect("attach");
+        let off = Offload::attach(&["lo"], 8).expect("attach");
+        let mut map = off.flow_map().unwrap();
         let there = Tuple::new(addr(&client), addr(&listener));
-        off.insert(there, Tuple::new(addr(&listener), addr(&backend))).unwrap();
+        map.insert(there, Tuple::new(addr(&listener), addr(&backend)), 0).unwrap();
+        // The program goes with the Offload, even while a worker's handle on the map lives.
         drop(off);
         client.send_to(b"plain", addr(&listener)).unwrap();
         let mut buf = [0u8; 16];
@@ -121,8 +126,9 @@ fn a_process_killed_with_sigkill_leaves_nothing_that_rewrites() {
     if let Ok(spec) = std::env::var(CHILD) {
         // The child: attach, add the entry, say so, and wait to be killed.
         let a: Vec<SocketAddr> = spec.split(',').map(|s| s.parse().unwrap()).collect();
-        let mut off = Offload::attach("lo", 8).expect("attach in the child");
-        off.insert(Tuple::new(a[0], a[1]), Tuple::new(a[1], a[2])).unwrap();
+        let off = Offload::attach(&["lo"], 8).expect("attach in the child");
+        let mut map = off.flow_map().unwrap();
+        map.insert(Tuple::new(a[0], a[1]), Tuple::new(a[1], a[2]), 0).unwrap();
         println!("attached");
         loop {
             std::thread::park();
@@ -158,7 +164,131 @@ fn a_process_killed_with_sigkill_leaves_nothing_that_rewrites() {
         let (n, from) = listener.recv_from(&mut buf).expect("nothing rewrites after SIGKILL");
         assert_eq!((&buf[..n], from), (&b"plain"[..], addr(&client)));
         // A new process starts clean.
-        let off = Offload::attach("lo", 8).expect("attach again");
-        assert!(off.seen(&Tuple::new(addr(&client), addr(&listener))).is_none());
+        let off = Offload::attach(&["lo"], 8).expect("attach again");
+        assert!(off
+            .flow_map()
+            .unwrap()
+            .seen(&Tuple::new(addr(&client), addr(&listener)))
+            .is_none());
+    });
+}
+
+/// The UDP checksum of `payload` from `src` to `dst` (IPv4 pseudo-header), as a sender
+/// computing it in software would.
+fn udp4_checksum(src: [u8; 4], dst: [u8; 4], udp: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for pair in b.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    };
+    add(&src);
+    add(&dst);
+    add(&[0, 17]);
+    add(&(udp.len() as u16).to_be_bytes());
+    add(udp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// A UDP datagram with a checksum computed here, sent from `from` to `to` through a raw socket
+/// (the kernel adds the IP header, and leaves the UDP checksum as given).
+fn inject(from: SocketAddr, to: SocketAddr, payload: &[u8], break_checksum: bool) {
+    let (SocketAddr::V4(f), SocketAddr::V4(t)) = (from, to) else { panic!("IPv4 only") };
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&f.port().to_be_bytes());
+    udp.extend_from_slice(&t.port().to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut sum = udp4_checksum(f.ip().octets(), t.ip().octets(), &udp);
+    if break_checksum {
+        sum ^= 0x0101;
+    }
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::UDP),
+    )
+    .expect("a raw socket (root)");
+    raw.bind(&from.into()).unwrap();
+    raw.send_to(&udp, &to.into()).expect("send through the raw socket");
+}
+
+/// Three hosts joined by veth pairs: client (10.77.1.2) -- balancer (10.77.1.1 | 10.77.2.1)
+/// -- backend (10.77.2.2). The program on the balancer's two interfaces forwards a flow between
+/// them (route looked up, redirected out of the other interface), replies come back from the
+/// listener's address, and the receivers' checksum error counters stay at 0, also for
+/// datagrams whose checksum the client computed in software (a raw socket, no offload).
+#[test]
+fn flows_are_redirected_between_interfaces_with_checksums_right() {
+    use testkit::Namespace;
+    in_own_netns(|| {
+        let client_ns = Namespace::new().expect("a client namespace");
+        let backend_ns = Namespace::new().expect("a backend namespace");
+        testkit::sh(&format!(
+            "ip link add c1 type veth peer name c0 netns {c}
+             ip link add b1 type veth peer name b0 netns {b}
+             ip addr add 10.77.1.1/24 dev c1; ip link set c1 up
+             ip addr add 10.77.2.1/24 dev b1; ip link set b1 up",
+            c = client_ns.tid,
+            b = backend_ns.tid,
+        ));
+        // The senders' checksum offload off: datagrams leave with full software checksums.
+        client_ns.sh(
+            "ip addr add 10.77.1.2/24 dev c0; ip link set c0 up; ethtool -K c0 tx off >/dev/null",
+        );
+        backend_ns.sh(
+            "ip addr add 10.77.2.2/24 dev b0; ip link set b0 up; ethtool -K b0 tx off >/dev/null",
+        );
+        let off = Offload::attach(&["c1", "b1"], 64).expect("attach");
+        let mut map = off.flow_map().unwrap();
+        let mut routes = tether_offload::route::Routes::new().unwrap();
+        let listener = bind("10.77.1.1:0");
+        let flow = bind("10.77.2.1:0");
+        let client = client_ns.run(|| bind("10.77.1.2:0"));
+        let backend = backend_ns.run(|| bind("10.77.2.2:0"));
+        let (l, f, c, b) = (addr(&listener), addr(&flow), addr(&client), addr(&backend));
+        let to_backend = routes.egress(f.ip(), b.ip()).unwrap();
+        let to_client = routes.egress(l.ip(), c.ip()).unwrap();
+        let index = |name: &str| nix::net::if_::if_nametoindex(name).unwrap();
+        assert_eq!(to_backend.oif(), index("b1"), "{to_backend:?}");
+        assert_eq!(to_client.oif(), index("c1"), "{to_client:?}");
+        map.insert(Tuple::new(c, l), Tuple::new(f, b), to_backend.oif()).unwrap();
+        map.insert(Tuple::new(b, f), Tuple::new(l, c), to_client.oif()).unwrap();
+        let mut buf = [0u8; 64];
+        for i in 0..3 {
+            let ping = format!("ping {i}");
+            if i == 2 {
+                client_ns.run(|| inject(c, l, ping.as_bytes(), false));
+            } else {
+                client.send_to(ping.as_bytes(), l).unwrap();
+            }
+            let (n, from) = backend.recv_from(&mut buf).expect("the backend gets the datagram");
+            assert_eq!((&buf[..n], from), (ping.as_bytes(), f), "client -> backend");
+            backend.send_to(format!("pong {i}").as_bytes(), from).unwrap();
+            let (n, from) = client.recv_from(&mut buf).expect("the client gets the reply");
+            assert_eq!((&buf[..n], from), (format!("pong {i}").as_bytes(), l));
+        }
+        assert_eq!(map.seen(&Tuple::new(c, l)).map(|s| s.packets), Some(3));
+        assert_eq!(map.seen(&Tuple::new(b, f)).map(|s| s.packets), Some(3));
+        assert_eq!(backend_ns.snmp("Udp", "InCsumErrors"), 0);
+        assert_eq!(client_ns.snmp("Udp", "InCsumErrors"), 0);
+        // The counter does count: a datagram with a broken checksum, rewritten and forwarded,
+        // is an error at the backend (and is not delivered).
+        client_ns.run(|| inject(c, l, b"broken", true));
+        let counted = testkit::wait_until(WAIT, || backend_ns.snmp("Udp", "InCsumErrors") == 1);
+        assert!(counted, "the backend never counted the broken checksum");
+        // Nothing went through tether's own sockets.
+        listener.set_nonblocking(true).unwrap();
+        flow.set_nonblocking(true).unwrap();
+        assert!(listener.recv_from(&mut buf).is_err() && flow.recv_from(&mut buf).is_err());
     });
 }

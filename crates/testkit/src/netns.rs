@@ -62,3 +62,107 @@ fn loopback_up() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A network namespace of a test's own (root: CAP_SYS_ADMIN), held by a parked thread, so
+/// several can exist at once (a client host, a balancer host, a backend host joined by veth
+/// pairs). It ends with the value.
+pub struct Namespace {
+    ns: std::fs::File,
+    /// A thread in it: `ip link set X netns <tid>` moves an interface there.
+    pub tid: i32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Namespace {
+    /// A new namespace with `lo` up.
+    pub fn new() -> io::Result<Namespace> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let made = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(io::Error::from)
+                .and_then(|()| loopback_up())
+                .and_then(|()| std::fs::File::open("/proc/thread-self/ns/net"))
+                .map(|ns| (ns, nix::unistd::gettid().as_raw()));
+            let failed = made.is_err();
+            let _ = tx.send(made);
+            while !failed && !stopped.load(Relaxed) {
+                std::thread::park();
+            }
+        });
+        let (ns, tid) = rx.recv().map_err(io::Error::other)??;
+        Ok(Namespace { ns, tid, stop, thread: Some(thread) })
+    }
+
+    /// Run `f` on a thread inside (sockets it makes, and processes it starts, live here).
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&self.ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns into the test's namespace");
+                f()
+            })
+            .join()
+            .expect("a thread in the namespace panicked")
+        })
+    }
+
+    /// Run a shell script inside; panics with its output unless it succeeds.
+    pub fn sh(&self, script: &str) {
+        self.run(|| sh(script));
+    }
+
+    /// A counter of `/proc/net/snmp` (or `snmp6` for a name starting with `Udp6`/`Ip6`) here,
+    /// e.g. `("Udp", "InCsumErrors")`.
+    pub fn snmp(&self, group: &str, name: &str) -> u64 {
+        self.run(|| snmp(group, name))
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Run a shell script (in the caller's thread's namespace); panics with its output unless it
+/// succeeds.
+pub fn sh(script: &str) {
+    let out = Command::new("sh").args(["-ec", script]).output().expect("run sh");
+    assert!(
+        out.status.success(),
+        "{script}\nfailed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A counter of the calling thread's namespace: `/proc/thread-self/net/snmp` for `("Udp",
+/// "InCsumErrors")`, `snmp6` for `("Udp6", "InCsumErrors")`.
+pub fn snmp(group: &str, name: &str) -> u64 {
+    if group.ends_with('6') {
+        let text = std::fs::read_to_string("/proc/thread-self/net/snmp6").expect("snmp6");
+        let key = format!("{group}{name}");
+        return text
+            .lines()
+            .find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(key.as_str())).then(|| it.next()?.parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("no {key} in snmp6"));
+    }
+    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (lines.next().expect("names"), lines.next().expect("values"));
+    let at = names.split_whitespace().position(|n| n == name);
+    let at = at.unwrap_or_else(|| panic!("no {group} {name} in snmp"));
+    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).expect("a number")
+}
