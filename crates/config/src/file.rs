@@ -547,7 +547,7 @@ mod tests {
                 top("wat = 1"),
                 "wat: unknown key (expected one of admin, admin-allow-remote, admin-token-file, admin-max-conns, \
                  admin-timeout, user, workers, max-conns, \
-                 max-flows, splice, listeners, grace, upgrade-grace, state-file, state-interval, service)",
+                 max-flows, splice, listeners, grace, upgrade-grace, state-file, state-interval, udp-offload, service)",
             ),
             (
                 service("colour = 1"),

@@ -36,7 +36,7 @@ pub use settings::Args;
 pub(crate) use settings::{ProcessInput, ServiceInput};
 pub use values::*;
 pub use vocab::duration::{format_duration, parse_duration};
-pub use vocab::{Affinity, Listeners, OnDown, Protocol, ProxyVersion, Splice};
+pub use vocab::{Affinity, Listeners, OnDown, Protocol, ProxyVersion, Splice, UdpOffload};
 
 /// How long a client stays pinned after its last session ends. Database clients reconnect after
 /// pool recycling and game clients after short drops; half an hour covers both.
@@ -232,6 +232,8 @@ pub struct Config {
     pub state_file: Option<std::path::PathBuf>,
     /// How often they are saved.
     pub state_interval: Duration,
+    /// Whether established UDP flows are handed to the kernel.
+    pub udp_offload: UdpOffload,
 }
 
 /// A setting that could not be accepted: where it was (a flag such as `--listen`, or a key path
@@ -735,6 +737,13 @@ pub(crate) fn build_config(
             &input.state_interval,
             DEFAULT_STATE_INTERVAL,
             check_duration,
+        )?,
+        udp_offload: opt(
+            origin,
+            "udp-offload",
+            &input.udp_offload,
+            UdpOffload::Auto,
+            parse_udp_offload,
         )?,
     })
 }

@@ -279,5 +279,8 @@ settings! {
         state_file: text,
         /// how often the sticky tables are saved to --state-file (default 10s)
         state_interval: duration,
+        /// UDP flows forwarded in the kernel once established (an eBPF program at tc ingress):
+        /// `auto` (default: where the kernel and privileges allow), `on` (required) or `off`
+        udp_offload: text,
     }
 }

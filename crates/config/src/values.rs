@@ -145,6 +145,15 @@ pub fn parse_splice(raw: &str) -> Result<Splice, String> {
     }
 }
 
+pub fn parse_udp_offload(raw: &str) -> Result<UdpOffload, String> {
+    match raw {
+        "auto" => Ok(UdpOffload::Auto),
+        "on" => Ok(UdpOffload::On),
+        "off" => Ok(UdpOffload::Off),
+        _ => Err("expected `auto`, `on` or `off`".into()),
+    }
+}
+
 pub fn parse_listeners(raw: &str) -> Result<Listeners, String> {
     match raw {
         "shared" => Ok(Listeners::Shared),

@@ -39,6 +39,7 @@ use reload::ReloadError;
 mod admin;
 mod checks;
 mod metrics;
+mod offload;
 pub mod probe;
 mod registry;
 mod reload;
@@ -90,6 +91,8 @@ pub enum RunError {
     Upgrade(String),
     /// A worker's event loop failed.
     Worker(usize, io::Error),
+    /// `--udp-offload on` and the offload cannot work here.
+    Offload(String),
 }
 
 impl fmt::Display for RunError {
@@ -112,6 +115,7 @@ impl fmt::Display for RunError {
                 write!(f, "--state-file {}: cannot be written ({e})", path.display())
             }
             RunError::Worker(i, e) => write!(f, "worker {i} failed: {e}"),
+            RunError::Offload(why) => write!(f, "--udp-offload on: {why}"),
         }
     }
 }
@@ -248,6 +252,13 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let admin_limits =
         admin::Limits { max_conns: config.admin_max_conns, timeout: config.admin_timeout };
     let Budget { max_conns, max_flows, max_pipes, workers } = budget(&config, &admin_limits)?;
+    let (offload, offload_status) =
+        offload::decide(&config, max_flows).map_err(RunError::Offload)?;
+    if offload_status.enabled {
+        log::info!("udp offload on: {}", offload_status.reason);
+    } else {
+        log::info!("udp offload off: {}", offload_status.reason);
+    }
     let shared = Arc::new(Shared {
         max_conns,
         max_pipes,
@@ -255,10 +266,12 @@ pub fn run(config: Config) -> Result<(), RunError> {
         epoch: Instant::now(),
         flow_budget: Arc::new(conntrack::FlowBudget::new(max_flows)),
         flow_hash_key: random_key(),
+        offload,
     });
     check_connect_from(&config.services).map_err(RunError::ConnectFrom)?;
     let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
         .map_err(RunError::Table)?;
+    registry.offload = offload_status;
     let (mut per_worker, announced) =
         bind_services(&config, workers, &mut registry, &mut handover)?;
     place_flows(&mut per_worker, std::mem::take(&mut handover.flows));

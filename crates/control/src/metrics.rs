@@ -164,6 +164,13 @@ fn process(out: &mut String, registry: &Registry) {
     gauge(out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);
     let flows = registry.shared.flow_budget.used();
     gauge(out, "tether_flows_active", "UDP flows open now", &[("", flows as f64)]);
+    let offload = if registry.offload.enabled { 1.0 } else { 0.0 };
+    gauge(
+        out,
+        "tether_udp_offload_enabled",
+        "1 when established UDP flows are forwarded by the kernel (see /api/status for why not)",
+        &[("", offload)],
+    );
 }
 
 /// Per service: sticky table and per-source limits.
@@ -225,7 +232,7 @@ fn backends(out: &mut String, registry: &Registry) {
 }
 
 /// The per-backend families, labelled with service, backend and address: a table.
-fn backend_rows(views: &[crate::registry::BackendView]) -> [Family; 12] {
+fn backend_rows(views: &[crate::registry::BackendView]) -> [Family; 16] {
     let per = |f: &dyn Fn(&crate::registry::BackendView) -> f64| -> Vec<(String, f64)> {
         views
             .iter()
@@ -288,6 +295,30 @@ fn backend_rows(views: &[crate::registry::BackendView]) -> [Family; 12] {
             "counter",
             "TCP bytes backend -> client",
             per(&|b| b.bytes_out as f64),
+        ),
+        (
+            "tether_backend_datagrams_in_total",
+            "counter",
+            "UDP datagrams client -> backend (kernel-forwarded ones included)",
+            per(&|b| b.datagrams_in as f64),
+        ),
+        (
+            "tether_backend_datagrams_out_total",
+            "counter",
+            "UDP datagrams backend -> client (kernel-forwarded ones included)",
+            per(&|b| b.datagrams_out as f64),
+        ),
+        (
+            "tether_backend_datagram_bytes_in_total",
+            "counter",
+            "UDP payload bytes client -> backend",
+            per(&|b| b.datagram_bytes_in as f64),
+        ),
+        (
+            "tether_backend_datagram_bytes_out_total",
+            "counter",
+            "UDP payload bytes backend -> client",
+            per(&|b| b.datagram_bytes_out as f64),
         ),
         ("tether_backend_weight", "gauge", "the backend's weight", per(&|b| b.weight as f64)),
         (

@@ -99,6 +99,8 @@ pub struct Registry {
     pub started_unix_ms: u64,
     /// A descriptor of every listening socket, to hand them over on upgrade.
     pub held: Vec<crate::upgrade::HeldListener>,
+    /// Whether UDP flows are offloaded, and why (not).
+    pub offload: crate::offload::Status,
 }
 
 /// A backend as the API shows it.
@@ -119,6 +121,11 @@ pub struct BackendView {
     pub failures: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// UDP datagrams and their payload bytes each way (kernel-forwarded ones included).
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub datagram_bytes_in: u64,
+    pub datagram_bytes_out: u64,
 }
 
 impl Registry {
@@ -140,6 +147,13 @@ impl Registry {
             admin: Arc::default(),
             state: Arc::default(),
             held: Vec::new(),
+            offload: crate::offload::Status {
+                mode: config::UdpOffload::Off,
+                enabled: false,
+                reason: "not decided".into(),
+                interfaces: Vec::new(),
+                attachment: None,
+            },
             started_unix_ms: SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -342,6 +356,10 @@ impl Registry {
                     failures: st.failures.load(Relaxed),
                     bytes_in: st.bytes_in.load(Relaxed),
                     bytes_out: st.bytes_out.load(Relaxed),
+                    datagrams_in: st.datagrams_in.load(Relaxed),
+                    datagrams_out: st.datagrams_out.load(Relaxed),
+                    datagram_bytes_in: st.datagram_bytes_in.load(Relaxed),
+                    datagram_bytes_out: st.datagram_bytes_out.load(Relaxed),
                 });
             }
         }

@@ -437,6 +437,7 @@ mod tests {
             epoch: std::time::Instant::now(),
             flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
             flow_hash_key: [0; 16],
+            offload: None,
         });
         let mut reg = Registry::new(&config.services, shared, [3; 16]).unwrap();
         let poll = mio::Poll::new().unwrap();

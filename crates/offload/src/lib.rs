@@ -253,3 +253,12 @@ impl FlowMap {
 pub fn monotonic_ns() -> u64 {
     sys::monotonic_ns()
 }
+
+impl fmt::Debug for Offload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Offload")
+            .field("attachment", &self.attachment)
+            .field("interfaces", &self.interfaces)
+            .finish_non_exhaustive()
+    }
+}

@@ -156,6 +156,7 @@ mod tests {
             epoch: Instant::now(),
             flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
             flow_hash_key: [0; 16],
+            offload: None,
         })
     }
 

@@ -51,6 +51,7 @@ mod tcp_sim;
 mod timer;
 mod token;
 mod udp;
+mod udp_kernel;
 pub mod udp_socket;
 mod worker;
 
@@ -115,6 +116,9 @@ pub struct Shared {
     pub flow_budget: Arc<conntrack::FlowBudget>,
     /// SipHash key of the flow tables (random per process).
     pub flow_hash_key: [u8; 16],
+    /// The UDP offload program and its map, when `--udp-offload` is on: each worker takes a
+    /// handle on the map and hands its established flows to the program.
+    pub offload: Option<offload::Offload>,
 }
 
 impl Shared {

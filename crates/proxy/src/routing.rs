@@ -58,6 +58,13 @@ pub struct BackendState {
     pub bytes_in: AtomicU64,
     /// Bytes of TCP sessions backend -> client.
     pub bytes_out: AtomicU64,
+    /// UDP datagrams client -> backend and backend -> client, whether tether's sockets or the
+    /// offload program carried them (folded in per flow every second and when it ends).
+    pub datagrams_in: AtomicU64,
+    pub datagrams_out: AtomicU64,
+    /// Their payload bytes.
+    pub datagram_bytes_in: AtomicU64,
+    pub datagram_bytes_out: AtomicU64,
 }
 
 impl BackendState {
@@ -79,6 +86,10 @@ impl BackendState {
             failures: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            datagrams_in: AtomicU64::new(0),
+            datagrams_out: AtomicU64::new(0),
+            datagram_bytes_in: AtomicU64::new(0),
+            datagram_bytes_out: AtomicU64::new(0),
         }
     }
 

@@ -275,6 +275,7 @@ impl World {
             epoch: Instant::now(),
             flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
             flow_hash_key: [0; 16],
+            offload: None,
         });
         let backend = Arc::new(BackendState::new(0, "b0".into(), addr(10, 5432)));
         backend.set_max_conns(std::num::NonZeroU32::new(1));

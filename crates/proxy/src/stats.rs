@@ -209,6 +209,17 @@ counters! {
     datagrams_in => [Export::Plain("tether_datagrams_in_total", "UDP datagrams from clients")],
     /// UDP datagrams sent back to clients.
     datagrams_out => [Export::Plain("tether_datagrams_out_total", "UDP datagrams to clients")],
+    /// UDP datagrams the offload program carried (both ways; also in datagrams_in/out).
+    offloaded_datagrams => [
+        Export::Plain(
+            "tether_udp_offloaded_datagrams_total",
+            "UDP datagrams the offload program forwarded in the kernel, both ways (also counted in tether_datagrams_in_total and _out_total)",
+        ),
+    ],
+    /// UDP flows handed to the offload program.
+    flows_offloaded => [
+        Export::Plain("tether_flows_offloaded_total", "UDP flows handed to the offload program"),
+    ],
     /// UDP datagrams dropped, for any of the reasons below.
     datagrams_dropped => [],
     /// ... because `--max-flows` flows were open (no flow for a new client).

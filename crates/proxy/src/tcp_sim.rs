@@ -65,6 +65,7 @@ impl Sim {
             epoch: Instant::now(),
             flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
             flow_hash_key: [0; 16],
+            offload: None,
         });
         let good = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         good.set_nonblocking(true).unwrap();

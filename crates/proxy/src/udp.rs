@@ -32,6 +32,7 @@ use crate::outgoing::{no_local_port, Sources};
 use crate::stats::{inc, ports_exhausted, Stats};
 use crate::sys::{RecvBatch, BATCH};
 use crate::token::Slot;
+use crate::udp_kernel::{Kernel, Offloaded, Reading, SWEEP_MS};
 use crate::udp_socket::UdpBuffers;
 use crate::{Shared, Snapshot};
 
@@ -120,6 +121,21 @@ struct Flow {
     pin: Option<Pinned>,
     /// The kernel's drop count for this socket when last reported (SO_RXQ_OVFL).
     drops: u32,
+    /// Its entries in the offload program's map, while the program carries it.
+    offloaded: Option<Offloaded>,
+    /// Offloading it was tried since it (re)entered user space: not again until then.
+    offload_tried: bool,
+    /// Datagrams and payload bytes each way ([`Counts`]), and what of them the backend's
+    /// counters already have.
+    counts: Counts,
+    flushed: Counts,
+}
+
+/// A flow's datagrams and payload bytes, client -> backend and back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    datagrams: [u64; 2],
+    bytes: [u64; 2],
 }
 
 /// Where one datagram came from and was sent to.
@@ -158,6 +174,8 @@ pub struct Udp {
     clock: Arc<Shared>,
     /// An upgrade took the sockets over: nothing is read until `resume`.
     paused: bool,
+    /// The offload program's map, when `--udp-offload` is on.
+    kernel: Option<Kernel>,
 }
 
 /// What a receive loop left behind.
@@ -186,6 +204,7 @@ impl Udp {
             sources: Sources::default(),
             clock: Arc::clone(shared),
             paused: false,
+            kernel: Kernel::new(shared),
         }
     }
 
@@ -220,8 +239,21 @@ impl Udp {
     /// of each flow's socket with what the other process needs. The flows stay here, unread,
     /// until [`resume`](Self::resume) (the upgrade failed) or shutdown; datagrams meanwhile
     /// wait in the kernel's buffers for whichever process reads next.
-    pub fn pause(&mut self, registry: &Registry) -> Vec<HandedFlow> {
+    pub fn pause(&mut self, registry: &Registry, stats: &Stats) -> Vec<HandedFlow> {
         self.paused = true;
+        // The other process reads the sockets from now on: the program must not carry these
+        // flows past it (it offloads them again in its own map).
+        if let Some(kernel) = self.kernel.as_mut() {
+            for flow in self.flows.iter_mut().flatten() {
+                if let Some(mut o) = flow.offloaded.take() {
+                    let reading = kernel.read(&mut o);
+                    kernel.remove(&o);
+                    fold(flow, &reading, stats);
+                }
+                flow.offload_tried = false;
+                flush(flow);
+            }
+        }
         for l in self.listeners.iter_mut().flatten() {
             let _ = registry.deregister(&mut l.socket);
         }
@@ -343,6 +375,10 @@ impl Udp {
             live,
             pin,
             drops: 0,
+            offloaded: None,
+            offload_tried: false,
+            counts: Counts::default(),
+            flushed: Counts::default(),
         });
         Ok(())
     }
@@ -361,7 +397,7 @@ impl Udp {
                 if let Some(flow) = self.flows[slot].as_ref().filter(|f| f.listener == i) {
                     let key = flow.key;
                     self.tables[flow.service.slot].remove(&key);
-                    self.close(slot);
+                    self.close(slot, ctx.stats);
                 }
             }
         }
@@ -376,7 +412,7 @@ impl Udp {
             if flow.service.backends[flow.backend].id == id {
                 let (key, table) = (flow.key, flow.service.slot);
                 self.tables[table].remove(&key);
-                self.close(slot);
+                self.close(slot, ctx.stats);
                 inc(&ctx.stats.killed);
                 n += 1;
             }
@@ -417,9 +453,12 @@ impl Udp {
         }
     }
 
-    /// Earliest time (proxy milliseconds) a flow may expire.
+    /// Earliest time (proxy milliseconds) a flow may expire, or the offloaded flows' entries
+    /// are due to be read.
     pub fn next_expiry(&self) -> Option<u64> {
-        self.tables.iter().filter_map(FlowTable::next_expiry).min()
+        let expiry = self.tables.iter().filter_map(FlowTable::next_expiry).min();
+        let sweep = self.kernel.as_ref().filter(|_| self.budget.used() > 0);
+        expiry.into_iter().chain(sweep.map(|k| k.next_sweep_ms)).min()
     }
 
     /// Stop taking datagrams (shutdown): flows end with the worker.
@@ -564,7 +603,7 @@ impl Udp {
             {
                 let table = flow.service.slot;
                 self.tables[table].remove(&key);
-                self.close(slot);
+                self.close(slot, ctx.stats);
                 inc(&ctx.stats.dropped_denied);
                 inc(&ctx.stats.datagrams_dropped);
                 return;
@@ -591,12 +630,15 @@ impl Udp {
             };
             match sent {
                 Ok(_) => {
-                    if with_header {
-                        inc(&ctx.stats.proxy_headers_sent);
-                        if let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) {
+                    if let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) {
+                        flow.counts.datagrams[0] += 1;
+                        flow.counts.bytes[0] += data.len() as u64;
+                        if with_header {
+                            inc(&ctx.stats.proxy_headers_sent);
                             flow.header_sent = true;
                         }
                     }
+                    self.offload(slot, ctx.stats);
                     return;
                 }
                 // An ICMP error from an earlier datagram (connect(2) on UDP: the kernel reports
@@ -605,7 +647,7 @@ impl Udp {
                     flow.service.backends[flow.backend].mark_failing(ctx.now_ms);
                     let table = flow.service.slot;
                     self.tables[table].remove(&key);
-                    self.close(slot);
+                    self.close(slot, ctx.stats);
                     if round == 1 {
                         inc(&ctx.stats.datagrams_dropped);
                         inc(&ctx.stats.dropped_to_backend);
@@ -658,7 +700,7 @@ impl Udp {
             Ok(inserted) => {
                 if let Some((_, old)) = inserted.reclaimed {
                     let old_slot = *old.value();
-                    self.close(old_slot);
+                    self.close(old_slot, ctx.stats);
                 }
             }
             Err(refused) => {
@@ -695,6 +737,10 @@ impl Udp {
             live,
             pin,
             drops: 0,
+            offloaded: None,
+            offload_tried: false,
+            counts: Counts::default(),
+            flushed: Counts::default(),
         });
         Some(slot)
     }
@@ -771,7 +817,7 @@ impl Udp {
                     log::debug!("udp flow {}: {e}", flow.key);
                     let (key, table) = (flow.key, flow.service.slot);
                     self.tables[table].remove(&key);
-                    self.close(slot);
+                    self.close(slot, ctx.stats);
                     return Recv::Drained;
                 }
             };
@@ -784,9 +830,15 @@ impl Udp {
             let Some(l) = self.listeners.get(listener).and_then(Option::as_ref) else {
                 return Recv::Drained;
             };
+            let Some(Some(flow)) = self.flows.get_mut(slot) else { return Recv::Drained };
             for k in 0..n {
-                match send_from(&l.socket, batch.get(k).0, client, local_ip) {
-                    Ok(_) => inc(&ctx.stats.datagrams_out),
+                let data = batch.get(k).0;
+                match send_from(&l.socket, data, client, local_ip) {
+                    Ok(_) => {
+                        inc(&ctx.stats.datagrams_out);
+                        flow.counts.datagrams[1] += 1;
+                        flow.counts.bytes[1] += data.len() as u64;
+                    }
                     // A full socket buffer or an unreachable client: drop this one, keep the flow.
                     Err(e) => {
                         log::debug!("udp reply to {client}: {e}");
@@ -804,25 +856,167 @@ impl Udp {
 
     // === expiry ===
 
-    /// Close the flows idle for the idle timeout.
+    /// Close the flows idle for the idle timeout (an offloaded flow is idle when the program
+    /// has not carried it either), and read the offloaded flows' entries when due.
     pub fn expire(&mut self, ctx: &Ctx<'_>) {
+        if self.kernel.as_ref().is_some_and(|k| k.next_sweep_ms <= ctx.now_ms) {
+            self.sweep(ctx);
+        }
         self.expired.clear();
         for table in self.tables.iter_mut() {
             self.expired.extend(table.expire(ctx.now_ms).map(|(_, flow)| *flow.value()));
         }
-        for i in 0..self.expired.len() {
+        let mut i = 0;
+        while i < self.expired.len() {
+            let slot = self.expired[i];
+            i += 1;
+            if self.still_active(slot, ctx) {
+                continue;
+            }
             inc(&ctx.stats.flows_expired);
-            self.close(self.expired[i]);
+            self.close(slot, ctx.stats);
         }
     }
 
-    /// Forget the flow in `slot` (already out of the table): dropped, its socket closes
-    /// (leaving epoll with it), and its gauge and sticky count come back.
-    fn close(&mut self, slot: usize) {
-        if self.flows.get_mut(slot).and_then(Option::take).is_some() {
-            self.free.push(slot);
+    /// Service slot `service` has new rules (a reload): flows whose client they deny end now.
+    /// (A flow in user space would meet the check at its next datagram; an offloaded one's
+    /// datagrams never come up, so every flow is checked here.)
+    pub fn recheck(&mut self, service: usize, ctx: &Ctx<'_>) {
+        let Some(snapshot) = ctx.services.get(service).and_then(Option::as_ref) else { return };
+        for slot in 0..self.flows.len() {
+            let Some(flow) = self.flows[slot].as_ref() else { continue };
+            if flow.service.slot != service || snapshot.guards.acl.allows(flow.source.ip()) {
+                continue;
+            }
+            let key = flow.key;
+            self.tables[service].remove(&key);
+            self.close(slot, ctx.stats);
+            inc(&ctx.stats.dropped_denied);
         }
     }
+
+    /// Forget the flow in `slot` (already out of the table): the program stops carrying it
+    /// and its counts are folded in, it is dropped, its socket closes (leaving epoll with it),
+    /// and its gauge and sticky count come back.
+    fn close(&mut self, slot: usize, stats: &Stats) {
+        let Some(mut flow) = self.flows.get_mut(slot).and_then(Option::take) else { return };
+        self.free.push(slot);
+        if let (Some(kernel), Some(mut o)) = (self.kernel.as_mut(), flow.offloaded.take()) {
+            let reading = kernel.read(&mut o);
+            kernel.remove(&o);
+            fold(&mut flow, &reading, stats);
+        }
+        flush(&mut flow);
+    }
+
+    /// Hand the flow in `slot` to the offload program, if it may go there: a client that is
+    /// not a trusted proxy (whose datagrams may carry a header each), no PROXY header left to
+    /// send. Tried once per stay in user space.
+    fn offload(&mut self, slot: usize, stats: &Stats) {
+        let Some(kernel) = self.kernel.as_mut() else { return };
+        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else { return };
+        if flow.offload_tried || flow.offloaded.is_some() {
+            return;
+        }
+        flow.offload_tried = true;
+        let rules = &flow.service.guards.proxy;
+        let header_due = rules.send.is_some() && (rules.send_every_datagram || !flow.header_sent);
+        let from_proxy = rules.accept && rules.trusted.allows(flow.client.ip());
+        if header_due || from_proxy {
+            return;
+        }
+        let backend = flow.service.backends[flow.backend].addr;
+        let local = match flow.socket.local_addr() {
+            Ok(local) => local,
+            Err(e) => return log::debug!("udp flow {}: not offloaded: {e}", flow.key),
+        };
+        match kernel.offload(flow.client, flow.key.listener(), local, backend) {
+            Ok(o) => {
+                flow.offloaded = Some(o);
+                inc(&stats.flows_offloaded);
+            }
+            Err(e) => log::debug!("udp flow {}: not offloaded: {e}", flow.key),
+        }
+    }
+
+    /// Read what the program carried of every offloaded flow: counters folded in, activity
+    /// into the flow tables; a flow whose entries went missing is back in user space (and
+    /// offloaded again at its next datagram). Every flow's counts reach its backend's.
+    fn sweep(&mut self, ctx: &Ctx<'_>) {
+        let Some(kernel) = self.kernel.as_mut() else { return };
+        kernel.next_sweep_ms = ctx.now_ms + SWEEP_MS;
+        for flow in self.flows.iter_mut().flatten() {
+            if let Some(o) = flow.offloaded.as_mut() {
+                let reading = kernel.read(o);
+                if reading.lost {
+                    log::debug!("udp flow {}: its entries are gone: back in user space", flow.key);
+                    kernel.remove(o);
+                    flow.offloaded = None;
+                    flow.offload_tried = false;
+                }
+                if let Some(last) = reading.last_ms {
+                    self.tables[flow.service.slot].get(&flow.key, last);
+                }
+                fold(flow, &reading, ctx.stats);
+            }
+            flush(flow);
+        }
+    }
+
+    /// Whether the offloaded flow in `slot`, just expired from its table, was in fact active
+    /// within the idle timeout (the program carried it): then it goes back into the table,
+    /// active at that time.
+    fn still_active(&mut self, slot: usize, ctx: &Ctx<'_>) -> bool {
+        let Some(kernel) = self.kernel.as_mut() else { return false };
+        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else { return false };
+        let Some(o) = flow.offloaded.as_mut() else { return false };
+        let reading = kernel.read(o);
+        fold(flow, &reading, ctx.stats);
+        let table = &mut self.tables[flow.service.slot];
+        let timeout = table.idle_timeout_ms();
+        let Some(last) = reading.last_ms.filter(|&t| ctx.now_ms.saturating_sub(t) < timeout) else {
+            return false;
+        };
+        let id = flow.service.backends[flow.backend].id;
+        match table.insert(flow.key, id, slot, last) {
+            Ok(inserted) => {
+                if let Some((_, old)) = inserted.reclaimed {
+                    // Full: the slot of another expired flow of this table came with it.
+                    self.expired.push(*old.value());
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Add what the program carried of `flow` to its counts and the worker's counters.
+fn fold(flow: &mut Flow, reading: &Reading, stats: &Stats) {
+    for i in 0..2 {
+        flow.counts.datagrams[i] += reading.datagrams[i];
+        flow.counts.bytes[i] += reading.bytes[i];
+    }
+    let [there, back] = reading.datagrams;
+    if there + back > 0 {
+        stats.datagrams_in.fetch_add(there, Relaxed);
+        stats.datagrams_out.fetch_add(back, Relaxed);
+        stats.offloaded_datagrams.fetch_add(there + back, Relaxed);
+    }
+}
+
+/// Bring the backend's datagram counters up to `flow`'s counts.
+fn flush(flow: &mut Flow) {
+    if flow.counts == flow.flushed {
+        return;
+    }
+    let b = &flow.service.backends[flow.backend];
+    let (now, then) = (flow.counts, flow.flushed);
+    b.datagrams_in.fetch_add(now.datagrams[0] - then.datagrams[0], Relaxed);
+    b.datagrams_out.fetch_add(now.datagrams[1] - then.datagrams[1], Relaxed);
+    b.datagram_bytes_in.fetch_add(now.bytes[0] - then.bytes[0], Relaxed);
+    b.datagram_bytes_out.fetch_add(now.bytes[1] - then.bytes[1], Relaxed);
+    flow.flushed = now;
 }
 
 /// Count the datagrams the kernel dropped on a socket since it last said (`seen`).
@@ -889,6 +1083,7 @@ mod tests {
                 epoch: std::time::Instant::now(),
                 flow_budget: Arc::new(FlowBudget::new(flows)),
                 flow_hash_key: [9; 16],
+                offload: None,
             });
             let mut udp = Udp::new(&shared);
             let socket = StdSocket::bind("127.0.0.1:0").unwrap();

@@ -183,7 +183,7 @@ impl Worker {
                 Command::Unlisten(addrs) => self.unlisten(&addrs),
                 Command::Kill(id) => self.kill(id),
                 Command::PauseUdp(reply) => {
-                    let flows = self.udp.pause(self.poll.registry());
+                    let flows = self.udp.pause(self.poll.registry(), &self.stats);
                     log::debug!("worker {}: UDP paused, {} flows handed", self.id, flows.len());
                     let _ = reply.send(flows);
                 }
@@ -201,6 +201,7 @@ impl Worker {
         self.udp.set_idle_timeout(slot, service.settings.udp_idle_timeout);
         self.udp.set_buffers(slot, service.settings.udp_buffers);
         self.services[slot] = Some(service);
+        self.udp.recheck(slot, &udp_ctx!(self));
     }
 
     /// Register listener sockets (at start, and for services added later).
@@ -318,6 +319,7 @@ pub(crate) mod tests {
             epoch: Instant::now(),
             flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
             flow_hash_key: [0; 16],
+            offload: None,
         });
         let (mut sockets, addrs) = crate::bind_all(&["127.0.0.1:0".parse().unwrap()], 1).unwrap();
         let listeners = Listeners { tcp: vec![(0, sockets[0].remove(0))], ..Listeners::default() };

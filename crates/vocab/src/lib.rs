@@ -68,6 +68,18 @@ pub enum Splice {
     Off,
 }
 
+/// Whether established UDP flows are forwarded by the kernel (the offload program).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpOffload {
+    /// Where the kernel and tether's privileges allow it; otherwise user space, and the log,
+    /// `/api/status` and `/metrics` say why.
+    Auto,
+    /// Required: the start fails, with the reason, if it cannot work.
+    On,
+    /// Every datagram through tether's sockets.
+    Off,
+}
+
 /// How the workers share a TCP listen address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listeners {

@@ -69,14 +69,7 @@ pub fn route(
         (&Method::GET, ["api", "events"]) => ok_json(events_json(&lock())),
         (&Method::GET, ["api", "sticky"]) => sticky(query, &lock()),
         (&Method::GET, ["api", "state"]) => ok_json(state_json(&lock())),
-        (&Method::GET, ["api", "status"]) => {
-            let started = lock().started_unix_ms;
-            ok_json(json!({
-                "version": crate::version(),
-                "pid": std::process::id(),
-                "started_unix_ms": started,
-            }))
-        }
+        (&Method::GET, ["api", "status"]) => ok_json(status_json(&lock())),
         (&Method::PUT, ["api", "services", service, "backends", name]) => {
             change_backend(service, name, body, &mut lock())
         }
@@ -265,6 +258,38 @@ pub(crate) fn backend_json(b: &crate::registry::BackendView) -> Value {
         "failures": b.failures,
         "bytes_in": b.bytes_in,
         "bytes_out": b.bytes_out,
+        "datagrams_in": b.datagrams_in,
+        "datagrams_out": b.datagrams_out,
+        "datagram_bytes_in": b.datagram_bytes_in,
+        "datagram_bytes_out": b.datagram_bytes_out,
+    })
+}
+
+/// `GET /api/status`: this process, its workers, and whether UDP flows are offloaded.
+fn status_json(registry: &Registry) -> Value {
+    let o = &registry.offload;
+    let mut counts = proxy::Counts::default();
+    for s in &registry.stats {
+        counts += s.counts();
+    }
+    json!({
+        "version": crate::version(),
+        "pid": std::process::id(),
+        "started_unix_ms": registry.started_unix_ms,
+        "workers": registry.stats.len(),
+        "udp_offload": {
+            "mode": match o.mode {
+                config::UdpOffload::Auto => "auto",
+                config::UdpOffload::On => "on",
+                config::UdpOffload::Off => "off",
+            },
+            "enabled": o.enabled,
+            "reason": o.reason,
+            "attachment": o.attachment,
+            "interfaces": o.interfaces,
+            "flows_offloaded_total": counts.flows_offloaded,
+            "datagrams_total": counts.offloaded_datagrams,
+        },
     })
 }
 
