@@ -32,7 +32,11 @@ CARGO_TARGET_DIR=target/rebuilt TETHER_BUILD_ID=rebuilt cargo build -q -p tether
 echo "== cargo test"
 # Black-box tests start several tether processes each; two at a time keeps a 2-core machine
 # responsive enough for their timeouts to stay generous.
-cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+# tests/udp.rs runs in both UDP modes: here with established flows forwarded by the kernel,
+# then again with every datagram through tether's sockets.
+TETHER_TEST_UDP_OFFLOAD=on cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+echo "== tests/udp.rs again, --udp-offload off"
+TETHER_TEST_UDP_OFFLOAD=off cargo test --test udp -- --test-threads="${TEST_THREADS:-2}"
 echo "== fuzz smoke run (PROXY header parser, config loader)"
 # About a minute of fuzzing (30 s per target) after the build; scripts/fuzz.sh SECONDS for more.
 scripts/fuzz.sh "${FUZZ_SECONDS:-30}"

@@ -277,6 +277,7 @@ mod tests {
             upgrade-grace = "10m"
             state-file = "/var/lib/tether/state"
             state-interval = "5s"
+            udp-offload = "off"
 
             [[service]]
             name = "pg"
@@ -345,6 +346,7 @@ mod tests {
         assert_eq!(c.splice, Splice::Off);
         assert_eq!(c.grace, Duration::from_secs(45));
         assert_eq!(c.upgrade_grace, Duration::from_secs(600));
+        assert_eq!(c.udp_offload, crate::UdpOffload::Off);
         assert_eq!(c.state_file, Some("/var/lib/tether/state".into()));
         assert_eq!(c.state_interval, Duration::from_secs(5));
         assert_eq!(c.sticky_prefill, 0);

@@ -95,18 +95,19 @@ fn capabilities() -> Result<(), String> {
     }
 }
 
-/// The interfaces that are up and carry Ethernet frames (type 1) or are loopback (772): the
-/// program reads an Ethernet header first.
+/// The interfaces that are up and carry Ethernet frames (ARPHRD_ETHER) or are loopback
+/// (ARPHRD_LOOPBACK): the program reads an Ethernet header first. The hardware type comes
+/// with each interface's link-layer entry of getifaddrs(3) (not /sys, which shows the network
+/// namespace sysfs was mounted in).
 fn interfaces() -> Result<Vec<String>, String> {
+    const ETHER: u16 = 1;
+    const LOOPBACK: u16 = 772;
     let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing interfaces: {e}"))?;
     let mut names: Vec<String> = Vec::new();
     for a in addrs {
         let up = a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
-        if !up || names.contains(&a.interface_name) {
-            continue;
-        }
-        let kind = std::fs::read_to_string(format!("/sys/class/net/{}/type", a.interface_name));
-        if matches!(kind.as_deref().map(str::trim), Ok("1" | "772")) {
+        let kind = a.address.as_ref().and_then(|s| s.as_link_addr()).map(|l| l.hatype());
+        if up && matches!(kind, Some(ETHER | LOOPBACK)) && !names.contains(&a.interface_name) {
             names.push(a.interface_name);
         }
     }

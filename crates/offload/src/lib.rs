@@ -249,6 +249,60 @@ impl FlowMap {
     }
 }
 
+impl FlowMap {
+    /// The flow map of id `id` (a process's: see [`held_by`]), to look at or clear from
+    /// outside (tests; diagnosis). Needs CAP_BPF or CAP_SYS_ADMIN.
+    pub fn open(id: u32) -> Result<FlowMap, Error> {
+        let data = MapData::from_id(id).map_err(|e| err("opening the map")(&e))?;
+        let flows = HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|e| err("the flow map")(&e))?;
+        Ok(FlowMap { flows })
+    }
+
+    /// Remove every entry (their flows' datagrams go up to the sockets again). How many.
+    pub fn clear(&mut self) -> usize {
+        let keys: Vec<Tuple> = self.flows.keys().filter_map(Result::ok).collect();
+        keys.iter().filter(|k| self.remove(k)).count()
+    }
+
+    /// Entries in the map now.
+    pub fn len(&self) -> usize {
+        self.flows.keys().filter_map(Result::ok).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The ids of the BPF objects process `pid` holds descriptors of, from `/proc/PID/fdinfo`:
+/// `map_id`s and `prog_id`s (a link's fdinfo names its program).
+pub fn held_by(pid: u32) -> (Vec<u32>, Vec<u32>) {
+    let (mut maps, mut progs) = (Vec::new(), Vec::new());
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return (maps, progs) };
+    for entry in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
+        for line in text.lines() {
+            let id = |prefix: &str| line.strip_prefix(prefix)?.trim().parse::<u32>().ok();
+            if let Some(id) = id("map_id:") {
+                maps.push(id);
+            } else if let Some(id) = id("prog_id:") {
+                progs.push(id);
+            }
+        }
+    }
+    maps.sort_unstable();
+    maps.dedup();
+    progs.sort_unstable();
+    progs.dedup();
+    (maps, progs)
+}
+
+/// Whether a BPF program of this id is loaded (anywhere on the host).
+pub fn program_loaded(id: u32) -> bool {
+    aya::programs::loaded_programs().flatten().any(|p| p.id() == id)
+}
+
 /// CLOCK_MONOTONIC now, in nanoseconds: the clock of [`Seen::last_seen_ns`].
 pub fn monotonic_ns() -> u64 {
     sys::monotonic_ns()

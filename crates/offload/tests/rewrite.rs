@@ -173,55 +173,6 @@ fn a_process_killed_with_sigkill_leaves_nothing_that_rewrites() {
     });
 }
 
-/// The UDP checksum of `payload` from `src` to `dst` (IPv4 pseudo-header), as a sender
-/// computing it in software would.
-fn udp4_checksum(src: [u8; 4], dst: [u8; 4], udp: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut add = |b: &[u8]| {
-        for pair in b.chunks(2) {
-            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-            sum += u32::from(word);
-        }
-    };
-    add(&src);
-    add(&dst);
-    add(&[0, 17]);
-    add(&(udp.len() as u16).to_be_bytes());
-    add(udp);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    match !(sum as u16) {
-        0 => 0xffff,
-        c => c,
-    }
-}
-
-/// A UDP datagram with a checksum computed here, sent from `from` to `to` through a raw socket
-/// (the kernel adds the IP header, and leaves the UDP checksum as given).
-fn inject(from: SocketAddr, to: SocketAddr, payload: &[u8], break_checksum: bool) {
-    let (SocketAddr::V4(f), SocketAddr::V4(t)) = (from, to) else { panic!("IPv4 only") };
-    let mut udp = Vec::new();
-    udp.extend_from_slice(&f.port().to_be_bytes());
-    udp.extend_from_slice(&t.port().to_be_bytes());
-    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(payload);
-    let mut sum = udp4_checksum(f.ip().octets(), t.ip().octets(), &udp);
-    if break_checksum {
-        sum ^= 0x0101;
-    }
-    udp[6..8].copy_from_slice(&sum.to_be_bytes());
-    let raw = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::RAW,
-        Some(socket2::Protocol::UDP),
-    )
-    .expect("a raw socket (root)");
-    raw.bind(&from.into()).unwrap();
-    raw.send_to(&udp, &to.into()).expect("send through the raw socket");
-}
-
 /// Three hosts joined by veth pairs: client (10.77.1.2) -- balancer (10.77.1.1 | 10.77.2.1)
 /// -- backend (10.77.2.2). The program on the balancer's two interfaces forwards a flow between
 /// them (route looked up, redirected out of the other interface), replies come back from the
@@ -267,7 +218,7 @@ fn flows_are_redirected_between_interfaces_with_checksums_right() {
         for i in 0..3 {
             let ping = format!("ping {i}");
             if i == 2 {
-                client_ns.run(|| inject(c, l, ping.as_bytes(), false));
+                client_ns.run(|| testkit::inject_udp4(c, l, ping.as_bytes(), false));
             } else {
                 client.send_to(ping.as_bytes(), l).unwrap();
             }
@@ -283,7 +234,7 @@ fn flows_are_redirected_between_interfaces_with_checksums_right() {
         assert_eq!(client_ns.snmp("Udp", "InCsumErrors"), 0);
         // The counter does count: a datagram with a broken checksum, rewritten and forwarded,
         // is an error at the backend (and is not delivered).
-        client_ns.run(|| inject(c, l, b"broken", true));
+        client_ns.run(|| testkit::inject_udp4(c, l, b"broken", true));
         let counted = testkit::wait_until(WAIT, || backend_ns.snmp("Udp", "InCsumErrors") == 1);
         assert!(counted, "the backend never counted the broken checksum");
         // Nothing went through tether's own sockets.

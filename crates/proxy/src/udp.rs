@@ -611,6 +611,11 @@ impl Udp {
             let rules = &flow.service.guards.proxy;
             let with_header =
                 rules.send.is_some() && (!flow.header_sent || rules.send_every_datagram);
+            if !with_header && !flow.offload_tried {
+                // Entries before the datagram, so its reply already comes back by the program.
+                self.offload(slot, ctx.stats);
+            }
+            let Some(flow) = self.flows.get(slot).and_then(Option::as_ref) else { return };
             let sent = if with_header {
                 // PROXY v2 (UDP has no v1) in front of the payload, so the backend learns who
                 // the client is.
@@ -638,7 +643,10 @@ impl Udp {
                             flow.header_sent = true;
                         }
                     }
-                    self.offload(slot, ctx.stats);
+                    if with_header {
+                        // No header is due any more: the flow may go to the program now.
+                        self.offload(slot, ctx.stats);
+                    }
                     return;
                 }
                 // An ICMP error from an earlier datagram (connect(2) on UDP: the kernel reports
@@ -888,10 +896,10 @@ impl Udp {
             if flow.service.slot != service || snapshot.guards.acl.allows(flow.source.ip()) {
                 continue;
             }
+            log::debug!("udp flow {}: its client is denied since a reload: ended", flow.key);
             let key = flow.key;
             self.tables[service].remove(&key);
             self.close(slot, ctx.stats);
-            inc(&ctx.stats.dropped_denied);
         }
     }
 

@@ -66,7 +66,9 @@ pub use data::{digest_of, digest_of_pattern, hex, pattern, Digest};
 pub use freeze::FrozenThread;
 pub use http::{http, HttpReply};
 pub use load::{connrate, LoadReport};
-pub use netns::{inside_own_netns, set_local_port_range, sh, snmp, Namespace};
+pub use netns::{
+    inject_udp4, inside_own_netns, set_local_port_range, sh, snmp, udp4_checksum, Namespace,
+};
 pub use nix::sys::signal::Signal;
 pub use process::{no_probes, run_to_exit, Exit, Tether, READY_TIMEOUT, TERM_GRACE};
 pub use signals::StopSignals;

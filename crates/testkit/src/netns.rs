@@ -3,6 +3,7 @@
 //! the host or the tests running beside it.
 
 use std::io;
+use std::net::SocketAddr;
 use std::process::Command;
 
 /// Set in the environment of a test re-run inside its namespace.
@@ -165,4 +166,53 @@ pub fn snmp(group: &str, name: &str) -> u64 {
     let at = names.split_whitespace().position(|n| n == name);
     let at = at.unwrap_or_else(|| panic!("no {group} {name} in snmp"));
     values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).expect("a number")
+}
+
+/// The UDP checksum of `payload` from `src` to `dst` (IPv4 pseudo-header), as a sender
+/// computing it in software would.
+pub fn udp4_checksum(src: [u8; 4], dst: [u8; 4], udp: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for pair in b.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    };
+    add(&src);
+    add(&dst);
+    add(&[0, 17]);
+    add(&(udp.len() as u16).to_be_bytes());
+    add(udp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// A UDP datagram with a checksum computed here, sent from `from` to `to` through a raw socket
+/// (the kernel adds the IP header, and leaves the UDP checksum as given).
+pub fn inject_udp4(from: SocketAddr, to: SocketAddr, payload: &[u8], break_checksum: bool) {
+    let (SocketAddr::V4(f), SocketAddr::V4(t)) = (from, to) else { panic!("IPv4 only") };
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&f.port().to_be_bytes());
+    udp.extend_from_slice(&t.port().to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut sum = udp4_checksum(f.ip().octets(), t.ip().octets(), &udp);
+    if break_checksum {
+        sum ^= 0x0101;
+    }
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::UDP),
+    )
+    .expect("a raw socket (root)");
+    raw.bind(&from.into()).unwrap();
+    raw.send_to(&udp, &to.into()).expect("send through the raw socket");
 }
