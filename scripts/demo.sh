@@ -5,10 +5,12 @@
 # drained through the admin API: its pinned clients stay, new clients go elsewhere. Then the
 # binary is upgraded in place (SIGUSR2) while clients keep connecting: nobody is refused,
 # nobody moves.
-# Needs only the Rust toolchain. Loopback only; every process started here is stopped by PID.
+# Needs the Rust toolchain (clang and libbpf-dev are installed if missing, for the UDP offload's
+# BPF program). Loopback only; every process started here is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/build-deps.sh
 cargo build --quiet -p tether -p tether-bench
 bin=target/debug
 work=$(mktemp -d)

@@ -2,24 +2,16 @@
 # The test command: formatting, lints, and every test (unit, property, black-box on loopback).
 # Needs the Rust toolchain; installs with apt-get (as root, or through sudo) what is missing of
 # chromium (the status page is tested in a headless browser), clang and libbpf-dev (the UDP
-# offload's BPF program is compiled by crates/offload/build.rs) and iproute2 (`ip`, for tests in
-# network namespaces of their own).
+# offload's BPF program is compiled by crates/offload/build.rs), iproute2 (`ip`) and ethtool
+# (for tests in network namespaces of their own, joined by veth pairs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 if ! command -v chromium >/dev/null 2>&1 && [ -z "${TETHER_CHROMIUM:-}" ]; then need+=(chromium); fi
-command -v clang >/dev/null 2>&1 || need+=(clang)
-[ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
-if [ ${#need[@]} -gt 0 ]; then
-    echo "== installing ${need[*]}"
-    sudo=""
-    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+scripts/build-deps.sh "${need[@]}"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
