@@ -346,11 +346,21 @@ def gen(cmd, timeout):
     return r.stdout
 
 
+def machine_busy_seconds():
+    """Busy CPU time of the whole machine (every CPU, softirq and irq included), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / TICK  # user nice system idle iowait irq softirq steal
+
+
 def measure(lb, fn):
     c0 = lb.cpu()
+    m0 = machine_busy_seconds()
     t0 = time.time()
     result = fn()
     result["lb_cpu_s"] = lb.cpu() - c0
+    result["machine_cpu_s"] = machine_busy_seconds() - m0
     result["wall_s"] = time.time() - t0
     return result
 
@@ -499,10 +509,38 @@ def upgrade(lb, args):
 
 class TetherUdp(Tether):
     name = "tether"
-    extra = ["--protocol", "udp"]
+    extra = ["--protocol", "udp", "--udp-offload", "off"]
 
     def wait(self):
         pass  # UDP: nothing to connect to; Tether.__init__ waits for `ready`
+
+
+def bpf_run_time_s(pid):
+    """Run time of the BPF programs process `pid` holds (kernel.bpf_stats_enabled must be 1)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                ids.update(int(l.split()[1]) for l in f if l.startswith("prog_id:"))
+        except OSError:
+            pass
+    total = 0
+    for i in ids:
+        out = subprocess.run(["bpftool", "prog", "show", "id", str(i), "-j"], capture_output=True,
+                             text=True).stdout
+        total += json.loads(out).get("run_time_ns", 0) if out else 0
+    return total / 1e9
+
+
+class TetherUdpOffload(TetherUdp):
+    """Established flows forwarded by the kernel: the balancer's CPU is the process's plus the
+    program's run time (kernel.bpf_stats_enabled), which the kernel charges to whichever task
+    or softirq sent the datagram."""
+    name = "tether-offload"
+    extra = ["--protocol", "udp", "--udp-offload", "on"]
+
+    def cpu(self):
+        return cpu_seconds(self.proc.pid) + bpf_run_time_s(self.proc.pid)
 
 
 class NginxUdp(Nginx):
@@ -529,8 +567,14 @@ def udp_pingpong(lb, args):
                    "-t", str(args.seconds)], args.seconds + 30)
         pct = {m.group(1): float(m.group(2))
                for m in re.finditer(r"percentile (\d+\.\d+) =\s+([\d.]+)", out)}
-        return {"p50_us": pct["50.000"], "p99_us": pct["99.000"]}
-    return measure(lb, run)
+        m = re.search(r"ReceivedMessages=(\d+)", out)
+        rts = int(m.group(1)) if m else 0
+        return {"p50_us": pct["50.000"], "p99_us": pct["99.000"], "round_trips": rts,
+                "rt_s": rts / args.seconds}
+    r = measure(lb, run)
+    r["cpu_us_per_rt"] = r["lb_cpu_s"] * 1e6 / max(1, r["round_trips"])
+    r["machine_cpu_us_per_rt"] = r["machine_cpu_s"] * 1e6 / max(1, r["round_trips"])
+    return r
 
 
 def udp_rate(lb, args):
@@ -548,6 +592,7 @@ def udp_rate(lb, args):
         return {"round_trips": total, "rt_s": total / args.seconds}
     r = measure(lb, run)
     r["cpu_us_per_rt"] = r["lb_cpu_s"] * 1e6 / max(1, r["round_trips"])
+    r["machine_cpu_us_per_rt"] = r["machine_cpu_s"] * 1e6 / max(1, r["round_trips"])
     return r
 
 
@@ -569,7 +614,7 @@ METRICS = {
     "pingpong": (sockperf_backends, [Direct, Tether, HAProxy, Nginx]),
     "memory": (redis_backends, [Tether, HAProxy, Nginx]),
     "state": (http_backends, [TetherEmpty, TetherMillion]),
-    "udp": (udp_backends, [DirectUdp, TetherUdp, NginxUdp]),
+    "udp": (udp_backends, [DirectUdp, TetherUdp, TetherUdpOffload, NginxUdp]),
     "upgrade": (http_backends, [Tether]),
 }
 
@@ -657,10 +702,37 @@ def table(results):
     row("pingpong", "p50_us", "µs", True)
     row("pingpong", "p99_us", "µs", True)
     row("memory", "bytes_per_conn", "RSS bytes/idle conn", True)
-    row("udp-pingpong", "p50_us", "µs", True)
-    row("udp-pingpong", "p99_us", "µs", True)
-    row("udp-rate", "rt_s", "round trips/s, 4 flows", False)
-    row("udp-rate", "cpu_us_per_rt", "LB CPU µs/round trip", True)
+    udp = [t for t in ("udp-pingpong", "udp-rate") if t in results]
+    if udp:
+        cols = ["direct", "tether", "tether-offload", "nginx"]
+        lines.append("")
+        lines.append("UDP, 64-byte datagrams (tether: every datagram through its sockets; "
+                     "tether-offload: established flows forwarded by the kernel):")
+        lines.append("")
+        lines.append("| test | metric | " + " | ".join(cols) +
+                     " | offload/nginx | offload/direct | offload/tether |")
+        lines.append("|---|---|" + "---|" * (len(cols) + 3))
+        for test in udp:
+            res = results[test]
+            for metric, unit, lower in (("rt_s", "round trips/s", False), ("p50_us", "µs", True),
+                                        ("p99_us", "µs", True),
+                                        ("cpu_us_per_rt", "LB CPU µs/round trip", True),
+                                        ("machine_cpu_us_per_rt", "machine CPU µs/round trip", True)):
+                if not any(metric in res.get(c, {}) for c in cols):
+                    continue
+                cell = lambda c: f"{res[c][metric]:.4g}" if metric in res.get(c, {}) else ""
+                o = res.get("tether-offload", {}).get(metric)
+                rat = [f"{ratio(o, res[p][metric]):.2f}" if o is not None and metric in res.get(p, {})
+                       else "" for p in ("nginx", "direct", "tether")]
+                lines.append(f"| {test} | {metric} ({unit}, {'lower' if lower else 'higher'} is better) | "
+                             + " | ".join(cell(c) for c in cols) + " | " + " | ".join(rat) + " |")
+        pp = results.get("udp-pingpong", {})
+        if "direct" in pp and "tether-offload" in pp:
+            lines.append("")
+            lines.append(f"p50 over direct: tether-offload "
+                         f"{pp['tether-offload']['p50_us'] - pp['direct']['p50_us']:+.2f} µs, tether "
+                         f"{pp['tether']['p50_us'] - pp['direct']['p50_us']:+.2f} µs, nginx "
+                         f"{pp['nginx']['p50_us'] - pp['direct']['p50_us']:+.2f} µs")
     st = results.get("state")
     if st and "tether-empty" in st and "tether-1M" in st:
         e, m = st["tether-empty"], st["tether-1M"]
@@ -698,7 +770,12 @@ def main():
     ap.add_argument("--idle-conns", type=int, default=5000)
     ap.add_argument("--state-sources", type=int, default=20000)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
+    ap.add_argument("--one-cpu", action="store_true",
+                    help="every process (balancers, backends, load) on CPU 0: no cross-CPU wake-ups")
     args = ap.parse_args()
+    if args.one_cpu:
+        global LB_CPU
+        LB_CPU = GEN_CPU
     if args.quick:
         args.reps, args.seconds, args.redis_requests = 1, 2, 50000
     for tool in ["taskset", "haproxy", "nginx", "iperf3", "sockperf", "wrk", "redis-server"]:
@@ -707,6 +784,18 @@ def main():
     if os.cpu_count() < 2:
         sys.exit("bench: needs 2 CPUs (balancer on CPU 1, load on CPU 0)")
     dma = hold_dma_latency()
+    # The offload program's run time is counted only while BPF statistics are on.
+    stats_path = "/proc/sys/kernel/bpf_stats_enabled"
+    stats_before = None
+    if "udp" in (args.only or list(METRICS)):
+        try:
+            with open(stats_path) as f:
+                stats_before = f.read().strip()
+            with open(stats_path, "w") as f:
+                f.write("1")
+        except OSError as e:
+            print(f"bench: cannot enable BPF statistics ({e}): the offload's program time is "
+                  "not counted", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="tether-bench-")
     results = {}
@@ -718,8 +807,12 @@ def main():
         stop_all()
         if dma:
             dma.close()
+        if stats_before is not None:
+            with open(stats_path, "w") as f:
+                f.write(stats_before)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps, "seconds": args.seconds,
             "kernel": os.uname().release, "dma_latency_held": dma is not None,
+            "one_cpu": args.one_cpu,
             "versions": {
                 "haproxy": subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split("\n")[0],
                 "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),

@@ -5,7 +5,9 @@
 #
 #   scripts/bench.sh                 # everything, 3 repetitions of 5 s per load balancer
 #   scripts/bench.sh --quick         # 1 repetition of 2 s: a smoke run
-#   scripts/bench.sh --only redis    # one metric (bulk, connrate, redis, pingpong, memory, state)
+#   scripts/bench.sh --only redis    # one metric (bulk, connrate, redis, pingpong, memory, state,
+#                                    # udp, upgrade)
+#   scripts/bench.sh --only udp --one-cpu   # every process on one CPU (no cross-CPU wake-ups)
 #
 # Loopback only; every process it starts is stopped by PID when it ends.
 set -euo pipefail
@@ -20,11 +22,9 @@ command -v sockperf >/dev/null || need+=(sockperf)
 command -v wrk >/dev/null || need+=(wrk)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-benchmark >/dev/null || need+=(redis-tools)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "bench: installing ${need[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+command -v bpftool >/dev/null || need+=(bpftool)
+# clang and libbpf-dev for the offload's BPF program come with the rest.
+scripts/build-deps.sh "${need[@]}"
 
 cargo build --release --quiet -p tether -p tether-bench
 exec python3 scripts/bench.py "$@"

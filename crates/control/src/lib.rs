@@ -254,11 +254,6 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let Budget { max_conns, max_flows, max_pipes, workers } = budget(&config, &admin_limits)?;
     let (offload, offload_status) =
         offload::decide(&config, max_flows).map_err(RunError::Offload)?;
-    if offload_status.enabled {
-        log::info!("udp offload on: {}", offload_status.reason);
-    } else {
-        log::info!("udp offload off: {}", offload_status.reason);
-    }
     let shared = Arc::new(Shared {
         max_conns,
         max_pipes,
@@ -271,7 +266,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     check_connect_from(&config.services).map_err(RunError::ConnectFrom)?;
     let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
         .map_err(RunError::Table)?;
-    registry.offload = offload_status;
+    registry.offload = offload_status.clone();
     let (mut per_worker, announced) =
         bind_services(&config, workers, &mut registry, &mut handover)?;
     place_flows(&mut per_worker, std::mem::take(&mut handover.flows));
@@ -322,6 +317,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
         max_flows,
         if max_pipes > 0 { "copy+splice" } else { "copy" },
     );
+    match (&offload_status, config.services.iter().any(|s| s.protocol.udp())) {
+        (s, _) if s.enabled => log::info!("udp offload on: {}", s.reason),
+        (s, true) => log::info!("udp offload off: {}", s.reason),
+        (s, false) => log::debug!("udp offload off: {}", s.reason),
+    }
     announce(&announced, admin.as_ref().map(|a| a.addr));
     if let Some(socket) = taken_over {
         upgrade::ready(&socket);
