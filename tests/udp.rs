@@ -443,3 +443,32 @@ fn kernel_drops_are_counted_and_a_bigger_receive_buffer_lowers_them() {
         _ => assert!(big_drops < default_drops, "{big_drops} >= {default_drops}"),
     }
 }
+
+#[test]
+fn the_api_lists_each_flow_with_its_counts() {
+    let pool = udp_backends(77, 1);
+    let t = udp_tether(
+        "127.0.77.1:0",
+        &[pool[0].addr()],
+        &["--protocol", "udp", "--admin", "127.0.77.1:0"],
+    );
+    let c = udp_client(IpAddr::V4(Ipv4Addr::new(127, 0, 77, 50))).unwrap();
+    for i in 0..5 {
+        let (reply, _) = udp_ask(&c, t.udp_addr(), format!("echo {i}").as_bytes(), REPLY).unwrap();
+        assert_eq!(reply, format!("echo {i}").as_bytes());
+    }
+    let reply = http(t.admin(), "GET", "/api/flows", "").expect("GET /api/flows");
+    let flows: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(flows.as_array().map(Vec::len), Some(1), "{flows}");
+    let f = &flows[0];
+    assert_eq!(f["client"], c.local_addr().unwrap().to_string());
+    assert_eq!(f["listener"], t.udp_addr().to_string());
+    assert_eq!((f["backend"].as_str(), f["service"].as_str()), (Some("u0"), Some("default")));
+    // Exact whichever path carried them (with the offload on, read from the map when asked).
+    assert_eq!((f["datagrams_in"].as_u64(), f["datagrams_out"].as_u64()), (Some(5), Some(5)));
+    assert_eq!((f["bytes_in"].as_u64(), f["bytes_out"].as_u64()), (Some(30), Some(30)));
+    let offloaded = std::env::var("TETHER_TEST_UDP_OFFLOAD").ok();
+    if let Some(mode) = offloaded.as_deref().filter(|m| *m != "auto") {
+        assert_eq!(f["offloaded"], mode == "on", "{f}");
+    }
+}

@@ -66,9 +66,14 @@ fn entries(t: &Tether) -> usize {
     maps.iter().filter_map(|&id| offload::FlowMap::open(id).ok()).map(|m| m.len()).sum()
 }
 
-fn status(t: &Tether) -> Value {
-    let reply = http(t.admin(), "GET", "/api/status", "").expect("GET /api/status");
+fn get_json(t: &Tether, path: &str) -> Value {
+    let reply = http(t.admin(), "GET", path, "").unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert_eq!(reply.status, 200, "GET {path}: {}", reply.body);
     serde_json::from_str(&reply.body).expect("JSON")
+}
+
+fn status(t: &Tether) -> Value {
+    get_json(t, "/api/status")
 }
 
 #[test]
@@ -102,6 +107,18 @@ fn the_first_datagram_goes_through_user_space_and_the_rest_through_the_kernel() 
         (Some(20), Some(220))
     );
     assert_eq!(status(&t)["udp_offload"]["datagrams_total"], 39);
+    // Per flow, from GET /api/flows (the workers read the program's entries when asked).
+    let flows = get_json(&t, "/api/flows");
+    let f = &flows[0];
+    assert_eq!(flows.as_array().map(Vec::len), Some(1), "{flows}");
+    assert_eq!(f["client"], c.local_addr().unwrap().to_string());
+    assert_eq!((f["backend"].as_str(), f["offloaded"].as_bool()), (Some("u0"), Some(true)));
+    assert_eq!((f["datagrams_in"].as_u64(), f["datagrams_out"].as_u64()), (Some(20), Some(20)));
+    assert_eq!((f["bytes_in"].as_u64(), f["bytes_out"].as_u64()), (Some(220), Some(220)));
+    assert_eq!(f["local"], b.seen()[0].to_string(), "the flow's address is what u0 sees");
+    assert_eq!(get_json(&t, "/api/flows?client=127.0.130.99"), serde_json::json!([]));
+    let bad = http(t.admin(), "GET", "/api/flows?limit=0", "").unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.body);
     // One flow: the backend saw one source port.
     assert_eq!(b.sources().len(), 1);
 }

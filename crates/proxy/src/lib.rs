@@ -64,7 +64,7 @@ pub use listener::{bind, bind_all, BindError, Bound};
 pub use routing::{BackendState, Guards, ProxyRules, Settings, Snapshot, PASSIVE_HOLD};
 pub use stats::{Counts, Stats, STALLED_AFTER};
 pub use sys::{inherited_fd, recv_with_fds, send_with_fds, MAX_FDS};
-pub use udp::{socket_id, HandedFlow};
+pub use udp::{socket_id, FlowView, HandedFlow};
 pub use worker::Worker;
 
 /// Listener sockets handed to one worker, each with the slot of the service it feeds, and the
@@ -99,6 +99,12 @@ pub enum Command {
     PauseUdp(crossbeam_channel::Sender<Vec<HandedFlow>>),
     /// Read the UDP sockets again (the upgrade failed).
     ResumeUdp,
+    /// Describe the worker's UDP flows (of clients with this IP, if given; `limit` at most).
+    Flows {
+        client: Option<std::net::IpAddr>,
+        limit: usize,
+        reply: crossbeam_channel::Sender<Vec<FlowView>>,
+    },
 }
 
 /// State every worker of a process shares (read-only apart from atomics).

@@ -71,6 +71,29 @@ pub struct HandedFlow {
     pub backend: String,
 }
 
+/// One UDP flow as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowView {
+    pub service: String,
+    /// The client, and the address it sent to.
+    pub client: SocketAddr,
+    pub listener: SocketAddr,
+    /// The flow socket's address (what the backend sees) and the backend.
+    pub local: Option<SocketAddr>,
+    pub backend: String,
+    pub backend_address: SocketAddr,
+    /// The offload program carries it.
+    pub offloaded: bool,
+    /// Datagrams and payload bytes client -> backend and back, whoever carried them.
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Since its last datagram (as the flow table knows it: the program's are read every
+    /// second and now).
+    pub idle_ms: u64,
+}
+
 /// What tells one socket from another across processes: its inode (a descriptor passed with
 /// SCM_RIGHTS names the same socket, with the same inode).
 pub fn socket_id(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
@@ -884,6 +907,45 @@ impl Udp {
             inc(&ctx.stats.flows_expired);
             self.close(slot, ctx.stats);
         }
+    }
+
+    /// The flows (of clients with IP `client`, if given), at most `limit`, their counts
+    /// brought up to date from the program's entries.
+    pub fn flows(&mut self, client: Option<IpAddr>, limit: usize, ctx: &Ctx<'_>) -> Vec<FlowView> {
+        let mut out = Vec::new();
+        for slot in 0..self.flows.len() {
+            if out.len() >= limit {
+                break;
+            }
+            let Some(flow) = self.flows[slot].as_mut() else { continue };
+            if client.is_some_and(|ip| crate::routing::canonical(flow.client).ip() != ip) {
+                continue;
+            }
+            if let (Some(kernel), Some(o)) = (self.kernel.as_mut(), flow.offloaded.as_mut()) {
+                let reading = kernel.read(o);
+                if let Some(last) = reading.last_ms {
+                    self.tables[flow.service.slot].get(&flow.key, last);
+                }
+                fold(flow, &reading, ctx.stats);
+            }
+            let last = self.tables[flow.service.slot].peek(&flow.key).map(|f| f.last_active());
+            let b = &flow.service.backends[flow.backend];
+            out.push(FlowView {
+                service: flow.service.name.clone(),
+                client: flow.client,
+                listener: flow.key.listener(),
+                local: flow.socket.local_addr().ok(),
+                backend: b.name.clone(),
+                backend_address: b.addr,
+                offloaded: flow.offloaded.is_some(),
+                datagrams_in: flow.counts.datagrams[0],
+                datagrams_out: flow.counts.datagrams[1],
+                bytes_in: flow.counts.bytes[0],
+                bytes_out: flow.counts.bytes[1],
+                idle_ms: last.map_or(0, |t| ctx.now_ms.saturating_sub(t)),
+            });
+        }
+        out
     }
 
     /// Service slot `service` has new rules (a reload): flows whose client they deny end now.

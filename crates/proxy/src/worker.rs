@@ -188,6 +188,10 @@ impl Worker {
                     let _ = reply.send(flows);
                 }
                 Command::ResumeUdp => self.udp.resume(self.poll.registry()),
+                Command::Flows { client, limit, reply } => {
+                    self.now = Instant::now();
+                    let _ = reply.send(self.udp.flows(client, limit, &udp_ctx!(self)));
+                }
             }
         }
     }

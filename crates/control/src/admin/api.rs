@@ -68,6 +68,10 @@ pub fn route(
         (&Method::GET, ["api", "backends"]) => ok_json(backends_json(&lock())),
         (&Method::GET, ["api", "events"]) => ok_json(events_json(&lock())),
         (&Method::GET, ["api", "sticky"]) => sticky(query, &lock()),
+        (&Method::GET, ["api", "flows"]) => {
+            let links = lock().workers.links.clone();
+            flows(query, &links)
+        }
         (&Method::GET, ["api", "state"]) => ok_json(state_json(&lock())),
         (&Method::GET, ["api", "status"]) => ok_json(status_json(&lock())),
         (&Method::PUT, ["api", "services", service, "backends", name]) => {
@@ -239,6 +243,81 @@ fn sticky(query: &str, registry: &Registry) -> Answer {
         })),
         Err(r) => refused(r),
     }
+}
+
+/// Most flows `GET /api/flows` lists unless `limit` says otherwise, and the most it may ask.
+const FLOWS_LIMIT: usize = 1000;
+const FLOWS_LIMIT_MAX: usize = 100_000;
+
+/// `GET /api/flows[?client=IP][&limit=N]`: the UDP flows open now, asked of each worker (which
+/// reads its offloaded flows' entries first, so the counts are current).
+fn flows(
+    query: &str,
+    links: &[(crossbeam_channel::Sender<proxy::Command>, std::sync::Arc<mio::Waker>)],
+) -> Answer {
+    let (mut client, mut limit) = (None, FLOWS_LIMIT);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "client" => match v.parse::<IpAddr>() {
+                Ok(ip) => client = Some(proxy_canonical(ip)),
+                Err(_) => return error(400, &format!("client: {v:?} is not an IP address")),
+            },
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=FLOWS_LIMIT_MAX).contains(&n) => limit = n,
+                _ => {
+                    return error(
+                        400,
+                        &format!("limit: {v:?} is not a number from 1 to {FLOWS_LIMIT_MAX}"),
+                    )
+                }
+            },
+            other => return error(400, &format!("unknown parameter {other:?}")),
+        }
+    }
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for (worker, waker) in links {
+        let _ = worker.send(proxy::Command::Flows { client, limit, reply: tx.clone() });
+        let _ = waker.wake();
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut all = Vec::new();
+    for _ in links {
+        match rx.recv_deadline(deadline) {
+            Ok(mine) => all.extend(mine),
+            Err(_) => return error(503, "a worker did not answer within 2s"),
+        }
+    }
+    all.sort_by_key(|f| (f.service.clone(), f.client));
+    all.truncate(limit);
+    ok_json(Value::Array(all.iter().map(flow_json).collect()))
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is (how flows name such clients).
+fn proxy_canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn flow_json(f: &proxy::FlowView) -> Value {
+    json!({
+        "service": f.service,
+        "client": f.client.to_string(),
+        "listener": f.listener.to_string(),
+        "local": f.local.map(|a| a.to_string()),
+        "backend": f.backend,
+        "backend_address": f.backend_address.to_string(),
+        "offloaded": f.offloaded,
+        "datagrams_in": f.datagrams_in,
+        "datagrams_out": f.datagrams_out,
+        "bytes_in": f.bytes_in,
+        "bytes_out": f.bytes_out,
+        "idle_ms": f.idle_ms,
+    })
 }
 
 pub(crate) fn backend_json(b: &crate::registry::BackendView) -> Value {
