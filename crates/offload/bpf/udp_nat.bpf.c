@@ -51,28 +51,30 @@ struct {
 #define L4_4 (L3 + sizeof(struct iphdr))
 #define L4_6 (L3 + sizeof(struct ipv6hdr))
 
+// IPv4: addresses and ports are 12 bytes in a row (no options, the UDP header right after).
+// The checksums change by the difference of old and new: the addresses enter the IP header's
+// and the UDP pseudo-header's (BPF_F_PSEUDO_HDR: with CHECKSUM_PARTIAL only the pseudo-header
+// sum is in the field), the ports the UDP checksum's; a UDP checksum that becomes 0 is sent as
+// 0xffff, and one that was 0 (none) stays 0 (BPF_F_MARK_MANGLED_0).
 static __always_inline int rewrite4(struct __sk_buff *skb, const struct tuple *from,
                                     const struct tuple *to) {
     const __u32 l4_csum = L4_4 + __builtin_offsetof(struct udphdr, check);
-    const __u64 pseudo = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
-    __u32 old_s, new_s, old_d, new_d;
-    __builtin_memcpy(&old_s, from->saddr, 4);
-    __builtin_memcpy(&new_s, to->saddr, 4);
-    __builtin_memcpy(&old_d, from->daddr, 4);
-    __builtin_memcpy(&new_d, to->daddr, 4);
-    if (bpf_l4_csum_replace(skb, l4_csum, old_s, new_s, pseudo | 4) ||
-        bpf_l4_csum_replace(skb, l4_csum, old_d, new_d, pseudo | 4) ||
-        bpf_l4_csum_replace(skb, l4_csum, from->sport, to->sport, BPF_F_MARK_MANGLED_0 | 2) ||
-        bpf_l4_csum_replace(skb, l4_csum, from->dport, to->dport, BPF_F_MARK_MANGLED_0 | 2) ||
-        bpf_l3_csum_replace(skb, IP4_CSUM, old_s, new_s, 4) ||
-        bpf_l3_csum_replace(skb, IP4_CSUM, old_d, new_d, 4))
+    __u32 old[3], new[3];
+    __builtin_memcpy(&old[0], from->saddr, 4);
+    __builtin_memcpy(&old[1], from->daddr, 4);
+    __builtin_memcpy(&old[2], &from->sport, 4);
+    __builtin_memcpy(&new[0], to->saddr, 4);
+    __builtin_memcpy(&new[1], to->daddr, 4);
+    __builtin_memcpy(&new[2], &to->sport, 4);
+    __s64 addrs = bpf_csum_diff(old, 8, new, 8, 0);
+    __s64 ports = bpf_csum_diff(&old[2], 4, &new[2], 4, 0);
+    if (addrs < 0 || ports < 0)
         return -1;
-    __u32 addrs[2] = {new_s, new_d};
-    __u16 ports[2] = {to->sport, to->dport};
-    if (bpf_skb_store_bytes(skb, IP4_SRC, addrs, 8, 0) ||
-        bpf_skb_store_bytes(skb, L4_4, ports, 4, 0))
+    if (bpf_l4_csum_replace(skb, l4_csum, 0, addrs, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0) ||
+        bpf_l4_csum_replace(skb, l4_csum, 0, ports, BPF_F_MARK_MANGLED_0) ||
+        bpf_l3_csum_replace(skb, IP4_CSUM, 0, addrs, 0))
         return -1;
-    return 0;
+    return bpf_skb_store_bytes(skb, IP4_SRC, new, 12, 0) ? -1 : 0;
 }
 
 static __always_inline int rewrite6(struct __sk_buff *skb, const struct tuple *from,
@@ -91,15 +93,13 @@ static __always_inline int rewrite6(struct __sk_buff *skb, const struct tuple *f
         if (bpf_l4_csum_replace(skb, l4_csum, o, n, pseudo | 4))
             return -1;
     }
-    if (bpf_l4_csum_replace(skb, l4_csum, from->sport, to->sport, BPF_F_MARK_MANGLED_0 | 2) ||
-        bpf_l4_csum_replace(skb, l4_csum, from->dport, to->dport, BPF_F_MARK_MANGLED_0 | 2))
+    __u32 old_ports, new_ports;
+    __builtin_memcpy(&old_ports, &from->sport, 4);
+    __builtin_memcpy(&new_ports, &to->sport, 4);
+    if (bpf_l4_csum_replace(skb, l4_csum, old_ports, new_ports, BPF_F_MARK_MANGLED_0 | 4))
         return -1;
-    __u16 ports[2] = {to->sport, to->dport};
-    if (bpf_skb_store_bytes(skb, IP6_SRC, to->saddr, 16, 0) ||
-        bpf_skb_store_bytes(skb, IP6_SRC + 16, to->daddr, 16, 0) ||
-        bpf_skb_store_bytes(skb, L4_6, ports, 4, 0))
-        return -1;
-    return 0;
+    // Addresses and ports are 36 bytes in a row (the UDP header right after), as in `to`.
+    return bpf_skb_store_bytes(skb, IP6_SRC, to, 36, 0) ? -1 : 0;
 }
 
 // The headers up to the end of the UDP header are in the linear part of the packet.

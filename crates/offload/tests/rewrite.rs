@@ -187,18 +187,17 @@ fn flows_are_redirected_between_interfaces_with_checksums_right() {
         testkit::sh(&format!(
             "ip link add c1 type veth peer name c0 netns {c}
              ip link add b1 type veth peer name b0 netns {b}
-             ip addr add 10.77.1.1/24 dev c1; ip link set c1 up
-             ip addr add 10.77.2.1/24 dev b1; ip link set b1 up",
+             ip addr add 10.77.1.1/24 dev c1; ip -6 addr add fd77:1::1/64 dev c1 nodad
+             ip addr add 10.77.2.1/24 dev b1; ip -6 addr add fd77:2::1/64 dev b1 nodad
+             ip link set c1 up; ip link set b1 up",
             c = client_ns.tid,
             b = backend_ns.tid,
         ));
         // The senders' checksum offload off: datagrams leave with full software checksums.
-        client_ns.sh(
-            "ip addr add 10.77.1.2/24 dev c0; ip link set c0 up; ethtool -K c0 tx off >/dev/null",
-        );
-        backend_ns.sh(
-            "ip addr add 10.77.2.2/24 dev b0; ip link set b0 up; ethtool -K b0 tx off >/dev/null",
-        );
+        client_ns.sh("ip addr add 10.77.1.2/24 dev c0; ip -6 addr add fd77:1::2/64 dev c0 nodad
+             ip link set c0 up; ethtool -K c0 tx off >/dev/null");
+        backend_ns.sh("ip addr add 10.77.2.2/24 dev b0; ip -6 addr add fd77:2::2/64 dev b0 nodad
+             ip link set b0 up; ethtool -K b0 tx off >/dev/null");
         let off = Offload::attach(&["c1", "b1"], 64).expect("attach");
         let mut map = off.flow_map().unwrap();
         let mut routes = tether_offload::route::Routes::new().unwrap();
@@ -241,5 +240,28 @@ fn flows_are_redirected_between_interfaces_with_checksums_right() {
         listener.set_nonblocking(true).unwrap();
         flow.set_nonblocking(true).unwrap();
         assert!(listener.recv_from(&mut buf).is_err() && flow.recv_from(&mut buf).is_err());
+        // IPv6 the same way (no IP header checksum: the UDP one covers the addresses).
+        let listener = bind("[fd77:1::1]:0");
+        let flow = bind("[fd77:2::1]:0");
+        let client = client_ns.run(|| bind("[fd77:1::2]:0"));
+        let backend = backend_ns.run(|| bind("[fd77:2::2]:0"));
+        let (l, f, c, b) = (addr(&listener), addr(&flow), addr(&client), addr(&backend));
+        let to_backend = routes.egress(f.ip(), b.ip()).unwrap().oif();
+        let to_client = routes.egress(l.ip(), c.ip()).unwrap().oif();
+        assert_eq!((to_backend, to_client), (index("b1"), index("c1")));
+        map.insert(Tuple::new(c, l), Tuple::new(f, b), to_backend).unwrap();
+        map.insert(Tuple::new(b, f), Tuple::new(l, c), to_client).unwrap();
+        for i in 0..3 {
+            let ping = format!("ping6 {i}");
+            client.send_to(ping.as_bytes(), l).unwrap();
+            let (n, from) = backend.recv_from(&mut buf).expect("the backend gets the datagram");
+            assert_eq!((&buf[..n], from), (ping.as_bytes(), f), "client -> backend");
+            backend.send_to(format!("pong6 {i}").as_bytes(), from).unwrap();
+            let (n, from) = client.recv_from(&mut buf).expect("the client gets the reply");
+            assert_eq!((&buf[..n], from), (format!("pong6 {i}").as_bytes(), l));
+        }
+        assert_eq!(map.seen(&Tuple::new(c, l)).map(|s| s.packets), Some(3));
+        assert_eq!(backend_ns.snmp("Udp6", "InCsumErrors"), 0);
+        assert_eq!(client_ns.snmp("Udp6", "InCsumErrors"), 0);
     });
 }
