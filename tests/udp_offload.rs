@@ -116,6 +116,9 @@ fn the_first_datagram_goes_through_user_space_and_the_rest_through_the_kernel() 
     assert_eq!((f["datagrams_in"].as_u64(), f["datagrams_out"].as_u64()), (Some(20), Some(20)));
     assert_eq!((f["bytes_in"].as_u64(), f["bytes_out"].as_u64()), (Some(220), Some(220)));
     assert_eq!(f["local"], b.seen()[0].to_string(), "the flow's address is what u0 sees");
+    // Its socket still holds that address: nothing else can take the port meanwhile.
+    let taken = UdpSocket::bind(b.seen()[0]).map(|_| ()).map_err(|e| e.kind());
+    assert_eq!(taken, Err(std::io::ErrorKind::AddrInUse));
     assert_eq!(get_json(&t, "/api/flows?client=127.0.130.99"), serde_json::json!([]));
     let bad = http(t.admin(), "GET", "/api/flows?limit=0", "").unwrap();
     assert_eq!(bad.status, 400, "{}", bad.body);

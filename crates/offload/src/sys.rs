@@ -7,7 +7,8 @@ unsafe impl aya::Pod for crate::Tuple {}
 // SAFETY: as above.
 unsafe impl aya::Pod for crate::Nat {}
 
-/// CLOCK_MONOTONIC in nanoseconds (what `bpf_ktime_get_ns` reads).
+/// CLOCK_MONOTONIC in nanoseconds (the program stamps CLOCK_MONOTONIC_COARSE, the same clock
+/// up to a tick behind).
 pub fn monotonic_ns() -> u64 {
     let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
