@@ -437,3 +437,15 @@ fn flows_between_interfaces_are_redirected_by_the_kernel_with_checksums_right() 
         "0"
     );
 }
+
+#[test]
+fn after_dropping_root_the_workers_still_offload() {
+    let b = backend(129, 0);
+    let t = offload_tether(129, &[&b], &["--user", "nobody"]);
+    let (c, to) = (client(129, 0), t.udp_addr());
+    for i in 0..3 {
+        echo(&c, to, format!("{i}").as_bytes());
+    }
+    wait_metric(&t, "tether_udp_offloaded_datagrams_total", "", 5.0);
+    assert!(t.stderr_text().contains("running as user nobody"), "{}", t.stderr_text());
+}
