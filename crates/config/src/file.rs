@@ -30,9 +30,9 @@ use serde::Deserialize;
 use crate::settings::{RawFile, RawService};
 
 use crate::{
-    add_backend, backend_spec, build_config, build_service, check_backend_addr,
+    add_backend, backend_spec, build_config, build_peers, build_service, check_backend_addr,
     check_backend_max_conns, check_name, check_weight, listen_addrs, BackendSpec, Config,
-    ConfigError, Origin, ProcessInput, Service, ServiceInput,
+    ConfigError, Origin, PeersInput, ProcessInput, Service, ServiceInput,
 };
 
 /// Read and validate the config file at `path`.
@@ -100,12 +100,15 @@ impl TryFrom<RawFile> for Config {
             ));
         }
         let input = ProcessInput::of(&raw);
+        let peers = build_peers(&Origin::Table("peers".into()), &PeersInput::of(&raw.peers))?;
         let mut services: Vec<Service> = Vec::with_capacity(raw.service.len());
         for (i, service) in raw.service.into_iter().enumerate() {
             let service = file_service(i, service, &services)?;
             services.push(service);
         }
-        build_config(&Origin::Table(String::new()), &input, services)
+        let mut config = build_config(&Origin::Table(String::new()), &input, services)?;
+        (config.name, config.peers) = peers;
+        Ok(config)
     }
 }
 
@@ -311,6 +314,14 @@ mod tests {
             proxy-header-timeout = "2s"
             connect-from = ["10.0.0.100", "fd00::100"]
 
+            [peers]
+            name = "edge-1"
+            peer = ["edge-2=10.0.0.2:7946", "edge-3=[fd00::3]:7946"]
+            peer-listen = "10.0.0.1:7946"
+            peer-allow-remote = true
+            peer-key-file = "/etc/tether/peer.key"
+            peer-health = "quorum"
+
             [[service.backend]]
             address = "10.0.0.1:5432"
             weight = 2
@@ -347,6 +358,13 @@ mod tests {
         assert_eq!(c.grace, Duration::from_secs(45));
         assert_eq!(c.upgrade_grace, Duration::from_secs(600));
         assert_eq!(c.udp_offload, crate::UdpOffload::Off);
+        assert_eq!(c.name, "edge-1");
+        let peers = c.peers.as_ref().expect("peers");
+        let names: Vec<_> = peers.peers.iter().map(|p| (p.name.as_str(), p.addr)).collect();
+        assert_eq!(names, [("edge-2", addr("10.0.0.2:7946")), ("edge-3", addr("[fd00::3]:7946"))]);
+        assert_eq!(peers.listen, Some(addr("10.0.0.1:7946")));
+        assert_eq!(peers.key_file, std::path::PathBuf::from("/etc/tether/peer.key"));
+        assert_eq!(peers.health, crate::PeerHealth::Quorum);
         assert_eq!(c.state_file, Some("/var/lib/tether/state".into()));
         assert_eq!(c.state_interval, Duration::from_secs(5));
         assert_eq!(c.sticky_prefill, 0);
@@ -549,7 +567,32 @@ mod tests {
                 top("wat = 1"),
                 "wat: unknown key (expected one of admin, admin-allow-remote, admin-token-file, admin-max-conns, \
                  admin-timeout, user, workers, max-conns, \
-                 max-flows, splice, listeners, grace, upgrade-grace, state-file, state-interval, udp-offload, service)",
+                 max-flows, splice, listeners, grace, upgrade-grace, state-file, state-interval, udp-offload, peers, service)",
+            ),
+            (
+                file("", "", "", "[peers]\nwat = 1\n"),
+                "peers.wat: unknown key (expected one of name, peer, peer-listen, peer-allow-remote, peer-key-file, peer-health)",
+            ),
+            (file("", "", "", "[peers]\npeer = [\"b\"]\n"), "peers.peer[0] \"b\": expected NAME=ADDR"),
+            (
+                file("", "", "", "[peers]\nname = \"a\"\npeer = [\"a=127.0.0.1:1\"]\n"),
+                "peers.peer[0] \"a=127.0.0.1:1\": \"a\" is this instance's own name",
+            ),
+            (
+                file("", "", "", "[peers]\npeer = [\"b=127.0.0.1:1\", \"b=127.0.0.1:2\"]\n"),
+                "peers.peer[1] \"b=127.0.0.1:2\": \"b\" is named twice",
+            ),
+            (
+                file("", "", "", "[peers]\npeer-listen = \"10.0.0.1:7946\"\npeer-key-file = \"k\"\n"),
+                "peers.peer-listen \"10.0.0.1:7946\": not a loopback address",
+            ),
+            (
+                file("", "", "", "[peers]\npeer = [\"b=127.0.0.1:1\"]\n"),
+                "peers.peer-key-file: required with peers",
+            ),
+            (
+                file("", "", "", "[peers]\npeer-health = \"most\"\n"),
+                "peers.peer-health \"most\": expected `quorum` or `off`",
             ),
             (
                 service("colour = 1"),

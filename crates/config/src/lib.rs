@@ -33,7 +33,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
 pub use settings::Args;
-pub(crate) use settings::{ProcessInput, ServiceInput};
+pub(crate) use settings::{PeersInput, ProcessInput, ServiceInput};
 pub use values::*;
 pub use vocab::duration::{format_duration, parse_duration};
 pub use vocab::{Affinity, Listeners, OnDown, Protocol, ProxyVersion, Splice, UdpOffload};
@@ -234,6 +234,38 @@ pub struct Config {
     pub state_interval: Duration,
     /// Whether established UDP flows are handed to the kernel.
     pub udp_offload: UdpOffload,
+    /// This instance's name (among peers, in logs and `/api/status`).
+    pub name: String,
+    /// The other instances pins are shared with (`None`: no peers).
+    pub peers: Option<Peers>,
+}
+
+/// Sharing pins with other instances (issue 14).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peers {
+    /// The others, by name: whom this instance connects to.
+    pub peers: Vec<Peer>,
+    /// Where the others connect to this one.
+    pub listen: Option<SocketAddr>,
+    /// The shared key's file (read at start).
+    pub key_file: std::path::PathBuf,
+    pub health: PeerHealth,
+}
+
+/// Another instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+/// Whether peers' views of backend health count here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerHealth {
+    /// A backend is down here when most instances (this one included) see it down.
+    Quorum,
+    /// Each instance's own probes only.
+    Off,
 }
 
 /// A setting that could not be accepted: where it was (a flag such as `--listen`, or a key path
@@ -275,6 +307,7 @@ fn service_flags(args: &Args) -> Vec<String> {
     }
     given.extend(ServiceInput::given(args));
     given.extend(ProcessInput::given(args));
+    given.extend(PeersInput::given(args));
     given
 }
 
@@ -332,6 +365,7 @@ impl TryFrom<Args> for Config {
         let service = flag_service(&args)?;
         let mut config = build_config(&Origin::Flags, &ProcessInput::from(&args), vec![service])?;
         config.sticky_prefill = prefill(&args)?;
+        (config.name, config.peers) = build_peers(&Origin::Flags, &PeersInput::from(&args))?;
         Ok(config)
     }
 }
@@ -745,7 +779,69 @@ pub(crate) fn build_config(
             UdpOffload::Auto,
             parse_udp_offload,
         )?,
+        name: host_name(),
+        peers: None,
     })
+}
+
+/// This host's name, the default instance name (`localhost` if it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| check_name(s).is_ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The instance name and the peers, from flags or the `[peers]` table.
+pub(crate) fn build_peers(
+    origin: &Origin,
+    input: &PeersInput,
+) -> Result<(String, Option<Peers>), ConfigError> {
+    let name = opt(origin, "name", &input.name, host_name(), |raw| {
+        check_name(raw).map(|()| raw.to_string())
+    })?;
+    let mut peers: Vec<Peer> = Vec::new();
+    for (i, raw) in input.peer.iter().enumerate() {
+        let place = origin.item("peer", i);
+        let bad = |p: String| ConfigError::at(place.clone(), Some(raw.clone()), p);
+        let (peer, addr) = raw.split_once('=').ok_or_else(|| bad("expected NAME=ADDR".into()))?;
+        check_name(peer).map_err(bad)?;
+        let addr = parse_addr(addr).map_err(bad)?;
+        if peer == name {
+            return Err(bad(format!("{peer:?} is this instance's own name (--name)")));
+        }
+        if peers.iter().any(|p| p.name == peer) {
+            return Err(bad(format!("{peer:?} is named twice")));
+        }
+        peers.push(Peer { name: peer.to_string(), addr });
+    }
+    let listen = opt(origin, "peer-listen", &input.peer_listen, None, |raw| {
+        let addr = parse_addr(raw)?;
+        if !addr.ip().is_loopback() && !input.peer_allow_remote {
+            return Err("not a loopback address: peers can pin every client; pass \
+                        --peer-allow-remote (key `peer-allow-remote`) to expose it"
+                .into());
+        }
+        Ok(Some(addr))
+    })?;
+    let health =
+        opt(origin, "peer-health", &input.peer_health, PeerHealth::Off, |raw| match raw {
+            "quorum" => Ok(PeerHealth::Quorum),
+            "off" => Ok(PeerHealth::Off),
+            _ => Err("expected `quorum` or `off`".into()),
+        })?;
+    if peers.is_empty() && listen.is_none() {
+        return Ok((name, None));
+    }
+    let Some(key_file) = input.peer_key_file.as_ref().filter(|f| !f.is_empty()) else {
+        return Err(origin.missing(
+            "peer-key-file",
+            "required with peers: they prove to each other that they hold this key",
+        ));
+    };
+    let key_file = std::path::PathBuf::from(key_file);
+    Ok((name, Some(Peers { peers, listen, key_file, health })))
 }
 
 /// The setting `key`: `default` when not given, else `raw` checked by `parse`.
@@ -874,6 +970,36 @@ mod tests {
 
     fn err(extra: &[&str]) -> String {
         with(extra).unwrap_err()
+    }
+
+    #[test]
+    fn peers_from_flags() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.peers, None);
+        assert!(check_name(&c.name).is_ok(), "the host name by default: {}", c.name);
+        let c =
+            with(&["--name", "a", "--peer", "b=127.0.0.1:7946", "--peer-key-file", "/k"]).unwrap();
+        assert_eq!(c.name, "a");
+        let peers = c.peers.unwrap();
+        assert_eq!(
+            peers.peers,
+            [Peer { name: "b".into(), addr: "127.0.0.1:7946".parse().unwrap() }]
+        );
+        assert_eq!((peers.listen, peers.health), (None, PeerHealth::Off));
+        let listen = with(&["--peer-listen", "127.0.0.1:7946", "--peer-key-file", "/k"]).unwrap();
+        assert_eq!(listen.peers.unwrap().listen, Some("127.0.0.1:7946".parse().unwrap()));
+        let remote = ["--peer-listen", "10.0.0.1:7946", "--peer-key-file", "/k"];
+        assert!(err(&remote).starts_with("--peer-listen \"10.0.0.1:7946\": not a loopback"));
+        let mut allowed = remote.to_vec();
+        allowed.push("--peer-allow-remote");
+        assert!(with(&allowed).is_ok());
+        assert!(err(&["--peer", "b"]).starts_with("--peer \"b\": expected NAME=ADDR"));
+        assert!(err(&["--peer", "b=nowhere"]).starts_with("--peer \"b=nowhere\": not an IP:port"));
+        assert!(err(&["--peer", "b=127.0.0.1:1"]).starts_with("--peer-key-file: required"));
+        assert!(err(&["--name", "a", "--peer", "a=127.0.0.1:1", "--peer-key-file", "/k"])
+            .contains("this instance's own name"));
+        assert!(err(&["--name", "a b"]).starts_with("--name \"a b\": name"));
+        assert!(err(&["--peer-health", "most"]).starts_with("--peer-health \"most\": expected"));
     }
 
     #[test]

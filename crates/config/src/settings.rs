@@ -117,6 +117,7 @@ macro_rules! settings {
     (
         service { $($(#[$sm:meta])* $sn:ident: $sk:ident,)* }
         process { $($(#[$pm:meta])* $pn:ident: $pk:ident,)* }
+        peers { $($(#[$qm:meta])* $qn:ident: $qk:ident,)* }
     ) => {
         args!([
             /// TOML file with one or more services (see docs/configuration.md); replaces the service flags
@@ -133,7 +134,7 @@ macro_rules! settings {
             /// (2001:db8::/32) to measure tether with a large table (default 0)
             #[argh(option)]
             pub sticky_prefill: Option<String>,
-        ] $($(#[$sm])* $sn: $sk,)* $($(#[$pm])* $pn: $pk,)*);
+        ] $($(#[$sm])* $sn: $sk,)* $($(#[$pm])* $pn: $pk,)* $($(#[$qm])* $qn: $qk,)*);
 
         input! {
             /// One service's settings as given, before validation: the flags' text, or the
@@ -146,6 +147,19 @@ macro_rules! settings {
             /// The process-wide settings as given (see `ServiceInput`), validated by
             /// `build_config`.
             ProcessInput from RawFile { $($pn: $pk,)* }
+        }
+
+        input! {
+            /// The peers' settings as given (flags, or the file's `[peers]` table under the
+            /// same names), validated by `build_peers`.
+            PeersInput from RawPeers { $($qn: $qk,)* }
+        }
+
+        /// The `[peers]` table as written (its keys are the flags' names).
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+        pub(crate) struct RawPeers {
+            $(pub(crate) $qn: raw_type!($qk),)*
         }
 
         /// One `[[service]]` table as written. Counts are TOML integers (`i64`, so that a
@@ -164,6 +178,7 @@ macro_rules! settings {
         #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
         pub(crate) struct RawFile {
             $(pub(crate) $pn: raw_type!($pk),)*
+            pub(crate) peers: RawPeers,
             pub(crate) service: Vec<RawService>,
         }
     };
@@ -282,5 +297,20 @@ settings! {
         /// UDP flows forwarded in the kernel once established (an eBPF program at tc ingress):
         /// `auto` (default: where the kernel and privileges allow), `on` (required) or `off`
         udp_offload: text,
+    }
+    peers {
+        /// this instance's name among its peers (default: the host name)
+        name: text,
+        /// another instance, NAME=ADDR (its --peer-listen address), to share pins with (repeatable)
+        peer: list,
+        /// address the peers connect to, e.g. 127.0.0.1:7946; loopback unless --peer-allow-remote
+        peer_listen: text,
+        /// allow --peer-listen on an address other than loopback
+        peer_allow_remote: switch,
+        /// file holding the peers' shared key: one line of 64 hex characters (32 random bytes);
+        /// required with --peer or --peer-listen
+        peer_key_file: text,
+        /// share health: `quorum` (a backend counts as down when most peers report it down) or `off` (default)
+        peer_health: text,
     }
 }

@@ -58,5 +58,5 @@ pub mod testutil;
 pub use flow::{
     Admit, Expired, Flow, FlowBudget, FlowKey, FlowStats, FlowTable, Inserted, Refused,
 };
-pub use sticky::{Attach, EntryView, Sticky, StickyConfig, StickyStats};
+pub use sticky::{Attach, EntryView, Sticky, StickyConfig, StickyStats, Watch};
 pub use vocab::{AffinityKey, BackendId, KeyedHasher};

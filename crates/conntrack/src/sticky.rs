@@ -8,6 +8,7 @@
 //! lock per operation and nothing else. Counters are relaxed atomics.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::{DashMap, Entry};
 
@@ -133,6 +134,13 @@ fn bump(counter: &AtomicU64, n: usize) {
     counter.fetch_add(n as u64, Ordering::Relaxed);
 }
 
+/// Told of every pin a worker makes or moves (not of pins put in by [`Sticky::pin_remote`]):
+/// how peers learn of them. Called under the key's shard lock: it must only hand the change on
+/// (a bounded channel's `try_send`), never wait.
+pub trait Watch: Send + Sync {
+    fn pinned(&self, key: AffinityKey, backend: BackendId);
+}
+
 /// The sticky table: affinity key -> backend, with live-session counts and expiry.
 ///
 /// `Send + Sync`; share it as an `Arc<Sticky>`. Every method takes `now` in milliseconds from an
@@ -157,6 +165,7 @@ pub struct Sticky {
     /// Earliest `now` at which a short reclaim pass (one that cannot free a whole batch) may run.
     next_short_pass: AtomicU64,
     counters: Counters,
+    watch: OnceLock<Arc<dyn Watch>>,
 }
 
 impl Sticky {
@@ -179,6 +188,58 @@ impl Sticky {
             reclaiming: AtomicBool::new(false),
             next_short_pass: AtomicU64::new(0),
             counters: Counters::default(),
+            watch: OnceLock::new(),
+        }
+    }
+
+    /// Tell `watch` of every new or moved pin from now on (once; later calls are ignored).
+    pub fn set_watch(&self, watch: Arc<dyn Watch>) {
+        let _ = self.watch.set(watch);
+    }
+
+    fn changed(&self, key: AffinityKey, backend: BackendId) {
+        if let Some(w) = self.watch.get() {
+            w.pinned(key, backend);
+        }
+    }
+
+    /// A pin another instance made (a peer): `key` on `backend` from now on, keeping the live
+    /// sessions this instance has of the key; with none, it expires `left_ms` after `now`
+    /// (`None`: the sticky timeout). A new key is stored if the table has room (nothing is
+    /// evicted for it): returns whether the pin is in the table. The watch is not told.
+    pub fn pin_remote(
+        &self,
+        key: AffinityKey,
+        backend: BackendId,
+        left_ms: Option<u64>,
+        now: u64,
+    ) -> bool {
+        let expires = now.saturating_add(left_ms.unwrap_or(self.config.timeout_ms));
+        match self.map.entry(key) {
+            Entry::Occupied(mut occupied) => {
+                let slot = occupied.get_mut();
+                if slot.backend != backend {
+                    slot.backend = backend;
+                    bump(&self.counters.repins, 1);
+                }
+                if slot.live == 0 {
+                    slot.expires = slot.expires.max(expires);
+                }
+                true
+            }
+            Entry::Vacant(vacant) => {
+                let capacity = self.config.capacity;
+                let reserved = self.len.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |len| {
+                    (len < capacity).then_some(len + 1)
+                });
+                if reserved.is_err() {
+                    return false;
+                }
+                vacant.insert(Slot { backend, live: 0, expires });
+                self.idle.fetch_add(1, Ordering::Relaxed);
+                bump(&self.counters.inserts, 1);
+                true
+            }
         }
     }
 
@@ -242,12 +303,14 @@ impl Sticky {
                     // Expired, not yet swept: a new pin that happens to reuse the bucket.
                     *slot = Slot::new(backend);
                     bump(&self.counters.inserts, 1);
+                    self.changed(key, backend);
                     Attach::Pinned
                 } else if slot.backend != backend {
                     let from = slot.backend;
                     slot.backend = backend;
                     slot.live = slot.live.saturating_add(1);
                     bump(&self.counters.repins, 1);
+                    self.changed(key, backend);
                     Attach::Repinned { from }
                 } else {
                     // Saturating: u32::MAX open sessions of one client cannot exist (file
@@ -267,6 +330,7 @@ impl Sticky {
                 }
                 vacant.insert(Slot::new(backend));
                 bump(&self.counters.inserts, 1);
+                self.changed(key, backend);
                 Some(Attach::Pinned)
             }
         }
@@ -556,6 +620,47 @@ mod tests {
             let idle = self.map.iter().filter(|e| e.value().live == 0).count();
             assert_eq!(self.idle.load(Ordering::Relaxed), idle, "idle counter");
         }
+    }
+
+    /// What a watch was told.
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<Vec<(AffinityKey, BackendId)>>);
+
+    impl Watch for Seen {
+        fn pinned(&self, key: AffinityKey, backend: BackendId) {
+            self.0.lock().unwrap().push((key, backend));
+        }
+    }
+
+    #[test]
+    fn the_watch_hears_new_and_moved_pins_and_not_remote_ones() {
+        let t = table(2, 100);
+        let seen = Arc::new(Seen::default());
+        t.set_watch(seen.clone());
+        assert_eq!(t.attach(k(1), 7, 0), Attach::Pinned);
+        assert_eq!(t.attach(k(1), 7, 1), Attach::Pinned, "one more session: not a change");
+        assert_eq!(t.attach(k(1), 8, 2), Attach::Repinned { from: 7 });
+        assert!(t.pin_remote(k(2), 9, None, 3));
+        assert_eq!(*seen.0.lock().unwrap(), [(k(1), 7), (k(1), 8)]);
+        t.check_counters();
+    }
+
+    #[test]
+    fn a_remote_pin_moves_the_key_keeps_its_sessions_and_never_evicts() {
+        let t = table(2, 100);
+        assert_eq!(t.attach(k(1), 7, 0), Attach::Pinned);
+        // Moved elsewhere by a peer: the open session stays counted, no expiry while it lives.
+        assert!(t.pin_remote(k(1), 8, Some(5), 1));
+        assert_eq!(t.get(k(1), 1), Some(EntryView { backend: 8, live: 1, expires_in_ms: None }));
+        t.detach(k(1), 10);
+        assert_eq!(t.get(k(1), 10).map(|e| e.expires_in_ms), Some(Some(100)));
+        // A new key, idle: the time left it came with, else the timeout.
+        assert!(t.pin_remote(k(2), 9, Some(30), 10));
+        assert_eq!(t.get(k(2), 10).map(|e| (e.backend, e.expires_in_ms)), Some((9, Some(30))));
+        // Full: a remote pin takes no room from anyone.
+        assert!(!t.pin_remote(k(3), 9, None, 10));
+        assert_eq!(t.len(), 2);
+        t.check_counters();
     }
 
     use crate::testutil::Rng;
