@@ -138,6 +138,7 @@ fn bump(counter: &AtomicU64, n: usize) {
 /// how peers learn of them. Called under the key's shard lock: it must only hand the change on
 /// (a bounded channel's `try_send`), never wait.
 pub trait Watch: Send + Sync {
+    /// `key` is now pinned to `backend` (a new pin, a renewed expired one, or a move).
     fn pinned(&self, key: AffinityKey, backend: BackendId);
 }
 
