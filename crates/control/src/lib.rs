@@ -40,6 +40,7 @@ mod admin;
 mod checks;
 mod metrics;
 mod offload;
+mod peering;
 pub mod probe;
 mod registry;
 mod reload;
@@ -93,6 +94,8 @@ pub enum RunError {
     Worker(usize, io::Error),
     /// `--udp-offload on` and the offload cannot work here.
     Offload(String),
+    /// The peers cannot start (key file, listener).
+    Peers(String),
 }
 
 impl fmt::Display for RunError {
@@ -116,6 +119,7 @@ impl fmt::Display for RunError {
             }
             RunError::Worker(i, e) => write!(f, "worker {i} failed: {e}"),
             RunError::Offload(why) => write!(f, "--udp-offload on: {why}"),
+            RunError::Peers(why) => f.write_str(why),
         }
     }
 }
@@ -274,6 +278,14 @@ pub fn run(config: Config) -> Result<(), RunError> {
     // Everything that needs privileges happens before they are dropped: every listener (the
     // admin one too) is bound and the token file read.
     let admin_bound = bind_admin(&config, handover.admin.take())?;
+    let peer_listener = match config.peers.as_ref().and_then(|p| p.listen) {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| RunError::Peers(format!("--peer-listen {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let peer_addr = peer_listener.as_ref().and_then(|l| l.local_addr().ok());
     let admin_fd = admin_bound.as_ref().and_then(|b| b.dup().ok());
     let token = config.admin_token_file.as_deref().map(read_token).transpose()?;
     if let Some(user) = &config.user {
@@ -282,6 +294,16 @@ pub fn run(config: Config) -> Result<(), RunError> {
 
     let running = start_workers(&mut registry, per_worker, &shared)?;
     let registry = Arc::new(Mutex::new(registry));
+    if let Some(peers) = &config.peers {
+        let peering = peering::Peering::start(
+            config.name.clone(),
+            peers,
+            Arc::clone(&registry),
+            peer_listener,
+        )
+        .map_err(RunError::Peers)?;
+        registry.lock().unwrap_or_else(|p| p.into_inner()).peering = Some(peering);
+    }
 
     let (asks_tx, asks_rx) = crossbeam_channel::unbounded();
     let admin = match admin_bound {
@@ -322,7 +344,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         (s, true) => log::info!("udp offload off: {}", s.reason),
         (s, false) => log::debug!("udp offload off: {}", s.reason),
     }
-    announce(&announced, admin.as_ref().map(|a| a.addr));
+    announce(&announced, admin.as_ref().map(|a| a.addr), peer_addr);
     if let Some(socket) = taken_over {
         upgrade::ready(&socket);
     }
@@ -836,11 +858,18 @@ fn tell_all(running: &[Running], cmd: impl Fn() -> Command) {
 
 /// Tell whoever started us where we listen: one line per listener, then the admin address and
 /// `ready`. Tests and scripts read these lines (ports given as 0 are resolved here).
-fn announce(listeners: &[(SocketAddr, SocketAddr, bool)], admin: Option<SocketAddr>) {
+fn announce(
+    listeners: &[(SocketAddr, SocketAddr, bool)],
+    admin: Option<SocketAddr>,
+    peers: Option<SocketAddr>,
+) {
     announce_listeners(listeners);
     let mut out = io::stdout().lock();
     if let Some(addr) = admin {
         let _ = writeln!(out, "admin http://{addr}/");
+    }
+    if let Some(addr) = peers {
+        let _ = writeln!(out, "peers {addr}");
     }
     let _ = writeln!(out, "ready");
     let _ = out.flush();
@@ -978,7 +1007,7 @@ fn prefill(sticky: &Sticky, n: usize, service: &proxy::Snapshot) {
 }
 
 /// 128 random bits for the sticky table's SipHash key (hash flooding, FAILURE-MODES F9).
-fn random_key() -> [u8; 16] {
+pub(crate) fn random_key() -> [u8; 16] {
     let mut key = [0u8; 16];
     let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key));
     if read.is_err() {

@@ -19,7 +19,62 @@ pub fn render(registry: &Registry) -> String {
     process(&mut out, registry);
     services(&mut out, registry);
     backends(&mut out, registry);
+    peers(&mut out, registry);
     out
+}
+
+/// Per peer (`--peer`): connection, queue, changes each way, resyncs, refusals.
+fn peers(out: &mut String, registry: &Registry) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(p) = &registry.peering else { return };
+    let per = |f: &dyn Fn(&crate::peering::PeerStats) -> f64| -> Vec<(String, f64)> {
+        p.peers.iter().map(|s| (format!("peer=\"{}\"", s.name), f(s))).collect()
+    };
+    let rows: [Family; 6] = [
+        (
+            "tether_peer_connected",
+            "gauge",
+            "1 while this instance's changes flow to the peer",
+            per(&|s| f64::from(u8::from(s.state() == "connected"))),
+        ),
+        (
+            "tether_peer_lag_entries",
+            "gauge",
+            "changes waiting to be sent to the peer",
+            per(&|s| s.lag_entries() as f64),
+        ),
+        (
+            "tether_peer_sent_total",
+            "counter",
+            "pin changes sent to the peer (full transfers included)",
+            per(&|s| s.sent.load(Relaxed) as f64),
+        ),
+        (
+            "tether_peer_received_total",
+            "counter",
+            "pin changes from the peer applied here",
+            per(&|s| s.received.load(Relaxed) as f64),
+        ),
+        (
+            "tether_peer_resyncs_total",
+            "counter",
+            "full transfers sent again after the peer's queue overflowed",
+            per(&|s| s.resyncs.load(Relaxed) as f64),
+        ),
+        (
+            "tether_peer_rejected_total",
+            "counter",
+            "handshakes and frames of the peer refused",
+            per(&|s| s.rejected.load(Relaxed) as f64),
+        ),
+    ];
+    for (name, kind, help, values) in rows {
+        labelled(out, name, kind, help, &values);
+    }
+    let unknown = p.rejected_unknown.load(Relaxed) as f64;
+    let dropped = p.dropped.load(Relaxed) as f64;
+    plain(out, "tether_peer_unknown_rejected_total", "counter", "peer connections refused before naming a configured peer (wrong key, unknown name, garbage)", &[(String::new(), unknown)]);
+    plain(out, "tether_peer_changes_dropped_total", "counter", "pin changes the workers made faster than they could be handed to the peers (each triggers a resync)", &[(String::new(), dropped)]);
 }
 
 /// Every worker counter, summed, as `proxy::stats` defines it; and health changes.

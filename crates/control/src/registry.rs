@@ -101,6 +101,8 @@ pub struct Registry {
     pub held: Vec<crate::upgrade::HeldListener>,
     /// Whether UDP flows are offloaded, and why (not).
     pub offload: crate::offload::Status,
+    /// Pins shared with other instances (`--peer`, `--peer-listen`).
+    pub peering: Option<Arc<crate::peering::Peering>>,
 }
 
 /// A backend as the API shows it.
@@ -154,6 +156,7 @@ impl Registry {
                 interfaces: Vec::new(),
                 attachment: None,
             },
+            peering: None,
             started_unix_ms: SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),

@@ -138,6 +138,14 @@ impl Tether {
             .expect("tether printed no `admin http://ADDR/` line")
     }
 
+    /// The address peers connect to (`peers ADDR`, with `--peer-listen`).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.stdout_lines()
+            .iter()
+            .find_map(|l| l.strip_prefix("peers ")?.trim().parse().ok())
+            .expect("tether printed no `peers ADDR` line")
+    }
+
     /// If the binary printed `ready` without a `listening udp` line.
     pub fn udp_addr(&self) -> SocketAddr {
         *self.udp_addrs.first().expect("tether printed no `listening udp` line before `ready`")

@@ -74,6 +74,7 @@ pub fn route(
         }
         (&Method::GET, ["api", "state"]) => ok_json(state_json(&lock())),
         (&Method::GET, ["api", "status"]) => ok_json(status_json(&lock())),
+        (&Method::GET, ["api", "peers"]) => ok_json(peers_json(&lock())),
         (&Method::PUT, ["api", "services", service, "backends", name]) => {
             change_backend(service, name, body, &mut lock())
         }
@@ -344,6 +345,34 @@ pub(crate) fn backend_json(b: &crate::registry::BackendView) -> Value {
     })
 }
 
+/// `GET /api/peers`: each configured peer, as this instance sees it.
+fn peers_json(registry: &Registry) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(p) = &registry.peering else { return json!([]) };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Value::Array(
+        p.peers
+            .iter()
+            .map(|s| {
+                let last = s.last_update_unix_ms.load(Relaxed);
+                json!({
+                    "name": s.name,
+                    "address": s.addr.to_string(),
+                    "state": s.state(),
+                    "last_update_ms": (last > 0).then(|| now.saturating_sub(last)),
+                    "lag_entries": s.lag_entries(),
+                    "resyncs": s.resyncs.load(Relaxed),
+                    "rejected": s.rejected.load(Relaxed),
+                    "sent": s.sent.load(Relaxed),
+                    "received": s.received.load(Relaxed),
+                })
+            })
+            .collect(),
+    )
+}
+
 /// `GET /api/status`: this process, its workers, and whether UDP flows are offloaded.
 fn status_json(registry: &Registry) -> Value {
     let o = &registry.offload;
@@ -356,6 +385,7 @@ fn status_json(registry: &Registry) -> Value {
         "pid": std::process::id(),
         "started_unix_ms": registry.started_unix_ms,
         "workers": registry.stats.len(),
+        "name": registry.peering.as_ref().map(|p| p.name.clone()),
         "udp_offload": {
             "mode": match o.mode {
                 config::UdpOffload::Auto => "auto",
