@@ -826,7 +826,10 @@ pub(crate) fn build_peers(
     let health =
         opt(origin, "peer-health", &input.peer_health, PeerHealth::Off, |raw| match raw {
             // Parsed so that a file written for it names the problem; shared health is not built yet.
-        "quorum" => Err("`quorum` is not available yet: peers share pins, not health (use `off`)".into()),
+            "quorum" => {
+                Err("`quorum` is not available yet: peers share pins, not health (use `off`)"
+                    .into())
+            }
             "off" => Ok(PeerHealth::Off),
             _ => Err("expected `quorum` or `off`".into()),
         })?;
