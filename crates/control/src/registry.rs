@@ -121,6 +121,8 @@ pub struct BackendView {
     pub flows_total: u64,
     pub sticky_clients: usize,
     pub failures: u64,
+    /// A refused or timed-out connect in the last `PASSIVE_HOLD` keeps new clients off it.
+    pub failing: bool,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// UDP datagrams and their payload bytes each way (kernel-forwarded ones included).
@@ -357,6 +359,7 @@ impl Registry {
                     flows_total: st.flows_total.load(Relaxed),
                     sticky_clients: pins.get(st.id as usize).copied().unwrap_or(0),
                     failures: st.failures.load(Relaxed),
+                    failing: st.failing(now),
                     bytes_in: st.bytes_in.load(Relaxed),
                     bytes_out: st.bytes_out.load(Relaxed),
                     datagrams_in: st.datagrams_in.load(Relaxed),

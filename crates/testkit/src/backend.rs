@@ -5,6 +5,7 @@
 //! | command | backend |
 //! | --- | --- |
 //! | `name` | writes `<name>\n`, closes |
+//! | `peer` | writes `<name> <peer address>\n` (who connected: the proxy's side), closes |
 //! | `hold` | writes `<name>\n`, then waits until the client closes or sends anything, closes |
 //! | `echo` | writes back every byte after the command line until EOF, shuts down its write side |
 //! | `sink` | reads until EOF, writes `<bytes> <digest-hex>\n`, closes |
@@ -111,6 +112,7 @@ struct Shared {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Command {
     Name,
+    Peer,
     Hold,
     Echo,
     Sink,
@@ -342,6 +344,7 @@ impl Shared {
     ) -> Outcome {
         let result = match command {
             Command::Name => return reply(stream, format!("{}\n", self.name).as_bytes()),
+            Command::Peer => return reply(stream, format!("{} {peer}\n", self.name).as_bytes()),
             Command::Hold => self.hold(conn, peer, line, rest, stream),
             Command::Echo => echo(rest, stream),
             Command::Sink => sink(rest, stream),
@@ -413,6 +416,7 @@ impl Command {
         let parse_count = |n: &str| n.parse::<u64>().map_err(|_| "bad count");
         match (verb, count) {
             ("name", None) => Ok(Command::Name),
+            ("peer", None) => Ok(Command::Peer),
             ("hold", None) => Ok(Command::Hold),
             ("echo", None) => Ok(Command::Echo),
             ("sink", None) => Ok(Command::Sink),

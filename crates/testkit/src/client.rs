@@ -40,6 +40,23 @@ pub fn connect_from(source: IpAddr, to: SocketAddr, timeout: Duration) -> io::Re
     Ok(stream)
 }
 
+/// Sends `peer` from `source` through `to`: the backend's name and the address the backend saw
+/// the connection come from (which proxy carried it).
+pub fn ask_peer(source: IpAddr, to: SocketAddr) -> io::Result<(String, SocketAddr)> {
+    let mut stream = connect_from(source, to, CONNECT_TIMEOUT)?;
+    send_command(&mut stream, "peer")?;
+    let mut reply = String::new();
+    (&mut stream).take(MAX_LINE as u64).read_to_string(&mut reply)?;
+    let bad = || {
+        io::Error::new(
+            ErrorKind::InvalidData,
+            format!("expected `<name> <addr>\\n`, got {reply:?}"),
+        )
+    };
+    let (name, addr) = reply.trim_end().split_once(' ').ok_or_else(bad)?;
+    Ok((name.to_string(), addr.parse().map_err(|_| bad())?))
+}
+
 /// Sends `name` from `source` through `to` and returns the backend's name.
 ///
 /// A connection closed without a full `<name>\n` reply is an `UnexpectedEof` error.

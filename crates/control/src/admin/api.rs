@@ -336,6 +336,7 @@ pub(crate) fn backend_json(b: &crate::registry::BackendView) -> Value {
         "flows_total": b.flows_total,
         "sticky_clients": b.sticky_clients,
         "failures": b.failures,
+        "failing": b.failing,
         "bytes_in": b.bytes_in,
         "bytes_out": b.bytes_out,
         "datagrams_in": b.datagrams_in,
