@@ -12,11 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use common::*;
-use testkit::cluster::{Cluster, VIP};
-
-/// The port every instance listens on (each in a namespace of its own: no one else is there).
-const PORT: u16 = 5000;
-const PEER_PORT: u16 = 7946;
+use testkit::cluster::{Cluster, PORT, VIP};
 
 struct Rig {
     cluster: Cluster,
@@ -50,43 +46,11 @@ fn rig(peers: bool) -> Rig {
         std::fs::write(dir.join("peer.key"), "5f".repeat(32)).unwrap();
         dir
     });
-    let args: Vec<Vec<String>> = (0..3)
-        .map(|i| {
-            let mut args: Vec<String> = vec![
-                "--listen".into(),
-                format!("0.0.0.0:{PORT}"),
-                "--workers".into(),
-                "1".into(),
-                "--admin".into(),
-                "127.0.0.1:0".into(),
-                "--name".into(),
-                format!("lb{i}"),
-            ];
-            // Fast probes: a stopped backend is down everywhere within a few hundred ms, and
-            // back up likewise, so the scenario below reaches the state it describes.
-            for (flag, value) in [
-                ("--health-check", "tcp"),
-                ("--health-interval", "200ms"),
-                ("--health-timeout", "150ms"),
-                ("--health-rise", "1"),
-                ("--health-fall", "1"),
-            ] {
-                args.extend([flag.to_string(), value.to_string()]);
-            }
-            args.extend(backend_args(&backends));
-            if let Some(dir) = &key_dir {
-                let inner = Cluster::balancer_inner(i);
-                args.extend(["--peer-listen".into(), format!("{inner}:{PEER_PORT}")]);
-                args.extend(["--peer-allow-remote".into(), "--peer-key-file".into()]);
-                args.push(dir.join("peer.key").to_str().unwrap().into());
-                for j in (0..3).filter(|&j| j != i) {
-                    let addr = Cluster::balancer_inner(j);
-                    args.extend(["--peer".into(), format!("lb{j}={addr}:{PEER_PORT}")]);
-                }
-            }
-            args
-        })
-        .collect();
+    let named: Vec<(String, SocketAddr)> =
+        backends.iter().map(|b| (b.name().to_string(), b.addr())).collect();
+    let key = key_dir.as_ref().map(|d| d.join("peer.key"));
+    let args: Vec<Vec<String>> =
+        (0..3).map(|i| Cluster::tether_args(i, 3, &named, key.as_deref())).collect();
     let tethers = (0..3)
         .map(|i| cluster.balancers[i].run(|| Tether::start(bin(), &args[i]).expect("tether")))
         .collect();

@@ -28,6 +28,20 @@ enum Command {
     Backend(BackendArgs),
     Clients(ClientsArgs),
     Connrate(ConnrateArgs),
+    Cluster(ClusterArgs),
+}
+
+/// The cluster demo (root): three tether instances behind a kernel ECMP route in network
+/// namespaces, sharing pins; prints who went where through a failover and an instance leaving.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "cluster")]
+struct ClusterArgs {
+    /// the tether binary
+    #[argh(option)]
+    tether: std::path::PathBuf,
+    /// client addresses (default 12)
+    #[argh(option, default = "12")]
+    clients: usize,
 }
 
 /// Open connections as fast as possible, each from the next of many source addresses; each
@@ -86,6 +100,7 @@ fn main() -> ExitCode {
         Command::Backend(args) => backend(args),
         Command::Clients(args) => clients(args),
         Command::Connrate(args) => connrate(args),
+        Command::Cluster(args) => cluster(args),
     };
     match result {
         Ok(code) => code,
@@ -137,4 +152,85 @@ fn connrate(args: ConnrateArgs) -> io::Result<ExitCode> {
         r.p99_us
     );
     Ok(if r.conns > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// See [`ClusterArgs`].
+fn cluster(args: ClusterArgs) -> io::Result<ExitCode> {
+    use testkit::cluster::{Cluster, PORT, VIP};
+    let n = 3;
+    let cluster = Cluster::new(n)?;
+    let mut backends: Vec<Backend> = (0..3)
+        .map(|k| {
+            let addr = SocketAddr::new(Cluster::backend_ip(k), 6000);
+            cluster.backend.run(|| Backend::start(&format!("b{k}"), addr))
+        })
+        .collect::<io::Result<_>>()?;
+    let dir = std::env::temp_dir().join(format!("tether-cluster-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join("peer.key");
+    std::fs::write(&key, testkit::cluster::random_hex_key()?)?;
+    let named: Vec<(String, SocketAddr)> =
+        backends.iter().map(|b| (b.name().to_string(), b.addr())).collect();
+    let tethers: Vec<testkit::Tether> = (0..n)
+        .map(|i| {
+            let argv = Cluster::tether_args(i, n, &named, Some(&key));
+            cluster.balancers[i].run(|| testkit::Tether::start(&args.tether, &argv))
+        })
+        .collect::<io::Result<_>>()?;
+    for (i, t) in tethers.iter().enumerate() {
+        let up = testkit::wait_until(Duration::from_secs(30), || {
+            cluster.balancers[i].run(|| {
+                testkit::http(t.admin(), "GET", "/api/peers", "")
+                    .is_ok_and(|r| r.body.matches("\"connected\"").count() == n - 1)
+            })
+        });
+        if !up {
+            return Err(io::Error::other(format!("lb{i}'s peers did not connect")));
+        }
+    }
+    println!("== {n} tether instances (lb0..lb{}) share {VIP}:{PORT} behind an ECMP route", n - 1);
+    let vip = SocketAddr::new(VIP, PORT);
+    let ask = |j: usize| -> io::Result<(String, String)> {
+        let (backend, from) =
+            cluster.client.run(|| testkit::ask_peer(Cluster::client_ip(j), vip))?;
+        let lb = Cluster::balancer_of(from.ip()).map_or("?".into(), |i| format!("lb{i}"));
+        Ok((lb, backend))
+    };
+    let round = |title: &str| -> io::Result<Vec<String>> {
+        println!("{title}");
+        let mut backends = Vec::new();
+        for j in 0..args.clients {
+            let seen: Vec<(String, String)> = (0..3).map(|_| ask(j)).collect::<io::Result<_>>()?;
+            let line: Vec<String> = seen.iter().map(|(lb, b)| format!("{lb} -> {b}")).collect();
+            println!("  client {:<12} {}", Cluster::client_ip(j), line.join(", "));
+            backends.push(seen[0].1.clone());
+        }
+        Ok(backends)
+    };
+    let moved = |before: &[String], after: &[String]| {
+        before.iter().zip(after).filter(|(a, b)| a != b).count()
+    };
+    let first = round("-- each client three times (ECMP picks the instance per connection):")?;
+    let b0 = backends[0].addr();
+    backends[0].stop();
+    let failed = round("-- b0 stopped: its clients fail over on whichever instance they reach:")?;
+    println!("  moved: {} (b0's clients only)", moved(&first, &failed));
+    backends[0] = cluster.backend.run(|| Backend::start("b0", b0))?;
+    for (i, t) in tethers.iter().enumerate() {
+        testkit::wait_until(Duration::from_secs(30), || {
+            cluster.balancers[i].run(|| {
+                testkit::http(t.admin(), "GET", "/api/backends", "").is_ok_and(|r| {
+                    !r.body.contains("\"failing\":true") && !r.body.contains("\"health\":\"down\"")
+                })
+            })
+        });
+    }
+    let back = round("-- b0 back: pins hold on every instance (non-preemptive, shared by peers):")?;
+    println!("  moved: {}", moved(&failed, &back));
+    cluster.route_over(&[0, 1]);
+    let left = round("-- lb2 taken out of the route: its clients reach lb0 and lb1:")?;
+    println!("  moved: {}", moved(&back, &left));
+    drop(tethers);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ExitCode::SUCCESS)
 }

@@ -14,12 +14,17 @@
 //! Balancers reach each other through the backend host (it forwards), at their 10.31.i.1.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 
 use crate::netns::Namespace;
 
 /// The virtual address every balancer answers on.
 pub const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 1));
+/// The port every instance listens on (each in a namespace of its own: nobody else is there).
+pub const PORT: u16 = 5000;
+/// The port peers connect to.
+pub const PEER_PORT: u16 = 7946;
 
 /// The namespaces and their links.
 pub struct Cluster {
@@ -93,6 +98,51 @@ impl Cluster {
         }
     }
 
+    /// Instance `i`'s command line (of `n`): listening on every address at [`PORT`], an admin
+    /// address on its own loopback, the backends `(name, address)`, fast TCP probes (a stopped
+    /// backend is down everywhere within a few hundred milliseconds, and back up likewise),
+    /// and with `key` (a key file) the other instances as peers.
+    pub fn tether_args(
+        i: usize,
+        n: usize,
+        backends: &[(String, SocketAddr)],
+        key: Option<&Path>,
+    ) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            format!("0.0.0.0:{PORT}"),
+            "--workers".into(),
+            "1".into(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+            "--name".into(),
+            format!("lb{i}"),
+        ];
+        for (flag, value) in [
+            ("--health-check", "tcp"),
+            ("--health-interval", "200ms"),
+            ("--health-timeout", "150ms"),
+            ("--health-rise", "1"),
+            ("--health-fall", "1"),
+        ] {
+            args.extend([flag.to_string(), value.to_string()]);
+        }
+        for (name, addr) in backends {
+            args.extend(["--backend".into(), format!("{addr},name={name}")]);
+        }
+        if let Some(key) = key {
+            let inner = Self::balancer_inner(i);
+            args.extend(["--peer-listen".into(), format!("{inner}:{PEER_PORT}")]);
+            args.extend(["--peer-allow-remote".into(), "--peer-key-file".into()]);
+            args.push(key.display().to_string());
+            for j in (0..n).filter(|&j| j != i) {
+                let addr = Self::balancer_inner(j);
+                args.extend(["--peer".into(), format!("lb{j}={addr}:{PEER_PORT}")]);
+            }
+        }
+        args
+    }
+
     /// Client `j`'s address (j < 65,000).
     pub fn client_ip(j: usize) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(10, 20, (j / 250) as u8, (j % 250) as u8 + 1))
@@ -102,4 +152,12 @@ impl Cluster {
     pub fn backend_ip(k: usize) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(10, 30, 0, 11 + k as u8))
     }
+}
+
+/// A fresh peer key: 64 hex characters from /dev/urandom.
+pub fn random_hex_key() -> io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
