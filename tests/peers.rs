@@ -131,3 +131,139 @@ fn a_peer_with_the_wrong_key_or_garbage_is_refused_and_changes_nothing() {
     ask_name(IpAddr::V4(Ipv4Addr::new(127, 1, 141, 11)), b.addr()).unwrap();
     assert_eq!(pinned_to(b.admin(), client), None);
 }
+
+// === misbehaving peers, played by the test with the protocol crate ===
+
+/// The test's side of a handshake with tether (`dialer`: the test opened the connection).
+fn handshake(stream: &mut std::net::TcpStream, dialer: bool, me: &str, key: &str) -> String {
+    use peers::wire::{decode, encode, Message, PROTOCOL};
+    let key = peers::auth::Key::parse(key).unwrap();
+    let nonce = [dialer as u8 + 1; 32];
+    let mut out = Vec::new();
+    encode(&Message::Hello { protocol: PROTOCOL, name: me.into(), nonce }, &mut out);
+    stream.write_all(&out).unwrap();
+    let mut buf = Vec::new();
+    let mut next = |stream: &mut std::net::TcpStream| loop {
+        if let Some((m, used)) = decode(&buf).unwrap() {
+            buf.drain(..used);
+            return m;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = std::io::Read::read(stream, &mut chunk).unwrap();
+        assert!(n > 0, "tether closed the connection during the handshake");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let Message::Hello { name, nonce: theirs, .. } = next(stream) else { panic!("no hello") };
+    out.clear();
+    encode(&Message::Proof(key.proof(dialer, &nonce, &theirs, me, &name)), &mut out);
+    stream.write_all(&out).unwrap();
+    let Message::Proof(p) = next(stream) else { panic!("no proof") };
+    assert!(key.verify(&p, !dialer, &theirs, &nonce, &name, me), "tether's proof");
+    name
+}
+
+#[test]
+fn a_peer_that_stops_reading_is_dropped_and_nobody_waits_for_it() {
+    let pool = backends(142, 2);
+    let key = key_file("stall", KEY);
+    let fake = std::net::TcpListener::bind("127.0.142.5:0").unwrap();
+    let to_fake = format!("stuck={}", fake.local_addr().unwrap());
+    let a = tether_with_admin(
+        142,
+        &pool,
+        &["--name", "a", "--peer", &to_fake, "--peer-key-file", key.to_str().unwrap()],
+    );
+    // The fake peer completes the handshake, then never reads nor answers a ping again.
+    let (mut held, _) = fake.accept().unwrap();
+    held.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(handshake(&mut held, false, "stuck", KEY), "a");
+    let state = || get(a.admin(), "/api/peers")[0]["state"].as_str().unwrap().to_string();
+    assert!(wait_until(DEADLINE, || state() == "connected"));
+    let at = Instant::now();
+    let mut served = 0;
+    let dropped = wait_until(DEADLINE, || {
+        // Clients are served all along, and each new pin goes to the stuck peer's queue.
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 1, 142, 10 + (served % 200) as u8));
+        ask_name(ip, a.addr()).expect("served while a peer is stuck");
+        served += 1;
+        state() != "connected"
+    });
+    assert!(dropped, "the stuck peer is still 'connected' after {:?}", at.elapsed());
+    eprintln!(
+        "a peer that stopped answering was dropped after {:?}; {served} clients served meanwhile",
+        at.elapsed()
+    );
+    assert!(a.stderr_text().contains("peer stuck: no answer"), "{}", a.stderr_text());
+    // It is dialled again.
+    let (mut again, _) = fake.accept().unwrap();
+    again.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(handshake(&mut again, false, "stuck", KEY), "a");
+}
+
+#[test]
+fn a_flood_of_updates_from_a_peer_is_bounded_by_the_sticky_capacity() {
+    use peers::wire::{encode, Change, Message, What};
+    let pool = backends(143, 2);
+    let key = key_file("flood", KEY);
+    let b = tether_with_admin(
+        143,
+        &pool,
+        &[
+            "--name",
+            "b",
+            "--peer-listen",
+            "127.0.143.2:0",
+            "--peer-key-file",
+            key.to_str().unwrap(),
+            "--sticky-capacity",
+            "10000",
+        ],
+    );
+    let rss_before = b.rss_kib().unwrap();
+    let ticks_before = b.cpu_ticks().unwrap();
+    let mut s = std::net::TcpStream::connect(b.peer_addr()).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(handshake(&mut s, true, "flood", KEY), "b");
+    let total: u32 = 200_000;
+    let (mut out, mut bytes) = (Vec::new(), 0usize);
+    let start = Instant::now();
+    for chunk in 0..total / 64 {
+        let changes: Vec<Change> = (0..64u32)
+            .map(|i| {
+                let n = chunk * 64 + i;
+                let mut key = [0u8; 16];
+                key[12..].copy_from_slice(&n.to_be_bytes());
+                Change {
+                    service: "default".into(),
+                    key,
+                    what: What::Pin { backend: "b1".into(), left_ms: Some(600_000) },
+                    version: peers::Version { unix_ms: 1, origin: "flood".into() },
+                }
+            })
+            .collect();
+        out.clear();
+        encode(&Message::Changes(changes), &mut out);
+        bytes += out.len();
+        s.write_all(&out).unwrap();
+    }
+    // A ping answered means everything before it was applied.
+    out.clear();
+    encode(&Message::Ping, &mut out);
+    s.write_all(&out).unwrap();
+    let mut answer = [0u8; 5];
+    std::io::Read::read_exact(&mut s, &mut answer).expect("the ping's answer");
+    let took = start.elapsed();
+    let cpu = (b.cpu_ticks().unwrap() - ticks_before) as f64 / 100.0;
+    let entries = scrape(&b, "tether_sticky_entries", "");
+    let grew = b.rss_kib().unwrap().saturating_sub(rss_before);
+    eprintln!(
+        "{total} pin changes, {} bytes each on the wire, applied in {took:?} ({:.0}/s), {cpu:.2} s of CPU ({:.2} µs each); {entries} entries kept, RSS +{grew} KiB",
+        bytes / total as usize,
+        f64::from(total) / took.as_secs_f64(),
+        cpu * 1e6 / f64::from(total),
+    );
+    assert!(entries <= 10_000.0, "{entries} entries past the capacity");
+    assert!(grew < 64 * 1024, "RSS grew {grew} KiB");
+    // B still serves, and counts what it took from an unlisted peer nowhere but its table.
+    ask_name(IpAddr::V4(Ipv4Addr::new(127, 1, 143, 10)), b.addr()).unwrap();
+}

@@ -42,7 +42,7 @@ const SYNC_RATE: usize = 200_000;
 /// How long a write may block, a handshake may take, and a connection may stay silent.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A ping goes out after this long without a change.
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// Reconnect back-off.
@@ -310,7 +310,25 @@ impl Peering {
         log::info!("peer {}: connected, {sent} pins sent", peer.name);
         peer.sent.fetch_add(sent as u64, Relaxed);
         let mut out = Vec::new();
+        // The receiver answers each ping with one: a peer that stops reading (or answering)
+        // is dropped after IDLE_TIMEOUT, even while the socket buffers still take frames.
+        conn.stream.set_read_timeout(Some(Duration::from_millis(1)))?;
+        let (mut last_ping, mut heard) = (Instant::now(), Instant::now());
         loop {
+            if last_ping.elapsed() >= PING_EVERY {
+                out.clear();
+                wire::encode(&Message::Ping, &mut out);
+                conn.stream.write_all(&out)?;
+                last_ping = Instant::now();
+                if conn.poll_pings()? > 0 {
+                    heard = Instant::now();
+                } else if heard.elapsed() > IDLE_TIMEOUT {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer for {IDLE_TIMEOUT:?}: dropped"),
+                    ));
+                }
+            }
             if peer.resync.swap(false, Relaxed) {
                 peer.resyncs.fetch_add(1, Relaxed);
                 log::warn!(
@@ -319,15 +337,8 @@ impl Peering {
                 );
                 return Ok(());
             }
-            let first = match peer.queue.1.recv_timeout(PING_EVERY) {
-                Ok(c) => c,
-                Err(_) => {
-                    out.clear();
-                    wire::encode(&Message::Ping, &mut out);
-                    conn.stream.write_all(&out)?;
-                    continue;
-                }
-            };
+            let wait = PING_EVERY.saturating_sub(last_ping.elapsed());
+            let Ok(first) = peer.queue.1.recv_timeout(wait) else { continue };
             let batch: Vec<Change> = std::iter::once(first)
                 .chain(peer.queue.1.try_iter().take(wire::CHANGES_PER_FRAME - 1))
                 .collect();
@@ -505,7 +516,12 @@ impl Peering {
                         s.last_update_unix_ms.store(unix_ms(), Relaxed);
                     }
                 }
-                Message::SyncStart | Message::Ping => {}
+                Message::Ping => {
+                    let mut out = Vec::new();
+                    wire::encode(&Message::Ping, &mut out);
+                    conn.stream.write_all(&out)?;
+                }
+                Message::SyncStart => {}
                 Message::SyncEnd { entries } => log::info!("peer {name}: {entries} pins received"),
                 other => {
                     if let Some(s) = &stats {
@@ -551,6 +567,35 @@ struct Conn {
 }
 
 impl Conn {
+    /// The pings that have arrived (on a socket with a short read timeout): anything else
+    /// from the receiver is an error.
+    fn poll_pings(&mut self) -> io::Result<usize> {
+        let mut chunk = [0u8; 512];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                {
+                    break
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut pings = 0;
+        while let Some((msg, used)) = wire::decode(&self.buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+        {
+            self.buf.drain(..used);
+            match msg {
+                Message::Ping => pings += 1,
+                other => return Err(refused(format!("the receiver sent {}", kind(&other)))),
+            }
+        }
+        Ok(pings)
+    }
+
     /// The next whole message (a malformed one is `InvalidData`).
     fn read(&mut self) -> io::Result<Message> {
         loop {
