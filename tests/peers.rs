@@ -86,6 +86,7 @@ fn a_pin_moved_on_one_instance_is_followed_by_its_peer_within_a_second() {
     }
     let peers = get(a.admin(), "/api/peers");
     assert_eq!((peers[0]["name"].as_str(), peers[0]["rejected"].as_u64()), (Some("b"), Some(0)));
+    assert_eq!((peers[0]["lag_entries"].as_u64(), peers[0]["lag_ms"].as_u64()), (Some(0), Some(0)));
     assert!(scrape(&a, "tether_peer_sent_total", "peer=\"b\"") >= moved.len() as f64);
 }
 

@@ -66,6 +66,8 @@ pub struct PeerStats {
     pub received: AtomicU64,
     pub sent: AtomicU64,
     pub resyncs: AtomicU64,
+    /// Unix ms of the newest change sent to it (its version's time).
+    last_sent_unix_ms: AtomicU64,
     /// Frames or handshakes of this peer refused.
     pub rejected: AtomicU64,
     queue: (Sender<Change>, Receiver<Change>),
@@ -84,6 +86,15 @@ impl PeerStats {
     /// Changes waiting to be sent to it.
     pub fn lag_entries(&self) -> usize {
         self.queue.1.len()
+    }
+
+    /// How far behind it is, in ms: 0 with nothing waiting, else the age of the newest change
+    /// already sent (the oldest waiting one is younger), or since the connection when none was.
+    pub fn lag_ms(&self, now_unix_ms: u64) -> u64 {
+        if self.queue.1.is_empty() {
+            return 0;
+        }
+        now_unix_ms.saturating_sub(self.last_sent_unix_ms.load(Relaxed))
     }
 }
 
@@ -156,6 +167,7 @@ impl Peering {
                     received: AtomicU64::new(0),
                     sent: AtomicU64::new(0),
                     resyncs: AtomicU64::new(0),
+                    last_sent_unix_ms: AtomicU64::new(0),
                     rejected: AtomicU64::new(0),
                     queue: crossbeam_channel::bounded(PEER_QUEUE),
                     resync: AtomicBool::new(false),
@@ -303,6 +315,7 @@ impl Peering {
         })?;
         debug_assert_eq!(their, peer.name);
         peer.state.store(CONNECTED, Relaxed);
+        peer.last_sent_unix_ms.store(unix_ms(), Relaxed);
         // Whatever waits in the queue is in the full transfer too.
         peer.resync.store(false, Relaxed);
         while peer.queue.1.try_recv().is_ok() {}
@@ -344,9 +357,11 @@ impl Peering {
                 .collect();
             out.clear();
             let n = batch.len() as u64;
+            let newest = batch.iter().map(|c| c.version.unix_ms).max().unwrap_or(0);
             wire::encode(&Message::Changes(batch), &mut out);
             conn.stream.write_all(&out)?;
             peer.sent.fetch_add(n, Relaxed);
+            peer.last_sent_unix_ms.fetch_max(newest, Relaxed);
         }
     }
 

@@ -364,6 +364,7 @@ fn peers_json(registry: &Registry) -> Value {
                     "state": s.state(),
                     "last_update_ms": (last > 0).then(|| now.saturating_sub(last)),
                     "lag_entries": s.lag_entries(),
+                    "lag_ms": s.lag_ms(now),
                     "resyncs": s.resyncs.load(Relaxed),
                     "rejected": s.rejected.load(Relaxed),
                     "sent": s.sent.load(Relaxed),
