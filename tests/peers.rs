@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
+use testkit::hold;
 
 /// A key file with `hex` in a directory of its own.
 fn key_file(tag: &str, hex: &str) -> PathBuf {
@@ -267,4 +268,38 @@ fn a_flood_of_updates_from_a_peer_is_bounded_by_the_sticky_capacity() {
     assert!(grew < 64 * 1024, "RSS grew {grew} KiB");
     // B still serves, and counts what it took from an unlisted peer nowhere but its table.
     ask_name(IpAddr::V4(Ipv4Addr::new(127, 1, 143, 10)), b.addr()).unwrap();
+}
+
+#[test]
+fn a_pin_with_sessions_open_on_one_instance_does_not_expire_on_its_peer() {
+    let pool = backends(144, 2);
+    let key = key_file("touch", KEY);
+    let key = key.to_str().unwrap();
+    let timeout = ["--sticky-timeout", "2s"];
+    let mut b_args = vec!["--name", "b", "--peer-listen", "127.0.144.2:0", "--peer-key-file", key];
+    b_args.extend(timeout);
+    let b = tether_with_admin(144, &pool, &b_args);
+    let to_b = format!("b={}", b.peer_addr());
+    let mut a_args = vec!["--name", "a", "--peer", &to_b, "--peer-key-file", key];
+    a_args.extend(timeout);
+    let a = tether_with_admin(144, &pool, &a_args);
+    assert!(wait_until(DEADLINE, || get(a.admin(), "/api/peers")[0]["state"] == "connected"));
+    let client = IpAddr::V4(Ipv4Addr::new(127, 1, 144, 10));
+    let (session, backend) = hold(client, a.addr()).unwrap();
+    assert!(wait_until(DEADLINE, || pinned_to(b.admin(), client).as_deref() == Some(&backend)));
+    // Two and a half sticky timeouts while the session stays open on A: A sends the pin again
+    // every second, and B's copy never lapses.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(5) {
+        assert_eq!(
+            pinned_to(b.admin(), client).as_deref(),
+            Some(backend.as_str()),
+            "lapsed at {:?}",
+            watch.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200)); // the observation's pace
+    }
+    // Closed: no more touches, and B's copy expires on its own.
+    drop(session);
+    assert!(wait_until(DEADLINE, || pinned_to(b.admin(), client).is_none()), "B kept the pin");
 }

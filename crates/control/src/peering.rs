@@ -227,7 +227,7 @@ impl Peering {
     // === the hub ===
 
     fn hub(self: Arc<Self>) {
-        let mut last_watch = Instant::now();
+        let (mut last_watch, mut last_touch) = (Instant::now(), Instant::now());
         loop {
             let first = match self.hub.1.recv_timeout(Duration::from_secs(1)) {
                 Ok(c) => Some(c),
@@ -238,19 +238,76 @@ impl Peering {
                 self.watch_services();
                 last_watch = Instant::now();
             }
+            if last_touch.elapsed() >= self.touch_every() {
+                let touches = self.touches();
+                self.fan_out(&touches);
+                last_touch = Instant::now();
+            }
             let Some(first) = first else { continue };
             let batch: Vec<Local> =
                 std::iter::once(first).chain(self.hub.1.try_iter().take(4095)).collect();
             let changes = self.name_changes(&batch);
-            for peer in &self.peers {
-                for c in &changes {
-                    if peer.queue.0.try_send(c.clone()).is_err() {
-                        peer.resync.store(true, Relaxed);
-                        break;
-                    }
+            self.fan_out(&changes);
+        }
+    }
+
+    /// Queue `changes` for every peer (a full queue marks the peer for a resync).
+    fn fan_out(&self, changes: &[Change]) {
+        for peer in &self.peers {
+            for c in changes {
+                if peer.queue.0.try_send(c.clone()).is_err() {
+                    peer.resync.store(true, Relaxed);
+                    break;
                 }
             }
         }
+    }
+
+    /// How often pins with open sessions here are sent again: a quarter of the shortest
+    /// sticky timeout, at least a second, so a peer's copy never expires while they last.
+    fn touch_every(&self) -> Duration {
+        let reg = self.registry();
+        let shortest = reg.services.iter().flatten().map(|s| s.config.sticky_timeout).min();
+        (shortest.unwrap_or(Duration::from_secs(60)) / 4).max(Duration::from_secs(1))
+    }
+
+    /// The pins this instance made that have sessions open here, with their versions
+    /// unchanged: a peer that has that version renews its copy's expiry (a touch).
+    fn touches(&self) -> Vec<Change> {
+        let tables = self.tables();
+        let now = self.now_ms();
+        let versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (slot, service, sticky, ids) in &tables {
+            for (key, id, left) in sticky.export(now) {
+                let Some(version) = versions.get(&(*slot, key)) else { continue };
+                if left.is_some() || version.origin != self.name {
+                    continue;
+                }
+                let Some(backend) = ids.get(&id) else { continue };
+                out.push(Change {
+                    service: service.clone(),
+                    key: key.to_bytes(),
+                    what: What::Pin { backend: backend.clone(), left_ms: None },
+                    version: version.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Every service's table, name and backend names by id.
+    fn tables(&self) -> Vec<Table> {
+        let reg = self.registry();
+        reg.services
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| {
+                let s = s.as_ref()?;
+                let ids = s.backends.iter().map(|b| (b.state.id, b.state.name.clone()));
+                Some((slot, s.config.name.clone(), Arc::clone(&s.sticky), ids.collect()))
+            })
+            .collect()
     }
 
     /// The workers' changes as the wire names them, with their versions recorded.
@@ -370,18 +427,7 @@ impl Peering {
         let mut out = Vec::new();
         wire::encode(&Message::SyncStart, &mut out);
         conn.stream.write_all(&out)?;
-        let tables: Vec<Table> = {
-            let reg = self.registry();
-            reg.services
-                .iter()
-                .enumerate()
-                .filter_map(|(slot, s)| {
-                    let s = s.as_ref()?;
-                    let ids = s.backends.iter().map(|b| (b.state.id, b.state.name.clone()));
-                    Some((slot, s.config.name.clone(), Arc::clone(&s.sticky), ids.collect()))
-                })
-                .collect()
-        };
+        let tables = self.tables();
         let started = Instant::now();
         let mut sent = 0;
         for (slot, service, sticky, ids) in tables {
@@ -561,7 +607,9 @@ impl Peering {
                 continue;
             };
             let key = AffinityKey::from_bytes(c.key);
-            if versions.get(&(slot, key)).is_some_and(|v| *v >= c.version) {
+            // Older than what this instance has: ignored. The same version again (a touch, or a
+            // full transfer): its expiry is renewed.
+            if versions.get(&(slot, key)).is_some_and(|v| *v > c.version) {
                 continue;
             }
             let What::Pin { backend, left_ms } = &c.what else { continue };
