@@ -303,3 +303,44 @@ fn a_pin_with_sessions_open_on_one_instance_does_not_expire_on_its_peer() {
     drop(session);
     assert!(wait_until(DEADLINE, || pinned_to(b.admin(), client).is_none()), "B kept the pin");
 }
+
+#[test]
+fn a_pin_that_expires_where_it_was_made_expires_on_its_peer() {
+    let pool = backends(145, 2);
+    let key = key_file("expire", KEY);
+    let key = key.to_str().unwrap();
+    // B would keep what it learns for a minute; A's pins expire 2 s after their last session.
+    let b = tether_with_admin(
+        145,
+        &pool,
+        &[
+            "--name",
+            "b",
+            "--peer-listen",
+            "127.0.145.2:0",
+            "--peer-key-file",
+            key,
+            "--sticky-timeout",
+            "60s",
+        ],
+    );
+    let to_b = format!("b={}", b.peer_addr());
+    let a = tether_with_admin(
+        145,
+        &pool,
+        &["--name", "a", "--peer", &to_b, "--peer-key-file", key, "--sticky-timeout", "2s"],
+    );
+    assert!(wait_until(DEADLINE, || get(a.admin(), "/api/peers")[0]["state"] == "connected"));
+    let client = IpAddr::V4(Ipv4Addr::new(127, 1, 145, 10));
+    let backend = ask_name(client, a.addr()).unwrap();
+    assert!(wait_until(DEADLINE, || pinned_to(b.admin(), client).as_deref() == Some(&backend)));
+    let at = Instant::now();
+    assert!(wait_until(DEADLINE, || pinned_to(a.admin(), client).is_none()), "A kept it");
+    let gone = wait_until(DEADLINE, || pinned_to(b.admin(), client).is_none());
+    assert!(gone, "B kept the pin A let expire");
+    eprintln!(
+        "B dropped the pin {:?} after A's session closed (B's own timeout: 60 s)",
+        at.elapsed()
+    );
+    assert!(at.elapsed() < Duration::from_secs(20));
+}

@@ -140,6 +140,9 @@ fn bump(counter: &AtomicU64, n: usize) {
 pub trait Watch: Send + Sync {
     /// `key` is now pinned to `backend` (a new pin, a renewed expired one, or a move).
     fn pinned(&self, key: AffinityKey, backend: BackendId);
+
+    /// `key`'s pin expired and [`Sticky::sweep`] removed it.
+    fn expired(&self, _key: AffinityKey) {}
 }
 
 /// The sticky table: affinity key -> backend, with live-session counts and expiry.
@@ -202,6 +205,16 @@ impl Sticky {
         if let Some(w) = self.watch.get() {
             w.pinned(key, backend);
         }
+    }
+
+    /// Remove `key`'s pin if no session of it is open here (a peer's pin of it expired there);
+    /// returns whether it was removed.
+    pub fn remove_idle(&self, key: AffinityKey) -> bool {
+        let removed = self.map.remove_if(&key, |_, slot| slot.live == 0).is_some();
+        if removed {
+            self.release(1);
+        }
+        removed
     }
 
     /// A pin another instance made (a peer): `key` on `backend` from now on, keeping the live
@@ -364,9 +377,13 @@ impl Sticky {
     /// one shard's lock at a time (1/64 of the table), so no worker waits on it for long.
     pub fn sweep(&self, now: u64) -> usize {
         let mut removed = 0;
-        self.map.retain(|_, slot| {
+        let watch = self.watch.get();
+        self.map.retain(|key, slot| {
             let keep = slot.pinned(now);
             removed += usize::from(!keep);
+            if let (false, Some(w)) = (keep, watch) {
+                w.expired(*key);
+            }
             keep
         });
         self.release(removed);
@@ -631,6 +648,28 @@ mod tests {
         fn pinned(&self, key: AffinityKey, backend: BackendId) {
             self.0.lock().unwrap().push((key, backend));
         }
+
+        fn expired(&self, key: AffinityKey) {
+            self.0.lock().unwrap().push((key, u32::MAX));
+        }
+    }
+
+    #[test]
+    fn the_watch_hears_expiries_and_an_idle_pin_can_be_removed() {
+        let t = table(4, 100);
+        let seen = Arc::new(Seen::default());
+        t.set_watch(seen.clone());
+        assert_eq!(t.attach(k(1), 7, 0), Attach::Pinned);
+        t.detach(k(1), 0);
+        assert_eq!(t.sweep(100), 1);
+        assert_eq!(*seen.0.lock().unwrap(), [(k(1), 7), (k(1), u32::MAX)]);
+        assert_eq!(t.attach(k(2), 7, 0), Attach::Pinned);
+        assert!(!t.remove_idle(k(2)), "a session is open");
+        t.detach(k(2), 1);
+        assert!(t.remove_idle(k(2)));
+        assert!(!t.remove_idle(k(2)));
+        assert_eq!(t.len(), 0);
+        t.check_counters();
     }
 
     #[test]

@@ -117,8 +117,9 @@ pub struct Peering {
 /// A service's table as a full transfer reads it: slot, name, pins, backend names by id.
 type Table = (usize, String, Arc<conntrack::Sticky>, HashMap<BackendId, String>);
 
-/// A change a worker made: service slot, key, backend id, unix ms.
-struct Local(usize, AffinityKey, BackendId, u64);
+/// A change of this instance's table: service slot, key, the backend id it is now pinned to
+/// (`None`: it expired), unix ms.
+struct Local(usize, AffinityKey, Option<BackendId>, u64);
 
 /// The watch on one service's sticky table.
 struct ServiceWatch {
@@ -128,7 +129,16 @@ struct ServiceWatch {
 
 impl Watch for ServiceWatch {
     fn pinned(&self, key: AffinityKey, backend: BackendId) {
-        let change = Local(self.slot, key, backend, unix_ms());
+        self.send(Local(self.slot, key, Some(backend), unix_ms()));
+    }
+
+    fn expired(&self, key: AffinityKey) {
+        self.send(Local(self.slot, key, None, unix_ms()));
+    }
+}
+
+impl ServiceWatch {
+    fn send(&self, change: Local) {
         if let Err(TrySendError::Full(_)) = self.peering.hub.0.try_send(change) {
             self.peering.dropped.fetch_add(1, Relaxed);
             for p in &self.peering.peers {
@@ -328,6 +338,20 @@ impl Peering {
         let mut out = Vec::with_capacity(batch.len());
         for &Local(slot, key, backend, at) in batch {
             let Some(Some((service, ids))) = names.get(slot) else { continue };
+            let Some(backend) = backend else {
+                // Expired here: forget its version; a pin this instance made expires on the
+                // peers too (one learned from a peer expires there on its own).
+                let Some(version) = versions.remove(&(slot, key)) else { continue };
+                if version.origin == self.name {
+                    out.push(Change {
+                        service: service.clone(),
+                        key: key.to_bytes(),
+                        what: What::Expire,
+                        version,
+                    });
+                }
+                continue;
+            };
             let Some(backend) = ids.get(&backend) else { continue };
             let version = Version { unix_ms: at, origin: self.name.clone() };
             versions.insert((slot, key), version.clone());
@@ -612,7 +636,19 @@ impl Peering {
             if versions.get(&(slot, key)).is_some_and(|v| *v > c.version) {
                 continue;
             }
-            let What::Pin { backend, left_ms } = &c.what else { continue };
+            let (backend, left_ms) = match &c.what {
+                What::Pin { backend, left_ms } => (backend, left_ms),
+                // Expired where it was made: gone here too, unless it changed since or has
+                // sessions open here.
+                What::Expire => {
+                    if versions.get(&(slot, key)) == Some(&c.version) && s.sticky.remove_idle(key) {
+                        versions.remove(&(slot, key));
+                        applied += 1;
+                    }
+                    continue;
+                }
+                What::Touch { .. } => continue,
+            };
             let Some(b) = s.backends.iter().find(|b| &b.state.name == backend) else { continue };
             if s.sticky.pin_remote(key, b.state.id, *left_ms, now) {
                 versions.insert((slot, key), c.version.clone());
