@@ -256,8 +256,14 @@ fn an_upgrade_under_traffic_refuses_nobody_keeps_every_pin_open_session_and_flow
     let successor = successor_of(&t, old);
     let new = successor.0;
     // The new build answers, and says so in its log.
-    let new_version = status_version(&t).unwrap();
-    assert!(new_version.ends_with("(rebuilt)"), "{new_version}");
+    // The old process answers the admin requests it had already accepted when the new one
+    // became ready, then accepts no more: ask until the new build answers.
+    let mut new_version = String::new();
+    let answered = wait_until(DEADLINE, || {
+        new_version = status_version(&t).unwrap_or_default();
+        new_version.ends_with("(rebuilt)")
+    });
+    assert!(answered, "{new_version}");
     assert_eq!(api_backend(t.admin(), "b2")["state"], "drain");
     let pid = new.unwrap_or_default();
     assert!(
