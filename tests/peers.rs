@@ -344,3 +344,72 @@ fn a_pin_that_expires_where_it_was_made_expires_on_its_peer() {
     );
     assert!(at.elapsed() < Duration::from_secs(20));
 }
+
+#[test]
+fn with_peer_health_quorum_a_backend_most_instances_see_down_is_down_here_too() {
+    use peers::wire::{encode, HealthView, Message};
+    let pool = backends(146, 2);
+    let key = key_file("quorum", KEY);
+    let b = tether_with_admin(
+        146,
+        &pool,
+        &[
+            "--name",
+            "b",
+            "--peer-listen",
+            "127.0.146.2:0",
+            "--peer-key-file",
+            key.to_str().unwrap(),
+            "--peer-health",
+            "quorum",
+        ],
+    );
+    // Two instances played by the test: each says what its probes see of b0, then pings; the
+    // ping's answer means B has read the view.
+    let tell = |s: &mut std::net::TcpStream, up: bool| {
+        let mut out = Vec::new();
+        let view = HealthView { service: "default".into(), backend: "b0".into(), up };
+        encode(&Message::Health(vec![view]), &mut out);
+        encode(&Message::Ping, &mut out);
+        s.write_all(&out).unwrap();
+        let mut answer = [0u8; 5];
+        std::io::Read::read_exact(s, &mut answer).expect("the ping's answer");
+    };
+    let join = |name: &str| {
+        let mut s = std::net::TcpStream::connect(b.peer_addr()).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        assert_eq!(handshake(&mut s, true, name, KEY), "b");
+        s
+    };
+    let health = || get(b.admin(), "/api/backends")[0]["health"].as_str().unwrap().to_string();
+    assert_eq!(get(b.admin(), "/api/backends")[0]["name"], "b0");
+    // One of two instances sees b0 down: no majority, b0 stays up here.
+    let mut x = join("x");
+    tell(&mut x, false);
+    let settled = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < settled {
+        assert_eq!(health(), "up", "one vote of two took b0 down");
+        std::thread::sleep(Duration::from_millis(100)); // the observation's pace
+    }
+    // Two of three: down here too, though B's own probes never said so.
+    let mut y = join("y");
+    tell(&mut y, false);
+    assert!(wait_until(DEADLINE, || health() == "down"), "b0 still {}", health());
+    let events = get(b.admin(), "/api/events").to_string();
+    assert!(events.contains("down on 2 of 3 instances"), "{events}");
+    // New clients stay off b0 while it is down.
+    for i in 0..20 {
+        let c = IpAddr::V4(Ipv4Addr::new(127, 1, 146, 10 + i));
+        assert_eq!(ask_name(c, b.addr()).unwrap(), "b1");
+    }
+    // The others see it up again: up here.
+    tell(&mut x, true);
+    tell(&mut y, true);
+    assert!(wait_until(DEADLINE, || health() == "up"), "b0 still {}", health());
+    // Votes go stale when their senders go quiet: y says down and disappears.
+    tell(&mut x, false);
+    tell(&mut y, false);
+    assert!(wait_until(DEADLINE, || health() == "down"));
+    drop((x, y));
+    assert!(wait_until(DEADLINE, || health() == "up"), "stale votes kept b0 down");
+}

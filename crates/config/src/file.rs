@@ -320,7 +320,7 @@ mod tests {
             peer-listen = "10.0.0.1:7946"
             peer-allow-remote = true
             peer-key-file = "/etc/tether/peer.key"
-            peer-health = "off"
+            peer-health = "quorum"
 
             [[service.backend]]
             address = "10.0.0.1:5432"
@@ -364,7 +364,7 @@ mod tests {
         assert_eq!(names, [("edge-2", addr("10.0.0.2:7946")), ("edge-3", addr("[fd00::3]:7946"))]);
         assert_eq!(peers.listen, Some(addr("10.0.0.1:7946")));
         assert_eq!(peers.key_file, std::path::PathBuf::from("/etc/tether/peer.key"));
-        assert_eq!(peers.health, crate::PeerHealth::Off);
+        assert_eq!(peers.health, crate::PeerHealth::Quorum);
         assert_eq!(c.state_file, Some("/var/lib/tether/state".into()));
         assert_eq!(c.state_interval, Duration::from_secs(5));
         assert_eq!(c.sticky_prefill, 0);

@@ -259,9 +259,12 @@ pub struct Peer {
     pub addr: SocketAddr,
 }
 
-/// Whether peers' views of backend health count here (`quorum`, sharing them, is not built yet).
+/// Whether peers' views of backend health count here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerHealth {
+    /// A backend is down here when more than half of the instances that report on it (this
+    /// one included) see it down.
+    Quorum,
     /// Each instance's own probes only.
     Off,
 }
@@ -825,11 +828,7 @@ pub(crate) fn build_peers(
     })?;
     let health =
         opt(origin, "peer-health", &input.peer_health, PeerHealth::Off, |raw| match raw {
-            // Parsed so that a file written for it names the problem; shared health is not built yet.
-            "quorum" => {
-                Err("`quorum` is not available yet: peers share pins, not health (use `off`)"
-                    .into())
-            }
+            "quorum" => Ok(PeerHealth::Quorum),
             "off" => Ok(PeerHealth::Off),
             _ => Err("expected `quorum` or `off`".into()),
         })?;
@@ -1002,7 +1001,9 @@ mod tests {
             .contains("this instance's own name"));
         assert!(err(&["--name", "a b"]).starts_with("--name \"a b\": name"));
         assert!(err(&["--peer-health", "most"]).starts_with("--peer-health \"most\": expected"));
-        assert!(err(&["--peer-health", "quorum"]).contains("not available yet"));
+        let quorum =
+            ["--peer-health", "quorum", "--peer-listen", "127.0.0.1:1", "--peer-key-file", "/k"];
+        assert_eq!(with(&quorum).unwrap().peers.unwrap().health, PeerHealth::Quorum);
     }
 
     #[test]

@@ -95,6 +95,7 @@ fn apply(
 ) {
     let mut reg = registry.lock().unwrap_or_else(|p| p.into_inner());
     let mut events = Vec::new();
+    let peering = reg.peering.clone();
     let Some(Some(s)) = reg.services.get_mut(slot) else { return };
     let service = s.config.name.clone();
     let fall = s.config.health.fall;
@@ -111,6 +112,13 @@ fn apply(
             changed = b.checker.observe(false).or(changed);
         }
         changed = b.checker.observe(*outcome == Outcome::Ok).or(changed);
+        // With `--peer-health quorum` the peers' probes have a say (peering.rs).
+        let changed = changed
+            .map(|local| match &peering {
+                Some(p) => p.quorum_health(&service, &b.state.name, local).0,
+                None => local,
+            })
+            .filter(|&health| health != b.state.health());
         if let Some(health) = changed {
             b.state.set_health(health);
             if health == Health::Down && kill {

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use conntrack::{AffinityKey, BackendId, Watch};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use peers::auth::{Key, NONCE};
-use peers::wire::{self, Change, Message, What};
+use peers::wire::{self, Change, HealthView, Message, What};
 use peers::Version;
 
 use crate::registry::Registry;
@@ -112,7 +112,17 @@ pub struct Peering {
     hub: (Sender<Local>, Receiver<Local>),
     inbound: AtomicU64,
     epoch: Instant,
+    /// `--peer-health quorum`.
+    quorum: bool,
+    /// What each peer's probes last said of each (service, backend), and when it said so.
+    views: Mutex<HashMap<String, (Instant, View)>>,
 }
+
+/// One instance's probes' verdicts: (service, backend) -> up.
+type View = HashMap<(String, String), bool>;
+
+/// A peer's view of backend health counts while it is this fresh (it sends one a second).
+const VIEW_FRESH: Duration = Duration::from_secs(5);
 
 /// A service's table as a full transfer reads it: slot, name, pins, backend names by id.
 type Table = (usize, String, Arc<conntrack::Sticky>, HashMap<BackendId, String>);
@@ -195,6 +205,8 @@ impl Peering {
             hub: crossbeam_channel::bounded(HUB_QUEUE),
             inbound: AtomicU64::new(0),
             epoch,
+            quorum: config.health == config::PeerHealth::Quorum,
+            views: Mutex::new(HashMap::new()),
         });
         peering.watch_services();
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
@@ -246,6 +258,7 @@ impl Peering {
             };
             if last_watch.elapsed() >= Duration::from_secs(1) {
                 self.watch_services();
+                self.apply_quorum();
                 last_watch = Instant::now();
             }
             if last_touch.elapsed() >= self.touch_every() {
@@ -304,6 +317,90 @@ impl Peering {
             }
         }
         out
+    }
+
+    /// What this instance's own probes say of every backend (not the quorum's verdict: that
+    /// would count a peer's vote twice).
+    fn local_views(&self) -> Vec<HealthView> {
+        let reg = self.registry();
+        let mut out = Vec::new();
+        for s in reg.services.iter().flatten() {
+            for b in &s.backends {
+                out.push(HealthView {
+                    service: s.config.name.clone(),
+                    backend: b.state.name.clone(),
+                    up: b.checker.state() == health::Health::Up,
+                });
+            }
+        }
+        out.truncate(wire::MAX_CHANGES);
+        out
+    }
+
+    /// With `--peer-health quorum`: the health a backend has here, given what this instance's
+    /// probes say (`local`) and what the peers that reported on it lately say: down when more
+    /// than half of those instances, this one included, see it down. Also how many see it down
+    /// and how many voted.
+    pub fn quorum_health(
+        &self,
+        service: &str,
+        backend: &str,
+        local: health::Health,
+    ) -> (health::Health, usize, usize) {
+        let (mut down, mut voters) = (usize::from(local == health::Health::Down), 1);
+        if !self.quorum {
+            return (local, down, voters);
+        }
+        let views = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (service.to_string(), backend.to_string());
+        for (at, view) in views.values() {
+            if at.elapsed() > VIEW_FRESH {
+                continue;
+            }
+            if let Some(&up) = view.get(&key) {
+                voters += 1;
+                down += usize::from(!up);
+            }
+        }
+        let health = if down * 2 > voters { health::Health::Down } else { health::Health::Up };
+        // This instance's own "down" stands whatever the peers say.
+        let health = if local == health::Health::Down { local } else { health };
+        (health, down, voters)
+    }
+
+    /// Set every backend's health from the quorum (once a second, and as views come and go).
+    fn apply_quorum(&self) {
+        if !self.quorum {
+            return;
+        }
+        let mut reg = self.registry();
+        let mut events = Vec::new();
+        let mut killed = Vec::new();
+        for s in reg.services.iter().flatten() {
+            let kill = s.config.health.on_down == config::OnDown::Kill;
+            for b in &s.backends {
+                let local = b.checker.state();
+                let (health, down, voters) =
+                    self.quorum_health(&s.config.name, &b.state.name, local);
+                if b.state.health() != health {
+                    b.state.set_health(health);
+                    events.push(format!(
+                        "{}/{}: health {health} (down on {down} of {voters} instances)",
+                        s.config.name, b.state.name
+                    ));
+                    if health == health::Health::Down && kill {
+                        killed.push(b.state.id);
+                    }
+                }
+            }
+        }
+        for e in events {
+            reg.transitions += 1;
+            reg.event(e);
+        }
+        for id in killed {
+            reg.kill(id);
+        }
     }
 
     /// Every service's table, name and backend names by id.
@@ -411,6 +508,7 @@ impl Peering {
         loop {
             if last_ping.elapsed() >= PING_EVERY {
                 out.clear();
+                wire::encode(&Message::Health(self.local_views()), &mut out);
                 wire::encode(&Message::Ping, &mut out);
                 conn.stream.write_all(&out)?;
                 last_ping = Instant::now();
@@ -607,6 +705,11 @@ impl Peering {
                     conn.stream.write_all(&out)?;
                 }
                 Message::SyncStart => {}
+                Message::Health(views) => {
+                    let views = views.into_iter().map(|v| ((v.service, v.backend), v.up)).collect();
+                    let mut all = self.views.lock().unwrap_or_else(|p| p.into_inner());
+                    all.insert(name.clone(), (Instant::now(), views));
+                }
                 Message::SyncEnd { entries } => log::info!("peer {name}: {entries} pins received"),
                 other => {
                     if let Some(s) = &stats {
@@ -729,6 +832,7 @@ fn kind(m: &Message) -> &'static str {
         Message::SyncEnd { .. } => "a sync end",
         Message::Ping => "a ping",
         Message::Resync => "a resync request",
+        Message::Health(_) => "health",
     }
 }
 

@@ -23,6 +23,7 @@ const SYNC_START: u8 = 4;
 const SYNC_END: u8 = 5;
 const PING: u8 = 6;
 const RESYNC: u8 = 7;
+const HEALTH: u8 = 8;
 
 const PIN: u8 = 1;
 const TOUCH: u8 = 2;
@@ -50,6 +51,16 @@ pub enum Message {
     Ping,
     /// The sender missed changes (its queue overflowed): send it a full transfer.
     Resync,
+    /// What the sender's own probes say of each backend (for `--peer-health quorum`).
+    Health(Vec<HealthView>),
+}
+
+/// One backend as one instance's probes see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthView {
+    pub service: String,
+    pub backend: String,
+    pub up: bool,
 }
 
 /// One change of one pin.
@@ -149,6 +160,16 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
         }
         Message::Ping => out.push(PING),
         Message::Resync => out.push(RESYNC),
+        Message::Health(views) => {
+            debug_assert!(views.len() <= MAX_CHANGES);
+            out.push(HEALTH);
+            out.extend_from_slice(&(views.len() as u16).to_be_bytes());
+            for v in views {
+                put_str(out, &v.service);
+                put_str(out, &v.backend);
+                out.push(u8::from(v.up));
+            }
+        }
     }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -205,6 +226,24 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
         SYNC_END => Message::SyncEnd { entries: r.u64("the count")? },
         PING => Message::Ping,
         RESYNC => Message::Resync,
+        HEALTH => {
+            let n = r.u16("the count")? as usize;
+            if n > MAX_CHANGES {
+                return Err(WireError::TooMany(n));
+            }
+            let mut views = Vec::with_capacity(n);
+            for _ in 0..n {
+                let service = r.string("a service name")?;
+                let backend = r.string("a backend name")?;
+                let up = match r.u8("a health")? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(WireError::UnknownKind(other)),
+                };
+                views.push(HealthView { service, backend, up });
+            }
+            Message::Health(views)
+        }
         other => return Err(WireError::UnknownKind(other)),
     };
     if !r.0.is_empty() {
@@ -299,6 +338,10 @@ mod tests {
             Message::SyncEnd { entries: 123_456 },
             Message::Ping,
             Message::Resync,
+            Message::Health(vec![
+                HealthView { service: "game".into(), backend: "b0".into(), up: false },
+                HealthView { service: "game".into(), backend: "b1".into(), up: true },
+            ]),
         ]
     }
 
