@@ -51,7 +51,6 @@ mod tcp_sim;
 mod timer;
 mod token;
 mod udp;
-mod udp_kernel;
 pub mod udp_socket;
 mod worker;
 

@@ -32,9 +32,15 @@ use crate::outgoing::{no_local_port, Sources};
 use crate::stats::{inc, ports_exhausted, Stats};
 use crate::sys::{RecvBatch, BATCH};
 use crate::token::Slot;
-use crate::udp_kernel::{Kernel, Offloaded, Reading, SWEEP_MS};
 use crate::udp_socket::UdpBuffers;
 use crate::{Shared, Snapshot};
+
+mod handover;
+mod kernel;
+
+pub use handover::{socket_id, HandedFlow};
+pub use kernel::FlowView;
+use kernel::{flush, fold, Kernel, Offloaded};
 
 /// A flow table's idle timeout until its service's settings set it (on publish, before any
 /// flow of the service exists).
@@ -49,57 +55,6 @@ pub struct Ctx<'a> {
     pub services: &'a [Option<Arc<Snapshot>>],
     pub stats: &'a Stats,
     pub now_ms: u64,
-}
-
-/// A UDP flow as one process hands it to another (an upgrade): a descriptor of its connected
-/// socket (so the flow keeps its source port toward the backend: a game server sees the same
-/// peer) and what the worker that takes it over needs.
-#[derive(Debug)]
-pub struct HandedFlow {
-    pub socket: std::net::UdpSocket,
-    /// [`socket_id`] of the listener socket its client's datagrams arrive on: the same socket
-    /// in both processes, so the flow goes to the worker that reads it.
-    pub listener: u64,
-    pub client: SocketAddr,
-    /// The address the client sent to (the flow key's other half).
-    pub local: SocketAddr,
-    pub local_ip: Option<IpAddr>,
-    pub source: SocketAddr,
-    pub destination: SocketAddr,
-    pub header_sent: bool,
-    /// The backend's name (ids are per process).
-    pub backend: String,
-}
-
-/// One UDP flow as the admin API shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FlowView {
-    pub service: String,
-    /// The client, and the address it sent to.
-    pub client: SocketAddr,
-    pub listener: SocketAddr,
-    /// The flow socket's address (what the backend sees) and the backend.
-    pub local: Option<SocketAddr>,
-    pub backend: String,
-    pub backend_address: SocketAddr,
-    /// The offload program carries it.
-    pub offloaded: bool,
-    /// Datagrams and payload bytes client -> backend and back, whoever carried them.
-    pub datagrams_in: u64,
-    pub datagrams_out: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    /// Since its last datagram (as the flow table knows it: the program's are read every
-    /// second and now).
-    pub idle_ms: u64,
-}
-
-/// What tells one socket from another across processes: its inode (a descriptor passed with
-/// SCM_RIGHTS names the same socket, with the same inode).
-pub fn socket_id(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let stat = nix::sys::stat::fstat(fd.as_raw_fd())?;
-    Ok(stat.st_ino)
 }
 
 /// One listen address of this worker.
@@ -255,154 +210,6 @@ impl Udp {
             drops: 0,
             buffers,
         }));
-        Ok(())
-    }
-
-    /// Stop reading every socket (an upgrade hands them to another process) and return a copy
-    /// of each flow's socket with what the other process needs. The flows stay here, unread,
-    /// until [`resume`](Self::resume) (the upgrade failed) or shutdown; datagrams meanwhile
-    /// wait in the kernel's buffers for whichever process reads next.
-    pub fn pause(&mut self, registry: &Registry, stats: &Stats) -> Vec<HandedFlow> {
-        self.paused = true;
-        // The other process reads the sockets from now on: the program must not carry these
-        // flows past it (it offloads them again in its own map).
-        if let Some(kernel) = self.kernel.as_mut() {
-            for flow in self.flows.iter_mut().flatten() {
-                if let Some(mut o) = flow.offloaded.take() {
-                    let reading = kernel.read(&mut o);
-                    kernel.remove(&o);
-                    fold(flow, &reading, stats);
-                }
-                flow.offload_tried = false;
-                flush(flow);
-            }
-        }
-        for l in self.listeners.iter_mut().flatten() {
-            let _ = registry.deregister(&mut l.socket);
-        }
-        let mut handed = Vec::new();
-        for flow in self.flows.iter_mut().flatten() {
-            let _ = registry.deregister(&mut flow.socket);
-            let Some(listener) = self.listeners.get(flow.listener).and_then(Option::as_ref) else {
-                continue;
-            };
-            let socket = match std::os::fd::AsFd::as_fd(&flow.socket).try_clone_to_owned() {
-                Ok(fd) => std::net::UdpSocket::from(fd),
-                Err(e) => {
-                    log::warn!("udp flow {}: keeping a copy of its socket: {e}", flow.key);
-                    continue;
-                }
-            };
-            handed.push(HandedFlow {
-                socket,
-                listener: listener.id,
-                client: flow.client,
-                local: flow.key.listener(),
-                local_ip: flow.local_ip,
-                source: flow.source,
-                destination: flow.destination,
-                header_sent: flow.header_sent,
-                backend: flow.service.backends[flow.backend].name.clone(),
-            });
-        }
-        handed
-    }
-
-    /// Read the sockets again after [`pause`](Self::pause).
-    pub fn resume(&mut self, registry: &Registry) {
-        if !std::mem::take(&mut self.paused) {
-            return;
-        }
-        for (i, l) in self.listeners.iter_mut().enumerate() {
-            let Some(l) = l else { continue };
-            let token = Slot::UdpListener(i).token();
-            if let Err(e) = registry.register(&mut l.socket, token, Interest::READABLE) {
-                log::error!("udp listener {}: reading it again: {e}", l.local);
-            }
-        }
-        for (slot, flow) in self.flows.iter_mut().enumerate() {
-            let Some(flow) = flow else { continue };
-            let token = Slot::Flow(slot).token();
-            if let Err(e) = registry.register(&mut flow.socket, token, Interest::READABLE) {
-                log::error!("udp flow {}: reading it again: {e}", flow.key);
-            }
-        }
-    }
-
-    /// Carry on a flow another process handed over (an upgrade), before the first datagram
-    /// is read: same socket (same source port toward the backend), same backend, same client
-    /// and reply address. Its idle time starts again. The reason when it cannot be.
-    pub fn adopt(&mut self, handed: HandedFlow, ctx: &Ctx<'_>) -> Result<(), String> {
-        let listener = self
-            .listeners
-            .iter()
-            .position(|l| l.as_ref().is_some_and(|l| l.id == handed.listener))
-            .ok_or("its listener is not this worker's")?;
-        let slot_of_service = self.listeners[listener].as_ref().map_or(0, |l| l.service);
-        let service = ctx
-            .services
-            .get(slot_of_service)
-            .and_then(Option::as_ref)
-            .cloned()
-            .ok_or("its service is gone")?;
-        let backend = service
-            .backends
-            .iter()
-            .position(|b| b.name == handed.backend)
-            .ok_or("its backend is gone")?;
-        let target = &service.backends[backend];
-        let mut socket = UdpSocket::from_std(handed.socket);
-        let slot = self.free.pop().unwrap_or_else(|| {
-            self.flows.push(None);
-            self.flows.len() - 1
-        });
-        let key = FlowKey::new(handed.client, handed.local);
-        if let Err(refused) = self.table(service.slot).insert(key, target.id, slot, ctx.now_ms) {
-            self.free.push(slot);
-            return Err(format!("{:?}", refused.reason));
-        }
-        if let Err(e) =
-            ctx.registry.register(&mut socket, Slot::Flow(slot).token(), Interest::READABLE)
-        {
-            self.tables[service.slot].remove(&key);
-            self.free.push(slot);
-            return Err(format!("epoll: {e}"));
-        }
-        let pin = match service.settings.affinity {
-            vocab::Affinity::Source => {
-                let k = conntrack::AffinityKey::from_ip(handed.source.ip());
-                match service.sticky.attach(k, target.id, ctx.now_ms) {
-                    Attach::Full => {
-                        inc(&ctx.stats.sticky_full);
-                        None
-                    }
-                    Attach::Pinned | Attach::Repinned { .. } => {
-                        Some(Pinned::new(Arc::clone(&service.sticky), k, Arc::clone(&self.clock)))
-                    }
-                }
-            }
-            vocab::Affinity::FiveTuple => None,
-        };
-        let live = FlowLive::new(target);
-        self.flows[slot] = Some(Flow {
-            socket,
-            key,
-            listener,
-            client: handed.client,
-            local_ip: handed.local_ip,
-            source: handed.source,
-            destination: handed.destination,
-            header_sent: handed.header_sent,
-            service,
-            backend,
-            live,
-            pin,
-            drops: 0,
-            offloaded: None,
-            offload_tried: false,
-            counts: Counts::default(),
-            flushed: Counts::default(),
-        });
         Ok(())
     }
 
@@ -909,45 +716,6 @@ impl Udp {
         }
     }
 
-    /// The flows (of clients with IP `client`, if given), at most `limit`, their counts
-    /// brought up to date from the program's entries.
-    pub fn flows(&mut self, client: Option<IpAddr>, limit: usize, ctx: &Ctx<'_>) -> Vec<FlowView> {
-        let mut out = Vec::new();
-        for slot in 0..self.flows.len() {
-            if out.len() >= limit {
-                break;
-            }
-            let Some(flow) = self.flows[slot].as_mut() else { continue };
-            if client.is_some_and(|ip| crate::routing::canonical(flow.client).ip() != ip) {
-                continue;
-            }
-            if let (Some(kernel), Some(o)) = (self.kernel.as_mut(), flow.offloaded.as_mut()) {
-                let reading = kernel.read(o);
-                if let Some(last) = reading.last_ms {
-                    self.tables[flow.service.slot].get(&flow.key, last);
-                }
-                fold(flow, &reading, ctx.stats);
-            }
-            let last = self.tables[flow.service.slot].peek(&flow.key).map(|f| f.last_active());
-            let b = &flow.service.backends[flow.backend];
-            out.push(FlowView {
-                service: flow.service.name.clone(),
-                client: flow.client,
-                listener: flow.key.listener(),
-                local: flow.socket.local_addr().ok(),
-                backend: b.name.clone(),
-                backend_address: b.addr,
-                offloaded: flow.offloaded.is_some(),
-                datagrams_in: flow.counts.datagrams[0],
-                datagrams_out: flow.counts.datagrams[1],
-                bytes_in: flow.counts.bytes[0],
-                bytes_out: flow.counts.bytes[1],
-                idle_ms: last.map_or(0, |t| ctx.now_ms.saturating_sub(t)),
-            });
-        }
-        out
-    }
-
     /// Service slot `service` has new rules (a reload): flows whose client they deny end now.
     /// (A flow in user space would meet the check at its next datagram; an offloaded one's
     /// datagrams never come up, so every flow is checked here.)
@@ -978,115 +746,6 @@ impl Udp {
         }
         flush(&mut flow);
     }
-
-    /// Hand the flow in `slot` to the offload program, if it may go there: a client that is
-    /// not a trusted proxy (whose datagrams may carry a header each), no PROXY header left to
-    /// send. Tried once per stay in user space.
-    fn offload(&mut self, slot: usize, stats: &Stats) {
-        let Some(kernel) = self.kernel.as_mut() else { return };
-        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else { return };
-        if flow.offload_tried || flow.offloaded.is_some() {
-            return;
-        }
-        flow.offload_tried = true;
-        let rules = &flow.service.guards.proxy;
-        let header_due = rules.send.is_some() && (rules.send_every_datagram || !flow.header_sent);
-        let from_proxy = rules.accept && rules.trusted.allows(flow.client.ip());
-        if header_due || from_proxy {
-            return;
-        }
-        let backend = flow.service.backends[flow.backend].addr;
-        let local = match flow.socket.local_addr() {
-            Ok(local) => local,
-            Err(e) => return log::debug!("udp flow {}: not offloaded: {e}", flow.key),
-        };
-        match kernel.offload(flow.client, flow.key.listener(), local, backend) {
-            Ok(o) => {
-                flow.offloaded = Some(o);
-                inc(&stats.flows_offloaded);
-            }
-            Err(e) => log::debug!("udp flow {}: not offloaded: {e}", flow.key),
-        }
-    }
-
-    /// Read what the program carried of every offloaded flow: counters folded in, activity
-    /// into the flow tables; a flow whose entries went missing is back in user space (and
-    /// offloaded again at its next datagram). Every flow's counts reach its backend's.
-    fn sweep(&mut self, ctx: &Ctx<'_>) {
-        let Some(kernel) = self.kernel.as_mut() else { return };
-        kernel.next_sweep_ms = ctx.now_ms + SWEEP_MS;
-        for flow in self.flows.iter_mut().flatten() {
-            if let Some(o) = flow.offloaded.as_mut() {
-                let reading = kernel.read(o);
-                if reading.lost {
-                    log::debug!("udp flow {}: its entries are gone: back in user space", flow.key);
-                    kernel.remove(o);
-                    flow.offloaded = None;
-                    flow.offload_tried = false;
-                }
-                if let Some(last) = reading.last_ms {
-                    self.tables[flow.service.slot].get(&flow.key, last);
-                }
-                fold(flow, &reading, ctx.stats);
-            }
-            flush(flow);
-        }
-    }
-
-    /// Whether the offloaded flow in `slot`, just expired from its table, was in fact active
-    /// within the idle timeout (the program carried it): then it goes back into the table,
-    /// active at that time.
-    fn still_active(&mut self, slot: usize, ctx: &Ctx<'_>) -> bool {
-        let Some(kernel) = self.kernel.as_mut() else { return false };
-        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else { return false };
-        let Some(o) = flow.offloaded.as_mut() else { return false };
-        let reading = kernel.read(o);
-        fold(flow, &reading, ctx.stats);
-        let table = &mut self.tables[flow.service.slot];
-        let timeout = table.idle_timeout_ms();
-        let Some(last) = reading.last_ms.filter(|&t| ctx.now_ms.saturating_sub(t) < timeout) else {
-            return false;
-        };
-        let id = flow.service.backends[flow.backend].id;
-        match table.insert(flow.key, id, slot, last) {
-            Ok(inserted) => {
-                if let Some((_, old)) = inserted.reclaimed {
-                    // Full: the slot of another expired flow of this table came with it.
-                    self.expired.push(*old.value());
-                }
-                true
-            }
-            Err(_) => false,
-        }
-    }
-}
-
-/// Add what the program carried of `flow` to its counts and the worker's counters.
-fn fold(flow: &mut Flow, reading: &Reading, stats: &Stats) {
-    for i in 0..2 {
-        flow.counts.datagrams[i] += reading.datagrams[i];
-        flow.counts.bytes[i] += reading.bytes[i];
-    }
-    let [there, back] = reading.datagrams;
-    if there + back > 0 {
-        stats.datagrams_in.fetch_add(there, Relaxed);
-        stats.datagrams_out.fetch_add(back, Relaxed);
-        stats.offloaded_datagrams.fetch_add(there + back, Relaxed);
-    }
-}
-
-/// Bring the backend's datagram counters up to `flow`'s counts.
-fn flush(flow: &mut Flow) {
-    if flow.counts == flow.flushed {
-        return;
-    }
-    let b = &flow.service.backends[flow.backend];
-    let (now, then) = (flow.counts, flow.flushed);
-    b.datagrams_in.fetch_add(now.datagrams[0] - then.datagrams[0], Relaxed);
-    b.datagrams_out.fetch_add(now.datagrams[1] - then.datagrams[1], Relaxed);
-    b.datagram_bytes_in.fetch_add(now.bytes[0] - then.bytes[0], Relaxed);
-    b.datagram_bytes_out.fetch_add(now.bytes[1] - then.bytes[1], Relaxed);
-    flow.flushed = now;
 }
 
 /// Count the datagrams the kernel dropped on a socket since it last said (`seen`).
