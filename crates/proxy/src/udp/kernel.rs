@@ -9,6 +9,9 @@
 //! closed backend port ends the flow as before), the flow table and its idle expiry (from the
 //! program's last-seen times), the counters (folded in every [`SWEEP_MS`] and when the flow
 //! ends), and every decision.
+//!
+//! Also here: the flows as the admin API lists them ([`FlowView`]), their counts read from the
+//! program's entries when asked.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
