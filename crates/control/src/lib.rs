@@ -19,9 +19,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{SigSet, Signal};
@@ -255,15 +253,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let Budget { max_conns, max_flows, max_pipes, workers } = budget(&config, &admin_limits)?;
     let (offload, offload_status) =
         offload::decide(&config, max_flows).map_err(RunError::Offload)?;
-    let shared = Arc::new(Shared {
-        max_conns,
-        max_pipes,
-        active: AtomicUsize::new(0),
-        epoch: Instant::now(),
-        flow_budget: Arc::new(conntrack::FlowBudget::new(max_flows)),
-        flow_hash_key: random_key(),
-        offload,
-    });
+    let shared = Arc::new(Shared::new(max_conns, max_pipes, max_flows, random_key(), offload));
     check_connect_from(&config.services).map_err(RunError::ConnectFrom)?;
     let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
         .map_err(RunError::Table)?;

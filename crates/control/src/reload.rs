@@ -430,15 +430,7 @@ mod tests {
     /// A registry of `RUNNING` with one worker link; returns it and the worker's end.
     fn running() -> (Registry, crossbeam_channel::Receiver<Command>, mio::Poll) {
         let config = config::file::load_str(RUNNING).unwrap();
-        let shared = Arc::new(proxy::Shared {
-            max_conns: 8,
-            max_pipes: 0,
-            active: AtomicUsize::new(0),
-            epoch: std::time::Instant::now(),
-            flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
-            flow_hash_key: [0; 16],
-            offload: None,
-        });
+        let shared = Arc::new(proxy::Shared::new(8, 0, 0, [0; 16], None));
         let mut reg = Registry::new(&config.services, shared, [3; 16]).unwrap();
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());

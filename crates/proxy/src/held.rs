@@ -149,15 +149,7 @@ mod tests {
     use super::*;
 
     fn shared(max_conns: usize) -> Arc<Shared> {
-        Arc::new(Shared {
-            max_conns,
-            max_pipes: 0,
-            active: AtomicUsize::new(0),
-            epoch: Instant::now(),
-            flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
-            flow_hash_key: [0; 16],
-            offload: None,
-        })
+        Arc::new(Shared::new(max_conns, 0, 0, [0; 16], None))
     }
 
     #[test]

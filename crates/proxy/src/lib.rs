@@ -127,6 +127,25 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Nothing open yet; the clock starts now.
+    pub fn new(
+        max_conns: usize,
+        max_pipes: usize,
+        max_flows: usize,
+        flow_hash_key: [u8; 16],
+        offload: Option<offload::Offload>,
+    ) -> Shared {
+        Shared {
+            max_conns,
+            max_pipes,
+            active: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            flow_budget: Arc::new(conntrack::FlowBudget::new(max_flows)),
+            flow_hash_key,
+            offload,
+        }
+    }
+
     /// Milliseconds since `epoch`: the clock handed to the pure crates.
     pub fn now_ms(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_millis() as u64

@@ -268,15 +268,7 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let shared = Arc::new(Shared {
-            max_conns: 1,
-            max_pipes: 0,
-            active: AtomicUsize::new(0),
-            epoch: Instant::now(),
-            flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
-            flow_hash_key: [0; 16],
-            offload: None,
-        });
+        let shared = Arc::new(Shared::new(1, 0, 0, [0; 16], None));
         let backend = Arc::new(BackendState::new(0, "b0".into(), addr(10, 5432)));
         backend.set_max_conns(std::num::NonZeroU32::new(1));
         let settings = Settings::for_tests(Duration::from_secs(3600), Duration::from_secs(60));

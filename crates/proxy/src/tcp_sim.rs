@@ -58,15 +58,7 @@ struct Sim {
 impl Sim {
     fn new() -> Sim {
         let poll = Poll::new().unwrap();
-        let shared = Arc::new(Shared {
-            max_conns: 5,
-            max_pipes: 0,
-            active: AtomicUsize::new(0),
-            epoch: Instant::now(),
-            flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
-            flow_hash_key: [0; 16],
-            offload: None,
-        });
+        let shared = Arc::new(Shared::new(5, 0, 0, [0; 16], None));
         let good = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         good.set_nonblocking(true).unwrap();
         let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();

@@ -805,15 +805,7 @@ mod tests {
             let snapshot =
                 Snapshot::new("s".into(), 0, settings, members, 7, 0, sticky, guards).unwrap();
             let poll = mio::Poll::new().unwrap();
-            let shared = Arc::new(Shared {
-                max_conns: 1,
-                max_pipes: 0,
-                active: std::sync::atomic::AtomicUsize::new(0),
-                epoch: std::time::Instant::now(),
-                flow_budget: Arc::new(FlowBudget::new(flows)),
-                flow_hash_key: [9; 16],
-                offload: None,
-            });
+            let shared = Arc::new(Shared::new(1, 0, flows, [9; 16], None));
             let mut udp = Udp::new(&shared);
             let socket = StdSocket::bind("127.0.0.1:0").unwrap();
             socket.set_nonblocking(true).unwrap();

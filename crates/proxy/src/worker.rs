@@ -316,15 +316,7 @@ pub(crate) mod tests {
         let backends = vec![(Arc::clone(&state), 1)];
         let service =
             Snapshot::new("s".into(), 0, settings, backends, 101, 0, sticky, Guards::default());
-        let shared = Arc::new(Shared {
-            max_conns: 8,
-            max_pipes: 0,
-            active: AtomicUsize::new(0),
-            epoch: Instant::now(),
-            flow_budget: Arc::new(conntrack::FlowBudget::new(0)),
-            flow_hash_key: [0; 16],
-            offload: None,
-        });
+        let shared = Arc::new(Shared::new(8, 0, 0, [0; 16], None));
         let (mut sockets, addrs) = crate::bind_all(&["127.0.0.1:0".parse().unwrap()], 1).unwrap();
         let listeners = Listeners { tcp: vec![(0, sockets[0].remove(0))], ..Listeners::default() };
         let stats = Arc::new(Stats::default());
