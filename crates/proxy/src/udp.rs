@@ -109,6 +109,41 @@ struct Flow {
     flushed: Counts,
 }
 
+impl Flow {
+    /// A flow of `a`'s client on `socket`, to backend `backend` of `service`, holding its
+    /// backend's flow gauge and `pin`.
+    fn new(
+        socket: UdpSocket,
+        key: FlowKey,
+        a: Arrival,
+        header_sent: bool,
+        service: Arc<Snapshot>,
+        backend: usize,
+        pin: Option<Pinned>,
+    ) -> Flow {
+        let live = FlowLive::new(&service.backends[backend]);
+        Flow {
+            socket,
+            key,
+            listener: a.listener,
+            client: a.client,
+            local_ip: a.local_ip,
+            source: a.source,
+            destination: a.destination,
+            header_sent,
+            service,
+            backend,
+            live,
+            pin,
+            drops: 0,
+            offloaded: None,
+            offload_tried: false,
+            counts: Counts::default(),
+            flushed: Counts::default(),
+        }
+    }
+}
+
 /// A flow's datagrams and payload bytes, client -> backend and back.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Counts {
@@ -549,38 +584,31 @@ impl Udp {
                 return None;
             }
         }
-        let pin = affinity.and_then(|k| match service.sticky.attach(k, target.id, ctx.now_ms) {
+        let pin = affinity.and_then(|k| self.pin(service, k, target.id, ctx));
+        inc(&ctx.stats.flows_created);
+        self.flows[slot] =
+            Some(Flow::new(socket, key, a, false, Arc::clone(service), backend, pin));
+        Some(slot)
+    }
+
+    /// Pin `key` to backend `id` for a new flow: the pin it holds, `None` (counted) when the
+    /// sticky table is full.
+    fn pin(
+        &self,
+        service: &Snapshot,
+        key: conntrack::AffinityKey,
+        id: conntrack::BackendId,
+        ctx: &Ctx<'_>,
+    ) -> Option<Pinned> {
+        match service.sticky.attach(key, id, ctx.now_ms) {
             Attach::Full => {
                 inc(&ctx.stats.sticky_full);
                 None
             }
             Attach::Pinned | Attach::Repinned { .. } => {
-                Some(Pinned::new(Arc::clone(&service.sticky), k, Arc::clone(&self.clock)))
+                Some(Pinned::new(Arc::clone(&service.sticky), key, Arc::clone(&self.clock)))
             }
-        });
-        inc(&ctx.stats.flows_created);
-        let live = FlowLive::new(target);
-        let service = Arc::clone(service);
-        self.flows[slot] = Some(Flow {
-            socket,
-            key,
-            listener: a.listener,
-            client,
-            local_ip: a.local_ip,
-            source,
-            destination: a.destination,
-            header_sent: false,
-            service,
-            backend,
-            live,
-            pin,
-            drops: 0,
-            offloaded: None,
-            offload_tried: false,
-            counts: Counts::default(),
-            flushed: Counts::default(),
-        });
-        Some(slot)
+        }
     }
 
     /// A socket connected to backend `backend` of `service`, in the poll under a free flow

@@ -3,16 +3,14 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use mio::net::UdpSocket;
 use mio::{Interest, Registry};
 
-use conntrack::{Attach, FlowKey};
+use conntrack::FlowKey;
 
-use super::{flush, fold, Counts, Ctx, Flow, Udp};
-use crate::held::{FlowLive, Pinned};
-use crate::stats::{inc, Stats};
+use super::{flush, fold, Arrival, Ctx, Flow, Udp};
+use crate::stats::Stats;
 use crate::token::Slot;
 
 /// A UDP flow as one process hands it to another (an upgrade): a descriptor of its connected
@@ -157,38 +155,20 @@ impl Udp {
         let pin = match service.settings.affinity {
             vocab::Affinity::Source => {
                 let k = conntrack::AffinityKey::from_ip(handed.source.ip());
-                match service.sticky.attach(k, target.id, ctx.now_ms) {
-                    Attach::Full => {
-                        inc(&ctx.stats.sticky_full);
-                        None
-                    }
-                    Attach::Pinned | Attach::Repinned { .. } => {
-                        Some(Pinned::new(Arc::clone(&service.sticky), k, Arc::clone(&self.clock)))
-                    }
-                }
+                self.pin(&service, k, target.id, ctx)
             }
             vocab::Affinity::FiveTuple => None,
         };
-        let live = FlowLive::new(target);
-        self.flows[slot] = Some(Flow {
-            socket,
-            key,
+        let a = Arrival {
             listener,
             client: handed.client,
+            local: handed.local,
             local_ip: handed.local_ip,
             source: handed.source,
             destination: handed.destination,
-            header_sent: handed.header_sent,
-            service,
-            backend,
-            live,
-            pin,
-            drops: 0,
-            offloaded: None,
-            offload_tried: false,
-            counts: Counts::default(),
-            flushed: Counts::default(),
-        });
+        };
+        self.flows[slot] =
+            Some(Flow::new(socket, key, a, handed.header_sent, service, backend, pin));
         Ok(())
     }
 }
