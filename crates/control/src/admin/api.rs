@@ -262,7 +262,7 @@ fn flows(
         let v = percent_decode(v);
         match k {
             "client" => match v.parse::<IpAddr>() {
-                Ok(ip) => client = Some(proxy_canonical(ip)),
+                Ok(ip) => client = Some(ip.to_canonical()),
                 Err(_) => return error(400, &format!("client: {v:?} is not an IP address")),
             },
             "limit" => match v.parse::<usize>() {
@@ -294,14 +294,6 @@ fn flows(
     all.sort_by_key(|f| (f.service.clone(), f.client));
     all.truncate(limit);
     ok_json(Value::Array(all.iter().map(flow_json).collect()))
-}
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it is (how flows name such clients).
-fn proxy_canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 fn flow_json(f: &proxy::FlowView) -> Value {

@@ -177,7 +177,7 @@ impl Udp {
                 break;
             }
             let Some(flow) = self.flows[slot].as_mut() else { continue };
-            if client.is_some_and(|ip| crate::routing::canonical(flow.client).ip() != ip) {
+            if client.is_some_and(|ip| flow.client.ip().to_canonical() != ip) {
                 continue;
             }
             if let (Some(kernel), Some(o)) = (self.kernel.as_mut(), flow.offloaded.as_mut()) {
