@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 use testkit::hold;
 
 /// A key file with `hex` in a directory of its own.
@@ -25,14 +24,8 @@ fn key_file(tag: &str, hex: &str) -> PathBuf {
 const KEY: &str = "8f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff0";
 const OTHER_KEY: &str = "0000000000000000000000000000000000000000000000000000000000000001";
 
-fn get(admin: SocketAddr, path: &str) -> Value {
-    let reply = http(admin, "GET", path, "").unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    assert_eq!(reply.status, 200, "GET {path}: {}", reply.body);
-    serde_json::from_str(&reply.body).unwrap()
-}
-
 fn pinned_to(admin: SocketAddr, client: IpAddr) -> Option<String> {
-    get(admin, &format!("/api/sticky?client={client}"))["backend"].as_str().map(String::from)
+    get_json(admin, &format!("/api/sticky?client={client}"))["backend"].as_str().map(String::from)
 }
 
 #[test]
@@ -50,8 +43,8 @@ fn a_pin_moved_on_one_instance_is_followed_by_its_peer_within_a_second() {
     let a =
         tether_with_admin(140, &pool, &["--name", "a", "--peer", &to_b, "--peer-key-file", key]);
     let connected =
-        wait_until(DEADLINE, || get(a.admin(), "/api/peers")[0]["state"] == "connected");
-    assert!(connected, "{}", get(a.admin(), "/api/peers"));
+        wait_until(DEADLINE, || get_json(a.admin(), "/api/peers")[0]["state"] == "connected");
+    assert!(connected, "{}", get_json(a.admin(), "/api/peers"));
     // 30 clients: where each goes on A, and B agrees (same pool and seed).
     let clients: Vec<IpAddr> =
         (0..30).map(|i| IpAddr::V4(Ipv4Addr::new(127, 1, 140, 10 + i))).collect();
@@ -85,7 +78,7 @@ fn a_pin_moved_on_one_instance_is_followed_by_its_peer_within_a_second() {
     for (c, to) in &moved {
         assert_eq!(&ask_name(*c, b.addr()).unwrap(), to, "B serves {c} where A pinned it");
     }
-    let peers = get(a.admin(), "/api/peers");
+    let peers = get_json(a.admin(), "/api/peers");
     assert_eq!((peers[0]["name"].as_str(), peers[0]["rejected"].as_u64()), (Some("b"), Some(0)));
     assert_eq!((peers[0]["lag_entries"].as_u64(), peers[0]["lag_ms"].as_u64()), (Some(0), Some(0)));
     assert!(scrape(&a, "tether_peer_sent_total", "peer=\"b\"") >= moved.len() as f64);
@@ -123,10 +116,10 @@ fn a_peer_with_the_wrong_key_or_garbage_is_refused_and_changes_nothing() {
     assert!(b.stderr_text().contains("does not hold the key"), "{}", b.stderr_text());
     // C reports its peer as failing, with the refusal counted.
     let failed = wait_until(DEADLINE, || {
-        let p = &get(c.admin(), "/api/peers")[0];
+        let p = &get_json(c.admin(), "/api/peers")[0];
         p["state"] == "failed" && p["rejected"].as_u64() >= Some(1)
     });
-    assert!(failed, "{}", get(c.admin(), "/api/peers"));
+    assert!(failed, "{}", get_json(c.admin(), "/api/peers"));
     // C's pins never reach B, and both keep serving.
     let client = IpAddr::V4(Ipv4Addr::new(127, 1, 141, 10));
     ask_name(client, c.addr()).unwrap();
@@ -179,7 +172,7 @@ fn a_peer_that_stops_reading_is_dropped_and_nobody_waits_for_it() {
     let (mut held, _) = fake.accept().unwrap();
     held.set_read_timeout(Some(DEADLINE)).unwrap();
     assert_eq!(handshake(&mut held, false, "stuck", KEY), "a");
-    let state = || get(a.admin(), "/api/peers")[0]["state"].as_str().unwrap().to_string();
+    let state = || get_json(a.admin(), "/api/peers")[0]["state"].as_str().unwrap().to_string();
     assert!(wait_until(DEADLINE, || state() == "connected"));
     let at = Instant::now();
     let mut served = 0;
@@ -283,7 +276,7 @@ fn a_pin_with_sessions_open_on_one_instance_does_not_expire_on_its_peer() {
     let mut a_args = vec!["--name", "a", "--peer", &to_b, "--peer-key-file", key];
     a_args.extend(timeout);
     let a = tether_with_admin(144, &pool, &a_args);
-    assert!(wait_until(DEADLINE, || get(a.admin(), "/api/peers")[0]["state"] == "connected"));
+    assert!(wait_until(DEADLINE, || get_json(a.admin(), "/api/peers")[0]["state"] == "connected"));
     let client = IpAddr::V4(Ipv4Addr::new(127, 1, 144, 10));
     let (session, backend) = hold(client, a.addr()).unwrap();
     assert!(wait_until(DEADLINE, || pinned_to(b.admin(), client).as_deref() == Some(&backend)));
@@ -330,7 +323,7 @@ fn a_pin_that_expires_where_it_was_made_expires_on_its_peer() {
         &pool,
         &["--name", "a", "--peer", &to_b, "--peer-key-file", key, "--sticky-timeout", "2s"],
     );
-    assert!(wait_until(DEADLINE, || get(a.admin(), "/api/peers")[0]["state"] == "connected"));
+    assert!(wait_until(DEADLINE, || get_json(a.admin(), "/api/peers")[0]["state"] == "connected"));
     let client = IpAddr::V4(Ipv4Addr::new(127, 1, 145, 10));
     let backend = ask_name(client, a.addr()).unwrap();
     assert!(wait_until(DEADLINE, || pinned_to(b.admin(), client).as_deref() == Some(&backend)));
@@ -381,8 +374,8 @@ fn with_peer_health_quorum_a_backend_most_instances_see_down_is_down_here_too() 
         assert_eq!(handshake(&mut s, true, name, KEY), "b");
         s
     };
-    let health = || get(b.admin(), "/api/backends")[0]["health"].as_str().unwrap().to_string();
-    assert_eq!(get(b.admin(), "/api/backends")[0]["name"], "b0");
+    let health = || get_json(b.admin(), "/api/backends")[0]["health"].as_str().unwrap().to_string();
+    assert_eq!(get_json(b.admin(), "/api/backends")[0]["name"], "b0");
     // One of two instances sees b0 down: no majority, b0 stays up here.
     let mut x = join("x");
     tell(&mut x, false);
@@ -395,7 +388,7 @@ fn with_peer_health_quorum_a_backend_most_instances_see_down_is_down_here_too() 
     let mut y = join("y");
     tell(&mut y, false);
     assert!(wait_until(DEADLINE, || health() == "down"), "b0 still {}", health());
-    let events = get(b.admin(), "/api/events").to_string();
+    let events = get_json(b.admin(), "/api/events").to_string();
     assert!(events.contains("down on 2 of 3 instances"), "{events}");
     // New clients stay off b0 while it is down.
     for i in 0..20 {

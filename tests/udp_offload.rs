@@ -66,14 +66,8 @@ fn entries(t: &Tether) -> usize {
     maps.iter().filter_map(|&id| offload::FlowMap::open(id).ok()).map(|m| m.len()).sum()
 }
 
-fn get_json(t: &Tether, path: &str) -> Value {
-    let reply = http(t.admin(), "GET", path, "").unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    assert_eq!(reply.status, 200, "GET {path}: {}", reply.body);
-    serde_json::from_str(&reply.body).expect("JSON")
-}
-
 fn status(t: &Tether) -> Value {
-    get_json(t, "/api/status")
+    get_json(t.admin(), "/api/status")
 }
 
 #[test]
@@ -108,7 +102,7 @@ fn the_first_datagram_goes_through_user_space_and_the_rest_through_the_kernel() 
     );
     assert_eq!(status(&t)["udp_offload"]["datagrams_total"], 39);
     // Per flow, from GET /api/flows (the workers read the program's entries when asked).
-    let flows = get_json(&t, "/api/flows");
+    let flows = get_json(t.admin(), "/api/flows");
     let f = &flows[0];
     assert_eq!(flows.as_array().map(Vec::len), Some(1), "{flows}");
     assert_eq!(f["client"], c.local_addr().unwrap().to_string());
@@ -119,7 +113,7 @@ fn the_first_datagram_goes_through_user_space_and_the_rest_through_the_kernel() 
     // Its socket still holds that address: nothing else can take the port meanwhile.
     let taken = UdpSocket::bind(b.seen()[0]).map(|_| ()).map_err(|e| e.kind());
     assert_eq!(taken, Err(std::io::ErrorKind::AddrInUse));
-    assert_eq!(get_json(&t, "/api/flows?client=127.0.130.99"), serde_json::json!([]));
+    assert_eq!(get_json(t.admin(), "/api/flows?client=127.0.130.99"), serde_json::json!([]));
     let bad = http(t.admin(), "GET", "/api/flows?limit=0", "").unwrap();
     assert_eq!(bad.status, 400, "{}", bad.body);
     // One flow: the backend saw one source port.

@@ -80,11 +80,19 @@ pub fn echo_roundtrip(s: &mut std::net::TcpStream, line: &str) -> std::io::Resul
     Ok(())
 }
 
+/// `GET path` of the admin API: 200 and JSON.
+pub fn get_json(admin: SocketAddr, path: &str) -> serde_json::Value {
+    let reply = http(admin, "GET", path, "").unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    assert_eq!(reply.status, 200, "GET {path}: {}", reply.body);
+    serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("GET {path}: {e}: {}", reply.body))
+}
+
 /// The admin API's backends as JSON objects.
 pub fn api_backends(admin: SocketAddr) -> Vec<serde_json::Value> {
-    let reply = http(admin, "GET", "/api/backends", "").expect("GET /api/backends");
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    serde_json::from_str::<Vec<serde_json::Value>>(&reply.body).expect("JSON array")
+    match get_json(admin, "/api/backends") {
+        serde_json::Value::Array(backends) => backends,
+        other => panic!("not an array: {other}"),
+    }
 }
 
 /// One backend's object from the admin API.
