@@ -467,6 +467,13 @@ fn the_api_lists_each_flow_with_its_counts() {
     // Exact whichever path carried them (with the offload on, read from the map when asked).
     assert_eq!((f["datagrams_in"].as_u64(), f["datagrams_out"].as_u64()), (Some(5), Some(5)));
     assert_eq!((f["bytes_in"].as_u64(), f["bytes_out"].as_u64()), (Some(30), Some(30)));
+    // The backend's counters have them within a second, while the flow lives on.
+    let label = "backend=\"u0\"";
+    let counted = wait_until(DEADLINE, || {
+        scrape(&t, "tether_backend_datagrams_in_total", label) == 5.0
+            && scrape(&t, "tether_backend_datagram_bytes_out_total", label) == 30.0
+    });
+    assert!(counted, "{}", scrape(&t, "tether_backend_datagrams_in_total", label));
     let offloaded = std::env::var("TETHER_TEST_UDP_OFFLOAD").ok();
     if let Some(mode) = offloaded.as_deref().filter(|m| *m != "auto") {
         assert_eq!(f["offloaded"], mode == "on", "{f}");

@@ -40,7 +40,7 @@ mod kernel;
 
 pub use handover::{socket_id, HandedFlow};
 pub use kernel::FlowView;
-use kernel::{flush, fold, Kernel, Offloaded};
+use kernel::{flush, fold, Kernel, Offloaded, SWEEP_MS};
 
 /// A flow table's idle timeout until its service's settings set it (on publish, before any
 /// flow of the service exists).
@@ -189,6 +189,8 @@ pub struct Udp {
     paused: bool,
     /// The offload program's map, when `--udp-offload` is on.
     kernel: Option<Kernel>,
+    /// When the flows' counts next go into their backends' counters ([`SWEEP_MS`]).
+    next_sweep_ms: u64,
 }
 
 /// What a receive loop left behind.
@@ -218,6 +220,7 @@ impl Udp {
             clock: Arc::clone(shared),
             paused: false,
             kernel: Kernel::new(shared),
+            next_sweep_ms: SWEEP_MS,
         }
     }
 
@@ -318,12 +321,12 @@ impl Udp {
         }
     }
 
-    /// Earliest time (proxy milliseconds) a flow may expire, or the offloaded flows' entries
-    /// are due to be read.
+    /// Earliest time (proxy milliseconds) a flow may expire, or the flows' counts are due to
+    /// be brought into their backends' (and the offloaded ones' entries read).
     pub fn next_expiry(&self) -> Option<u64> {
         let expiry = self.tables.iter().filter_map(FlowTable::next_expiry).min();
-        let sweep = self.kernel.as_ref().filter(|_| self.budget.used() > 0);
-        expiry.into_iter().chain(sweep.map(|k| k.next_sweep_ms)).min()
+        let sweep = (self.budget.used() > 0).then_some(self.next_sweep_ms);
+        expiry.into_iter().chain(sweep).min()
     }
 
     /// Stop taking datagrams (shutdown): flows end with the worker.
@@ -723,9 +726,9 @@ impl Udp {
     // === expiry ===
 
     /// Close the flows idle for the idle timeout (an offloaded flow is idle when the program
-    /// has not carried it either), and read the offloaded flows' entries when due.
+    /// has not carried it either), and sweep the flows' counts when due.
     pub fn expire(&mut self, ctx: &Ctx<'_>) {
-        if self.kernel.as_ref().is_some_and(|k| k.next_sweep_ms <= ctx.now_ms) {
+        if self.next_sweep_ms <= ctx.now_ms {
             self.sweep(ctx);
         }
         self.expired.clear();

@@ -24,8 +24,8 @@ use crate::routing::canonical;
 use crate::stats::{inc, Stats};
 use crate::Shared;
 
-/// How often (proxy ms) a worker reads its offloaded flows' entries: counters into `/metrics`
-/// and the flows' activity into their tables.
+/// How often (proxy ms) a worker brings its flows' counts into their backends' counters, and
+/// reads its offloaded flows' entries (counts, and activity into their tables).
 pub const SWEEP_MS: u64 = 1000;
 
 /// A worker's handle on the program's map, and the routes its entries need.
@@ -34,8 +34,6 @@ pub struct Kernel {
     routes: Routes,
     /// CLOCK_MONOTONIC (the program's clock) at the proxy clock's epoch, in ns.
     epoch_ns: i128,
-    /// When the next sweep is due (proxy ms).
-    pub next_sweep_ms: u64,
 }
 
 /// A flow's two entries, and what of their counts was already folded in.
@@ -76,7 +74,7 @@ impl Kernel {
         };
         let since_epoch = shared.epoch.elapsed().as_nanos() as i128;
         let epoch_ns = i128::from(offload::monotonic_ns()) - since_epoch;
-        Some(Kernel { map, routes, epoch_ns, next_sweep_ms: SWEEP_MS })
+        Some(Kernel { map, routes, epoch_ns })
     }
 
     /// Hand a flow to the program: `client` sent to `listener`; its socket `flow` is connected
@@ -237,14 +235,15 @@ impl Udp {
         }
     }
 
-    /// Read what the program carried of every offloaded flow: counters folded in, activity
-    /// into the flow tables; a flow whose entries went missing is back in user space (and
-    /// offloaded again at its next datagram). Every flow's counts reach its backend's.
+    /// Every [`SWEEP_MS`], offload or not: every flow's counts reach its backend's. With the
+    /// offload, first read what the program carried of every offloaded flow: counters folded
+    /// in, activity into the flow tables; a flow whose entries went missing is back in user
+    /// space (and offloaded again at its next datagram).
     pub(super) fn sweep(&mut self, ctx: &Ctx<'_>) {
-        let Some(kernel) = self.kernel.as_mut() else { return };
-        kernel.next_sweep_ms = ctx.now_ms + SWEEP_MS;
+        self.next_sweep_ms = ctx.now_ms + SWEEP_MS;
+        let mut kernel = self.kernel.as_mut();
         for flow in self.flows.iter_mut().flatten() {
-            if let Some(o) = flow.offloaded.as_mut() {
+            if let (Some(kernel), Some(o)) = (kernel.as_deref_mut(), flow.offloaded.as_mut()) {
                 let reading = kernel.read(o);
                 if reading.lost {
                     log::debug!("udp flow {}: its entries are gone: back in user space", flow.key);
