@@ -406,3 +406,29 @@ fn with_peer_health_quorum_a_backend_most_instances_see_down_is_down_here_too() 
     drop((x, y));
     assert!(wait_until(DEADLINE, || health() == "up"), "stale votes kept b0 down");
 }
+
+#[test]
+fn a_key_only_root_may_read_is_read_before_root_is_dropped() {
+    use std::os::unix::fs::PermissionsExt;
+    let pool = backends(147, 1);
+    let key = key_file("private", KEY);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let b = tether_with_admin(
+        147,
+        &pool,
+        &[
+            "--name",
+            "b",
+            "--peer-listen",
+            "127.0.147.2:0",
+            "--peer-key-file",
+            key.to_str().unwrap(),
+            "--user",
+            "nobody",
+        ],
+    );
+    assert!(b.stderr_text().contains("running as user nobody"), "{}", b.stderr_text());
+    let mut s = std::net::TcpStream::connect(b.peer_addr()).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(handshake(&mut s, true, "x", KEY), "b", "the key it read as root");
+}

@@ -263,7 +263,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     place_flows(&mut per_worker, std::mem::take(&mut handover.flows));
     restore_pins(&config, &mut registry, &handover, taken_over.is_some())?;
     // Everything that needs privileges happens before they are dropped: every listener (the
-    // admin one too) is bound and the token file read.
+    // admin one too) is bound, the token file and the peers' key read.
     let admin_bound = bind_admin(&config, handover.admin.take())?;
     let peer_listener = match config.peers.as_ref().and_then(|p| p.listen) {
         Some(addr) => Some(
@@ -275,16 +275,19 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let peer_addr = peer_listener.as_ref().and_then(|l| l.local_addr().ok());
     let admin_fd = admin_bound.as_ref().and_then(|b| b.dup().ok());
     let token = config.admin_token_file.as_deref().map(read_token).transpose()?;
+    let peer_key = config.peers.as_ref().map(|p| peering::read_key(&p.key_file));
+    let peer_key = peer_key.transpose().map_err(RunError::Peers)?;
     if let Some(user) = &config.user {
         drop_privileges(user)?;
     }
 
     let running = start_workers(&mut registry, per_worker, &shared)?;
     let registry = Arc::new(Mutex::new(registry));
-    if let Some(peers) = &config.peers {
+    if let (Some(peers), Some(key)) = (&config.peers, peer_key) {
         let peering = peering::Peering::start(
             config.name.clone(),
             peers,
+            key,
             Arc::clone(&registry),
             peer_listener,
         )

@@ -162,18 +162,23 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The peers' key from `--peer-key-file` (read before privileges are dropped, like the admin
+/// token: the file may be readable by root only).
+pub fn read_key(path: &std::path::Path) -> Result<Key, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("--peer-key-file {}: {e}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| bad(&e))?;
+    Key::parse(&text).map_err(|e| bad(&e))
+}
+
 impl Peering {
-    /// Read the key, bind the listener (before privileges go), and start every thread.
+    /// Start every thread, with the key and the listener had while privileged.
     pub fn start(
         name: String,
         config: &config::Peers,
+        key: Key,
         registry: Arc<Mutex<Registry>>,
         listener: Option<TcpListener>,
     ) -> Result<Arc<Peering>, String> {
-        let text = std::fs::read_to_string(&config.key_file)
-            .map_err(|e| format!("--peer-key-file {}: {e}", config.key_file.display()))?;
-        let key = Key::parse(&text)
-            .map_err(|e| format!("--peer-key-file {}: {e}", config.key_file.display()))?;
         let epoch = registry.lock().unwrap_or_else(|p| p.into_inner()).shared.epoch;
         let peers = config
             .peers
