@@ -379,7 +379,6 @@ pub fn commit(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
 
     use super::*;
 

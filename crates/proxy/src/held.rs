@@ -141,8 +141,6 @@ impl Drop for Pinned {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
-    use std::time::Instant;
 
     use conntrack::{Attach, StickyConfig};
 

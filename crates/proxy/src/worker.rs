@@ -275,7 +275,7 @@ impl Worker {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::io::Read;
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::atomic::AtomicBool;
 
     use conntrack::{Sticky, StickyConfig};
 
