@@ -440,3 +440,23 @@ fn a_reload_gives_kept_udp_listeners_their_new_buffer_size() {
     });
     assert!(applied, "the listener's buffer is {seen:?} after the reload");
 }
+
+/// A reload asked for while the process stops (SIGTERM, a session still open) is refused with
+/// 503: its listeners are closing, and the reload would bind new ones no worker serves.
+#[test]
+fn a_reload_while_stopping_is_refused() {
+    let pool = backends(149, 1);
+    let admin = format!("127.0.149.1:{}", free_port("127.0.149.1"));
+    let text = format!("admin = \"{admin}\"\ngrace = \"1h\"\n\n")
+        + &service("db", "127.0.149.1:0", &[(&pool[0], 1)]);
+    let file = ConfigFile::new("stopping", &text);
+    let mut t = Tether::start(bin(), ["--config", file.path()]).unwrap();
+    let mut open = echo_session(client_ip(1), t.addr());
+    t.signal(Signal::SIGTERM).unwrap();
+    assert!(t.wait_stderr(|l| l.contains("closing listeners"), DEADLINE));
+    let reply = http(t.admin(), "POST", "/api/reload", "").unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(reply.body.contains("stopping"), "{}", reply.body);
+    // The open session is untouched.
+    echo_roundtrip(&mut open, "still").unwrap();
+}

@@ -447,3 +447,37 @@ fn a_second_upgrade_asked_while_one_runs_is_refused() {
     assert_eq!(children.unwrap_or_default().split_whitespace().count(), 1);
     echo_roundtrip(&mut open, "served by the old process").unwrap();
 }
+
+/// The old process still serves a session (a long upgrade grace) when the new one is stopped:
+/// the listening socket and the admin listener must close with the process that serves them.
+/// The old process kept descriptors of both for upgrades, so they went on listening: clients
+/// were accepted by the kernel and hung, and a tether started again on the port shared its
+/// clients with that dead socket (SO_REUSEPORT). Found by the chaos suite (issue 15).
+#[test]
+fn after_an_upgrade_stopping_the_new_process_closes_the_listeners_the_old_one_still_runs() {
+    let pool = backends(148, 1);
+    let install = Install::new("close");
+    let mut t = start(&install, 148, &pool, &["--upgrade-grace", "1h"]);
+    let (listen, admin, old) = (t.addr(), t.admin(), t.pid());
+    let mut open = echo_session(client_ip(1), listen);
+    echo_roundtrip(&mut open, "before").unwrap();
+    let r = http(admin, "POST", "/api/upgrade", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut successor = successor_of(&t, old);
+    let pid = nix::unistd::Pid::from_raw(successor.0.take().expect("a new pid") as i32);
+    nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
+    let gone = wait_until(DEADLINE, || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"))
+    });
+    assert!(gone, "the new process did not exit");
+    // The old process is still there, serving its session...
+    assert!(t.wait_exit(Duration::from_millis(200)).is_none());
+    echo_roundtrip(&mut open, "during").unwrap();
+    // ...and holds neither listener.
+    let refused = |to| {
+        connect_from(client_ip(2), to, Duration::from_secs(2))
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    assert!(refused(listen), "the listener still accepts with no process serving it");
+    assert!(refused(admin), "the admin listener still accepts with no process serving it");
+}

@@ -26,6 +26,8 @@ pub enum ReloadError {
     ConnectFrom(String),
     /// A new listener could not be bound.
     Bind(proxy::BindError),
+    /// The process is stopping (SIGTERM, SIGINT, or handed over by an upgrade).
+    Stopping,
     /// A fault injected at a step of `prepare` (tests).
     #[cfg(test)]
     Injected(Step),
@@ -43,6 +45,7 @@ impl ReloadError {
             | ReloadError::ConnectFrom(_) => 400,
             ReloadError::Bind(e) if e.error.kind() == std::io::ErrorKind::AddrInUse => 409,
             ReloadError::Bind(_) => 500,
+            ReloadError::Stopping => 503,
             #[cfg(test)]
             ReloadError::Injected(_) => 500,
         }
@@ -59,6 +62,9 @@ impl std::fmt::Display for ReloadError {
             ReloadError::NeedsRestart(why) | ReloadError::ConnectFrom(why) => f.write_str(why),
             ReloadError::Table { service, error } => write!(f, "service {service:?}: {error}"),
             ReloadError::Bind(e) => e.fmt(f),
+            ReloadError::Stopping => f.write_str(
+                "this process is stopping (a signal, or an upgrade handed it over): reload the one that serves",
+            ),
             #[cfg(test)]
             ReloadError::Injected(step) => write!(f, "fault injected at {step:?}"),
         }

@@ -92,7 +92,7 @@ impl Supervisor<'_> {
                 // One loop gone means its share of clients goes unserved: stop everything.
                 let at = Instant::now() + self.config.grace;
                 deadline = Some(at);
-                tell_all(running, || Command::Shutdown { deadline: at });
+                self.stop_accepting(running, at);
             }
         }
         let mut total = Counts::default();
@@ -112,7 +112,7 @@ impl Supervisor<'_> {
     /// SIGHUP reloads, SIGUSR2 upgrades, SIGTERM and SIGINT stop (a second one at once).
     fn on_signal(&mut self, sig: Signal, running: &[Running], deadline: &mut Option<Instant>) {
         match sig {
-            Signal::SIGHUP => match self.reload() {
+            Signal::SIGHUP => match self.reload_unless_stopping(*deadline) {
                 Ok(summary) => log::info!("SIGHUP: reloaded: {summary}"),
                 Err(e) => log::error!("SIGHUP: reload refused, configuration unchanged: {e}"),
             },
@@ -137,7 +137,7 @@ impl Supervisor<'_> {
                     }
                 };
                 *deadline = Some(at);
-                tell_all(running, || Command::Shutdown { deadline: at });
+                self.stop_accepting(running, at);
             }
         }
     }
@@ -146,7 +146,7 @@ impl Supervisor<'_> {
     fn on_ask(&mut self, ask: Ask, running: &[Running], deadline: &mut Option<Instant>) {
         match ask {
             Ask::Reload(reply) => {
-                let result = self.reload();
+                let result = self.reload_unless_stopping(*deadline);
                 match &result {
                     Ok(summary) => log::info!("admin: reloaded: {summary}"),
                     Err(e) => log::error!("admin: reload refused, configuration unchanged: {e}"),
@@ -167,6 +167,28 @@ impl Supervisor<'_> {
                 }
             }
         }
+    }
+
+    /// Tell every worker to close its listeners and end its sessions by `at`, and close the
+    /// descriptors of the listeners kept here for upgrades. Those kept the sockets listening:
+    /// the kernel went on completing handshakes into a backlog nobody accepted from, so a
+    /// client connecting during the grace period hung until the process exited and was then
+    /// reset (found by the chaos suite, issue 15), and a restarted tether binding the port
+    /// with SO_REUSEPORT shared its clients with that dead socket. After an upgrade the new
+    /// process holds its own descriptors.
+    fn stop_accepting(&mut self, running: &[Running], at: Instant) {
+        tell_all(running, || Command::Shutdown { deadline: at });
+        let closed = std::mem::take(&mut self.lock().held);
+        log::debug!("closed {} kept listener descriptors", closed.len());
+    }
+
+    /// A reload, refused once the process is stopping: its listeners are closing, and a
+    /// reload would bind new ones that no worker serves.
+    fn reload_unless_stopping(&mut self, deadline: Option<Instant>) -> Result<String, ReloadError> {
+        if deadline.is_some() {
+            return Err(ReloadError::Stopping);
+        }
+        self.reload()
     }
 
     /// Start the binary at this one's path and hand it over (`upgrade`); once it serves, stop
@@ -210,9 +232,12 @@ impl Supervisor<'_> {
         })?;
         let flows = flows.len();
         self.upgraded = true;
+        // The new process serves the admin listener; this copy would keep it listening after
+        // that process stops.
+        self.admin_fd = None;
         let at = Instant::now() + self.config.upgrade_grace;
         *deadline = Some(at);
-        tell_all(running, || Command::Shutdown { deadline: at });
+        self.stop_accepting(running, at);
         if let Some(stop) = self.stop_saving.take() {
             let _ = stop.send(());
         }
