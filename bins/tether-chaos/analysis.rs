@@ -83,7 +83,12 @@ impl Ctx<'_> {
     }
 
     fn restart_hit(&self, o: &Outcome) -> bool {
-        o.spec.to == self.t1 && self.timeline.restarts.iter().any(|(term, _, ready)| o.started <= *ready && o.ended >= *term)
+        o.spec.to == self.t1
+            && self
+                .timeline
+                .restarts
+                .iter()
+                .any(|(term, _, ready)| o.started <= *ready && o.ended >= *term)
     }
 
     fn classify(&self, o: &Outcome) -> (Class, &'static str) {
@@ -93,7 +98,9 @@ impl Ctx<'_> {
         if o.end == End::Done && upload_ok && download_ok {
             return (Class::Completed, "");
         }
-        let chaos = self.backend_of(o).is_some_and(|b| self.timeline.hit(&b, &["kill", "stop"], o.started - 0.2, o.ended + 0.2));
+        let chaos = self.backend_of(o).is_some_and(|b| {
+            self.timeline.hit(&b, &["kill", "stop"], o.started - 0.2, o.ended + 0.2)
+        });
         let reason = match (o.end, v) {
             (End::ConnectFailed, _) => "connect failed",
             (End::NoHello, _) => "closed before the backend answered",
@@ -141,9 +148,11 @@ impl Ctx<'_> {
             }
             if matches!(class, Class::Completed | Class::Unexpected) {
                 t.corrupted += o.down_wrong + v.map_or(0, |v| v.wrong);
-                t.duplicated += o.down_got.saturating_sub(o.spec.down) + received.saturating_sub(o.spec.up);
+                t.duplicated +=
+                    o.down_got.saturating_sub(o.spec.down) + received.saturating_sub(o.spec.up);
                 if class == Class::Unexpected && o.spec.mode != Mode::Hold {
-                    t.truncated += o.spec.down.saturating_sub(o.down_got) + o.spec.up.saturating_sub(received);
+                    t.truncated +=
+                        o.spec.down.saturating_sub(o.down_got) + o.spec.up.saturating_sub(received);
                 }
             }
         }
@@ -152,7 +161,13 @@ impl Ctx<'_> {
 }
 
 /// Consecutive sessions of one source on two backends, the first not disrupted in between.
-fn pins_broken(ctx: &Ctx, sources: &[IpAddr], from: f64, to: f64) -> (u64, u64, u64) {
+fn pins_broken(
+    ctx: &Ctx,
+    sources: &[IpAddr],
+    from: f64,
+    to: f64,
+    examples: &mut Vec<String>,
+) -> (u64, u64, u64) {
     let (mut broken, mut explained, mut across_restart) = (0, 0, 0);
     for s in sources {
         let Some(list) = ctx.seen.get(s) else { continue };
@@ -165,6 +180,9 @@ fn pins_broken(ctx: &Ctx, sources: &[IpAddr], from: f64, to: f64) -> (u64, u64, 
                 explained += 1;
             } else {
                 broken += 1;
+                if examples.len() < 20 {
+                    examples.push(format!("{s}: {a} at {t0:.3} s, {b} at {t1:.3} s"));
+                }
                 if ctx.timeline.restarts.iter().any(|(term, _, _)| t0 <= term && t1 >= term) {
                     across_restart += 1;
                 }
@@ -185,7 +203,12 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
     for list in seen.values_mut() {
         list.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
-    let ctx = Ctx { timeline: &r.timeline, verdicts: &r.verdicts, seen, t1: T1.parse().expect("address") };
+    let ctx = Ctx {
+        timeline: &r.timeline,
+        verdicts: &r.verdicts,
+        seen,
+        t1: T1.parse().expect("address"),
+    };
     let tl = &r.timeline;
     let scale = ctx.tally(r.outcomes.iter().filter(|o| o.spec.tag == 1));
     let chaos = ctx.tally(r.outcomes.iter().filter(|o| o.spec.tag == 2));
@@ -193,8 +216,10 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
     let mut sources: Vec<IpAddr> = all.iter().map(|o| o.spec.source).collect();
     sources.sort();
     sources.dedup();
-    let (pins_scale, _, _) = pins_broken(&ctx, &sources, 0.0, r.scale_end);
-    let (pins_chaos, pins_explained, pins_restart) = pins_broken(&ctx, &sources, r.scale_end, f64::MAX);
+    let mut examples = Vec::new();
+    let (pins_scale, _, _) = pins_broken(&ctx, &sources, 0.0, r.scale_end, &mut examples);
+    let (pins_chaos, pins_explained, pins_restart) =
+        pins_broken(&ctx, &sources, r.scale_end, f64::MAX, &mut examples);
 
     // Scenario 1.
     let mut s1 = scale.json();
@@ -204,7 +229,13 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
     checks.add(sc, "bytes corrupted", scale.corrupted as f64, "0", scale.corrupted == 0);
     checks.add(sc, "bytes truncated", scale.truncated as f64, "0", scale.truncated == 0);
     checks.add(sc, "bytes duplicated", scale.duplicated as f64, "0", scale.duplicated == 0);
-    checks.add(sc, "sessions not completed", (scale.sessions - scale.completed) as f64, "0", scale.completed == scale.sessions && scale.sessions > 0);
+    checks.add(
+        sc,
+        "sessions not completed",
+        (scale.sessions - scale.completed) as f64,
+        "0",
+        scale.completed == scale.sessions && scale.sessions > 0,
+    );
     checks.add(sc, "pins broken", pins_scale as f64, "0", pins_scale == 0);
 
     // Scenario 2.
@@ -212,7 +243,8 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
     let mut to_down = Vec::new();
     let mut not_seen_down = 0;
     for d in &kills {
-        let down = tl.health.iter().find(|(t, n, h)| *t >= d.from && n == &d.backend && h == "down");
+        let down =
+            tl.health.iter().find(|(t, n, h)| *t >= d.from && n == &d.backend && h == "down");
         match down {
             Some((t, _, _)) if *t <= d.to => to_down.push(((t - d.from) * 1000.0).round()),
             _ => not_seen_down += 1,
@@ -231,20 +263,62 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
     s2["time_to_mark_down_ms"] = json!(to_down);
     s2["kills_not_seen_down"] = json!(not_seen_down);
     s2["errors"] = json!(tl.errors);
+    s2["pins_broken_examples"] = json!(examples);
+    s2["disruptions"] = json!(tl
+        .disruptions
+        .iter()
+        .map(|d| format!("{} {} {:.3}..{:.3}", d.kind, d.backend, d.from, d.to))
+        .collect::<Vec<_>>());
+    s2["restarts"] = json!(tl.restarts);
+    s2["health_changes"] =
+        json!(tl.health.iter().map(|(t, n, h)| format!("{t:.3} {n} {h}")).collect::<Vec<_>>());
     let sc = "backend_chaos";
-    checks.add(sc, "failed client connects while a backend was healthy", chaos.failed_connects as f64, "0", chaos.failed_connects == 0);
-    checks.add(sc, "sessions lost other than on a killed or stopped backend", chaos.unexpected as f64, "0", chaos.unexpected == 0);
-    checks.add(sc, "bytes corrupted, truncated or duplicated", (chaos.corrupted + chaos.truncated + chaos.duplicated) as f64, "0", chaos.corrupted + chaos.truncated + chaos.duplicated == 0);
+    checks.add(
+        sc,
+        "failed client connects while a backend was healthy",
+        chaos.failed_connects as f64,
+        "0",
+        chaos.failed_connects == 0,
+    );
+    checks.add(
+        sc,
+        "sessions lost other than on a killed or stopped backend",
+        chaos.unexpected as f64,
+        "0",
+        chaos.unexpected == 0,
+    );
+    checks.add(
+        sc,
+        "bytes corrupted, truncated or duplicated",
+        (chaos.corrupted + chaos.truncated + chaos.duplicated) as f64,
+        "0",
+        chaos.corrupted + chaos.truncated + chaos.duplicated == 0,
+    );
     checks.add(sc, "pins broken other than by a failover", pins_chaos as f64, "0", pins_chaos == 0);
-    checks.add(sc, "slowest time to mark a killed backend down, ms", worst, &format!("<= {bound_ms:.0} (interval x fall + timeout + 1 s)"), worst <= bound_ms && !to_down.is_empty());
+    checks.add(
+        sc,
+        "slowest time to mark a killed backend down, ms",
+        worst,
+        &format!("<= {bound_ms:.0} (interval x fall + timeout + 1 s)"),
+        worst <= bound_ms && !to_down.is_empty(),
+    );
     checks.add(sc, "kills never seen down", not_seen_down as f64, "0", not_seen_down == 0);
-    checks.add(sc, "suite errors (restarts of backends)", tl.errors.len() as f64, "0", tl.errors.is_empty());
+    checks.add(
+        sc,
+        "suite errors (restarts of backends)",
+        tl.errors.len() as f64,
+        "0",
+        tl.errors.is_empty(),
+    );
 
     // Scenario 3.
     let refused_near = |times: &[(f64, f64)]| {
         r.outcomes
             .iter()
-            .filter(|o| matches!(o.end, End::ConnectFailed | End::NoHello) && ctx.classify(o).0 == Class::Unexpected)
+            .filter(|o| {
+                matches!(o.end, End::ConnectFailed | End::NoHello)
+                    && ctx.classify(o).0 == Class::Unexpected
+            })
             .filter(|o| times.iter().any(|(a, b)| o.started >= a - 1.0 && o.started <= b + 2.0))
             .count()
     };
@@ -264,13 +338,26 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
         "refused_connects_across_reloads": refused_reload,
     });
     let sc = "operations";
-    checks.add(sc, "refused connections across reloads", refused_reload as f64, "0", refused_reload == 0);
-    checks.add(sc, "operations the API or a reload refused", failed_ops as f64, "0", failed_ops == 0);
+    checks.add(
+        sc,
+        "refused connections across reloads",
+        refused_reload as f64,
+        "0",
+        refused_reload == 0,
+    );
+    checks.add(
+        sc,
+        "operations the API or a reload refused",
+        failed_ops as f64,
+        "0",
+        failed_ops == 0,
+    );
     checks.add(sc, "reloads done", tl.reloads.len() as f64, ">= 1", !tl.reloads.is_empty());
 
     // Scenario 8.
     let refused_upgrade = refused_near(&tl.upgrades);
-    let gap: Vec<f64> = tl.restarts.iter().map(|(term, _, ready)| ((ready - term) * 1000.0).round()).collect();
+    let gap: Vec<f64> =
+        tl.restarts.iter().map(|(term, _, ready)| ((ready - term) * 1000.0).round()).collect();
     let s8 = json!({
         "upgrades": tl.upgrades.len(),
         "refused_connects_across_upgrade": refused_upgrade,
@@ -280,10 +367,28 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
         "pins_broken_across_restart": pins_restart,
     });
     let sc = "restart_and_upgrade";
-    checks.add(sc, "upgrades done", tl.upgrades.len() as f64, "1", tl.upgrades.len() == 1 && !tl.ops.iter().any(|o| o.1 == "upgrade" && !o.2));
-    checks.add(sc, "refused connections across the upgrade", refused_upgrade as f64, "0", refused_upgrade == 0);
+    checks.add(
+        sc,
+        "upgrades done",
+        tl.upgrades.len() as f64,
+        "1",
+        tl.upgrades.len() == 1 && !tl.ops.iter().any(|o| o.1 == "upgrade" && !o.2),
+    );
+    checks.add(
+        sc,
+        "refused connections across the upgrade",
+        refused_upgrade as f64,
+        "0",
+        refused_upgrade == 0,
+    );
     checks.add(sc, "restarts done", tl.restarts.len() as f64, "1", tl.restarts.len() == 1);
-    checks.add(sc, "pins broken across the restart (state file)", pins_restart as f64, "0", pins_restart == 0);
+    checks.add(
+        sc,
+        "pins broken across the restart (state file)",
+        pins_restart as f64,
+        "0",
+        pins_restart == 0,
+    );
 
     let top = json!({
         "bytes_corrupted": scale.corrupted + chaos.corrupted,
@@ -292,5 +397,46 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
         "failed_connects_while_healthy": scale.failed_connects + chaos.failed_connects,
         "sessions_lost_unexpected": scale.unexpected + chaos.unexpected,
     });
-    (top, vec![("byte_exact", s1), ("backend_chaos", s2), ("operations", s3), ("restart_and_upgrade", s8)])
+    (
+        top,
+        vec![
+            ("byte_exact", s1),
+            ("backend_chaos", s2),
+            ("operations", s3),
+            ("restart_and_upgrade", s8),
+        ],
+    )
+}
+
+/// Every session of the fleet, one line each, for looking into a failed figure.
+pub fn write_sessions(path: &std::path::Path, r: &Results) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(f, "id,tag,short,target,source,mode,up,down,started,ended,end,backend,down_got,down_wrong,up_received,up_wrong,up_clean,error")?;
+    for o in &r.outcomes {
+        let v = r.verdicts.get(&o.spec.id);
+        writeln!(
+            f,
+            "{},{},{},{},{},{:?},{},{},{:.3},{:.3},{:?},{},{},{},{},{},{},{}",
+            o.spec.id,
+            o.spec.tag,
+            o.spec.short,
+            o.spec.to,
+            o.spec.source,
+            o.spec.mode,
+            o.spec.up,
+            o.spec.down,
+            o.started,
+            o.ended,
+            o.end,
+            o.backend.as_deref().unwrap_or(""),
+            o.down_got,
+            o.down_wrong,
+            v.map_or(String::new(), |v| v.received.to_string()),
+            v.map_or(String::new(), |v| v.wrong.to_string()),
+            v.map_or(String::new(), |v| v.clean.to_string()),
+            o.error.as_deref().unwrap_or("").replace(',', ";"),
+        )?;
+    }
+    f.flush()
 }

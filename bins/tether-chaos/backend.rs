@@ -44,7 +44,8 @@ struct Session {
 }
 
 pub fn run(name: &str, listen: SocketAddr, udp: Option<SocketAddr>) -> io::Result<()> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(listen), socket2::Type::STREAM, None)?;
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(listen), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&listen.into())?;
@@ -119,7 +120,16 @@ pub fn run(name: &str, listen: SocketAddr, udp: Option<SocketAddr>) -> io::Resul
 }
 
 fn is_transient(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM | nix::libc::ECONNABORTED))
+    matches!(
+        e.raw_os_error(),
+        Some(
+            nix::libc::EMFILE
+                | nix::libc::ENFILE
+                | nix::libc::ENOBUFS
+                | nix::libc::ENOMEM
+                | nix::libc::ECONNABORTED
+        )
+    )
 }
 
 fn echo_udp(socket: &UdpSocket, name: &str, buf: &mut [u8]) -> io::Result<()> {

@@ -88,7 +88,6 @@ pub struct Outcome {
     pub end: End,
     pub down_got: u64,
     pub down_wrong: u64,
-    pub up_sent: u64,
     pub error: Option<String>,
 }
 
@@ -147,7 +146,12 @@ struct Sess {
     refilled: Instant,
 }
 
-pub fn run(load: &Load, mut rng: Rng, control: &Control, epoch: Instant) -> io::Result<Vec<Outcome>> {
+pub fn run(
+    load: &Load,
+    mut rng: Rng,
+    control: &Control,
+    epoch: Instant,
+) -> io::Result<Vec<Outcome>> {
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(4096);
     let mut sessions: HashMap<usize, Sess> = HashMap::new();
@@ -166,7 +170,8 @@ pub fn run(load: &Load, mut rng: Rng, control: &Control, epoch: Instant) -> io::
         if stopping && stopped_at.is_none() {
             stopped_at = Some(now);
         }
-        let mut starts: Vec<Spec> = std::mem::take(&mut *control.pushed.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut starts: Vec<Spec> =
+            std::mem::take(&mut *control.pushed.lock().unwrap_or_else(|e| e.into_inner()));
         if !stopping {
             // The pool refills at most a tenth of itself a tick (a ramp, not one burst).
             let want = control.concurrent.load(Relaxed);
@@ -190,27 +195,36 @@ pub fn run(load: &Load, mut rng: Rng, control: &Control, epoch: Instant) -> io::
                 Ok(mut stream) => {
                     let token = next_token;
                     next_token += 1;
-                    poll.registry().register(&mut stream, Token(token), Interest::READABLE | Interest::WRITABLE)?;
-                    let header = format!("S {} {} {} {}\n", spec.id, spec.up, spec.down, spec.mode.letter()).into_bytes();
-                    sessions.insert(token, Sess {
-                        spec,
-                        stream,
-                        started: now,
-                        connected: false,
-                        hello: Vec::new(),
-                        backend: None,
-                        header,
-                        header_sent: 0,
-                        up_sent: 0,
-                        down_got: 0,
-                        down_wrong: 0,
-                        eof: false,
-                        shut: false,
-                        last_progress: now,
-                        last_rx: now,
-                        allowance: 0.0,
-                        refilled: now,
-                    });
+                    poll.registry().register(
+                        &mut stream,
+                        Token(token),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )?;
+                    let header =
+                        format!("S {} {} {} {}\n", spec.id, spec.up, spec.down, spec.mode.letter())
+                            .into_bytes();
+                    sessions.insert(
+                        token,
+                        Sess {
+                            spec,
+                            stream,
+                            started: now,
+                            connected: false,
+                            hello: Vec::new(),
+                            backend: None,
+                            header,
+                            header_sent: 0,
+                            up_sent: 0,
+                            down_got: 0,
+                            down_wrong: 0,
+                            eof: false,
+                            shut: false,
+                            last_progress: now,
+                            last_rx: now,
+                            allowance: 0.0,
+                            refilled: now,
+                        },
+                    );
                 }
                 Err(e) => {
                     if !spec.short && spec.mode != Mode::Hold {
@@ -225,14 +239,16 @@ pub fn run(load: &Load, mut rng: Rng, control: &Control, epoch: Instant) -> io::
                         end: End::ConnectFailed,
                         down_got: 0,
                         down_wrong: 0,
-                        up_sent: 0,
                         error: Some(e.to_string()),
                     });
                 }
             }
         }
         control.open.store(sessions.len(), Relaxed);
-        if stopping && sessions.is_empty() && control.pushed.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+        if stopping
+            && sessions.is_empty()
+            && control.pushed.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        {
             return Ok(outcomes);
         }
         match poll.poll(&mut events, Some(Duration::from_millis(20))) {
@@ -268,7 +284,10 @@ pub fn run(load: &Load, mut rng: Rng, control: &Control, epoch: Instant) -> io::
         let cut = stopped_at.is_some_and(|at| now.duration_since(at) > load.drain);
         let stalled: Vec<usize> = sessions
             .iter()
-            .filter(|(_, s)| cut || (s.spec.mode != Mode::Hold && now.duration_since(s.last_progress) > load.stall))
+            .filter(|(_, s)| {
+                cut || (s.spec.mode != Mode::Hold
+                    && now.duration_since(s.last_progress) > load.stall)
+            })
             .map(|(t, _)| *t)
             .collect();
         for t in stalled {
@@ -295,7 +314,13 @@ fn failure(s: &Sess) -> End {
     }
 }
 
-fn finish(s: Sess, end: End, error: Option<String>, epoch: Instant, pool_open: &mut usize) -> Outcome {
+fn finish(
+    s: Sess,
+    end: End,
+    error: Option<String>,
+    epoch: Instant,
+    pool_open: &mut usize,
+) -> Outcome {
     if !s.spec.short && s.spec.mode != Mode::Hold {
         *pool_open -= 1;
     }
@@ -308,14 +333,14 @@ fn finish(s: Sess, end: End, error: Option<String>, epoch: Instant, pool_open: &
         end,
         down_got: s.down_got,
         down_wrong: s.down_wrong,
-        up_sent: s.up_sent,
         error,
         spec: s.spec,
     }
 }
 
 fn open(spec: &Spec) -> io::Result<TcpStream> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(spec.to), socket2::Type::STREAM, None)?;
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(spec.to), socket2::Type::STREAM, None)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::new(spec.source, 0).into())?;
     match socket.connect(&spec.to.into()) {
@@ -353,7 +378,13 @@ fn short_spec(rng: &mut Rng, load: &Load, next_id: &mut u64, tag: u8) -> Spec {
 }
 
 /// Moves a session until it would block: `Some(end)` once it is over.
-fn advance(s: &mut Sess, load: &Load, release: bool, buf: &mut [u8], scratch: &mut Vec<u8>) -> io::Result<Option<End>> {
+fn advance(
+    s: &mut Sess,
+    load: &Load,
+    release: bool,
+    buf: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> io::Result<Option<End>> {
     if !s.connected {
         if let Some(e) = s.stream.take_error()? {
             return Err(e);
@@ -413,11 +444,14 @@ fn advance(s: &mut Sess, load: &Load, release: bool, buf: &mut [u8], scratch: &m
         // Reads: the name, then the download.
         let mut want = buf.len();
         if s.spec.mode == Mode::SlowReader && s.backend.is_some() {
-            s.allowance = (s.allowance + load.slow as f64 * now.duration_since(s.refilled).as_secs_f64()).min(load.slow as f64);
+            s.allowance = (s.allowance
+                + load.slow as f64 * now.duration_since(s.refilled).as_secs_f64())
+            .min(load.slow as f64);
             s.refilled = now;
             want = want.min(s.allowance as usize);
         }
-        let reads = !s.eof && want > 0 && !(s.spec.mode == Mode::SendThenClose && s.backend.is_some());
+        let reads =
+            !s.eof && want > 0 && !(s.spec.mode == Mode::SendThenClose && s.backend.is_some());
         if reads {
             match s.stream.read(&mut buf[..want]) {
                 Ok(0) => {
@@ -449,13 +483,20 @@ fn advance(s: &mut Sess, load: &Load, release: bool, buf: &mut [u8], scratch: &m
                             return Err(io::Error::new(ErrorKind::InvalidData, "no name line"));
                         }
                         if nl.is_some() {
-                            let name = String::from_utf8_lossy(&s.hello[..s.hello.len() - 1]).into_owned();
+                            let name =
+                                String::from_utf8_lossy(&s.hello[..s.hello.len() - 1]).into_owned();
                             s.backend = Some(name);
                         }
                     }
                     if !data.is_empty() {
-                        let inside = (s.spec.down.saturating_sub(s.down_got)).min(data.len() as u64) as usize;
-                        s.down_wrong += count_wrong(stream_key(s.spec.id, true), s.down_got, &data[..inside], scratch);
+                        let inside = (s.spec.down.saturating_sub(s.down_got)).min(data.len() as u64)
+                            as usize;
+                        s.down_wrong += count_wrong(
+                            stream_key(s.spec.id, true),
+                            s.down_got,
+                            &data[..inside],
+                            scratch,
+                        );
                         s.down_got += data.len() as u64;
                     }
                 }

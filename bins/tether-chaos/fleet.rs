@@ -69,7 +69,9 @@ pub struct Timeline {
 impl Timeline {
     /// Whether `backend` had a disruption of one of `kinds` overlapping `[from, to]`.
     pub fn hit(&self, backend: &str, kinds: &[&str], from: f64, to: f64) -> bool {
-        self.disruptions.iter().any(|d| d.backend == backend && kinds.contains(&d.kind) && d.from <= to && d.to >= from)
+        self.disruptions.iter().any(|d| {
+            d.backend == backend && kinds.contains(&d.kind) && d.from <= to && d.to >= from
+        })
     }
 }
 
@@ -80,12 +82,11 @@ pub struct Results {
     pub timeline: Timeline,
     pub open_peak: usize,
     pub scale_end: f64,
-    pub t1_sources: Vec<IpAddr>,
 }
 
 fn config(k: usize, state: &Path) -> String {
     let mut s = format!(
-        "admin = \"{T1_ADMIN}\"\ngrace = \"5s\"\nupgrade-grace = \"120s\"\nmax-conns = 100000\n\n[[service]]\nname = \"db\"\nlisten = [\"{T1}\"]\nprotocol = \"tcp\"\nstate-file = \"{}\"\nstate-interval = \"1s\"\nhealth-interval = \"{HEALTH_INTERVAL_S}s\"\nhealth-timeout = \"{}ms\"\nhealth-fall = {HEALTH_FALL}\nconnect-timeout = \"2s\"\n",
+        "admin = \"{T1_ADMIN}\"\ngrace = \"5s\"\nupgrade-grace = \"120s\"\nmax-conns = 7000\nstate-file = \"{}\"\nstate-interval = \"1s\"\n\n[[service]]\nname = \"db\"\nlisten = [\"{T1}\"]\nprotocol = \"tcp\"\nhealth-interval = \"{HEALTH_INTERVAL_S}s\"\nhealth-timeout = \"{}ms\"\nhealth-fall = {HEALTH_FALL}\nconnect-timeout = \"2s\"\n",
         state.display(),
         (HEALTH_TIMEOUT_S * 1000.0) as u64
     );
@@ -94,21 +95,30 @@ fn config(k: usize, state: &Path) -> String {
             continue;
         }
         let weight = if i == 3 { 1 + k % 2 } else { 1 };
-        s += &format!("[[service.backend]]\nname = \"b{i}\"\naddress = \"{}\"\nweight = {weight}\n", backend_addr(i));
+        s += &format!(
+            "[[service.backend]]\nname = \"b{i}\"\naddress = \"{}\"\nweight = {weight}\n",
+            backend_addr(i)
+        );
     }
     s
 }
 
 fn copy_args() -> Vec<String> {
-    let mut a: Vec<String> = ["--listen", T1C, "--admin", T1C_ADMIN, "--splice", "off", "--max-conns", "100000"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut a: Vec<String> =
+        ["--listen", T1C, "--admin", T1C_ADMIN, "--splice", "off", "--max-conns", "7000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     for i in 1..=POOL {
         a.push("--backend".into());
         a.push(format!("{},name=b{i}", backend_addr(i)));
     }
-    for (k, v) in [("--health-interval", "1s"), ("--health-timeout", "500ms"), ("--health-fall", "2"), ("--connect-timeout", "2s")] {
+    for (k, v) in [
+        ("--health-interval", "1s"),
+        ("--health-timeout", "500ms"),
+        ("--health-fall", "2"),
+        ("--connect-timeout", "2s"),
+    ] {
         a.push(k.into());
         a.push(v.into());
     }
@@ -116,11 +126,11 @@ fn copy_args() -> Vec<String> {
 }
 
 pub fn t1_sources() -> Vec<IpAddr> {
-    (1..=200).map(|i| IpAddr::V4(Ipv4Addr::new(127, 1, 0, i))).collect()
+    (1..=125).map(|i| IpAddr::V4(Ipv4Addr::new(127, 1, 0, i))).collect()
 }
 
 pub fn t1c_sources() -> Vec<IpAddr> {
-    (1..=50).map(|i| IpAddr::V4(Ipv4Addr::new(127, 1, 1, i))).collect()
+    (1..=125).map(|i| IpAddr::V4(Ipv4Addr::new(127, 1, 1, i))).collect()
 }
 
 /// The tether serving T1 now (after upgrades and restarts), and every one started.
@@ -136,7 +146,13 @@ impl Splice {
     fn start(bin: &Path, file: &Path) -> std::io::Result<Splice> {
         let t = Tether::start(bin, ["--config".as_ref(), file.as_os_str()])?;
         let current = t.pid();
-        Ok(Splice { bin: bin.into(), file: file.into(), pids: vec![current], tethers: vec![t], current })
+        Ok(Splice {
+            bin: bin.into(),
+            file: file.into(),
+            pids: vec![current],
+            tethers: vec![t],
+            current,
+        })
     }
 
     fn admin() -> SocketAddr {
@@ -173,7 +189,8 @@ impl Splice {
             return Err(format!("pid {pid} still running 30 s after SIGTERM"));
         }
         let exited = epoch.elapsed().as_secs_f64();
-        let t = Tether::start(&self.bin, ["--config".as_ref(), self.file.as_os_str()]).map_err(|e| e.to_string())?;
+        let t = Tether::start(&self.bin, ["--config".as_ref(), self.file.as_os_str()])
+            .map_err(|e| e.to_string())?;
         self.current = t.pid();
         self.pids.push(t.pid());
         self.tethers.push(t);
@@ -196,17 +213,25 @@ fn api(method: &str, path: &str, body: &str) -> bool {
     http(Splice::admin(), method, path, body).is_ok_and(|r| r.status / 100 == 2)
 }
 
-pub fn run(tether: &Path, out: &Path, p: &Params, rng: &Rng, epoch: Instant) -> std::io::Result<Results> {
+pub fn run(
+    tether: &Path,
+    out: &Path,
+    p: &Params,
+    rng: &Rng,
+    epoch: Instant,
+) -> std::io::Result<Results> {
     let now = || epoch.elapsed().as_secs_f64();
     let verdicts = Verdicts::default();
-    let mut backends: Vec<ChaosBackend> =
-        (1..=POOL + 2).map(|i| ChaosBackend::start(&format!("b{i}"), backend_addr(i), None, &verdicts)).collect::<Result<_, _>>()?;
+    let mut backends: Vec<ChaosBackend> = (1..=POOL + 2)
+        .map(|i| ChaosBackend::start(&format!("b{i}"), backend_addr(i), None, &verdicts))
+        .collect::<Result<_, _>>()?;
     let file = out.join("fleet.toml");
     let state = out.join("fleet.state");
     std::fs::write(&file, config(0, &state))?;
     let mut splice = Splice::start(tether, &file)?;
     let copy = Tether::start(tether, copy_args())?;
-    let mut targets: Vec<(SocketAddr, IpAddr)> = t1_sources().into_iter().map(|s| (T1.parse().expect("addr"), s)).collect();
+    let mut targets: Vec<(SocketAddr, IpAddr)> =
+        t1_sources().into_iter().map(|s| (T1.parse().expect("addr"), s)).collect();
     targets.extend(t1c_sources().into_iter().map(|s| (T1C.parse().expect("addr"), s)));
     let load = Load {
         targets,
@@ -243,7 +268,9 @@ pub fn run(tether: &Path, out: &Path, p: &Params, rng: &Rng, epoch: Instant) -> 
         let splice = &mut splice;
         let (file, state, timeline) = (&file, &state, &timeline);
         let kills = s.spawn(move || chaos(backends, rng.fork(2), chaos_end, timeline, epoch));
-        let ops = s.spawn(move || operations(splice, file, state, rng.fork(3), chaos_end, p.chaos, timeline, epoch));
+        let ops = s.spawn(move || {
+            operations(splice, file, state, rng.fork(3), chaos_end, p.chaos, timeline, epoch)
+        });
         let monitor = s.spawn(|| monitor(&chaos_done, timeline, epoch));
         while Instant::now() < chaos_end {
             open_peak = open_peak.max(control.open.load(Relaxed));
@@ -262,18 +289,25 @@ pub fn run(tether: &Path, out: &Path, p: &Params, rng: &Rng, epoch: Instant) -> 
     let expected = outcomes.iter().filter(|o| o.end == client::End::Done).count();
     procs::wait_until(Duration::from_secs(15), || {
         let v = verdicts.lock().expect("verdicts");
-        outcomes.iter().filter(|o| o.end == client::End::Done && v.contains_key(&o.spec.id)).count() >= expected
+        outcomes.iter().filter(|o| o.end == client::End::Done && v.contains_key(&o.spec.id)).count()
+            >= expected
     });
     drop(copy);
     drop(splice);
     drop(backends);
     let verdicts = std::mem::take(&mut *verdicts.lock().expect("verdicts"));
     let timeline = timeline.into_inner().expect("timeline");
-    Ok(Results { outcomes, verdicts, timeline, open_peak, scale_end, t1_sources: t1_sources() })
+    Ok(Results { outcomes, verdicts, timeline, open_peak, scale_end })
 }
 
 /// Kills (and restarts) or freezes (and thaws) one backend at a time, at seeded moments.
-fn chaos(backends: &mut [ChaosBackend], mut rng: Rng, end: Instant, timeline: &Mutex<Timeline>, epoch: Instant) {
+fn chaos(
+    backends: &mut [ChaosBackend],
+    mut rng: Rng,
+    end: Instant,
+    timeline: &Mutex<Timeline>,
+    epoch: Instant,
+) {
     let now = || epoch.elapsed().as_secs_f64();
     let pause = |d: f64| std::thread::sleep(Duration::from_secs_f64(d)); // the schedule's clock
     pause(0.5 + rng.below(1000) as f64 / 1000.0);
@@ -291,13 +325,23 @@ fn chaos(backends: &mut [ChaosBackend], mut rng: Rng, end: Instant, timeline: &M
                 tl.errors.push(format!("restart {name}: {e}"));
             }
             // Until the probes bring it back (rise 2 x interval), clients keep moving off it.
-            tl.disruptions.push(Disruption { backend: name, kind: "kill", from: t0, to: t1 + 3.0 * HEALTH_INTERVAL_S + 1.0 });
+            tl.disruptions.push(Disruption {
+                backend: name,
+                kind: "kill",
+                from: t0,
+                to: t1 + 3.0 * HEALTH_INTERVAL_S + 1.0,
+            });
         } else {
             backends[i].signal_stop(true);
             pause(1.0 + rng.below(3000) as f64 / 1000.0);
             backends[i].signal_stop(false);
             let t1 = now();
-            timeline.lock().expect("timeline").disruptions.push(Disruption { backend: name, kind: "stop", from: t0, to: t1 });
+            timeline.lock().expect("timeline").disruptions.push(Disruption {
+                backend: name,
+                kind: "stop",
+                from: t0,
+                to: t1,
+            });
         }
         pause(0.5 + rng.below(2000) as f64 / 1000.0);
     }
@@ -320,7 +364,8 @@ fn operations(
     let pause = |d: f64| std::thread::sleep(Duration::from_secs_f64(d)); // the schedule's clock
     let start = Instant::now();
     let (mut upgraded, mut restarted, mut reloads) = (false, false, 0usize);
-    let record = |what: String, ok: bool| timeline.lock().expect("timeline").ops.push((now(), what, ok));
+    let record =
+        |what: String, ok: bool| timeline.lock().expect("timeline").ops.push((now(), what, ok));
     let path = |b: &str| format!("/api/services/db/backends/{b}");
     while Instant::now() + Duration::from_secs(3) < end {
         let progress = start.elapsed().as_secs_f64() / length.as_secs_f64();
@@ -364,19 +409,33 @@ fn operations(
                 pause(1.0 + rng.below(2000) as f64 / 1000.0);
                 let ready = api("PUT", &path(&b), r#"{"state":"ready"}"#);
                 record(format!("ready {b}"), ready);
-                timeline.lock().expect("timeline").disruptions.push(Disruption { backend: b, kind: "maint", from: t0, to: now() });
+                timeline.lock().expect("timeline").disruptions.push(Disruption {
+                    backend: b,
+                    kind: "maint",
+                    from: t0,
+                    to: now(),
+                });
             }
             2 => {
                 let w = 1 + rng.below(5);
-                record(format!("weight {b} {w}"), api("PUT", &path(&b), &format!("{{\"weight\":{w}}}")));
+                record(
+                    format!("weight {b} {w}"),
+                    api("PUT", &path(&b), &format!("{{\"weight\":{w}}}")),
+                );
             }
             3 => {
-                let body = format!("{{\"address\":\"{}\",\"name\":\"b8\"}}", backend_addr(POOL + 2));
+                let body =
+                    format!("{{\"address\":\"{}\",\"name\":\"b8\"}}", backend_addr(POOL + 2));
                 record("add b8".into(), api("POST", "/api/services/db/backends", &body));
                 pause(1.0 + rng.below(2000) as f64 / 1000.0);
                 let t0 = now();
                 record("remove b8".into(), api("DELETE", &path("b8"), ""));
-                timeline.lock().expect("timeline").disruptions.push(Disruption { backend: "b8".into(), kind: "removed", from: t0, to: f64::MAX });
+                timeline.lock().expect("timeline").disruptions.push(Disruption {
+                    backend: "b8".into(),
+                    kind: "removed",
+                    from: t0,
+                    to: f64::MAX,
+                });
             }
             _ => {
                 reloads += 1;
@@ -386,7 +445,12 @@ fn operations(
                 tl.reloads.push(t0);
                 tl.ops.push((t0, format!("reload {reloads}"), ok));
                 if reloads % 2 == 0 {
-                    tl.disruptions.push(Disruption { backend: format!("b{}", POOL + 1), kind: "removed", from: t0, to: f64::MAX });
+                    tl.disruptions.push(Disruption {
+                        backend: format!("b{}", POOL + 1),
+                        kind: "removed",
+                        from: t0,
+                        to: f64::MAX,
+                    });
                 }
             }
         }
@@ -421,7 +485,9 @@ fn monitor(done: &AtomicBool, timeline: &Mutex<Timeline>, epoch: Instant) {
         if let Ok(r) = http(Splice::admin(), "GET", "/api/backends", "") {
             let list: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
             for b in list.as_array().into_iter().flatten() {
-                let (Some(name), Some(health)) = (b["name"].as_str(), b["health"].as_str()) else { continue };
+                let (Some(name), Some(health)) = (b["name"].as_str(), b["health"].as_str()) else {
+                    continue;
+                };
                 if last.get(name).map(String::as_str) != Some(health) {
                     last.insert(name.into(), health.into());
                     let t = epoch.elapsed().as_secs_f64();

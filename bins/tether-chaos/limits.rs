@@ -9,8 +9,9 @@ use serde_json::{json, Value};
 /// Moves this process into a new network namespace with `lo` up and sysctls sized for tens of
 /// thousands of connections. Call before any thread starts: threads and children inherit it.
 pub fn enter_private_network() -> io::Result<()> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| io::Error::other(format!("a network namespace of its own (needs root): {e}")))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+        io::Error::other(format!("a network namespace of its own (needs root): {e}"))
+    })?;
     let status = Command::new("ip").args(["link", "set", "lo", "up"]).status()?;
     if !status.success() {
         return Err(io::Error::other("ip link set lo up failed"));
@@ -24,16 +25,28 @@ pub fn enter_private_network() -> io::Result<()> {
         // outlasts the short runs' checks.
         ("net/ipv4/tcp_fin_timeout", "60"),
     ] {
-        std::fs::write(format!("/proc/sys/{key}"), value).map_err(|e| io::Error::other(format!("sysctl {key}: {e}")))?;
+        std::fs::write(format!("/proc/sys/{key}"), value)
+            .map_err(|e| io::Error::other(format!("sysctl {key}: {e}")))?;
     }
     Ok(())
 }
 
-/// Raises the fd limit (soft and hard) to the kernel's `nr_open`; children inherit it.
-pub fn raise_fd_limit() -> io::Result<()> {
-    use nix::sys::resource::{setrlimit, Resource};
-    let max: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20);
-    setrlimit(Resource::RLIMIT_NOFILE, max, max).map_err(|e| io::Error::other(format!("raise RLIMIT_NOFILE to {max}: {e}")))
+/// Raises the soft fd limit to the hard one (children inherit it), and returns it. Raising the
+/// hard limit needs CAP_SYS_RESOURCE, which some containers withhold: the run sizes itself
+/// from what it gets.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::other)?;
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(hard);
+    if setrlimit(Resource::RLIMIT_NOFILE, nr_open, nr_open).is_ok() {
+        return Ok(nr_open);
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        .map_err(|e| io::Error::other(format!("raise RLIMIT_NOFILE to {hard}: {e}")))?;
+    Ok(hard)
 }
 
 /// CPUs, memory and kernel of this machine, for the figures' context.
@@ -41,8 +54,14 @@ pub fn machine() -> Value {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse::<u64>().ok()))
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse::<u64>().ok()
+            })
+        })
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    json!({"cpus": cpus, "memory_gib": mem_kib / (1 << 20), "kernel": kernel.trim()})
+    let (_, fds) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((0, 0));
+    json!({"cpus": cpus, "memory_gib": mem_kib / (1 << 20), "kernel": kernel.trim(), "fd_limit": fds})
 }

@@ -5,7 +5,9 @@ mod analysis;
 mod backend;
 mod client;
 mod fleet;
+mod flood;
 mod limits;
+mod overload;
 mod procs;
 mod report;
 mod rng;
@@ -33,6 +35,25 @@ struct Args {
 enum Command {
     Run(RunArgs),
     Backend(BackendArgs),
+    Burst(BurstArgs),
+}
+
+/// Open many held connections at once (started by `run`, scenario 6).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "burst")]
+struct BurstArgs {
+    /// where to connect
+    #[argh(option)]
+    to: SocketAddr,
+    /// third byte of the 127.4.x.y source addresses
+    #[argh(option)]
+    first_source: u8,
+    /// how many connections
+    #[argh(option)]
+    count: usize,
+    /// how long to hold them, ms
+    #[argh(option)]
+    hold_ms: u64,
 }
 
 /// Run every scenario and write results.json and summary.md.
@@ -66,6 +87,12 @@ struct RunArgs {
     /// long-lived UDP flows in the soak (default 1000)
     #[argh(option, default = "1000")]
     long_flows: usize,
+    /// spoofed source addresses in the flood (default 1000000)
+    #[argh(option, default = "1_000_000")]
+    flood: u64,
+    /// slow clients (default 1000)
+    #[argh(option, default = "1000")]
+    slow: usize,
 }
 
 /// A chaos backend (started by `run`).
@@ -89,6 +116,7 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Backend(b) => backend::run(&b.name, b.listen, b.udp).map(|()| true),
         Command::Run(r) => run(&r),
+        Command::Burst(b) => overload::burst(b.to, b.first_source, b.count, Duration::from_millis(b.hold_ms)).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -101,7 +129,11 @@ fn main() -> ExitCode {
 }
 
 fn run(a: &RunArgs) -> std::io::Result<bool> {
-    let seed = a.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007));
+    let seed = a.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
+    });
     println!("seed {seed} (replay with --seed {seed})");
     if !(0.5..=600.0).contains(&a.minutes) {
         return Err(std::io::Error::other(format!("--minutes {}: between 0.5 and 600", a.minutes)));
@@ -110,7 +142,8 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
     let out = std::fs::canonicalize(&a.out)?;
     let tether = std::fs::canonicalize(&a.tether)?;
     limits::enter_private_network()?;
-    limits::raise_fd_limit()?;
+    let fd_limit = limits::raise_fd_limit()?;
+    println!("fd limit {fd_limit}");
     let rng = rng::Rng::new(seed);
     let total = Duration::from_secs_f64(a.minutes * 60.0);
     let epoch = Instant::now();
@@ -130,24 +163,38 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
         duration: total,
         churn_rate: a.udp_rate,
         long_flows: a.long_flows,
-        idle_timeout_s: 2,
+        idle_timeout_ms: 500,
     };
     let stop_soak = AtomicBool::new(false);
-    let (fleet, soak) = std::thread::scope(|s| {
+    let rest = total - fleet_len;
+    let idle_timeout = Duration::from_secs(5);
+    let (fleet, extra, soak) = std::thread::scope(|s| {
         let soak = s.spawn(|| {
             let mut c = report::Checks::default();
             soak::run(&tether, &out, &soak_params, &stop_soak, &mut c).map(|r| (r, c))
         });
         let fleet = fleet::run(&tether, &out, &fleet_params, &rng, epoch);
-        let rest = fleet.as_ref().ok().map(|_| ());
-        let _ = rest;
-        (fleet, soak.join().expect("soak thread"))
+        // Then one at a time: the flood, the burst, the slow clients.
+        let mut c = report::Checks::default();
+        let extra = (|| {
+            let flood = flood::run(&tether, rest.mul_f64(0.25).max(Duration::from_secs(5)), a.flood, &mut c)?;
+            let burst = overload::overload(&tether, rest.mul_f64(0.2).max(Duration::from_secs(3)), &mut c)?;
+            let slow_len = rest.mul_f64(0.4).max(idle_timeout.mul_f64(1.6));
+            let slow = overload::slow_clients(&tether, slow_len, idle_timeout, a.slow, 100, epoch, &mut c)?;
+            Ok::<_, std::io::Error>(vec![("spoofed_flood", flood), ("overload", burst), ("slow_clients", slow)])
+        })()
+        .map(|v| (v, c));
+        (fleet, extra, soak.join().expect("soak thread"))
     });
     let fleet = fleet?;
     let ((soak_value, rss, fds), soak_checks) = soak?;
+    analysis::write_sessions(&out.join("sessions.csv"), &fleet)?;
     let (top_fleet, mut scenarios) = analysis::fleet(&fleet, &mut checks);
     checks.0.extend(soak_checks.0);
     scenarios.push(("udp_soak", soak_value));
+    let (extra, extra_checks) = extra?;
+    checks.0.extend(extra_checks.0);
+    scenarios.extend(extra);
 
     let mut top = Map::new();
     top.insert("seed".into(), json!(seed));

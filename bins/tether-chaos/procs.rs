@@ -32,8 +32,20 @@ pub struct ChaosBackend {
 }
 
 impl ChaosBackend {
-    pub fn start(name: &str, addr: SocketAddr, udp: Option<SocketAddr>, verdicts: &Verdicts) -> io::Result<ChaosBackend> {
-        let mut b = ChaosBackend { name: name.into(), addr, udp, child: None, verdicts: Arc::clone(verdicts), stopped: false };
+    pub fn start(
+        name: &str,
+        addr: SocketAddr,
+        udp: Option<SocketAddr>,
+        verdicts: &Verdicts,
+    ) -> io::Result<ChaosBackend> {
+        let mut b = ChaosBackend {
+            name: name.into(),
+            addr,
+            udp,
+            child: None,
+            verdicts: Arc::clone(verdicts),
+            stopped: false,
+        };
         b.spawn()?;
         Ok(b)
     }
@@ -57,7 +69,9 @@ impl ChaosBackend {
                 }
                 let parts: Vec<&str> = line.split_whitespace().collect();
                 if let ["R", id, received, wrong, how] = parts[..] {
-                    if let (Ok(id), Ok(received), Ok(wrong)) = (id.parse(), received.parse(), wrong.parse()) {
+                    if let (Ok(id), Ok(received), Ok(wrong)) =
+                        (id.parse(), received.parse(), wrong.parse())
+                    {
                         let v = Verdict { received, wrong, clean: how == "ok" };
                         verdicts.lock().unwrap_or_else(|e| e.into_inner()).insert(id, v);
                     }
@@ -69,17 +83,16 @@ impl ChaosBackend {
             Ok(_) => Ok(()),
             Err(_) => {
                 self.kill();
-                Err(io::Error::other(format!("backend {} did not start on {}", self.name, self.addr)))
+                Err(io::Error::other(format!(
+                    "backend {} did not start on {}",
+                    self.name, self.addr
+                )))
             }
         }
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
-    }
-
-    pub fn alive(&self) -> bool {
-        self.child.is_some()
     }
 
     /// SIGKILL and reap.
@@ -139,7 +152,8 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 
 pub fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
 }
 
 /// SIGKILL a pid this run started (directly or through an upgrade) and wait until it is gone.
@@ -175,7 +189,8 @@ pub fn tcp_states(ports: &[u16]) -> HashMap<&'static str, usize> {
             if f.len() < 4 {
                 continue;
             }
-            let port = |a: &str| a.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            let port =
+                |a: &str| a.rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
             let (l, r) = (port(f[1]), port(f[2]));
             if !ports.iter().any(|p| Some(*p) == l || Some(*p) == r) {
                 continue;

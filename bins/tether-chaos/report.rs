@@ -22,7 +22,13 @@ impl Checks {
     pub fn add(&mut self, scenario: &str, figure: &str, value: f64, goal: &str, pass: bool) {
         let status = if pass { "pass" } else { "FAIL" };
         println!("[{status}] {scenario}: {figure} = {} (goal {goal})", show(value));
-        self.0.push(Check { scenario: scenario.into(), figure: figure.into(), value, goal: goal.into(), pass });
+        self.0.push(Check {
+            scenario: scenario.into(),
+            figure: figure.into(),
+            value,
+            goal: goal.into(),
+            pass,
+        });
     }
 
     pub fn all_pass(&self) -> bool {
@@ -46,7 +52,9 @@ pub fn slope(points: &[(f64, f64)]) -> f64 {
     }
     let (sx, sy) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
     let (mx, my) = (sx / n, sy / n);
-    let (num, den) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + (x - mx) * (y - my), b + (x - mx) * (x - mx)));
+    let (num, den) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + (x - mx) * (y - my), b + (x - mx) * (x - mx)));
     if den == 0.0 {
         0.0
     } else {
@@ -56,7 +64,12 @@ pub fn slope(points: &[(f64, f64)]) -> f64 {
 
 /// Writes `results.json` (top-level figures, samples, one object per scenario, the checks)
 /// and `summary.md` into `out`.
-pub fn write(out: &Path, top: Map<String, Value>, scenarios: Vec<(&str, Value)>, checks: &Checks) -> std::io::Result<()> {
+pub fn write(
+    out: &Path,
+    top: Map<String, Value>,
+    scenarios: Vec<(&str, Value)>,
+    checks: &Checks,
+) -> std::io::Result<()> {
     let mut all = top;
     for (name, value) in &scenarios {
         all.insert((*name).to_string(), value.clone());
@@ -68,11 +81,13 @@ pub fn write(out: &Path, top: Map<String, Value>, scenarios: Vec<(&str, Value)>,
         .collect();
     all.insert("checks".into(), Value::Array(list));
     all.insert("pass".into(), Value::Bool(checks.all_pass()));
-    let text = serde_json::to_string_pretty(&Value::Object(all.clone())).map_err(std::io::Error::other)?;
+    let text =
+        serde_json::to_string_pretty(&Value::Object(all.clone())).map_err(std::io::Error::other)?;
     std::fs::write(out.join("results.json"), text + "\n")?;
 
     let mut md = String::new();
-    let verdict = if checks.all_pass() { "every figure met its goal" } else { "SOME FIGURES FAILED" };
+    let verdict =
+        if checks.all_pass() { "every figure met its goal" } else { "SOME FIGURES FAILED" };
     let _ = writeln!(md, "# tether chaos run: {verdict}\n");
     for key in ["command", "seed", "seconds", "machine"] {
         if let Some(v) = all.get(key) {
@@ -82,7 +97,14 @@ pub fn write(out: &Path, top: Map<String, Value>, scenarios: Vec<(&str, Value)>,
     let _ = writeln!(md, "\n| scenario | figure | value | goal | |\n|---|---|---|---|---|");
     for c in &checks.0 {
         let mark = if c.pass { "pass" } else { "**FAIL**" };
-        let _ = writeln!(md, "| {} | {} | {} | {} | {mark} |", c.scenario, c.figure, show(c.value), c.goal);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {mark} |",
+            c.scenario,
+            c.figure,
+            show(c.value),
+            c.goal
+        );
     }
     for (name, value) in &scenarios {
         let _ = writeln!(md, "\n## {name}\n");
@@ -103,9 +125,11 @@ mod tests {
 
     #[test]
     fn slope_of_a_line_and_of_noise() {
-        let line: Vec<(f64, f64)> = (0..10).map(|i| (f64::from(i), 3.0 * f64::from(i) + 1.0)).collect();
+        let line: Vec<(f64, f64)> =
+            (0..10).map(|i| (f64::from(i), 3.0 * f64::from(i) + 1.0)).collect();
         assert!((slope(&line) - 3.0).abs() < 1e-9);
-        let flat: Vec<(f64, f64)> = (0..10).map(|i| (f64::from(i), if i % 2 == 0 { 5.0 } else { 7.0 })).collect();
+        let flat: Vec<(f64, f64)> =
+            (0..10).map(|i| (f64::from(i), if i % 2 == 0 { 5.0 } else { 7.0 })).collect();
         assert!(slope(&flat).abs() < 0.3);
         assert_eq!(slope(&[(1.0, 2.0)]), 0.0);
     }

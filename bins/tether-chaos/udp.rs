@@ -20,7 +20,8 @@ pub fn churn(to: SocketAddr, sources: &[IpAddr], rate: u64, stop: &AtomicBool, s
             std::thread::sleep(Duration::from_millis(1)); // pacing, not synchronisation
             continue;
         }
-        for _ in n..due.min(n + 1000) {
+        let batch_end = due.min(n + 1000);
+        while n < batch_end {
             let source = sources[(n % sources.len() as u64) as usize];
             if let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(source, 0)) {
                 if socket.send_to(b"churn", to).is_ok() {
