@@ -40,6 +40,7 @@ pub struct Tally {
     pub truncated: u64,
     pub duplicated: u64,
     pub reasons: BTreeMap<String, u64>,
+    pub examples: Vec<String>,
     pub modes: BTreeMap<String, u64>,
 }
 
@@ -59,6 +60,7 @@ impl Tally {
             "bytes_truncated": self.truncated,
             "bytes_duplicated": self.duplicated,
             "unexpected_reasons": self.reasons,
+            "unexpected_examples": self.examples,
             "completed_by_mode": self.modes,
         })
     }
@@ -141,6 +143,18 @@ impl Ctx<'_> {
                 Class::Unexpected => {
                     t.unexpected += 1;
                     *t.reasons.entry(reason.to_string()).or_insert(0) += 1;
+                    if t.examples.len() < 20 {
+                        t.examples.push(format!(
+                            "id {} from {} to {} at {:.3}..{:.3}: {reason}, backend {:?} ({})",
+                            o.spec.id,
+                            o.spec.source,
+                            o.spec.to,
+                            o.started,
+                            o.ended,
+                            self.backend_of(o),
+                            o.error.as_deref().unwrap_or("")
+                        ));
+                    }
                     if matches!(o.end, End::ConnectFailed | End::NoHello) {
                         t.failed_connects += 1;
                     }
@@ -176,7 +190,11 @@ fn pins_broken(
             if a == b || *t1 < from || *t1 > to {
                 continue;
             }
-            if ctx.timeline.hit(a, &["kill", "stop", "maint", "removed"], t0 - 0.5, t1 + 0.5) {
+            let kinds = ["kill", "stop", "maint", "removed"];
+            // Sessions started within a second of each other reach tether in any order: a move
+            // either way between them is explained by a disruption of either backend.
+            let near = t1 - t0 < 1.0 && ctx.timeline.hit(b, &kinds, t0 - 0.5, t1 + 0.5);
+            if near || ctx.timeline.hit(a, &kinds, t0 - 0.5, t1 + 0.5) {
                 explained += 1;
             } else {
                 broken += 1;

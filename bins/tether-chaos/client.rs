@@ -309,6 +309,9 @@ fn failure(s: &Sess) -> End {
         End::ConnectFailed
     } else if s.backend.is_none() {
         End::NoHello
+    } else if s.spec.mode == Mode::Hold {
+        // Closed by the peer with a reset rather than a FIN (tether's idle timeout resets).
+        End::Closed
     } else {
         End::Broken
     }
@@ -387,6 +390,11 @@ fn advance(
 ) -> io::Result<Option<End>> {
     if !s.connected {
         if let Some(e) = s.stream.take_error()? {
+            // A reset (not a refusal) means the handshake completed: tether accepted, then
+            // closed before the backend's name came.
+            if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) {
+                s.connected = true;
+            }
             return Err(e);
         }
         match s.stream.peer_addr() {

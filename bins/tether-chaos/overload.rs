@@ -194,7 +194,7 @@ pub fn slow_clients(tether: &Path, length: Duration, idle_timeout: Duration, slo
     })?;
     let idle_out: Vec<f64> = outcomes.iter().filter(|o| o.spec.mode == Mode::Hold).map(|o| if o.end == End::Closed { o.ended - o.last_rx } else { f64::NAN }).collect();
     let timeout = idle_timeout.as_secs_f64();
-    let within = idle_out.iter().filter(|d| **d >= timeout * 0.999 && **d <= timeout * 1.1).count();
+    let within = idle_out.iter().filter(|d| (**d - timeout).abs() <= timeout * 0.1).count();
     let slow_alive = outcomes.iter().filter(|o| o.spec.mode == Mode::SlowReader && o.end == End::Cut && o.down_got > 0).count();
     let slow_bytes: u64 = outcomes.iter().filter(|o| o.spec.mode == Mode::SlowReader).map(|o| o.down_got).sum();
     let slow_wrong: u64 = outcomes.iter().map(|o| o.down_wrong).sum();
