@@ -103,6 +103,9 @@ pub struct Control {
     /// `Hold` sessions shut their write side and finish.
     pub release: AtomicBool,
     pub open: AtomicUsize,
+    /// Short sessions not started because `max_open` sessions were open (the harness's own
+    /// descriptor budget, not tether's).
+    pub deferred: AtomicU64,
     pushed: Mutex<Vec<Spec>>,
 }
 
@@ -124,6 +127,8 @@ pub struct Load {
     /// How long open sessions may take to finish once stopped.
     pub drain: Duration,
     pub first_id: u64,
+    /// Most sessions open at once in this process (its fd limit less a reserve).
+    pub max_open: usize,
 }
 
 struct Sess {
@@ -175,7 +180,8 @@ pub fn run(
         if !stopping {
             // The pool refills at most a tenth of itself a tick (a ramp, not one burst).
             let want = control.concurrent.load(Relaxed);
-            let room = want.saturating_sub(pool_open).min(want / 10 + 1);
+            let free = load.max_open.saturating_sub(sessions.len());
+            let room = want.saturating_sub(pool_open).min(want / 10 + 1).min(free);
             for _ in 0..room {
                 starts.push(pool_spec(&mut rng, load, &mut next_id, control.tag.load(Relaxed)));
             }
@@ -183,6 +189,10 @@ pub fn run(
             arrivals += rate * now.duration_since(last_tick).as_secs_f64();
             while arrivals >= 1.0 {
                 arrivals -= 1.0;
+                if sessions.len() + starts.len() >= load.max_open {
+                    control.deferred.fetch_add(1, Relaxed);
+                    continue;
+                }
                 starts.push(short_spec(&mut rng, load, &mut next_id, control.tag.load(Relaxed)));
             }
         }

@@ -18,6 +18,7 @@ use testkit::{http, Tether};
 use crate::client::{self, Control, Load, Outcome};
 use crate::procs::{self, ChaosBackend, Verdicts};
 use crate::rng::Rng;
+use crate::soak::metric;
 
 pub const T1: &str = "127.0.0.10:5000";
 pub const T1_ADMIN: &str = "127.0.0.10:9100";
@@ -40,6 +41,8 @@ pub struct Params {
     pub rate: u64,
     pub max_size: u64,
     pub drain: Duration,
+    /// Most sessions the client load keeps open (its fd budget).
+    pub max_open: usize,
 }
 
 /// A time (seconds since the run's epoch) window in which a backend could not serve as before.
@@ -82,11 +85,15 @@ pub struct Results {
     pub timeline: Timeline,
     pub open_peak: usize,
     pub scale_end: f64,
+    pub deferred: u64,
+    /// `tether_sessions_refused_total` of both tethers at the end (the splice one's last
+    /// process only).
+    pub refused: f64,
 }
 
 fn config(k: usize, state: &Path) -> String {
     let mut s = format!(
-        "admin = \"{T1_ADMIN}\"\ngrace = \"5s\"\nupgrade-grace = \"120s\"\nmax-conns = 7000\nstate-file = \"{}\"\nstate-interval = \"1s\"\n\n[[service]]\nname = \"db\"\nlisten = [\"{T1}\"]\nprotocol = \"tcp\"\nhealth-interval = \"{HEALTH_INTERVAL_S}s\"\nhealth-timeout = \"{}ms\"\nhealth-fall = {HEALTH_FALL}\nconnect-timeout = \"2s\"\n",
+        "admin = \"{T1_ADMIN}\"\ngrace = \"5s\"\nupgrade-grace = \"120s\"\nmax-conns = 9000\nstate-file = \"{}\"\nstate-interval = \"1s\"\n\n[[service]]\nname = \"db\"\nlisten = [\"{T1}\"]\nprotocol = \"tcp\"\nhealth-interval = \"{HEALTH_INTERVAL_S}s\"\nhealth-timeout = \"{}ms\"\nhealth-fall = {HEALTH_FALL}\nconnect-timeout = \"2s\"\n",
         state.display(),
         (HEALTH_TIMEOUT_S * 1000.0) as u64
     );
@@ -105,7 +112,7 @@ fn config(k: usize, state: &Path) -> String {
 
 fn copy_args() -> Vec<String> {
     let mut a: Vec<String> =
-        ["--listen", T1C, "--admin", T1C_ADMIN, "--splice", "off", "--max-conns", "7000"]
+        ["--listen", T1C, "--admin", T1C_ADMIN, "--splice", "off", "--max-conns", "9000"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -227,6 +234,8 @@ pub fn run(
         .collect::<Result<_, _>>()?;
     let file = out.join("fleet.toml");
     let state = out.join("fleet.state");
+    // A state file of an earlier run would pin clients before this one starts.
+    let _ = std::fs::remove_file(&state);
     std::fs::write(&file, config(0, &state))?;
     let mut splice = Splice::start(tether, &file)?;
     let copy = Tether::start(tether, copy_args())?;
@@ -240,6 +249,7 @@ pub fn run(
         slow: 256 * 1024,
         drain: p.drain,
         first_id: 0,
+        max_open: p.max_open,
     };
     let control = Control::default();
     control.tag.store(1, Relaxed);
@@ -292,12 +302,22 @@ pub fn run(
         outcomes.iter().filter(|o| o.end == client::End::Done && v.contains_key(&o.spec.id)).count()
             >= expected
     });
+    let refused = metric(Splice::admin(), "tether_sessions_refused_total") + metric(T1C_ADMIN.parse().expect("address"), "tether_sessions_refused_total");
+    // What each tether said and counted, for looking into a figure.
+    for (name, admin) in [("splice", Splice::admin()), ("copy", T1C_ADMIN.parse().expect("address"))] {
+        if let Ok(r) = http(admin, "GET", "/metrics", "") {
+            std::fs::write(out.join(format!("fleet-{name}.metrics")), r.body)?;
+        }
+    }
+    std::fs::write(out.join("fleet-copy.log"), copy.stderr_text())?;
+    let logs: Vec<String> = splice.tethers.iter().map(Tether::stderr_text).collect();
+    std::fs::write(out.join("fleet-splice.log"), logs.join("\n--- next process ---\n"))?;
     drop(copy);
     drop(splice);
     drop(backends);
     let verdicts = std::mem::take(&mut *verdicts.lock().expect("verdicts"));
     let timeline = timeline.into_inner().expect("timeline");
-    Ok(Results { outcomes, verdicts, timeline, open_peak, scale_end })
+    Ok(Results { outcomes, verdicts, timeline, open_peak, scale_end, deferred: control.deferred.load(Relaxed), refused })
 }
 
 /// Kills (and restarts) or freezes (and thaws) one backend at a time, at seeded moments.
@@ -317,7 +337,10 @@ fn chaos(
         let t0 = now();
         if rng.chance(0.5) {
             backends[i].kill();
-            pause(1.5 + rng.below(2500) as f64 / 1000.0);
+            // Longer than the probes need to see it (interval x fall + timeout), so that
+            // every kill has a time to mark it down; the data path keeps clients off it from
+            // the first refused connect.
+            pause(3.5 + rng.below(2500) as f64 / 1000.0);
             let restarted = backends[i].restart();
             let t1 = now();
             let mut tl = timeline.lock().expect("timeline");

@@ -158,6 +158,8 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
         rate: a.rate,
         max_size: a.max_size,
         drain: Duration::from_secs(30),
+        // The soak's sockets, the admin requests and the backends' pipes keep the rest.
+        max_open: (fd_limit as usize).saturating_sub(4000).max(1000),
     };
     let soak_params = soak::Params {
         duration: total,

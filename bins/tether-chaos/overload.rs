@@ -38,7 +38,7 @@ fn backend_args() -> Vec<String> {
 /// is served or refused, hold them `hold`, release them, and print the counts as JSON.
 pub fn burst(to: SocketAddr, first_source: u8, count: usize, hold: Duration) -> std::io::Result<()> {
     let sources: Vec<IpAddr> = (1..=50).map(|i| IpAddr::V4(Ipv4Addr::new(127, 4, first_source, i))).collect();
-    let load = Load { targets: vec![], max_size: 0, stall: Duration::from_secs(60), slow: 0, drain: Duration::from_secs(30), first_id: 0 };
+    let load = Load { targets: vec![], max_size: 0, stall: Duration::from_secs(60), slow: 0, drain: Duration::from_secs(30), first_id: 0, max_open: usize::MAX };
     let control = Control::default();
     let specs = (0..count)
         .map(|i| Spec { id: i as u64 + 1, source: sources[i % sources.len()], to, up: 0, down: 0, mode: Mode::Hold, tag: 6, short: false })
@@ -178,7 +178,7 @@ pub fn slow_clients(tether: &Path, length: Duration, idle_timeout: Duration, slo
         .map(|i| Spec { id: i as u64 + 1, source: sources[i % 100], to, up: 0, down: 1 << 30, mode: Mode::SlowReader, tag: 7, short: false })
         .collect();
     specs.extend((0..idle).map(|i| Spec { id: (slow + i) as u64 + 1, source: sources[i % 100], to, up: 0, down: 0, mode: Mode::Hold, tag: 7, short: false }));
-    let load = Load { targets: vec![], max_size: 0, stall: Duration::from_secs(60), slow: 1024, drain: Duration::ZERO, first_id: 0 };
+    let load = Load { targets: vec![], max_size: 0, stall: Duration::from_secs(60), slow: 1024, drain: Duration::ZERO, first_id: 0, max_open: usize::MAX };
     let control = Control::default();
     control.push(specs);
     let mut rss_max = rss_before;
