@@ -277,6 +277,7 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
     s2["kills"] = json!(kills.len());
     s2["arrivals_deferred_by_the_harness_fd_budget"] = json!(r.deferred);
     s2["tether_sessions_refused_total"] = json!(r.refused);
+    s2["kernel_listen_overflows"] = json!(r.listen_overflows);
     s2["stops"] = json!(tl.disruptions.iter().filter(|d| d.kind == "stop").count());
     s2["pins_broken"] = json!(pins_chaos);
     s2["pin_moves_by_failover_or_operator"] = json!(pins_explained);

@@ -405,12 +405,12 @@ fn advance(
             if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) {
                 s.connected = true;
             }
-            return Err(e);
+            return Err(io::Error::new(e.kind(), format!("connect: {e}")));
         }
         match s.stream.peer_addr() {
             Ok(_) => s.connected = true,
             Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(None),
-            Err(e) => return Err(e),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("peer_addr: {e}"))),
         }
     }
     let now = Instant::now();
@@ -428,7 +428,7 @@ fn advance(
                     progress = true;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(io::Error::new(e.kind(), format!("write header: {e}"))),
             }
         }
         let may_upload = s.header_sent == s.header.len()
@@ -445,7 +445,7 @@ fn advance(
                     progress = true;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(io::Error::new(e.kind(), format!("write upload: {e}"))),
             }
         }
         let uploaded = may_upload && s.up_sent == s.spec.up;
@@ -455,7 +455,7 @@ fn advance(
         }
         let shut_now = uploaded && !s.shut && (s.spec.mode != Mode::Hold || release);
         if shut_now {
-            s.stream.shutdown(Shutdown::Write)?;
+            s.stream.shutdown(Shutdown::Write).map_err(|e| io::Error::new(e.kind(), format!("shutdown: {e}")))?;
             s.shut = true;
             progress = true;
         }
@@ -519,7 +519,7 @@ fn advance(
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(io::Error::new(e.kind(), format!("read: {e}"))),
             }
         }
         if progress {

@@ -89,6 +89,9 @@ pub struct Results {
     /// `tether_sessions_refused_total` of both tethers at the end (the splice one's last
     /// process only).
     pub refused: f64,
+    /// Connections the kernel dropped at a full accept queue (any listener of the run's
+    /// namespace) during the fleet.
+    pub listen_overflows: u64,
 }
 
 fn config(k: usize, state: &Path) -> String {
@@ -237,6 +240,7 @@ pub fn run(
     // A state file of an earlier run would pin clients before this one starts.
     let _ = std::fs::remove_file(&state);
     std::fs::write(&file, config(0, &state))?;
+    let overflows_before = crate::udp::netstat("TcpExt", "ListenOverflows");
     let mut splice = Splice::start(tether, &file)?;
     let copy = Tether::start(tether, copy_args())?;
     let mut targets: Vec<(SocketAddr, IpAddr)> =
@@ -302,6 +306,7 @@ pub fn run(
         outcomes.iter().filter(|o| o.end == client::End::Done && v.contains_key(&o.spec.id)).count()
             >= expected
     });
+    let listen_overflows = crate::udp::netstat("TcpExt", "ListenOverflows") - overflows_before;
     let refused = metric(Splice::admin(), "tether_sessions_refused_total") + metric(T1C_ADMIN.parse().expect("address"), "tether_sessions_refused_total");
     // What each tether said and counted, for looking into a figure.
     for (name, admin) in [("splice", Splice::admin()), ("copy", T1C_ADMIN.parse().expect("address"))] {
@@ -317,7 +322,7 @@ pub fn run(
     drop(backends);
     let verdicts = std::mem::take(&mut *verdicts.lock().expect("verdicts"));
     let timeline = timeline.into_inner().expect("timeline");
-    Ok(Results { outcomes, verdicts, timeline, open_peak, scale_end, deferred: control.deferred.load(Relaxed), refused })
+    Ok(Results { outcomes, verdicts, timeline, open_peak, scale_end, deferred: control.deferred.load(Relaxed), refused, listen_overflows })
 }
 
 /// Kills (and restarts) or freezes (and thaws) one backend at a time, at seeded moments.

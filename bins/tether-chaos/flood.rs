@@ -78,12 +78,12 @@ pub fn run(tether: &Path, window: Duration, count: u64, checks: &mut Checks) -> 
     // toward a gateway with a fixed neighbour entry, so its packet count is the amplification:
     // no ARP, no IPv6 chatter on it.
     ns.sh(
-        "ip link add fl0 type veth peer name fl1 && sysctl -qw net.ipv6.conf.fl0.disable_ipv6=1 \
-         net.ipv6.conf.fl1.disable_ipv6=1 && ip link set fl0 up && ip link set fl1 up \
+        "ip link add fl0 type veth peer name fl1 && echo 1 > /proc/sys/net/ipv6/conf/fl0/disable_ipv6 \
+         && echo 1 > /proc/sys/net/ipv6/conf/fl1/disable_ipv6 && ip link set fl0 up && ip link set fl1 up \
          && ip addr add 192.168.77.1/24 dev fl0 \
          && ip neigh add 192.168.77.2 lladdr 02:00:00:00:00:02 dev fl0 nud permanent \
          && ip route add 10.0.0.0/8 via 192.168.77.2 \
-         && sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.lo.rp_filter=0",
+         && echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter && echo 0 > /proc/sys/net/ipv4/conf/lo/rp_filter",
     );
     let verdicts = Verdicts::default();
     let backends: Vec<ChaosBackend> = ns.run(|| {
