@@ -84,6 +84,25 @@ impl Ctx<'_> {
         list.iter().rev().find(|(t, _)| *t <= o.started).map(|(_, b)| b.clone())
     }
 
+    /// The backends a session may have been on: the one that answered it; or else the one its
+    /// source was last seen on before it, and every one the source was seen on while it was
+    /// open or in the second before (a failover moves a source between sessions started
+    /// together).
+    fn candidates(&self, o: &Outcome) -> Vec<String> {
+        if let Some(b) = &o.backend {
+            return vec![b.clone()];
+        }
+        let mut out: Vec<String> = self.backend_of(o).into_iter().collect();
+        if let Some(list) = self.seen.get(&o.spec.source) {
+            for (t, b) in list {
+                if *t >= o.started - 1.0 && *t <= o.ended && !out.contains(b) {
+                    out.push(b.clone());
+                }
+            }
+        }
+        out
+    }
+
     fn restart_hit(&self, o: &Outcome) -> bool {
         o.spec.to == self.t1
             && self
@@ -100,9 +119,7 @@ impl Ctx<'_> {
         if o.end == End::Done && upload_ok && download_ok {
             return (Class::Completed, "");
         }
-        let chaos = self.backend_of(o).is_some_and(|b| {
-            self.timeline.hit(&b, &["kill", "stop"], o.started - 0.2, o.ended + 0.2)
-        });
+        let chaos = self.candidates(o).iter().any(|b| self.timeline.hit(b, &["kill", "stop"], o.started - 0.2, o.ended + 0.2));
         let reason = match (o.end, v) {
             (End::ConnectFailed, _) => "connect failed",
             (End::NoHello, _) => "closed before the backend answered",

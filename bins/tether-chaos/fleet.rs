@@ -336,11 +336,14 @@ fn chaos(
     let now = || epoch.elapsed().as_secs_f64();
     let pause = |d: f64| std::thread::sleep(Duration::from_secs_f64(d)); // the schedule's clock
     pause(0.5 + rng.below(1000) as f64 / 1000.0);
+    let mut first = true;
     while Instant::now() + Duration::from_secs(5) < end {
         let i = rng.below(u64::from(POOL)) as usize;
         let name = backends[i].name.clone();
         let t0 = now();
-        if rng.chance(0.5) {
+        // The first event is a kill, so that every run has a time to mark one down.
+        if first || rng.chance(0.5) {
+            first = false;
             backends[i].kill();
             // Longer than the probes need to see it (interval x fall + timeout), so that
             // every kill has a time to mark it down; the data path keeps clients off it from
