@@ -18,7 +18,7 @@ use std::time::Duration;
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token};
 
-use crate::rng::{count_wrong, fill, stream_key};
+use crate::rng::{count_wrong, fill, stream_key, take_line};
 
 const LISTENER: Token = Token(0);
 const UDP: Token = Token(1);
@@ -224,14 +224,9 @@ fn advance(conn: &mut Conn, buf: &mut [u8], scratch: &mut Vec<u8>) -> io::Result
                     progress = true;
                     let mut data = &buf[..n];
                     if conn.session.is_none() {
-                        let nl = data.iter().position(|&b| b == b'\n');
-                        let take = nl.map_or(data.len(), |i| i + 1);
-                        conn.header.extend_from_slice(&data[..take]);
-                        data = &data[take..];
-                        if conn.header.len() > 128 {
-                            return Err(io::Error::new(ErrorKind::InvalidData, "header too long"));
-                        }
-                        if nl.is_some() {
+                        let (rest, complete) = take_line(&mut conn.header, data, 128)?;
+                        data = rest;
+                        if complete {
                             conn.session = Some(parse_header(&conn.header)?);
                         }
                     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::rng::{count_wrong, fill, size, stream_key, Rng};
+use crate::rng::{count_wrong, fill, size, stream_key, take_line, Rng};
 
 const CHUNK: usize = 64 * 1024;
 
@@ -468,7 +468,9 @@ fn advance(
         }
         let shut_now = uploaded && !s.shut && (s.spec.mode != Mode::Hold || release);
         if shut_now {
-            s.stream.shutdown(Shutdown::Write).map_err(|e| io::Error::new(e.kind(), format!("shutdown: {e}")))?;
+            s.stream
+                .shutdown(Shutdown::Write)
+                .map_err(|e| io::Error::new(e.kind(), format!("shutdown: {e}")))?;
             s.shut = true;
             progress = true;
         }
@@ -506,14 +508,9 @@ fn advance(
                     }
                     let mut data = &buf[..n];
                     if s.backend.is_none() {
-                        let nl = data.iter().position(|&b| b == b'\n');
-                        let take = nl.map_or(data.len(), |i| i + 1);
-                        s.hello.extend_from_slice(&data[..take]);
-                        data = &data[take..];
-                        if s.hello.len() > 64 {
-                            return Err(io::Error::new(ErrorKind::InvalidData, "no name line"));
-                        }
-                        if nl.is_some() {
+                        let (rest, complete) = take_line(&mut s.hello, data, 64)?;
+                        data = rest;
+                        if complete {
                             let name =
                                 String::from_utf8_lossy(&s.hello[..s.hello.len() - 1]).into_owned();
                             s.backend = Some(name);

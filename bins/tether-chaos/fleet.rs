@@ -307,9 +307,12 @@ pub fn run(
             >= expected
     });
     let listen_overflows = crate::udp::netstat("TcpExt", "ListenOverflows") - overflows_before;
-    let refused = metric(Splice::admin(), "tether_sessions_refused_total") + metric(T1C_ADMIN.parse().expect("address"), "tether_sessions_refused_total");
+    let refused = metric(Splice::admin(), "tether_sessions_refused_total")
+        + metric(T1C_ADMIN.parse().expect("address"), "tether_sessions_refused_total");
     // What each tether said and counted, for looking into a figure.
-    for (name, admin) in [("splice", Splice::admin()), ("copy", T1C_ADMIN.parse().expect("address"))] {
+    for (name, admin) in
+        [("splice", Splice::admin()), ("copy", T1C_ADMIN.parse().expect("address"))]
+    {
         if let Ok(r) = http(admin, "GET", "/metrics", "") {
             std::fs::write(out.join(format!("fleet-{name}.metrics")), r.body)?;
         }
@@ -322,7 +325,16 @@ pub fn run(
     drop(backends);
     let verdicts = std::mem::take(&mut *verdicts.lock().expect("verdicts"));
     let timeline = timeline.into_inner().expect("timeline");
-    Ok(Results { outcomes, verdicts, timeline, open_peak, scale_end, deferred: control.deferred.load(Relaxed), refused, listen_overflows })
+    Ok(Results {
+        outcomes,
+        verdicts,
+        timeline,
+        open_peak,
+        scale_end,
+        deferred: control.deferred.load(Relaxed),
+        refused,
+        listen_overflows,
+    })
 }
 
 /// Kills (and restarts) or freezes (and thaws) one backend at a time, at seeded moments.

@@ -37,7 +37,11 @@ fn tx_packets(dev: &str) -> u64 {
 /// 10.0.0.0/8 (port 40000), through a raw socket that writes the IP header itself; stops
 /// at `until`. Returns how many went out.
 fn spoof(to: SocketAddrV4Like, count: u64, until: Instant) -> std::io::Result<u64> {
-    let raw = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::UDP))?;
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::UDP),
+    )?;
     raw.set_header_included_v4(true)?;
     let payload = b"flood";
     let mut packet = vec![0u8; 20 + 8 + payload.len()];
@@ -72,7 +76,12 @@ fn spoof(to: SocketAddrV4Like, count: u64, until: Instant) -> std::io::Result<u6
 #[derive(Clone, Copy)]
 struct SocketAddrV4Like(Ipv4Addr, u16);
 
-pub fn run(tether: &Path, window: Duration, count: u64, checks: &mut Checks) -> std::io::Result<Value> {
+pub fn run(
+    tether: &Path,
+    window: Duration,
+    count: u64,
+    checks: &mut Checks,
+) -> std::io::Result<Value> {
     let ns = Namespace::new()?;
     // Replies to the spoofed sources would leave through fl0 (a veth: no dummy module here),
     // toward a gateway with a fixed neighbour entry, so its packet count is the amplification:
@@ -90,13 +99,30 @@ pub fn run(tether: &Path, window: Duration, count: u64, checks: &mut Checks) -> 
         (2..=3u8)
             .map(|i| {
                 let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, i));
-                ChaosBackend::start(&format!("f{i}"), SocketAddr::new(ip, 7000), Some(SocketAddr::new(ip, 7001)), &verdicts)
+                ChaosBackend::start(
+                    &format!("f{i}"),
+                    SocketAddr::new(ip, 7000),
+                    Some(SocketAddr::new(ip, 7001)),
+                    &verdicts,
+                )
             })
             .collect::<Result<_, _>>()
     })?;
     let args: Vec<String> = [
-        "--listen", LISTEN, "--protocol", "udp", "--admin", ADMIN, "--max-flows", &MAX_FLOWS.to_string(),
-        "--udp-idle-timeout", "2s", "--backend", "127.0.0.2:7001,name=f2", "--backend", "127.0.0.3:7001,name=f3",
+        "--listen",
+        LISTEN,
+        "--protocol",
+        "udp",
+        "--admin",
+        ADMIN,
+        "--max-flows",
+        &MAX_FLOWS.to_string(),
+        "--udp-idle-timeout",
+        "2s",
+        "--backend",
+        "127.0.0.2:7001,name=f2",
+        "--backend",
+        "127.0.0.3:7001,name=f3",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -116,12 +142,21 @@ pub fn run(tether: &Path, window: Duration, count: u64, checks: &mut Checks) -> 
     let nsr = &ns;
     let (long, sent, flood_seconds) = std::thread::scope(|s| {
         let long = s.spawn(|| {
-            nsr.run(|| udp::long_lived(listen, &clients, 100, Duration::from_millis(50), &stop, Duration::from_secs(1)))
+            nsr.run(|| {
+                udp::long_lived(
+                    listen,
+                    &clients,
+                    100,
+                    Duration::from_millis(50),
+                    &stop,
+                    Duration::from_secs(1),
+                )
+            })
         });
         // The real clients' flows first, then the flood.
         std::thread::sleep(Duration::from_millis(500)); // let the real flows be made
-        // Every spoofed address is sent, within a minute at most; the scenario lasts at least
-        // `window`.
+                                                        // Every spoofed address is sent, within a minute at most; the scenario lasts at least
+                                                        // `window`.
         let cap = Instant::now() + Duration::from_secs(60);
         let flood = s.spawn(move || {
             let t0 = Instant::now();
@@ -148,10 +183,34 @@ pub fn run(tether: &Path, window: Duration, count: u64, checks: &mut Checks) -> 
     let bound = rss_before + RSS_BASE_KIB + MAX_FLOWS * RSS_PER_FLOW_KIB;
     let sc = "spoofed_flood";
     checks.add(sc, "spoofed datagrams sent", sent as f64, &format!("{count}"), sent == count);
-    checks.add(sc, "flow table, most", flows_max, &format!("<= {MAX_FLOWS} (--max-flows)"), flows_max <= MAX_FLOWS as f64 && flows_max > 0.0);
-    checks.add(sc, "tether RSS, most, KiB", rss_max as f64, &format!("<= {bound} (start + 16 MiB + 8 KiB a flow slot)"), rss_max <= bound);
-    checks.add(sc, "real clients' datagrams lost, %", loss * 100.0, "<= 0.1", loss <= 0.001 && long.sent > 0);
-    checks.add(sc, "datagrams sent toward the spoofed sources", amplified as f64, "0", amplified == 0);
+    checks.add(
+        sc,
+        "flow table, most",
+        flows_max,
+        &format!("<= {MAX_FLOWS} (--max-flows)"),
+        flows_max <= MAX_FLOWS as f64 && flows_max > 0.0,
+    );
+    checks.add(
+        sc,
+        "tether RSS, most, KiB",
+        rss_max as f64,
+        &format!("<= {bound} (start + 16 MiB + 8 KiB a flow slot)"),
+        rss_max <= bound,
+    );
+    checks.add(
+        sc,
+        "real clients' datagrams lost, %",
+        loss * 100.0,
+        "<= 0.1",
+        loss <= 0.001 && long.sent > 0,
+    );
+    checks.add(
+        sc,
+        "datagrams sent toward the spoofed sources",
+        amplified as f64,
+        "0",
+        amplified == 0,
+    );
     Ok(json!({
         "spoofed_sources": count,
         "spoofed_sent": sent,
@@ -173,6 +232,11 @@ pub fn run(tether: &Path, window: Duration, count: u64, checks: &mut Checks) -> 
     }))
 }
 
-fn ns_run_spoof(ns: &Namespace, to: SocketAddrV4Like, count: u64, until: Instant) -> std::io::Result<u64> {
+fn ns_run_spoof(
+    ns: &Namespace,
+    to: SocketAddrV4Like,
+    count: u64,
+    until: Instant,
+) -> std::io::Result<u64> {
     ns.run(|| spoof(to, count, until))
 }

@@ -116,7 +116,10 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Backend(b) => backend::run(&b.name, b.listen, b.udp).map(|()| true),
         Command::Run(r) => run(&r),
-        Command::Burst(b) => overload::burst(b.to, b.first_source, b.count, Duration::from_millis(b.hold_ms)).map(|()| true),
+        Command::Burst(b) => {
+            overload::burst(b.to, b.first_source, b.count, Duration::from_millis(b.hold_ms))
+                .map(|()| true)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -179,11 +182,29 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
         // Then one at a time: the flood, the burst, the slow clients.
         let mut c = report::Checks::default();
         let extra = (|| {
-            let flood = flood::run(&tether, rest.mul_f64(0.25).max(Duration::from_secs(5)), a.flood, &mut c)?;
-            let burst = overload::overload(&tether, rest.mul_f64(0.2).max(Duration::from_secs(3)), &mut c)?;
+            let flood = flood::run(
+                &tether,
+                rest.mul_f64(0.25).max(Duration::from_secs(5)),
+                a.flood,
+                &mut c,
+            )?;
+            let burst =
+                overload::overload(&tether, rest.mul_f64(0.2).max(Duration::from_secs(3)), &mut c)?;
             let slow_len = rest.mul_f64(0.4).max(idle_timeout.mul_f64(1.6));
-            let slow = overload::slow_clients(&tether, slow_len, idle_timeout, a.slow, 100, epoch, &mut c)?;
-            Ok::<_, std::io::Error>(vec![("spoofed_flood", flood), ("overload", burst), ("slow_clients", slow)])
+            let slow = overload::slow_clients(
+                &tether,
+                slow_len,
+                idle_timeout,
+                a.slow,
+                100,
+                epoch,
+                &mut c,
+            )?;
+            Ok::<_, std::io::Error>(vec![
+                ("spoofed_flood", flood),
+                ("overload", burst),
+                ("slow_clients", slow),
+            ])
         })()
         .map(|v| (v, c));
         (fleet, extra, soak.join().expect("soak thread"))

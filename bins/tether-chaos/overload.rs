@@ -26,22 +26,54 @@ const PER_CHILD: usize = 10_000;
 
 fn backends(verdicts: &Verdicts) -> std::io::Result<Vec<ChaosBackend>> {
     (1..=2u8)
-        .map(|i| ChaosBackend::start(&format!("h{i}"), SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 3, i)), BACKEND_PORT), None, verdicts))
+        .map(|i| {
+            ChaosBackend::start(
+                &format!("h{i}"),
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 3, i)), BACKEND_PORT),
+                None,
+                verdicts,
+            )
+        })
         .collect()
 }
 
 fn backend_args() -> Vec<String> {
-    (1..=2u8).flat_map(|i| ["--backend".to_string(), format!("127.0.3.{i}:{BACKEND_PORT},name=h{i}")]).collect()
+    (1..=2u8)
+        .flat_map(|i| ["--backend".to_string(), format!("127.0.3.{i}:{BACKEND_PORT},name=h{i}")])
+        .collect()
 }
 
 /// `tether-chaos burst`: open `count` held connections from `sources` at once, wait until each
 /// is served or refused, hold them `hold`, release them, and print the counts as JSON.
-pub fn burst(to: SocketAddr, first_source: u8, count: usize, hold: Duration) -> std::io::Result<()> {
-    let sources: Vec<IpAddr> = (1..=50).map(|i| IpAddr::V4(Ipv4Addr::new(127, 4, first_source, i))).collect();
-    let load = Load { targets: vec![], max_size: 0, stall: Duration::from_secs(60), slow: 0, drain: Duration::from_secs(30), first_id: 0, max_open: usize::MAX };
+pub fn burst(
+    to: SocketAddr,
+    first_source: u8,
+    count: usize,
+    hold: Duration,
+) -> std::io::Result<()> {
+    let sources: Vec<IpAddr> =
+        (1..=50).map(|i| IpAddr::V4(Ipv4Addr::new(127, 4, first_source, i))).collect();
+    let load = Load {
+        targets: vec![],
+        max_size: 0,
+        stall: Duration::from_secs(60),
+        slow: 0,
+        drain: Duration::from_secs(30),
+        first_id: 0,
+        max_open: usize::MAX,
+    };
     let control = Control::default();
     let specs = (0..count)
-        .map(|i| Spec { id: i as u64 + 1, source: sources[i % sources.len()], to, up: 0, down: 0, mode: Mode::Hold, tag: 6, short: false })
+        .map(|i| Spec {
+            id: i as u64 + 1,
+            source: sources[i % sources.len()],
+            to,
+            up: 0,
+            down: 0,
+            mode: Mode::Hold,
+            tag: 6,
+            short: false,
+        })
         .collect();
     control.push(specs);
     let epoch = Instant::now();
@@ -72,7 +104,14 @@ pub fn burst(to: SocketAddr, first_source: u8, count: usize, hold: Duration) -> 
 pub fn overload(tether: &Path, hold: Duration, checks: &mut Checks) -> std::io::Result<Value> {
     let verdicts = Verdicts::default();
     let _backends = backends(&verdicts)?;
-    let mut args = vec!["--listen".to_string(), BURST_LISTEN.into(), "--admin".into(), BURST_ADMIN.into(), "--max-conns".into(), MAX_CONNS.to_string()];
+    let mut args = vec![
+        "--listen".to_string(),
+        BURST_LISTEN.into(),
+        "--admin".into(),
+        BURST_ADMIN.into(),
+        "--max-conns".into(),
+        MAX_CONNS.to_string(),
+    ];
     args.extend(backend_args());
     let t = Tether::start(tether, &args)?;
     let admin: SocketAddr = BURST_ADMIN.parse().expect("address");
@@ -107,7 +146,17 @@ pub fn overload(tether: &Path, hold: Duration, checks: &mut Checks) -> std::io::
         let spawned: Vec<_> = (0..2u8)
             .map(|i| {
                 Command::new(&exe)
-                    .args(["burst", "--to", BURST_LISTEN, "--first-source", &i.to_string(), "--count", &PER_CHILD.to_string(), "--hold-ms", &hold.as_millis().to_string()])
+                    .args([
+                        "burst",
+                        "--to",
+                        BURST_LISTEN,
+                        "--first-source",
+                        &i.to_string(),
+                        "--count",
+                        &PER_CHILD.to_string(),
+                        "--hold-ms",
+                        &hold.as_millis().to_string(),
+                    ])
                     .stdout(Stdio::piped())
                     .spawn()
             })
@@ -121,7 +170,10 @@ pub fn overload(tether: &Path, hold: Duration, checks: &mut Checks) -> std::io::
         }
         let outputs: Vec<Value> = spawned
             .into_iter()
-            .map(|c| c.wait_with_output().map(|o| serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)))
+            .map(|c| {
+                c.wait_with_output()
+                    .map(|o| serde_json::from_slice(&o.stdout).unwrap_or(Value::Null))
+            })
             .collect::<Result<_, _>>()?;
         stop.store(true, Relaxed);
         let probes = probes.join().expect("probes");
@@ -131,23 +183,65 @@ pub fn overload(tether: &Path, hold: Duration, checks: &mut Checks) -> std::io::
     let sum = |k: &str| outputs.iter().map(|o| o[k].as_u64().unwrap_or(0)).sum::<u64>();
     // Recovery: live sessions back to 0 and descriptors back to the baseline.
     let t0 = Instant::now();
-    let drained = procs::wait_until(Duration::from_secs(30), || metric(admin, "tether_sessions_active") == 0.0);
+    let drained = procs::wait_until(Duration::from_secs(30), || {
+        metric(admin, "tether_sessions_active") == 0.0
+    });
     let mut fds_after = 0;
     let fds_back = procs::wait_until(Duration::from_secs(30), || {
         fds_after = procs::fd_count(pid).unwrap_or(u64::MAX);
         fds_after <= baseline
     });
     let recovery = t0.elapsed().as_secs_f64();
-    let served_after = testkit::ask_name(IpAddr::V4(Ipv4Addr::new(127, 4, 9, 1)), BURST_LISTEN.parse().expect("address")).is_ok();
+    let served_after = testkit::ask_name(
+        IpAddr::V4(Ipv4Addr::new(127, 4, 9, 1)),
+        BURST_LISTEN.parse().expect("address"),
+    )
+    .is_ok();
     let refused_total = metric(admin, "tether_sessions_refused_max_conns_total");
     let sc = "overload";
     let opened = sum("opened");
-    checks.add(sc, "connections opened in the burst", opened as f64, &format!(">= {}", 2 * PER_CHILD), opened as usize >= 2 * PER_CHILD);
-    checks.add(sc, "admin and /metrics requests failed during the burst", probes_failed as f64, "0", probes_failed == 0 && probes_ok > 0);
-    checks.add(sc, "sessions served at once, most", sum("served") as f64, &format!("<= {MAX_CONNS} (--max-conns)"), sum("served") as usize <= MAX_CONNS);
-    checks.add(sc, "live sessions after the burst", metric(admin, "tether_sessions_active"), "0", drained);
-    checks.add(sc, "fds after the burst over the baseline", fds_after as f64 - baseline as f64, "<= 0", fds_back);
-    checks.add(sc, "a new client served after the burst", f64::from(u8::from(served_after)), "1", served_after);
+    checks.add(
+        sc,
+        "connections opened in the burst",
+        opened as f64,
+        &format!(">= {}", 2 * PER_CHILD),
+        opened as usize >= 2 * PER_CHILD,
+    );
+    checks.add(
+        sc,
+        "admin and /metrics requests failed during the burst",
+        probes_failed as f64,
+        "0",
+        probes_failed == 0 && probes_ok > 0,
+    );
+    checks.add(
+        sc,
+        "sessions served at once, most",
+        sum("served") as f64,
+        &format!("<= {MAX_CONNS} (--max-conns)"),
+        sum("served") as usize <= MAX_CONNS,
+    );
+    checks.add(
+        sc,
+        "live sessions after the burst",
+        metric(admin, "tether_sessions_active"),
+        "0",
+        drained,
+    );
+    checks.add(
+        sc,
+        "fds after the burst over the baseline",
+        fds_after as f64 - baseline as f64,
+        "<= 0",
+        fds_back,
+    );
+    checks.add(
+        sc,
+        "a new client served after the burst",
+        f64::from(u8::from(served_after)),
+        "1",
+        served_after,
+    );
     Ok(json!({
         "max_conns": MAX_CONNS,
         "burst": outputs,
@@ -164,10 +258,27 @@ pub fn overload(tether: &Path, hold: Duration, checks: &mut Checks) -> std::io::
 
 /// Scenario 7: `slow` clients reading 1 KiB/s from fast backends, and `idle` clients doing
 /// nothing, for `length`; tether with userspace buffers (`--splice off`) so its RSS shows them.
-pub fn slow_clients(tether: &Path, length: Duration, idle_timeout: Duration, slow: usize, idle: usize, epoch: Instant, checks: &mut Checks) -> std::io::Result<Value> {
+pub fn slow_clients(
+    tether: &Path,
+    length: Duration,
+    idle_timeout: Duration,
+    slow: usize,
+    idle: usize,
+    epoch: Instant,
+    checks: &mut Checks,
+) -> std::io::Result<Value> {
     let verdicts = Verdicts::default();
     let backends = backends(&verdicts)?;
-    let mut args = vec!["--listen".to_string(), SLOW_LISTEN.into(), "--admin".into(), SLOW_ADMIN.into(), "--splice".into(), "off".into(), "--idle-timeout".into(), format!("{}ms", idle_timeout.as_millis())];
+    let mut args = vec![
+        "--listen".to_string(),
+        SLOW_LISTEN.into(),
+        "--admin".into(),
+        SLOW_ADMIN.into(),
+        "--splice".into(),
+        "off".into(),
+        "--idle-timeout".into(),
+        format!("{}ms", idle_timeout.as_millis()),
+    ];
     args.extend(backend_args());
     let t = Tether::start(tether, &args)?;
     let pid = t.pid();
@@ -175,10 +286,36 @@ pub fn slow_clients(tether: &Path, length: Duration, idle_timeout: Duration, slo
     let to: SocketAddr = SLOW_LISTEN.parse().expect("address");
     let sources: Vec<IpAddr> = (1..=100).map(|i| IpAddr::V4(Ipv4Addr::new(127, 5, 0, i))).collect();
     let mut specs: Vec<Spec> = (0..slow)
-        .map(|i| Spec { id: i as u64 + 1, source: sources[i % 100], to, up: 0, down: 1 << 30, mode: Mode::SlowReader, tag: 7, short: false })
+        .map(|i| Spec {
+            id: i as u64 + 1,
+            source: sources[i % 100],
+            to,
+            up: 0,
+            down: 1 << 30,
+            mode: Mode::SlowReader,
+            tag: 7,
+            short: false,
+        })
         .collect();
-    specs.extend((0..idle).map(|i| Spec { id: (slow + i) as u64 + 1, source: sources[i % 100], to, up: 0, down: 0, mode: Mode::Hold, tag: 7, short: false }));
-    let load = Load { targets: vec![], max_size: 0, stall: Duration::from_secs(60), slow: 1024, drain: Duration::ZERO, first_id: 0, max_open: usize::MAX };
+    specs.extend((0..idle).map(|i| Spec {
+        id: (slow + i) as u64 + 1,
+        source: sources[i % 100],
+        to,
+        up: 0,
+        down: 0,
+        mode: Mode::Hold,
+        tag: 7,
+        short: false,
+    }));
+    let load = Load {
+        targets: vec![],
+        max_size: 0,
+        stall: Duration::from_secs(60),
+        slow: 1024,
+        drain: Duration::ZERO,
+        first_id: 0,
+        max_open: usize::MAX,
+    };
     let control = Control::default();
     control.push(specs);
     let mut rss_max = rss_before;
@@ -192,18 +329,27 @@ pub fn slow_clients(tether: &Path, length: Duration, idle_timeout: Duration, slo
         control.stop.store(true, Relaxed);
         engine.join().expect("engine")
     })?;
-    let idle_out: Vec<f64> = outcomes.iter().filter(|o| o.spec.mode == Mode::Hold).map(|o| if o.end == End::Closed { o.ended - o.last_rx } else { f64::NAN }).collect();
+    let idle_out: Vec<f64> = outcomes
+        .iter()
+        .filter(|o| o.spec.mode == Mode::Hold)
+        .map(|o| if o.end == End::Closed { o.ended - o.last_rx } else { f64::NAN })
+        .collect();
     let timeout = idle_timeout.as_secs_f64();
     let within = idle_out.iter().filter(|d| (**d - timeout).abs() <= timeout * 0.1).count();
-    let slow_alive = outcomes.iter().filter(|o| o.spec.mode == Mode::SlowReader && o.end == End::Cut && o.down_got > 0).count();
-    let slow_bytes: u64 = outcomes.iter().filter(|o| o.spec.mode == Mode::SlowReader).map(|o| o.down_got).sum();
+    let slow_alive = outcomes
+        .iter()
+        .filter(|o| o.spec.mode == Mode::SlowReader && o.end == End::Cut && o.down_got > 0)
+        .count();
+    let slow_bytes: u64 =
+        outcomes.iter().filter(|o| o.spec.mode == Mode::SlowReader).map(|o| o.down_got).sum();
     let slow_wrong: u64 = outcomes.iter().map(|o| o.down_wrong).sum();
     // Every socket of this scenario closes: none left half-closed on either side.
     let ports = [to.port(), BACKEND_PORT];
     let mut lingering = 0;
     let clean = procs::wait_until(Duration::from_secs(20), || {
         let states = procs::tcp_states(&ports);
-        lingering = states.get("CLOSE_WAIT").copied().unwrap_or(0) + states.get("FIN_WAIT2").copied().unwrap_or(0);
+        lingering = states.get("CLOSE_WAIT").copied().unwrap_or(0)
+            + states.get("FIN_WAIT2").copied().unwrap_or(0);
         lingering == 0
     });
     drop(t);
@@ -211,9 +357,27 @@ pub fn slow_clients(tether: &Path, length: Duration, idle_timeout: Duration, slo
     // Each slow session holds at most one 64 KiB buffer a direction in tether.
     let bound = rss_before + (slow + idle) as u64 * 128;
     let sc = "slow_clients";
-    checks.add(sc, "slow clients still reading at the end", slow_alive as f64, &format!("{slow}"), slow_alive == slow);
-    checks.add(sc, "tether RSS, most, KiB", rss_max as f64, &format!("<= {bound} (start + 128 KiB a session)"), rss_max <= bound);
-    checks.add(sc, "idle sessions closed within 10% after the idle timeout", within as f64, &format!("{idle}"), within == idle);
+    checks.add(
+        sc,
+        "slow clients still reading at the end",
+        slow_alive as f64,
+        &format!("{slow}"),
+        slow_alive == slow,
+    );
+    checks.add(
+        sc,
+        "tether RSS, most, KiB",
+        rss_max as f64,
+        &format!("<= {bound} (start + 128 KiB a session)"),
+        rss_max <= bound,
+    );
+    checks.add(
+        sc,
+        "idle sessions closed within 10% after the idle timeout",
+        within as f64,
+        &format!("{idle}"),
+        within == idle,
+    );
     checks.add(sc, "bytes corrupted", slow_wrong as f64, "0", slow_wrong == 0);
     checks.add(sc, "sockets left in CLOSE_WAIT or FIN_WAIT2", lingering as f64, "0", clean);
     let mut sorted: Vec<f64> = idle_out.iter().copied().filter(|d| d.is_finite()).collect();

@@ -75,6 +75,22 @@ pub fn count_wrong(key: u64, offset: u64, got: &[u8], scratch: &mut Vec<u8>) -> 
     got.iter().zip(scratch.iter()).filter(|(a, b)| a != b).count() as u64
 }
 
+/// Moves the bytes of `data` up to and including the first newline onto `line` (at most
+/// `max` bytes in all); returns the rest and whether the line is complete.
+pub fn take_line<'a>(
+    line: &mut Vec<u8>,
+    data: &'a [u8],
+    max: usize,
+) -> std::io::Result<(&'a [u8], bool)> {
+    let nl = data.iter().position(|&b| b == b'\n');
+    let take = nl.map_or(data.len(), |i| i + 1);
+    line.extend_from_slice(&data[..take]);
+    if line.len() > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "line too long"));
+    }
+    Ok((&data[take..], nl.is_some()))
+}
+
 /// A transfer size: mostly small, some large, a few up to `max` (the mix a database or game
 /// fleet sees: queries and state updates, now and then a dump).
 pub fn size(rng: &mut Rng, max: u64) -> u64 {
