@@ -191,3 +191,36 @@ fn a_small_fd_limit_still_serves_many_sessions() {
     assert_eq!(held.len(), 100);
     assert_eq!(ask_name(client_ip(200), t.addr()).unwrap(), "b0");
 }
+
+/// Clients already in the listener's queue when SIGTERM closes it are served in the grace
+/// period, not reset by the close (F11, as a reload does). A restart under load used to reset
+/// every client the kernel had queued (chaos suite, issue 15). The worker is frozen so that the
+/// clients queue up after the signal and before the worker closes its listener.
+#[test]
+fn sigterm_serves_the_clients_already_queued() {
+    let pool = backends(150, 1);
+    let mut args =
+        vec!["--listen".to_string(), "127.0.150.1:0".into(), "--workers".into(), "1".into()];
+    args.extend(backend_args(&pool));
+    args.extend(["--grace".into(), "60s".into()]);
+    let mut t = Tether::start(bin(), no_probes(&args)).expect("start tether");
+    assert_eq!(ask_name(client_ip(0), t.addr()).unwrap(), "b0");
+    let frozen = FrozenThread::freeze(t.pid(), "tether-w0").expect("stop the worker");
+    t.signal(Signal::SIGTERM).unwrap();
+    assert!(t.wait_stderr(|l| l.contains("closing listeners"), DEADLINE));
+    let queued: Vec<_> = (1..4)
+        .map(|i| {
+            let mut s = connect_from(client_ip(i), t.addr(), DEADLINE).unwrap();
+            send_command(&mut s, "name").unwrap();
+            s
+        })
+        .collect();
+    drop(frozen);
+    for (i, mut s) in queued.into_iter().enumerate() {
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap_or_else(|e| panic!("queued client {i}: {e}"));
+        assert_eq!(reply, "b0\n", "queued client {i}");
+    }
+    let status = t.wait_exit(DEADLINE).expect("tether exits once the sessions ended");
+    assert!(status.success(), "{status:?}");
+}

@@ -176,23 +176,7 @@ impl Tcp {
         for i in 0..self.listeners.len() {
             let bound = self.listeners[i].as_ref().and_then(|(l, _)| l.local_addr().ok());
             let Some(addr) = bound.filter(|&a| addrs.contains(&(a, false))) else { continue };
-            let Some((l, service)) = self.listeners[i].take() else { continue };
-            crate::sys::deregister(ctx.poll, &l);
-            // Clients already in its queue are served rather than reset by the close (F11);
-            // what arrives between this and the close is not.
-            let mut taken = 0;
-            for _ in 0..crate::listener::BACKLOG {
-                match l.accept() {
-                    Ok((stream, peer)) => {
-                        taken += 1;
-                        self.take_client(stream, peer, i, service, ctx);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_resource_error(&e) => {
-                        break
-                    }
-                    Err(_) => {} // that one connection only (aborted, interrupted)
-                }
-            }
+            let taken = self.close_listener(i, ctx);
             log::info!(
                 "worker {}: closed listener {addr} ({taken} queued clients taken first)",
                 self.id
@@ -200,14 +184,38 @@ impl Tcp {
         }
     }
 
-    /// Stop accepting (shutdown): every listener closes.
+    /// Stop accepting (shutdown, or handed over by an upgrade): every listener closes, its
+    /// queued clients taken first.
     pub fn close_listeners(&mut self, ctx: &Ctx<'_>) {
-        for (i, l) in self.listeners.iter_mut().enumerate() {
-            if let Some((l, _)) = l.take() {
-                crate::sys::deregister(ctx.poll, &l);
-                log::debug!("worker {} closed listener {i}", self.id);
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].is_some() {
+                let taken = self.close_listener(i, ctx);
+                log::debug!(
+                    "worker {} closed listener {i} ({taken} queued clients taken first)",
+                    self.id
+                );
             }
         }
+    }
+
+    /// Close listener `i`. Clients already in its queue are served rather than reset by the
+    /// close (F11; at a restart they used to be reset, chaos suite): what arrives between
+    /// this and the close is not. Returns how many were taken.
+    fn close_listener(&mut self, i: usize, ctx: &Ctx<'_>) -> usize {
+        let Some((l, service)) = self.listeners[i].take() else { return 0 };
+        crate::sys::deregister(ctx.poll, &l);
+        let mut taken = 0;
+        for _ in 0..crate::listener::BACKLOG {
+            match l.accept() {
+                Ok((stream, peer)) => {
+                    taken += 1;
+                    self.take_client(stream, peer, i, service, ctx);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || is_resource_error(&e) => break,
+                Err(_) => {} // that one connection only (aborted, interrupted)
+            }
+        }
+        taken
     }
 
     // === accepting ===
