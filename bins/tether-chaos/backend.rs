@@ -167,6 +167,7 @@ fn step(
         Err(_) => {
             if let Some(s) = &conn.session {
                 writeln!(out, "R {} {} {} err", s.id, s.received, s.wrong)?;
+                out.flush()?;
             }
             true
         }
@@ -174,7 +175,10 @@ fn step(
     if done {
         if let Some(conn) = conns.remove(&t) {
             if let (Some(s), true) = (&conn.session, conn.eof) {
+                // Before the close: a verdict must not die in a buffer with a killed process
+                // after its client saw the session end.
                 writeln!(out, "R {} {} {} ok", s.id, s.received, s.wrong)?;
+                out.flush()?;
             }
         }
     }

@@ -314,7 +314,7 @@ pub fn run(
             .map(|(t, _)| *t)
             .collect();
         for t in stalled {
-            let s = sessions.remove(&t).expect("present");
+            let mut s = sessions.remove(&t).expect("present");
             let end = if cut {
                 End::Cut
             } else if !s.connected {
@@ -322,7 +322,17 @@ pub fn run(
             } else {
                 End::Stalled
             };
-            outcomes.push(finish(s, end, None, epoch, &mut pool_open));
+            // Where the bytes wait: readable here already (this loop missed a wake-up) or not
+            // (they are upstream, in tether or a backend).
+            let waiting = match s.stream.read(&mut buf) {
+                Ok(0) => "EOF readable here".to_string(),
+                Ok(n) => format!("{n} bytes readable here"),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => "nothing readable here".to_string(),
+                Err(e) => format!("read: {e}"),
+            };
+            let ago = now.duration_since(s.last_progress).as_secs_f64();
+            let note = format!("no progress for {ago:.1} s; {waiting}; more={}", s.more);
+            outcomes.push(finish(s, end, Some(note), epoch, &mut pool_open));
         }
     }
 }

@@ -160,7 +160,7 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
         sessions: a.sessions,
         rate: a.rate,
         max_size: a.max_size,
-        drain: Duration::from_secs(30),
+        drain: Duration::from_secs(60),
         // The soak's sockets, the admin requests and the backends' pipes keep the rest.
         max_open: (fd_limit as usize).saturating_sub(4000).max(1000),
     };
