@@ -129,6 +129,8 @@ pub struct Load {
     pub first_id: u64,
     /// Most sessions open at once in this process (its fd limit less a reserve).
     pub max_open: usize,
+    /// Where to write `ss -tinm` of the sessions still open halfway through the drain.
+    pub diagnose: Option<std::path::PathBuf>,
 }
 
 struct Sess {
@@ -176,6 +178,7 @@ pub fn run(
     let mut last_tick = Instant::now();
     let mut stopped_at: Option<Instant> = None;
     let mut again: Vec<usize> = Vec::new();
+    let mut diagnosed = false;
     let since = |t: Instant| t.duration_since(epoch).as_secs_f64();
     loop {
         let now = Instant::now();
@@ -305,6 +308,17 @@ pub fn run(
         }
         // Stalls, and the drain deadline after a stop.
         let cut = stopped_at.is_some_and(|at| now.duration_since(at) > load.drain);
+        if let (Some(at), Some(path)) = (stopped_at, &load.diagnose) {
+            if !diagnosed && now.duration_since(at) > load.drain / 2 && !sessions.is_empty() {
+                diagnosed = true;
+                let ports: Vec<u16> = sessions
+                    .values()
+                    .filter_map(|s| s.stream.local_addr().ok())
+                    .map(|a| a.port())
+                    .collect();
+                let _ = diagnose(path, &ports);
+            }
+        }
         let stalled: Vec<usize> = sessions
             .iter()
             .filter(|(_, s)| {
@@ -554,4 +568,15 @@ fn advance(
     }
     s.more = true;
     Ok(None)
+}
+
+/// Writes what the kernel says of the client sockets on `ports` and of their peers (`ss -tinm`:
+/// windows, queues, retransmissions).
+fn diagnose(path: &std::path::Path, ports: &[u16]) -> io::Result<()> {
+    let out = std::process::Command::new("ss").args(["-tinmHO"]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let wanted: Vec<String> = ports.iter().map(|p| format!(":{p} ")).collect();
+    let lines: Vec<&str> =
+        text.lines().filter(|l| wanted.iter().any(|w| l.contains(w.as_str()))).collect();
+    std::fs::write(path, lines.join("\n") + "\n")
 }

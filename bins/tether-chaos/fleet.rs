@@ -254,6 +254,7 @@ pub fn run(
         drain: p.drain,
         first_id: 0,
         max_open: p.max_open,
+        diagnose: Some(out.join("slow-sessions.txt")),
     };
     let control = Control::default();
     control.tag.store(1, Relaxed);

@@ -93,6 +93,9 @@ struct RunArgs {
     /// slow clients (default 1000)
     #[argh(option, default = "1000")]
     slow: usize,
+    /// TCP congestion control in the run's namespace (default cubic; docs/reliability.md)
+    #[argh(option, default = "String::from(\"cubic\")")]
+    congestion_control: String,
 }
 
 /// A chaos backend (started by `run`).
@@ -144,7 +147,7 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
     std::fs::create_dir_all(&a.out)?;
     let out = std::fs::canonicalize(&a.out)?;
     let tether = std::fs::canonicalize(&a.tether)?;
-    limits::enter_private_network()?;
+    limits::enter_private_network(&a.congestion_control)?;
     let fd_limit = limits::raise_fd_limit()?;
     println!("fd limit {fd_limit}");
     let rng = rng::Rng::new(seed);
@@ -224,6 +227,7 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
     top.insert("command".into(), json!(std::env::args().collect::<Vec<_>>().join(" ")));
     top.insert("seconds".into(), json!(epoch.elapsed().as_secs_f64()));
     top.insert("machine".into(), json!(limits::machine()));
+    top.insert("congestion_control".into(), json!(a.congestion_control));
     if let Value::Object(m) = top_fleet {
         top.extend(m);
     }

@@ -61,6 +61,7 @@ pub fn burst(
         drain: Duration::from_secs(30),
         first_id: 0,
         max_open: usize::MAX,
+        diagnose: None,
     };
     let control = Control::default();
     let specs = (0..count)
@@ -315,6 +316,7 @@ pub fn slow_clients(
         drain: Duration::ZERO,
         first_id: 0,
         max_open: usize::MAX,
+        diagnose: None,
     };
     let control = Control::default();
     control.push(specs);
