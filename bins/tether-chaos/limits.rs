@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 /// Moves this process into a new network namespace with `lo` up and sysctls sized for tens of
 /// thousands of connections. Call before any thread starts: threads and children inherit it.
-pub fn enter_private_network(congestion_control: &str) -> io::Result<()> {
+pub fn enter_private_network(congestion_control: &str) -> io::Result<String> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
         io::Error::other(format!("a network namespace of its own (needs root): {e}"))
     })?;
@@ -21,19 +21,22 @@ pub fn enter_private_network(congestion_control: &str) -> io::Result<()> {
         ("net/ipv4/tcp_tw_reuse", "1"),
         ("net/core/somaxconn", "65535"),
         ("net/ipv4/tcp_max_syn_backlog", "65535"),
-        // Stopped backends and slow readers leave FIN_WAIT2 sockets behind; the default 60 s
-        // outlasts the short runs' checks.
-        ("net/ipv4/tcp_fin_timeout", "60"),
-        // The host's default may be BBR (this one's is). Over loopback, once a slow reader's
-        // receive queue dropped segments, BBR's pacing rate fell to ~150 kbit/s and stayed
-        // there for minutes (ss: 40% of the bytes retransmitted): sessions crawled until the
-        // drain cut them. Linux's default, cubic, unless asked otherwise.
-        ("net/ipv4/tcp_congestion_control", congestion_control),
     ] {
         std::fs::write(format!("/proc/sys/{key}"), value)
             .map_err(|e| io::Error::other(format!("sysctl {key}: {e}")))?;
     }
-    Ok(())
+    // The host's default may be BBR (this one's is). Over loopback, once a slow reader's
+    // receive queue dropped segments, BBR's pacing rate fell to ~150 kbit/s and stayed there
+    // for minutes (ss: 40% of the bytes retransmitted): sessions crawled until the drain cut
+    // them. Linux's default, cubic, unless asked otherwise; where a namespace may not choose
+    // it (not in the host's tcp_allowed_congestion_control), reno.
+    let key = "/proc/sys/net/ipv4/tcp_congestion_control";
+    for cc in [congestion_control, "reno"] {
+        if std::fs::write(key, cc).is_ok() {
+            return Ok(cc.to_string());
+        }
+    }
+    Err(io::Error::other(format!("{key}: neither {congestion_control} nor reno may be set")))
 }
 
 /// Raises the soft fd limit to the hard one (children inherit it), and returns it. Raising the

@@ -147,7 +147,8 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
     std::fs::create_dir_all(&a.out)?;
     let out = std::fs::canonicalize(&a.out)?;
     let tether = std::fs::canonicalize(&a.tether)?;
-    limits::enter_private_network(&a.congestion_control)?;
+    let congestion_control = limits::enter_private_network(&a.congestion_control)?;
+    println!("congestion control {congestion_control}");
     let fd_limit = limits::raise_fd_limit()?;
     println!("fd limit {fd_limit}");
     let rng = rng::Rng::new(seed);
@@ -227,7 +228,7 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
     top.insert("command".into(), json!(std::env::args().collect::<Vec<_>>().join(" ")));
     top.insert("seconds".into(), json!(epoch.elapsed().as_secs_f64()));
     top.insert("machine".into(), json!(limits::machine()));
-    top.insert("congestion_control".into(), json!(a.congestion_control));
+    top.insert("congestion_control".into(), json!(congestion_control));
     if let Value::Object(m) = top_fleet {
         top.extend(m);
     }
