@@ -120,10 +120,13 @@ impl Ctx<'_> {
         if o.end == End::Done && upload_ok && download_ok {
             return (Class::Completed, "");
         }
+        // A client that ends by writing (`SendThenClose`, `BackendFirst`) is done before its
+        // upload reaches the backend: a kill in the next two seconds can still lose it.
+        let tail = if v.is_none() { 2.0 } else { 0.2 };
         let chaos = self
             .candidates(o)
             .iter()
-            .any(|b| self.timeline.hit(b, &["kill", "stop"], o.started - 0.2, o.ended + 0.2));
+            .any(|b| self.timeline.hit(b, &["kill", "stop"], o.started - 0.2, o.ended + tail));
         let reason = match (o.end, v) {
             (End::ConnectFailed, _) => "connect failed",
             (End::NoHello, _) => "closed before the backend answered",

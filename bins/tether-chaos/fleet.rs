@@ -239,6 +239,7 @@ pub fn run(
     let state = out.join("fleet.state");
     // A state file of an earlier run would pin clients before this one starts.
     let _ = std::fs::remove_file(&state);
+    let _ = std::fs::remove_file(out.join("slow-sessions.txt"));
     std::fs::write(&file, config(0, &state))?;
     let overflows_before = crate::udp::netstat("TcpExt", "ListenOverflows");
     let mut splice = Splice::start(tether, &file)?;
