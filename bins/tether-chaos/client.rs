@@ -179,6 +179,7 @@ pub fn run(
     let mut stopped_at: Option<Instant> = None;
     let mut again: Vec<usize> = Vec::new();
     let mut diagnosed = false;
+    let mut stalls_diagnosed = 0;
     let since = |t: Instant| t.duration_since(epoch).as_secs_f64();
     loop {
         let now = Instant::now();
@@ -344,6 +345,16 @@ pub fn run(
                 Err(e) if e.kind() == ErrorKind::WouldBlock => "nothing readable here".to_string(),
                 Err(e) => format!("read: {e}"),
             };
+            if end == End::Stalled && stalls_diagnosed < 5 {
+                // What the kernel says of this client's socket and tether's end of it.
+                stalls_diagnosed += 1;
+                if let (Some(path), Ok(local)) = (&load.diagnose, s.stream.local_addr()) {
+                    let _ = diagnose(
+                        &path.with_file_name(format!("stall-{}.txt", s.spec.id)),
+                        &[local.port()],
+                    );
+                }
+            }
             let ago = now.duration_since(s.last_progress).as_secs_f64();
             let note = format!("no progress for {ago:.1} s; {waiting}; more={}", s.more);
             outcomes.push(finish(s, end, Some(note), epoch, &mut pool_open));

@@ -351,8 +351,15 @@ fn chaos(
     let pause = |d: f64| std::thread::sleep(Duration::from_secs_f64(d)); // the schedule's clock
     pause(0.5 + rng.below(1000) as f64 / 1000.0);
     let mut first = true;
+    // A backend is not chosen again until the probes may have brought it back up (its
+    // disruption's end): a kill of a backend still down would have nothing to mark.
+    let mut busy_until = vec![0.0f64; backends.len()];
     while Instant::now() + Duration::from_secs(5) < end {
         let i = rng.below(u64::from(POOL)) as usize;
+        if busy_until[i] > now() {
+            pause(0.2);
+            continue;
+        }
         let name = backends[i].name.clone();
         let t0 = now();
         // The first event is a kill, so that every run has a time to mark one down.
@@ -370,17 +377,19 @@ fn chaos(
                 tl.errors.push(format!("restart {name}: {e}"));
             }
             // Until the probes bring it back (rise 2 x interval), clients keep moving off it.
+            busy_until[i] = t1 + 3.0 * HEALTH_INTERVAL_S + 1.0;
             tl.disruptions.push(Disruption {
                 backend: name,
                 kind: "kill",
                 from: t0,
-                to: t1 + 3.0 * HEALTH_INTERVAL_S + 1.0,
+                to: busy_until[i],
             });
         } else {
             backends[i].signal_stop(true);
             pause(1.0 + rng.below(3000) as f64 / 1000.0);
             backends[i].signal_stop(false);
             let t1 = now();
+            busy_until[i] = t1 + 1.0;
             timeline.lock().expect("timeline").disruptions.push(Disruption {
                 backend: name,
                 kind: "stop",

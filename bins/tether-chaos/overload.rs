@@ -342,6 +342,12 @@ pub fn slow_clients(
         .iter()
         .filter(|o| o.spec.mode == Mode::SlowReader && o.end == End::Cut && o.down_got > 0)
         .count();
+    let mut slow_ends: std::collections::BTreeMap<String, usize> =
+        std::collections::BTreeMap::new();
+    for o in outcomes.iter().filter(|o| o.spec.mode == Mode::SlowReader) {
+        let key = format!("{:?} {}", o.end, o.error.as_deref().unwrap_or("")).trim().to_string();
+        *slow_ends.entry(key).or_insert(0) += 1;
+    }
     let slow_bytes: u64 =
         outcomes.iter().filter(|o| o.spec.mode == Mode::SlowReader).map(|o| o.down_got).sum();
     let slow_wrong: u64 = outcomes.iter().map(|o| o.down_wrong).sum();
@@ -393,6 +399,7 @@ pub fn slow_clients(
         "idle_closed_after_s_max": sorted.last(),
         "idle_within_10_percent": within,
         "slow_bytes_read": slow_bytes,
+        "slow_ends": slow_ends,
         "rss_kib_start": rss_before,
         "rss_kib_max": rss_max,
         "rss_bound_kib": bound,
