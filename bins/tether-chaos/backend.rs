@@ -44,8 +44,6 @@ struct Session {
 }
 
 pub fn run(name: &str, listen: SocketAddr, udp: Option<SocketAddr>) -> io::Result<()> {
-    // Gone with the driver, however it ends.
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(io::Error::other)?;
     let socket =
         socket2::Socket::new(socket2::Domain::for_address(listen), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
