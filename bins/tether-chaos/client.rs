@@ -587,7 +587,17 @@ fn diagnose(path: &std::path::Path, ports: &[u16]) -> io::Result<()> {
     let out = std::process::Command::new("ss").args(["-tinmHO"]).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let wanted: Vec<String> = ports.iter().map(|p| format!(":{p} ")).collect();
-    let lines: Vec<&str> =
-        text.lines().filter(|l| wanted.iter().any(|w| l.contains(w.as_str()))).collect();
+    // The sessions' own sockets, and every socket toward a backend (port 7000) with bytes
+    // queued: the other leg of a stalled session is among them.
+    let queued = |l: &str| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 4
+            && (f[1] != "0" || f[2] != "0")
+            && (f[3].ends_with(":7000") || f[4].ends_with(":7000"))
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| wanted.iter().any(|w| l.contains(w.as_str())) || queued(l))
+        .collect();
     std::fs::write(path, lines.join("\n") + "\n")
 }
