@@ -176,7 +176,7 @@ impl Splice {
             return Err(format!("upgrade: {} {}", reply.status, reply.body));
         }
         let mut new = None;
-        procs::wait_until(Duration::from_secs(30), || {
+        testkit::wait_until(Duration::from_secs(30), || {
             new = http(Self::admin(), "GET", "/api/status", "")
                 .ok()
                 .and_then(|r| serde_json::from_str::<Value>(&r.body).ok())
@@ -195,7 +195,7 @@ impl Splice {
     fn restart(&mut self, epoch: Instant) -> Result<(f64, f64), String> {
         let pid = self.current;
         kill(Pid::from_raw(pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
-        if !procs::wait_until(Duration::from_secs(30), || !procs::alive(pid)) {
+        if !testkit::wait_until(Duration::from_secs(30), || !procs::alive(pid)) {
             return Err(format!("pid {pid} still running 30 s after SIGTERM"));
         }
         let exited = epoch.elapsed().as_secs_f64();
@@ -241,7 +241,7 @@ pub fn run(
     let _ = std::fs::remove_file(&state);
     let _ = std::fs::remove_file(out.join("slow-sessions.txt"));
     std::fs::write(&file, config(0, &state))?;
-    let overflows_before = crate::udp::netstat("TcpExt", "ListenOverflows");
+    let overflows_before = testkit::netstat("TcpExt", "ListenOverflows");
     let mut splice = Splice::start(tether, &file)?;
     let copy = Tether::start(tether, copy_args())?;
     let mut targets: Vec<(SocketAddr, IpAddr)> =
@@ -303,12 +303,12 @@ pub fn run(
     })?;
     // The backends report uploads when they see the client's EOF: wait for the last ones.
     let expected = outcomes.iter().filter(|o| o.end == client::End::Done).count();
-    procs::wait_until(Duration::from_secs(15), || {
+    testkit::wait_until(Duration::from_secs(15), || {
         let v = verdicts.lock().expect("verdicts");
         outcomes.iter().filter(|o| o.end == client::End::Done && v.contains_key(&o.spec.id)).count()
             >= expected
     });
-    let listen_overflows = crate::udp::netstat("TcpExt", "ListenOverflows") - overflows_before;
+    let listen_overflows = testkit::netstat("TcpExt", "ListenOverflows") - overflows_before;
     let refused = metric(Splice::admin(), "tether_sessions_refused_total")
         + metric(T1C_ADMIN.parse().expect("address"), "tether_sessions_refused_total");
     // What each tether said and counted, for looking into a figure.
@@ -522,7 +522,7 @@ fn reload(splice: &Splice, file: &Path, state: &Path, k: usize) -> bool {
         return false;
     }
     let want_b7 = k % 2 == 1;
-    procs::wait_until(Duration::from_secs(10), || {
+    testkit::wait_until(Duration::from_secs(10), || {
         http(Splice::admin(), "GET", "/api/backends", "").is_ok_and(|r| {
             let list: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
             let has = list.as_array().is_some_and(|l| l.iter().any(|b| b["name"] == "b7"));

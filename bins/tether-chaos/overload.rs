@@ -123,7 +123,7 @@ pub fn overload(tether: &Path, hold: Duration, checks: &mut Checks) -> std::io::
     let pid = t.pid();
     // The baseline once the health checker's probes have come and gone.
     let mut baseline = 0;
-    procs::wait_until(Duration::from_secs(10), || {
+    testkit::wait_until(Duration::from_secs(10), || {
         let now = procs::fd_count(pid).unwrap_or(0);
         let same = now == baseline;
         baseline = now;
@@ -188,11 +188,11 @@ pub fn overload(tether: &Path, hold: Duration, checks: &mut Checks) -> std::io::
     let sum = |k: &str| outputs.iter().map(|o| o[k].as_u64().unwrap_or(0)).sum::<u64>();
     // Recovery: live sessions back to 0 and descriptors back to the baseline.
     let t0 = Instant::now();
-    let drained = procs::wait_until(Duration::from_secs(30), || {
+    let drained = testkit::wait_until(Duration::from_secs(30), || {
         metric(admin, "tether_sessions_active") == 0.0
     });
     let mut fds_after = 0;
-    let fds_back = procs::wait_until(Duration::from_secs(30), || {
+    let fds_back = testkit::wait_until(Duration::from_secs(30), || {
         fds_after = procs::fd_count(pid).unwrap_or(u64::MAX);
         fds_after <= baseline
     });
@@ -369,7 +369,7 @@ pub fn slow_clients(
     // Every socket of this scenario closes: none left half-closed on either side.
     let ports = [to.port(), idle_to.port(), BACKEND_PORT];
     let mut lingering = 0;
-    let clean = procs::wait_until(Duration::from_secs(20), || {
+    let clean = testkit::wait_until(Duration::from_secs(20), || {
         let states = procs::tcp_states(&ports);
         lingering = states.get("CLOSE_WAIT").copied().unwrap_or(0)
             + states.get("FIN_WAIT2").copied().unwrap_or(0);

@@ -165,20 +165,6 @@ pub fn kill_pid(pid: u32) {
     }
 }
 
-/// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Sockets in `/proc/net/tcp{,6}` whose local or remote port is one of `ports`, by state name.
 pub fn tcp_states(ports: &[u16]) -> HashMap<&'static str, usize> {
     let mut out = HashMap::new();

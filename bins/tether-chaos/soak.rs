@@ -226,7 +226,7 @@ fn reload(
     t2.signal(Signal::SIGHUP)?;
     let want = format!("\"weight\":{}", 1 + k % 2);
     let has_u5 = k % 3 == 1;
-    let applied = procs::wait_until(Duration::from_secs(10), || {
+    let applied = testkit::wait_until(Duration::from_secs(10), || {
         http(admin, "GET", "/api/backends", "").is_ok_and(|r| {
             let list: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
             let items = list.as_array().cloned().unwrap_or_default();

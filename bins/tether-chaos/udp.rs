@@ -139,13 +139,3 @@ pub fn long_lived(
 pub fn kernel_drops() -> u64 {
     testkit::snmp("Udp", "RcvbufErrors") + testkit::snmp("Udp", "SndbufErrors")
 }
-
-/// A counter of `/proc/net/netstat` (`TcpExt`, `ListenOverflows`) in this thread's namespace.
-pub fn netstat(group: &str, name: &str) -> u64 {
-    let text = std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap_or_default();
-    let prefix = format!("{group}:");
-    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
-    let (Some(names), Some(values)) = (lines.next(), lines.next()) else { return 0 };
-    let at = names.split_whitespace().position(|n| n == name);
-    at.and_then(|i| values.split_whitespace().nth(i)?.parse().ok()).unwrap_or(0)
-}

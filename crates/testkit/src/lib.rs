@@ -68,7 +68,8 @@ pub use freeze::FrozenThread;
 pub use http::{http, HttpReply};
 pub use load::{connrate, LoadReport};
 pub use netns::{
-    inject_udp4, inside_own_netns, set_local_port_range, sh, snmp, udp4_checksum, Namespace,
+    inject_udp4, inside_own_netns, netstat, set_local_port_range, sh, snmp, udp4_checksum,
+    Namespace,
 };
 pub use nix::sys::signal::Signal;
 pub use process::{no_probes, run_to_exit, Exit, Tether, READY_TIMEOUT, TERM_GRACE};

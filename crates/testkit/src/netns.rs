@@ -159,13 +159,24 @@ pub fn snmp(group: &str, name: &str) -> u64 {
             })
             .unwrap_or_else(|| panic!("no {key} in snmp6"));
     }
-    let text = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("snmp");
+    paired_counter("snmp", group, name).unwrap_or_else(|| panic!("no {group} {name} in snmp"))
+}
+
+/// A counter of the calling thread's namespace's `/proc/thread-self/net/netstat`, e.g.
+/// `("TcpExt", "ListenOverflows")`.
+pub fn netstat(group: &str, name: &str) -> u64 {
+    paired_counter("netstat", group, name).unwrap_or_else(|| panic!("no {group} {name} in netstat"))
+}
+
+/// `name` of `group` in `/proc/thread-self/net/FILE`, whose groups are two lines each: the
+/// names (`Udp: InDatagrams ...`), then the values (`Udp: 12 ...`).
+fn paired_counter(file: &str, group: &str, name: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/thread-self/net/{file}")).ok()?;
     let prefix = format!("{group}:");
     let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
-    let (names, values) = (lines.next().expect("names"), lines.next().expect("values"));
-    let at = names.split_whitespace().position(|n| n == name);
-    let at = at.unwrap_or_else(|| panic!("no {group} {name} in snmp"));
-    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).expect("a number")
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// The UDP checksum of `payload` from `src` to `dst` (IPv4 pseudo-header), as a sender
