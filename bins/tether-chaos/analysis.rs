@@ -302,6 +302,9 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
     s2["arrivals_deferred_by_the_harness_fd_budget"] = json!(r.deferred);
     s2["tether_sessions_refused_total"] = json!(r.refused);
     s2["kernel_listen_overflows"] = json!(r.listen_overflows);
+    s2["kernel_tcp_memory_pages_peak"] = json!(r.tcp_mem_peak);
+    s2["kernel_tcp_mem"] = json!(r.tcp_mem);
+    s2["kernel_tcp_memory_pressures"] = json!(r.memory_pressures);
     s2["stops"] = json!(tl.disruptions.iter().filter(|d| d.kind == "stop").count());
     s2["pins_broken"] = json!(pins_chaos);
     s2["pin_moves_by_failover_or_operator"] = json!(pins_explained);
@@ -354,6 +357,15 @@ pub fn fleet(r: &Results, checks: &mut Checks) -> (Value, Vec<(&'static str, Val
         tl.errors.len() as f64,
         "0",
         tl.errors.is_empty(),
+    );
+    // Under TCP memory pressure the kernel drops segments on every socket and backs off for
+    // tens of seconds: the figures would measure the harness's load on the kernel, not tether.
+    checks.add(
+        sc,
+        "times the kernel entered TCP memory pressure (the run's own sockets too big)",
+        r.memory_pressures as f64,
+        "0",
+        r.memory_pressures == 0,
     );
 
     // Scenario 3.

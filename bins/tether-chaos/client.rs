@@ -599,5 +599,9 @@ fn diagnose(path: &std::path::Path, ports: &[u16]) -> io::Result<()> {
         .lines()
         .filter(|l| wanted.iter().any(|w| l.contains(w.as_str())) || queued(l))
         .collect();
-    std::fs::write(path, lines.join("\n") + "\n")
+    // Whether the kernel was short of TCP memory (it then drops segments on every socket).
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let pressures = testkit::netstat("TcpExt", "TCPMemoryPressures");
+    let head = format!("{sockstat}TCPMemoryPressures {pressures}\n");
+    std::fs::write(path, head + &lines.join("\n") + "\n")
 }

@@ -43,6 +43,8 @@ pub struct Params {
     pub drain: Duration,
     /// Most sessions the client load keeps open (its fd budget).
     pub max_open: usize,
+    /// The host's `tcp_mem`, read before the run entered its namespace.
+    pub tcp_mem: Option<[u64; 3]>,
 }
 
 /// A time (seconds since the run's epoch) window in which a backend could not serve as before.
@@ -92,6 +94,11 @@ pub struct Results {
     /// Connections the kernel dropped at a full accept queue (any listener of the run's
     /// namespace) during the fleet.
     pub listen_overflows: u64,
+    /// Times the kernel entered TCP memory pressure during the fleet (`TCPMemoryPressures`).
+    pub memory_pressures: u64,
+    /// The most pages all TCP sockets held at once, sampled every 100 ms.
+    pub tcp_mem_peak: u64,
+    pub tcp_mem: Option<[u64; 3]>,
 }
 
 fn config(k: usize, state: &Path) -> String {
@@ -242,6 +249,7 @@ pub fn run(
     let _ = std::fs::remove_file(out.join("slow-sessions.txt"));
     std::fs::write(&file, config(0, &state))?;
     let overflows_before = testkit::netstat("TcpExt", "ListenOverflows");
+    let pressures_before = testkit::netstat("TcpExt", "TCPMemoryPressures");
     let mut splice = Splice::start(tether, &file)?;
     let copy = Tether::start(tether, copy_args())?;
     let mut targets: Vec<(SocketAddr, IpAddr)> =
@@ -264,6 +272,7 @@ pub fn run(
     let chaos_on = AtomicBool::new(false);
     let chaos_done = AtomicBool::new(false);
     let mut open_peak = 0usize;
+    let mut tcp_mem_peak = 0u64;
     let mut scale_end = 0.0;
     let outcomes = std::thread::scope(|s| -> std::io::Result<Vec<Outcome>> {
         let engine = s.spawn(|| client::run(&load, rng.fork(1), &control, epoch));
@@ -271,6 +280,7 @@ pub fn run(
         // Scenario 1: the pool alone.
         while started.elapsed() < p.scale {
             open_peak = open_peak.max(control.open.load(Relaxed));
+            tcp_mem_peak = tcp_mem_peak.max(crate::limits::tcp_mem_pages());
             std::thread::sleep(Duration::from_millis(100)); // sampling the open count
         }
         scale_end = now();
@@ -290,6 +300,7 @@ pub fn run(
         let monitor = s.spawn(|| monitor(&chaos_done, timeline, epoch));
         while Instant::now() < chaos_end {
             open_peak = open_peak.max(control.open.load(Relaxed));
+            tcp_mem_peak = tcp_mem_peak.max(crate::limits::tcp_mem_pages());
             std::thread::sleep(Duration::from_millis(100)); // sampling the open count
         }
         control.stop.store(true, Relaxed);
@@ -309,6 +320,7 @@ pub fn run(
             >= expected
     });
     let listen_overflows = testkit::netstat("TcpExt", "ListenOverflows") - overflows_before;
+    let memory_pressures = testkit::netstat("TcpExt", "TCPMemoryPressures") - pressures_before;
     let refused = metric(Splice::admin(), "tether_sessions_refused_total")
         + metric(T1C_ADMIN.parse().expect("address"), "tether_sessions_refused_total");
     // What each tether said and counted, for looking into a figure.
@@ -336,6 +348,9 @@ pub fn run(
         deferred: control.deferred.load(Relaxed),
         refused,
         listen_overflows,
+        memory_pressures,
+        tcp_mem_peak,
+        tcp_mem: p.tcp_mem,
     })
 }
 

@@ -147,6 +147,7 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
     std::fs::create_dir_all(&a.out)?;
     let out = std::fs::canonicalize(&a.out)?;
     let tether = std::fs::canonicalize(&a.tether)?;
+    let tcp_mem = limits::host_tcp_mem();
     let congestion_control = limits::enter_private_network(&a.congestion_control)?;
     println!("congestion control {congestion_control}");
     let fd_limit = limits::raise_fd_limit()?;
@@ -167,6 +168,7 @@ fn run(a: &RunArgs) -> std::io::Result<bool> {
         drain: Duration::from_secs(60),
         // The soak's sockets, the admin requests and the backends' pipes keep the rest.
         max_open: (fd_limit as usize).saturating_sub(4000).max(1000),
+        tcp_mem,
     };
     let soak_params = soak::Params {
         duration: total,
