@@ -1,6 +1,7 @@
 //! The tether daemon: parse flags (or a config file), validate, run. Everything else lives in
 //! the crates. `tether check --config FILE` (or `tether check` with the service flags) validates
-//! and exits: 0 and a one-line summary when good, 2 and the error when not.
+//! and exits: 0 and a one-line summary when good, 2 and the error when not. `tether man` prints
+//! the man page.
 
 use std::process::ExitCode;
 
@@ -10,6 +11,11 @@ use config::{Args, Config};
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    if argv.get(1) == Some(&"man") && argv.len() == 2 {
+        // The man page, from the same flag definitions as --help (the package ships it).
+        print!("{}", config::man::page(&control::version()));
+        return ExitCode::SUCCESS;
+    }
     let check = argv.get(1) == Some(&"check");
     let (command, rest) = if check { (&argv[..2], &argv[2..]) } else { (&argv[..1], &argv[1..]) };
     let args = match Args::from_args(command, rest) {

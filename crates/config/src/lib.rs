@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod file;
+pub mod man;
 mod settings;
 mod values;
 

@@ -35,6 +35,7 @@ use supervisor::{signal_thread, Running, Supervisor};
 mod admin;
 mod checks;
 mod metrics;
+mod notify;
 mod offload;
 mod peering;
 pub mod probe;
@@ -335,9 +336,12 @@ pub fn run(config: Config) -> Result<(), RunError> {
         (s, false) => log::debug!("udp offload off: {}", s.reason),
     }
     announce(&announced, admin.as_ref().map(|a| a.addr), peer_addr);
+    let upgraded_into = taken_over.is_some();
     if let Some(socket) = taken_over {
         upgrade::ready(&socket);
     }
+    let notifier = notify::Notifier::from_env(upgraded_into);
+    notifier.ready(upgraded_into, &serving_status(&config));
 
     // Our own sender keeps the channel open even if the signal thread dies, so the supervisor's
     // timed receive never turns into a spin on `Disconnected`.
@@ -354,6 +358,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         admin_fd,
         stop_saving: Some(stop_saving),
         upgraded: false,
+        notifier,
     };
     let mut running = running;
     let (result, upgraded) = context.supervise(&mut running, &signal_rx, &asks_rx);
@@ -373,6 +378,12 @@ pub fn run(config: Config) -> Result<(), RunError> {
         }
     }
     result
+}
+
+/// The `STATUS=` systemd shows while tether serves.
+pub(crate) fn serving_status(config: &Config) -> String {
+    let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+    format!("serving {} services, {backends} backends", config.services.len())
 }
 
 /// Bind every service's listeners for every worker (before privileges are dropped), record

@@ -16,7 +16,7 @@ use proxy::{Command, Counts};
 use crate::admin::{Admin, Ask};
 use crate::registry::Registry;
 use crate::reload::{self, ReloadError};
-use crate::{announce_listeners, state, upgrade, RunError};
+use crate::{announce_listeners, serving_status, state, upgrade, RunError};
 
 /// How often expired sticky entries are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -47,6 +47,8 @@ pub(crate) struct Supervisor<'a> {
     pub(crate) stop_saving: Option<crossbeam_channel::Sender<()>>,
     /// An upgrade handed this process over: it serves its open sessions and exits.
     pub(crate) upgraded: bool,
+    /// Readiness, reloads, stopping and the watchdog, told to systemd.
+    pub(crate) notifier: crate::notify::Notifier,
 }
 
 impl Supervisor<'_> {
@@ -64,6 +66,7 @@ impl Supervisor<'_> {
         let mut deadline: Option<Instant> = None;
         let mut failure = None;
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
+        let mut next_watchdog = Instant::now();
         loop {
             crossbeam_channel::select! {
                 recv(signals) -> sig => if let Ok(sig) = sig {
@@ -81,6 +84,14 @@ impl Supervisor<'_> {
                     log::debug!("sticky sweep removed {removed} expired entries");
                 }
                 self.watch_workers(running);
+            }
+            // The watchdog is fed only while every worker's loop turns: a stalled worker
+            // starves it, and systemd restarts tether.
+            if let Some(every) = self.notifier.watchdog_every() {
+                if Instant::now() >= next_watchdog && !self.stalled.iter().any(|&s| s) {
+                    self.notifier.send("WATCHDOG=1");
+                    next_watchdog = Instant::now() + every.min(SWEEP_EVERY);
+                }
             }
             if let Some(e) = reap(running) {
                 failure.get_or_insert(e);
@@ -177,6 +188,8 @@ impl Supervisor<'_> {
     /// with SO_REUSEPORT shared its clients with that dead socket. After an upgrade the new
     /// process holds its own descriptors.
     fn stop_accepting(&mut self, running: &[Running], at: Instant) {
+        self.notifier
+            .send("STOPPING=1\nSTATUS=stopping: serving open sessions until the grace period ends");
         tell_all(running, || Command::Shutdown { deadline: at });
         let closed = std::mem::take(&mut self.lock().held);
         log::debug!("closed {} kept listener descriptors", closed.len());
@@ -188,7 +201,15 @@ impl Supervisor<'_> {
         if deadline.is_some() {
             return Err(ReloadError::Stopping);
         }
-        self.reload()
+        self.notifier.reloading();
+        let result = self.reload();
+        let status = match &result {
+            Ok(_) => serving_status(&self.config),
+            Err(e) => format!("{}; last reload refused: {e}", serving_status(&self.config))
+                .replace('\n', "; "),
+        };
+        self.notifier.ready(false, &status);
+        result
     }
 
     /// Start the binary at this one's path and hand it over (`upgrade`); once it serves, stop
@@ -232,6 +253,8 @@ impl Supervisor<'_> {
         })?;
         let flows = flows.len();
         self.upgraded = true;
+        // The new process is the service's main process now, and says so to systemd.
+        self.notifier.silence();
         // The new process serves the admin listener; this copy would keep it listening after
         // that process stops.
         self.admin_fd = None;
