@@ -68,7 +68,7 @@ fn has(message: &str, line: &str) -> bool {
 
 fn config_file(dir: &std::path::Path, net: u8, pool: &[Backend], extra: &str) -> PathBuf {
     let mut toml = format!(
-        "admin = \"127.0.{net}.1:0\"\nworkers = 2\n{extra}\n[[service]]\nname = \"db\"\nlisten = [\"127.0.{net}.1:0\"]\nhealth-check = \"none\"\n"
+        "admin = \"127.0.{net}.1:0\"\nworkers = 2\n{extra}\n[[service]]\nname = \"db\"\nlisten = [\"127.0.{net}.1:0\"]\nhealth-check = \"off\"\n"
     );
     for b in pool {
         toml +=

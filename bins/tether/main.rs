@@ -1,9 +1,11 @@
 //! The tether daemon: parse flags (or a config file), validate, run. Everything else lives in
 //! the crates. `tether check --config FILE` (or `tether check` with the service flags) validates
 //! and exits: 0 and a one-line summary when good, 2 and the error when not. `tether man` prints
-//! the man page.
+//! the man page; `tether ctl` steers a running instance through its admin API (`ctl.rs`).
 
 use std::process::ExitCode;
+
+mod ctl;
 
 use argh::FromArgs;
 use config::{Args, Config};
@@ -11,6 +13,9 @@ use config::{Args, Config};
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    if argv.get(1) == Some(&"ctl") {
+        return ctl::main(&argv[2..]);
+    }
     if argv.get(1) == Some(&"man") && argv.len() == 2 {
         // The man page, from the same flag definitions as --help (the package ships it).
         print!("{}", config::man::page(&control::version()));

@@ -567,7 +567,8 @@ mod tests {
                 top("wat = 1"),
                 "wat: unknown key (expected one of admin, admin-allow-remote, admin-token-file, admin-max-conns, \
                  admin-timeout, user, workers, max-conns, \
-                 max-flows, splice, listeners, grace, upgrade-grace, state-file, state-interval, udp-offload, peers, service)",
+                 max-flows, splice, listeners, grace, upgrade-grace, state-file, state-interval, udp-offload, \
+                 log-sessions, log-format, peers, service)",
             ),
             (
                 file("", "", "", "[peers]\nwat = 1\n"),

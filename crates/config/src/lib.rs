@@ -239,6 +239,27 @@ pub struct Config {
     pub name: String,
     /// The other instances pins are shared with (`None`: no peers).
     pub peers: Option<Peers>,
+    /// A line per finished session, expired flow and refused client on stdout.
+    pub log_sessions: bool,
+    pub log_format: LogFormat,
+}
+
+/// How session log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `key=value` pairs.
+    #[default]
+    Logfmt,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
+    match raw {
+        "logfmt" => Ok(LogFormat::Logfmt),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected `logfmt` or `json`".to_string()),
+    }
 }
 
 /// Sharing pins with other instances (issue 14).
@@ -783,6 +804,14 @@ pub(crate) fn build_config(
         )?,
         name: host_name(),
         peers: None,
+        log_sessions: input.log_sessions,
+        log_format: opt(
+            origin,
+            "log-format",
+            &input.log_format,
+            LogFormat::Logfmt,
+            parse_log_format,
+        )?,
     })
 }
 

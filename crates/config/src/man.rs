@@ -41,11 +41,10 @@ pub fn flags(help: &str) -> Vec<Flag> {
             continue;
         }
         if let Some(rest) = line.strip_prefix("  --") {
-            let (name, text) = match rest.find("  ") {
-                Some(i) => (&rest[..i], rest[i..].trim()),
-                None => (rest.trim(), ""),
-            };
-            let name = format!("--{}", name.split(',').next().unwrap_or(name).trim());
+            // A flag name has no space; a long one leaves a single space before its text.
+            let end = rest.find(' ').unwrap_or(rest.len());
+            let (name, text) = (&rest[..end], rest[end..].trim());
+            let name = format!("--{}", name.trim_end_matches(','));
             if name == "--help" {
                 continue;
             }

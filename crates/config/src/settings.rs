@@ -297,6 +297,11 @@ settings! {
         /// UDP flows forwarded in the kernel once established (an eBPF program at tc ingress):
         /// `auto` (default: where the kernel and privileges allow), `on` (required) or `off`
         udp_offload: text,
+        /// write a line to stdout per finished TCP session, expired UDP flow and refused client
+        /// (default: off)
+        log_sessions: switch,
+        /// session log lines as `logfmt` (default) or `json`
+        log_format: text,
     }
     peers {
         /// this instance's name among its peers (default: the host name)

@@ -254,7 +254,23 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let Budget { max_conns, max_flows, max_pipes, workers } = budget(&config, &admin_limits)?;
     let (offload, offload_status) =
         offload::decide(&config, max_flows).map_err(RunError::Offload)?;
-    let shared = Arc::new(Shared::new(max_conns, max_pipes, max_flows, random_key(), offload));
+    let mut shared = Shared::new(max_conns, max_pipes, max_flows, random_key(), offload);
+    // The session log's writer: lines go to stdout after the `ready` line.
+    let session_log = if config.log_sessions {
+        let format = match config.log_format {
+            config::LogFormat::Logfmt => proxy::sessionlog::Format::Logfmt,
+            config::LogFormat::Json => proxy::sessionlog::Format::Json,
+        };
+        let out = Box::new(io::stdout());
+        let (log, writer) =
+            proxy::sessionlog::SessionLog::start(format, out, proxy::sessionlog::CAPACITY)
+                .map_err(|e| RunError::Os("spawning the session log thread", e))?;
+        shared.session_log = Some(Arc::clone(&log));
+        Some((log, writer))
+    } else {
+        None
+    };
+    let shared = Arc::new(shared);
     check_connect_from(&config.services).map_err(RunError::ConnectFrom)?;
     let mut registry = Registry::new(&config.services, Arc::clone(&shared), random_key())
         .map_err(RunError::Table)?;
@@ -369,6 +385,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let _ = checks.join();
     if let Some(saving) = saving {
         let _ = saving.join();
+    }
+    // Every session line taken so far is written before the process exits.
+    if let Some((log, writer)) = session_log {
+        log.stop();
+        let _ = writer.join();
     }
     // The last save, once every session has ended (after an upgrade the new process saves).
     if let (Some(path), false) = (&state_file, upgraded) {

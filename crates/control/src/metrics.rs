@@ -219,6 +219,25 @@ fn process(out: &mut String, registry: &Registry) {
     gauge(out, "tether_sessions_active", "TCP sessions open now", &[("", active as f64)]);
     let flows = registry.shared.flow_budget.used();
     gauge(out, "tether_flows_active", "UDP flows open now", &[("", flows as f64)]);
+    if let Some(log) = &registry.shared.session_log {
+        use std::sync::atomic::Ordering::Relaxed;
+        let written = log.written.load(Relaxed) as f64;
+        let dropped = log.dropped.load(Relaxed) as f64;
+        plain(
+            out,
+            "tether_session_log_lines_total",
+            "counter",
+            "session log lines written (--log-sessions)",
+            &[(String::new(), written)],
+        );
+        plain(
+            out,
+            "tether_session_log_dropped_total",
+            "counter",
+            "session log lines dropped because the writer was behind (a worker never waits for it)",
+            &[(String::new(), dropped)],
+        );
+    }
     let offload = if registry.offload.enabled { 1.0 } else { 0.0 };
     gauge(
         out,

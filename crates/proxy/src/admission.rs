@@ -53,6 +53,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The session log's word for it.
+    pub fn end(self) -> crate::sessionlog::End {
+        use crate::sessionlog::End;
+        match self {
+            Refusal::Denied => End::Denied,
+            Refusal::Source(_) => End::Limited,
+            Refusal::NoBackend => End::NoBackend,
+        }
+    }
+
     /// The counter a refusal of `transport` is counted in.
     pub fn counter(self, transport: Transport, stats: &Stats) -> &AtomicU64 {
         use guard::Verdict;
@@ -87,6 +97,8 @@ pub struct Admitted {
     pub first: usize,
     /// Backends tried so far, in order.
     pub tried: Tried,
+    /// The client came with a sticky pin that decided its first backend.
+    pub pinned: bool,
 }
 
 /// Let `source` (the real client: the peer, or what a trusted proxy's header said) in to
@@ -125,8 +137,11 @@ pub fn admit(
     let pinned = key
         .and_then(|k| service.sticky.lookup(k, now_ms))
         .and_then(|id| service.pinned(id, now_ms));
+    let was_pinned = pinned.is_some();
     match pinned.or_else(|| service.choose(hash, now_ms, |_| false)) {
-        Some(first) => Ok(Admitted { key, hash, limited, first, tried: Tried::default() }),
+        Some(first) => {
+            Ok(Admitted { key, hash, limited, first, tried: Tried::default(), pinned: was_pinned })
+        }
         None => {
             if let (true, Some(limiter)) = (limited, &service.guards.limiter) {
                 limiter.close_session(source.ip(), now_ms);

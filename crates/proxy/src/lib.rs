@@ -41,6 +41,7 @@ pub mod outgoing;
 pub mod pump;
 mod routing;
 mod session;
+pub mod sessionlog;
 #[cfg(test)]
 mod sim;
 pub mod stats;
@@ -124,6 +125,8 @@ pub struct Shared {
     /// The UDP offload program and its map, when `--udp-offload` is on: each worker takes a
     /// handle on the map and hands its established flows to the program.
     pub offload: Option<offload::Offload>,
+    /// The session log (`--log-sessions`), when on: set before the `Shared` is shared.
+    pub session_log: Option<Arc<sessionlog::SessionLog>>,
 }
 
 impl Shared {
@@ -143,6 +146,7 @@ impl Shared {
             flow_budget: Arc::new(conntrack::FlowBudget::new(max_flows)),
             flow_hash_key,
             offload,
+            session_log: None,
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::held::{Live, Pinned, Place, Reservation, SourceCount};
 use crate::pump::{HalfPipe, Io, Pools, Progress, PumpError, Side};
+use crate::sessionlog::{End, Record};
 
 /// How long a forwarded reset waits for the kernel to send bytes written before it. A reset
 /// discards the socket's send queue (SO_LINGER 0), and data received before an abort must not be
@@ -130,6 +131,10 @@ pub struct Session<S = mio::net::TcpStream> {
     pub linger_armed: bool,
     /// The session is in the worker's ready queue (at most once).
     pub queued: bool,
+    /// When it was accepted (the session log's duration).
+    pub started: Instant,
+    /// The side whose end of stream came first, for the session log.
+    pub first_eof: Option<Which>,
 }
 
 impl<S: Io> Session<S> {
@@ -179,6 +184,13 @@ impl<S: Io> Session<S> {
                 };
                 if self.c2b.moved + self.b2c.moved != before {
                     self.last_active = now;
+                }
+                if self.first_eof.is_none() {
+                    self.first_eof = match (self.c2b.shut, self.b2c.shut) {
+                        (true, _) => Some(Which::Client),
+                        (false, true) => Some(Which::Backend),
+                        _ => None,
+                    };
                 }
                 let dead = match (&up, &down) {
                     // Client unreadable or unwritable: it is gone, the backend survives.
@@ -241,6 +253,39 @@ impl<S: Io> Session<S> {
     /// Whether both directions ended cleanly with nothing left to write.
     pub fn finished(&self) -> bool {
         self.c2b.shut && self.b2c.shut && self.c2b.pending() == 0 && self.b2c.pending() == 0
+    }
+
+    /// How it ended, in the session log's words.
+    pub fn end(&self, reason: CloseReason) -> End {
+        match reason {
+            CloseReason::Done if self.first_eof == Some(Which::Backend) => End::BackendFin,
+            CloseReason::Done => End::ClientFin,
+            // The survivor is reset after the dead side: the dead side reset first.
+            CloseReason::Reset => match &self.phase {
+                Phase::Resetting { survivor: Which::Backend, .. } => End::ClientReset,
+                _ => End::BackendReset,
+            },
+            CloseReason::Idle => End::IdleTimeout,
+            CloseReason::NoBackend => End::NoBackend,
+            CloseReason::Shutdown => End::Grace,
+            CloseReason::Killed => End::BackendDown,
+        }
+    }
+
+    /// Its session log record, as it closes for `reason` at `now`.
+    pub fn record(&self, reason: CloseReason, now: Instant) -> Record {
+        Record {
+            at: std::time::SystemTime::now(),
+            udp: false,
+            service: Some(std::sync::Arc::clone(&self.service)),
+            client: self.source,
+            backend: (reason != CloseReason::NoBackend).then_some(self.target),
+            bytes_in: self.c2b.moved,
+            bytes_out: self.b2c.moved,
+            duration: now.saturating_duration_since(self.started),
+            end: self.end(reason),
+            pinned: self.admitted.pinned,
+        }
     }
 }
 

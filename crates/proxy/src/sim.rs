@@ -313,6 +313,8 @@ impl World {
             last_active: now,
             linger_armed: false,
             queued: false,
+            started: now,
+            first_eof: None,
         }
     }
 

@@ -27,6 +27,7 @@ use crate::pump::{HalfPipe, Pools, Side};
 use crate::session::{
     set_reset_on_close, CloseReason, Drive, Open, Phase, Session, Which, LINGER_POLL,
 };
+use crate::sessionlog::{End, Record};
 use crate::stats::{inc, ports_exhausted, Stats};
 use crate::timer::{Timer, TimerKind, Timers};
 use crate::token::Slot;
@@ -288,6 +289,7 @@ impl Tcp {
         };
         let Some(place) = Place::take(ctx.shared) else {
             inc(&ctx.stats.refused_max_conns);
+            log_refusal(ctx, service, peer, End::Limited);
             return refuse(stream);
         };
         let service = Arc::clone(service);
@@ -419,7 +421,8 @@ impl Tcp {
         let mut admitted = match admit(&service, Transport::Tcp, source, destination, now_ms) {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                return turn_away(stream, place, refusal.counter(Transport::Tcp, ctx.stats))
+                log_refusal(ctx, &service, source, refusal.end());
+                return turn_away(stream, place, refusal.counter(Transport::Tcp, ctx.stats));
             }
         };
         let source_count = match (&service.guards.limiter, admitted.limited) {
@@ -431,6 +434,7 @@ impl Tcp {
         };
         let Some((target, reservation, backend)) = self.begin_connect(&service, &mut admitted, ctx)
         else {
+            log_refusal(ctx, &service, source, End::NoBackend);
             return turn_away(stream, place, &ctx.stats.no_backend);
         };
         let slot = self.free.pop().unwrap_or_else(|| {
@@ -458,6 +462,8 @@ impl Tcp {
             last_active: ctx.now,
             linger_armed: false,
             queued: false,
+            started: ctx.now,
+            first_eof: None,
         };
         if let Err(e) = register_session(ctx.poll, &mut session, slot) {
             // This host's trouble (epoll out of memory): the client is reset and counted like
@@ -798,6 +804,9 @@ impl Tcp {
     /// End the session in `slot`. What it held gives itself back as it is dropped.
     fn close(&mut self, slot: usize, reason: CloseReason, ctx: &Ctx<'_>) {
         let Some(mut s) = self.sessions.get_mut(slot).and_then(Option::take) else { return };
+        if let Some(log) = &ctx.shared.session_log {
+            log.log(s.record(reason, ctx.now));
+        }
         log::debug!(
             "session {} closed: {reason:?} ({} in, {} out)",
             s.peer,
@@ -894,6 +903,13 @@ fn turn_away(stream: TcpStream, place: Place, counter: &AtomicU64) {
     inc(counter);
     drop(place);
     refuse(stream);
+}
+
+/// The session log's line for a client turned away before it had a session.
+fn log_refusal(ctx: &Ctx<'_>, service: &Arc<Snapshot>, client: SocketAddr, end: End) {
+    if let Some(log) = &ctx.shared.session_log {
+        log.log(Record::refused(false, Some(service), client, end));
+    }
 }
 
 /// Reset a client, so it sees an error rather than an empty session.

@@ -29,6 +29,7 @@ use crate::admission::{admit, Transport};
 use crate::held::{FlowLive, Pinned};
 
 use crate::outgoing::{no_local_port, Sources};
+use crate::sessionlog::{End, Record};
 use crate::stats::{inc, ports_exhausted, Stats};
 use crate::sys::{RecvBatch, BATCH};
 use crate::token::Slot;
@@ -51,6 +52,8 @@ const RECV_ROUNDS: usize = 8;
 /// What the worker needs from its surroundings for one call.
 pub struct Ctx<'a> {
     pub registry: &'a Registry,
+    /// The session log, when `--log-sessions` is on.
+    pub session_log: Option<&'a Arc<crate::sessionlog::SessionLog>>,
     /// Routing snapshots by service slot.
     pub services: &'a [Option<Arc<Snapshot>>],
     pub stats: &'a Stats,
@@ -107,6 +110,10 @@ struct Flow {
     /// counters already have.
     counts: Counts,
     flushed: Counts,
+    /// When it began (the proxy clock, ms), and whether its client came with a sticky pin:
+    /// for the session log.
+    started_ms: u64,
+    pinned: bool,
 }
 
 impl Flow {
@@ -140,6 +147,24 @@ impl Flow {
             offload_tried: false,
             counts: Counts::default(),
             flushed: Counts::default(),
+            started_ms: a.at_ms,
+            pinned: false,
+        }
+    }
+
+    /// Its session log record, as it ends for `end` at `now_ms`.
+    fn record(&self, end: End, now_ms: u64) -> Record {
+        Record {
+            at: std::time::SystemTime::now(),
+            udp: true,
+            service: Some(Arc::clone(&self.service)),
+            client: self.source,
+            backend: Some(self.backend),
+            bytes_in: self.counts.bytes[0],
+            bytes_out: self.counts.bytes[1],
+            duration: std::time::Duration::from_millis(now_ms.saturating_sub(self.started_ms)),
+            end,
+            pinned: self.pinned,
         }
     }
 }
@@ -165,6 +190,8 @@ struct Arrival {
     /// The real client and destination (from a trusted proxy's header, else `client`, `local`).
     source: SocketAddr,
     destination: SocketAddr,
+    /// When it came (the proxy clock, ms): a flow it opens began then.
+    at_ms: u64,
 }
 
 /// All UDP state of one worker.
@@ -265,7 +292,7 @@ impl Udp {
                 if let Some(flow) = self.flows[slot].as_ref().filter(|f| f.listener == i) {
                     let key = flow.key;
                     self.tables[flow.service.slot].remove(&key);
-                    self.close(slot, ctx.stats);
+                    self.close(slot, End::ListenerClosed, ctx);
                 }
             }
         }
@@ -280,7 +307,7 @@ impl Udp {
             if flow.service.backends[flow.backend].id == id {
                 let (key, table) = (flow.key, flow.service.slot);
                 self.tables[table].remove(&key);
-                self.close(slot, ctx.stats);
+                self.close(slot, End::BackendDown, ctx);
                 inc(&ctx.stats.killed);
                 n += 1;
             }
@@ -391,6 +418,7 @@ impl Udp {
                     local_ip,
                     source: client,
                     destination: to,
+                    at_ms: ctx.now_ms,
                 };
                 self.client_datagram(service, arrival, data, ctx);
             }
@@ -471,7 +499,7 @@ impl Udp {
             {
                 let table = flow.service.slot;
                 self.tables[table].remove(&key);
-                self.close(slot, ctx.stats);
+                self.close(slot, End::Denied, ctx);
                 inc(&ctx.stats.dropped_denied);
                 inc(&ctx.stats.datagrams_dropped);
                 return;
@@ -523,7 +551,7 @@ impl Udp {
                     flow.service.backends[flow.backend].mark_failing(ctx.now_ms);
                     let table = flow.service.slot;
                     self.tables[table].remove(&key);
-                    self.close(slot, ctx.stats);
+                    self.close(slot, End::BackendReset, ctx);
                     if round == 1 {
                         inc(&ctx.stats.datagrams_dropped);
                         inc(&ctx.stats.dropped_to_backend);
@@ -562,9 +590,9 @@ impl Udp {
         }
         // Access rules, the per-source flow rate, affinity and the backend, before any socket
         // is made: the same path as a TCP session's, so a client's flows and sessions agree.
-        let (affinity, backend) =
+        let (affinity, backend, pinned) =
             match admit(service, Transport::Udp, source, a.destination, ctx.now_ms) {
-                Ok(admitted) => (admitted.key, admitted.first),
+                Ok(admitted) => (admitted.key, admitted.first, admitted.pinned),
                 Err(refusal) => {
                     inc(refusal.counter(Transport::Udp, ctx.stats));
                     return None;
@@ -576,7 +604,7 @@ impl Udp {
             Ok(inserted) => {
                 if let Some((_, old)) = inserted.reclaimed {
                     let old_slot = *old.value();
-                    self.close(old_slot, ctx.stats);
+                    self.close(old_slot, End::Reclaimed, ctx);
                 }
             }
             Err(refused) => {
@@ -589,8 +617,9 @@ impl Udp {
         }
         let pin = affinity.and_then(|k| self.pin(service, k, target.id, ctx));
         inc(&ctx.stats.flows_created);
-        self.flows[slot] =
-            Some(Flow::new(socket, key, a, false, Arc::clone(service), backend, pin));
+        let mut flow = Flow::new(socket, key, a, false, Arc::clone(service), backend, pin);
+        flow.pinned = pinned;
+        self.flows[slot] = Some(flow);
         Some(slot)
     }
 
@@ -686,7 +715,7 @@ impl Udp {
                     log::debug!("udp flow {}: {e}", flow.key);
                     let (key, table) = (flow.key, flow.service.slot);
                     self.tables[table].remove(&key);
-                    self.close(slot, ctx.stats);
+                    self.close(slot, End::BackendReset, ctx);
                     return Recv::Drained;
                 }
             };
@@ -743,7 +772,7 @@ impl Udp {
                 continue;
             }
             inc(&ctx.stats.flows_expired);
-            self.close(slot, ctx.stats);
+            self.close(slot, End::IdleTimeout, ctx);
         }
     }
 
@@ -760,22 +789,25 @@ impl Udp {
             log::debug!("udp flow {}: its client is denied since a reload: ended", flow.key);
             let key = flow.key;
             self.tables[service].remove(&key);
-            self.close(slot, ctx.stats);
+            self.close(slot, End::Denied, ctx);
         }
     }
 
     /// Forget the flow in `slot` (already out of the table): the program stops carrying it
     /// and its counts are folded in, it is dropped, its socket closes (leaving epoll with it),
     /// and its gauge and sticky count come back.
-    fn close(&mut self, slot: usize, stats: &Stats) {
+    fn close(&mut self, slot: usize, end: End, ctx: &Ctx<'_>) {
         let Some(mut flow) = self.flows.get_mut(slot).and_then(Option::take) else { return };
         self.free.push(slot);
         if let (Some(kernel), Some(mut o)) = (self.kernel.as_mut(), flow.offloaded.take()) {
             let reading = kernel.read(&mut o);
             kernel.remove(&o);
-            fold(&mut flow, &reading, stats);
+            fold(&mut flow, &reading, ctx.stats);
         }
         flush(&mut flow);
+        if let Some(log) = ctx.session_log {
+            log.log(flow.record(end, ctx.now_ms));
+        }
     }
 }
 
@@ -851,6 +883,7 @@ mod tests {
         fn with<T>(&mut self, now_ms: u64, f: impl FnOnce(&mut Udp, &Ctx<'_>) -> T) -> T {
             let ctx = Ctx {
                 registry: self.poll.registry(),
+                session_log: None,
                 services: &self.services,
                 stats: &self.stats,
                 now_ms,

@@ -66,6 +66,7 @@ macro_rules! udp_ctx {
     ($w:expr) => {
         udp::Ctx {
             registry: $w.poll.registry(),
+            session_log: $w.shared.session_log.as_ref(),
             services: &$w.services,
             stats: &$w.stats,
             now_ms: $w.shared.now_ms($w.now),

@@ -27,6 +27,7 @@ pub mod cidr;
 pub mod duration;
 mod hash;
 mod key;
+pub mod time;
 
 pub use cidr::{Cidr, CidrError};
 pub use hash::KeyedHasher;

@@ -166,6 +166,7 @@ impl Udp {
             local_ip: handed.local_ip,
             source: handed.source,
             destination: handed.destination,
+            at_ms: ctx.now_ms,
         };
         self.flows[slot] =
             Some(Flow::new(socket, key, a, handed.header_sent, service, backend, pin));
