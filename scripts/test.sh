@@ -32,6 +32,10 @@ TETHER_TEST_UDP_OFFLOAD=off cargo test --test udp -- --test-threads="${TEST_THRE
 echo "== fuzz smoke run (PROXY header parser, config loader)"
 # About a minute of fuzzing (30 s per target) after the build; scripts/fuzz.sh SECONDS for more.
 scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
+echo "== the Debian package: build, dpkg -i, check the installed files, unit and man page"
+# As root (CI is): it installs the package on this machine. Builds the release binary the
+# chaos suite then uses.
+scripts/package.sh --check
 echo "== chaos and soak suite, one minute (docs/reliability.md)"
 # Release builds of tether and the suite, then every scenario at full scale for a minute; fails
 # if any figure misses its goal. scripts/chaos.sh --minutes 10 for the figures in the docs.
