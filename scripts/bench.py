@@ -216,6 +216,13 @@ class Tether(Balancer):
         return dict(os.environ, RUST_LOG="warn")
 
 
+class TetherSessionLog(Tether):
+    """tether writing a session log line per connection (--log-sessions) to its stdout, a file
+    in the work directory: what the log costs on the connection rate."""
+    name = "tether-sessionlog"
+    extra = ["--log-sessions"]
+
+
 class HAProxy(Balancer):
     name = "haproxy"
     splice = False
@@ -609,7 +616,7 @@ class TetherMillion(Tether):
 
 METRICS = {
     "bulk": (iperf_backends, [Direct, Tether, HAProxy, HAProxySplice, Nginx]),
-    "connrate": (http_backends, [Direct, Tether, HAProxy, Nginx]),
+    "connrate": (http_backends, [Direct, Tether, TetherSessionLog, HAProxy, Nginx]),
     "redis": (redis_backends, [Direct, Tether, HAProxy, Nginx]),
     "pingpong": (sockperf_backends, [Direct, Tether, HAProxy, Nginx]),
     "memory": (redis_backends, [Tether, HAProxy, Nginx]),

@@ -3,7 +3,7 @@
 # Needs the Rust toolchain; installs with apt-get (as root, or through sudo) what is missing of
 # chromium (the status page is tested in a headless browser), clang and libbpf-dev (the UDP
 # offload's BPF program is compiled by crates/offload/build.rs), iproute2 (`ip`) and ethtool
-# (for tests in network namespaces of their own, joined by veth pairs).
+# (for tests in network namespaces of their own, joined by veth pairs) and prometheus (promtool).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,8 @@ need=()
 if ! command -v chromium >/dev/null 2>&1 && [ -z "${TETHER_CHROMIUM:-}" ]; then need+=(chromium); fi
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
+# promtool checks /metrics by Prometheus's rules (tests/prometheus.rs).
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 scripts/build-deps.sh "${need[@]}"
 
 echo "== cargo fmt --check"

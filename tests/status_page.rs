@@ -1,83 +1,134 @@
-//! The status page in a real headless browser (Debian's chromium; scripts/test.sh installs it).
-//! The page must render the backends with their state, health and counts after its script ran.
+//! The status page in a real headless browser (Debian's chromium; scripts/test.sh installs it),
+//! driven through the DevTools protocol (`testkit::Browser`): the page must draw every
+//! backend's sparklines from `/api/history`, the share bars and the drain estimate, and its
+//! buttons must change the backend through the API (asking for the token when one is set).
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 
-fn chromium() -> PathBuf {
-    let candidates = [std::env::var("TETHER_CHROMIUM").unwrap_or_default(), "chromium".into()];
-    for c in candidates.iter().filter(|c| !c.is_empty()) {
-        if let Ok(out) = std::process::Command::new(c).arg("--version").output() {
-            if out.status.success() {
-                return PathBuf::from(c);
-            }
-        }
-    }
-    panic!("no chromium found: scripts/test.sh installs it (apt-get install chromium)");
+fn browser_at(url: &str) -> Browser {
+    let chromium = chromium()
+        .expect("no chromium found: scripts/test.sh installs it (apt-get install chromium)");
+    Browser::open(&chromium, url, (1600, 640)).expect("start chromium")
 }
 
-/// Run headless chromium on `url` with `args`; returns its stdout.
-fn browse(profile: &Path, url: &str, args: &[&str]) -> String {
-    let mut all = vec![
-        "--headless".to_string(),
-        "--no-sandbox".into(),
-        "--disable-gpu".into(),
-        "--no-first-run".into(),
-        "--hide-scrollbars".into(),
-        format!("--user-data-dir={}", profile.display()),
-        // Let the page's script fetch the API and render before the DOM is taken.
-        "--virtual-time-budget=5000".into(),
-    ];
-    all.extend(args.iter().map(|a| a.to_string()));
-    all.push(url.to_string());
-    let exit = run_to_exit(&chromium(), &all, DEADLINE * 2).expect("run chromium");
-    assert!(exit.status.success(), "chromium failed: {}", exit.stderr);
-    exit.stdout
+/// Waits until `expression` is true in the page, or fails with what `show` says then.
+fn page_shows(b: &mut Browser, expression: &str, show: &str) {
+    let v = b.wait_for(expression, DEADLINE).expect("evaluate");
+    if v != serde_json::json!(true) {
+        let seen = b.eval(show).unwrap_or_default();
+        panic!("the page never showed `{expression}`; it shows {seen}");
+    }
 }
 
 #[test]
-fn status_page_renders_backends_in_a_headless_browser() {
+fn the_page_draws_history_and_shares_and_its_button_drains_a_backend() {
     let pool = backends(75, 3);
     let t = tether_with_admin(75, &pool, &[]);
     let admin = t.admin();
-    let r = http(admin, "PUT", "/api/services/default/backends/b1", r#"{"state":"drain"}"#);
-    assert_eq!(r.unwrap().status, 200);
-    let _held: Vec<_> = (0..4).map(|i| hold(client_ip(i), t.addr()).unwrap()).collect();
-    let page = http(admin, "GET", "/", "").unwrap();
-    assert_eq!(page.status, 200);
-    assert!(page.content_type.starts_with("text/html"));
+    // Clients held open on every backend, so that sessions, pins and shares are not zero.
+    let held: Vec<_> = (0..30).map(|i| hold(client_ip(i), t.addr()).unwrap()).collect();
+    // Three history samples (one every 5 s) give each sparkline a line.
+    assert!(wait_until(DEADLINE, || {
+        let h = get_json(admin, "/api/history");
+        h["times_unix_ms"].as_array().is_some_and(|t| t.len() >= 3)
+    }));
+    let history = get_json(admin, "/api/history");
+    let b0 = history["backends"].as_array().unwrap().iter().find(|b| b["name"] == "b0").unwrap();
+    let last = b0["sessions"].as_array().unwrap().last().unwrap().as_u64().unwrap();
+    assert_eq!(last, api_backend(admin, "b0")["sessions"].as_u64().unwrap());
 
-    let profile = std::env::temp_dir().join(format!("tether-chromium-{}", std::process::id()));
-    let url = format!("http://{admin}/");
-    let dom = browse(&profile, &url, &["--dump-dom"]);
-    // Rendered by the script from /api/backends: one row per backend, with its state pill.
-    for b in &pool {
-        assert!(dom.contains(&format!("<td>{}</td>", b.name())), "no row for {}:\n{dom}", b.name());
-        assert!(dom.contains(&format!("<td>{}</td>", b.addr())), "no address of {}", b.name());
-    }
-    assert!(dom.contains(r#"<span class="pill drain">drain</span>"#), "{dom}");
-    assert!(dom.contains(r#"<span class="pill up">up</span>"#), "{dom}");
-    assert!(dom.contains("b1: state ready -&gt; drain"), "the event list is missing:\n{dom}");
-    assert!(dom.contains("updated "), "the script did not finish a refresh:\n{dom}");
-
-    // A screenshot: a PNG of some substance (docs/status-page.png was made the same way; set
-    // TETHER_SCREENSHOT to keep this one).
-    let shot = std::env::var("TETHER_SCREENSHOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| profile.with_extension("png"));
-    browse(
-        &profile,
-        &url,
-        &[&format!("--screenshot={}", shot.display()), "--window-size=1500,640"],
+    let mut b = browser_at(&format!("http://{admin}/"));
+    // One row per backend with its three sparklines, each a line of several points.
+    page_shows(
+        &mut b,
+        "document.querySelectorAll('tr[data-backend] svg.spark polyline').length >= 9",
+        "document.getElementById('backends').innerText",
     );
-    let png = std::fs::read(&shot).expect("chromium wrote no screenshot");
+    let points = b
+        .eval("document.querySelector('tr[data-backend=\"default/b0\"] svg.spark.live polyline').getAttribute('points').split(' ').length")
+        .unwrap();
+    assert!(points.as_u64().unwrap() >= 2, "{points}");
+    // The share bars add up to the whole service.
+    let shares = b
+        .eval("[...document.querySelectorAll('[data-share]')].map(e => parseFloat(e.style.width)).reduce((a, x) => a + x, 0)")
+        .unwrap();
+    assert!((shares.as_f64().unwrap() - 100.0).abs() < 0.5, "pinned shares add to {shares}");
+
+    // Drain b1 with its button: the API has it, and the page shows it with a drain card.
+    b.eval("document.querySelector('button[data-action=\"drain\"][data-backend=\"default/b1\"]').click()")
+        .unwrap();
+    assert!(wait_until(DEADLINE, || api_backend(admin, "b1")["state"] == "drain"));
+    page_shows(
+        &mut b,
+        "document.querySelector('tr[data-backend=\"default/b1\"] .pill.drain') !== null \
+         && document.querySelector('[data-drain=\"default/b1\"]') !== null",
+        "document.body.innerText",
+    );
+    let card = b.eval("document.querySelector('[data-drain=\"default/b1\"]').innerText").unwrap();
+    let pinned = api_backend(admin, "b1")["sticky_clients"].as_u64().unwrap();
+    let card = card.as_str().unwrap().to_string();
+    assert!(card.contains(&format!("{pinned} pinned clients left")), "{card}");
+    // Held sessions do not end: the trend is flat (with no client at all it would be empty).
+    let expected = if pinned == 0 { "empty: safe to take out" } else { "not emptying yet" };
+    assert!(card.contains(expected), "{card}");
+    // The estimate's trend: a least-squares slope per minute over the last samples.
+    let slope = b.eval("slopePerMinute([0, 60000, 120000, 180000], [10, 8, null, 4], 12)").unwrap();
+    assert!((slope.as_f64().unwrap() + 2.0).abs() < 1e-9, "{slope}");
+    page_shows(
+        &mut b,
+        "document.getElementById('events').innerText.includes('b1: state ready -> drain')",
+        "document.getElementById('events').innerText",
+    );
+
+    // The weight field.
+    b.eval("(() => { const i = document.querySelector('input.weight[data-backend=\"default/b2\"]'); i.value = 7; document.querySelector('button[data-action=\"weight\"][data-backend=\"default/b2\"]').click(); })()")
+        .unwrap();
+    assert!(wait_until(DEADLINE, || api_backend(admin, "b2")["weight"] == 7));
+
+    // A screenshot (docs/status-page.png is made this way: TETHER_SCREENSHOT=docs/status-page.png).
+    let shot = std::env::var("TETHER_SCREENSHOT").map(PathBuf::from).unwrap_or_else(|_| {
+        std::env::temp_dir().join(format!("tether-status-{}.png", std::process::id()))
+    });
+    b.screenshot(&shot).unwrap();
+    let png = std::fs::read(&shot).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
-    assert!(png.len() > 10_000, "a suspiciously small screenshot: {} bytes", png.len());
+    assert!(png.len() > 20_000, "a suspiciously small screenshot: {} bytes", png.len());
     if std::env::var("TETHER_SCREENSHOT").is_err() {
         let _ = std::fs::remove_file(&shot);
     }
-    let _ = std::fs::remove_dir_all(&profile);
+    drop(held);
+}
+
+#[test]
+fn a_button_asks_for_the_token_when_the_instance_has_one() {
+    let pool = backends(161, 2);
+    let file = std::env::temp_dir().join(format!("tether-page-token-{}", std::process::id()));
+    std::fs::write(&file, "page-token-of-some-length-1234\n").unwrap();
+    let t = tether_with_admin(161, &pool, &["--admin-token-file", file.to_str().unwrap()]);
+    let admin = t.admin();
+    let mut b = browser_at(&format!("http://{admin}/"));
+    page_shows(
+        &mut b,
+        "document.querySelector('button[data-action=\"maint\"][data-backend=\"default/b0\"]') !== null",
+        "document.body.innerText",
+    );
+    // A wrong token first: the API refuses, the page says so, nothing changes.
+    b.eval("window.prompt = () => 'wrong-token'; document.querySelector('button[data-action=\"maint\"][data-backend=\"default/b0\"]').click()").unwrap();
+    page_shows(
+        &mut b,
+        "document.getElementById('error').innerText.includes('default/b0')",
+        "document.getElementById('error').innerText",
+    );
+    assert_eq!(api_backend(admin, "b0")["state"], "ready");
+    // The right one.
+    b.eval("sessionStorage.clear(); window.prompt = () => 'page-token-of-some-length-1234'; document.querySelector('button[data-action=\"maint\"][data-backend=\"default/b0\"]').click()").unwrap();
+    assert!(wait_until(DEADLINE, || api_backend(admin, "b0")["state"] == "maint"));
+    // Kept for the next change: no second prompt.
+    b.eval("window.prompt = () => { throw new Error('asked again'); }; document.querySelector('button[data-action=\"ready\"][data-backend=\"default/b0\"]').click()").unwrap();
+    assert!(wait_until(DEADLINE, || api_backend(admin, "b0")["state"] == "ready"));
+    let _ = std::fs::remove_file(&file);
 }

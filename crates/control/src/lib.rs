@@ -34,6 +34,7 @@ use supervisor::{signal_thread, Running, Supervisor};
 
 mod admin;
 mod checks;
+mod history;
 mod metrics;
 mod notify;
 mod offload;

@@ -103,6 +103,8 @@ pub struct Registry {
     pub offload: crate::offload::Status,
     /// Pins shared with other instances (`--peer`, `--peer-listen`).
     pub peering: Option<Arc<crate::peering::Peering>>,
+    /// The last ten minutes of every backend (`GET /api/history`).
+    pub history: crate::history::History,
 }
 
 /// A backend as the API shows it.
@@ -159,6 +161,7 @@ impl Registry {
                 attachment: None,
             },
             peering: None,
+            history: crate::history::History::default(),
             started_unix_ms: SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),

@@ -67,6 +67,7 @@ impl Supervisor<'_> {
         let mut failure = None;
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         let mut next_watchdog = Instant::now();
+        let mut next_sample = Instant::now();
         loop {
             crossbeam_channel::select! {
                 recv(signals) -> sig => if let Ok(sig) = sig {
@@ -84,6 +85,15 @@ impl Supervisor<'_> {
                     log::debug!("sticky sweep removed {removed} expired entries");
                 }
                 self.watch_workers(running);
+            }
+            if Instant::now() >= next_sample {
+                next_sample = Instant::now() + crate::history::EVERY;
+                let mut reg = self.lock();
+                let views = reg.backends();
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                reg.history.record(unix_ms, &views);
             }
             // The watchdog is fed only while every worker's loop turns: a stalled worker
             // starves it, and systemd restarts tether.

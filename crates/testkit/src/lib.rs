@@ -38,6 +38,7 @@
 
 mod backend;
 mod blackhole;
+mod browser;
 mod client;
 pub mod cluster;
 mod data;
@@ -58,6 +59,7 @@ use std::time::{Duration, Instant};
 
 pub use backend::{Backend, Event, Outcome};
 pub use blackhole::{blackhole, Blackhole};
+pub use browser::{chromium, Browser};
 pub use client::{
     ask_name, ask_peer, client_ip, client_ips, connect_from, hold, parse_sink_reply, read_line,
     read_to_end_digest, send_command, send_reset, write_pattern, CLIENT_IPS, CONNECT_TIMEOUT,

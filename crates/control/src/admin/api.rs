@@ -67,6 +67,7 @@ pub fn route(
         },
         (&Method::GET, ["api", "backends"]) => ok_json(backends_json(&lock())),
         (&Method::GET, ["api", "events"]) => ok_json(events_json(&lock())),
+        (&Method::GET, ["api", "history"]) => ok_json(lock().history.json()),
         (&Method::GET, ["api", "sticky"]) => sticky(query, &lock()),
         (&Method::GET, ["api", "flows"]) => {
             let links = lock().workers.links.clone();
@@ -114,7 +115,7 @@ pub fn route(
             _,
             []
             | ["metrics"]
-            | ["api", "backends" | "events" | "sticky" | "reload" | "state" | "status"],
+            | ["api", "backends" | "events" | "history" | "sticky" | "reload" | "state" | "status"],
         )
         | (_, ["api", "services", _, "backends", ..]) => {
             error(405, &format!("{method} is not allowed on /{}", segments.join("/")))
