@@ -28,7 +28,10 @@ if ! $check; then
 fi
 
 # What the package must give an operator, checked on this machine.
-scripts/build-deps.sh man-db systemd
+missing=()
+command -v man >/dev/null 2>&1 || missing+=(man-db)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+scripts/build-deps.sh "${missing[@]}"
 echo "== dpkg -i $deb"
 dpkg -i "$deb" >/dev/null
 fail() { echo "package check failed: $*" >&2; exit 1; }
