@@ -222,6 +222,12 @@ class TetherSessionLog(Tether):
     name = "tether-sessionlog"
     extra = ["--log-sessions"]
 
+    def session_lines(self):
+        """Session lines in its log so far (the writer flushes every batch)."""
+        time.sleep(0.3)
+        with open(self.log.name) as f:
+            return sum(1 for line in f if line.startswith("time="))
+
 
 class HAProxy(Balancer):
     name = "haproxy"
@@ -392,8 +398,12 @@ def connrate(lb, args):
         total = int(re.search(r"(\d+) requests in", out).group(1))
         errors = re.search(r"Socket errors: (.*)", out)
         return {"conn_s": rps, "conns": total, "errors": errors.group(1) if errors else ""}
+    before = lb.session_lines() if hasattr(lb, "session_lines") else 0
     r = measure(lb, run)
     r["cpu_us_per_conn"] = r["lb_cpu_s"] * 1e6 / max(1, r["conns"])
+    if hasattr(lb, "session_lines"):
+        # One line per connection, or the figure measures nothing.
+        r["session_log_lines"] = lb.session_lines() - before
     return r
 
 
@@ -457,8 +467,12 @@ def state(lb, args):
                    str(args.state_sources), "--threads", "8", "--seconds", str(args.seconds)],
                   args.seconds + 60)
         return json.loads(out)
+    before = lb.session_lines() if hasattr(lb, "session_lines") else 0
     r = measure(lb, run)
     r["cpu_us_per_conn"] = r["lb_cpu_s"] * 1e6 / max(1, r["conns"])
+    if hasattr(lb, "session_lines"):
+        # One line per connection, or the figure measures nothing.
+        r["session_log_lines"] = lb.session_lines() - before
     return r
 
 
