@@ -198,3 +198,26 @@ fn without_the_flag_nothing_is_logged() {
 fn scrape_closed(t: &Tether) -> f64 {
     scrape(t, "tether_sessions_closed_total", "")
 }
+
+#[test]
+fn no_backend_and_the_grace_period_have_their_lines_and_every_line_is_written_at_exit() {
+    let pool = backends(163, 1);
+    let mut t = tether_with_admin(163, &pool, &["--log-sessions", "--grace", "1s"]);
+    // A client held open, then the only backend in maintenance: the next client has nowhere
+    // to go.
+    let (held, _) = hold(ip("127.0.163.100"), t.addr()).unwrap();
+    let r = http(t.admin(), "PUT", "/api/services/default/backends/b0", r#"{"state":"maint"}"#);
+    assert_eq!(r.unwrap().status, 200);
+    let _ = ask_name(ip("127.0.163.101"), t.addr());
+    let refused = line_of(&t, "127.0.163.101", "no_backend");
+    assert_eq!(refused["backend"], "-");
+    // SIGTERM: the held session is cut when the grace period ends, and its line is written
+    // before the process exits.
+    t.signal(Signal::SIGTERM).unwrap();
+    assert!(t.wait_exit(DEADLINE).is_some_and(|s| s.success()));
+    let cut = line_of(&t, "127.0.163.100", "grace");
+    assert_eq!(cut["backend"], "b0");
+    let ms: u64 = cut["duration_ms"].parse().unwrap();
+    assert!(ms >= 1000, "{ms}");
+    drop(held);
+}
