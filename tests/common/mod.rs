@@ -118,3 +118,16 @@ pub fn metric(text: &str, name: &str, label: &str) -> f64 {
 pub fn scrape(t: &Tether, name: &str, label: &str) -> f64 {
     metric(&http(t.admin(), "GET", "/metrics", "").expect("GET /metrics").body, name, label)
 }
+
+/// Whether the client at `source` is refused: the connection is reset (or closed) before any
+/// byte of a backend's answer.
+pub fn refused(source: IpAddr, to: SocketAddr) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = connect_from(source, to, DEADLINE) else { return true };
+    let _ = send_command(&mut s, "name");
+    let mut reply = Vec::new();
+    match s.read_to_end(&mut reply) {
+        Err(_) => true,
+        Ok(_) => reply.is_empty(),
+    }
+}

@@ -389,6 +389,7 @@ mod tests {
                 },
             ],
             affinity: Affinity::FiveTuple,
+            prefix: vocab::Prefix::HOST,
             sticky_timeout: Duration::from_secs(20 * 60),
             sticky_capacity: 5000,
             connect_timeout: Duration::from_secs(3),
@@ -414,6 +415,7 @@ mod tests {
                 conn_rate_per_source: Some(50),
                 flow_rate_per_source: Some(10),
                 tracked_sources: 5000,
+                limit_per_prefix: false,
             },
             proxy: crate::ProxyConfig {
                 send: Some(crate::ProxyVersion::V2),
@@ -434,6 +436,7 @@ mod tests {
                 max_conns: None,
             }],
             affinity: Affinity::Source,
+            prefix: vocab::Prefix::HOST,
             sticky_timeout: crate::DEFAULT_STICKY_TIMEOUT,
             sticky_capacity: crate::DEFAULT_STICKY_CAPACITY,
             connect_timeout: crate::DEFAULT_CONNECT_TIMEOUT,
@@ -462,6 +465,7 @@ mod tests {
                 conn_rate_per_source: None,
                 flow_rate_per_source: None,
                 tracked_sources: crate::DEFAULT_TRACKED_SOURCES,
+                limit_per_prefix: false,
             },
             proxy: crate::ProxyConfig {
                 send: None,

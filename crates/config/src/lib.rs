@@ -143,6 +143,8 @@ pub struct GuardConfig {
     pub flow_rate_per_source: Option<u32>,
     /// Most client IPs the per-source limits track.
     pub tracked_sources: usize,
+    /// The limits count per affinity prefix rather than per address.
+    pub limit_per_prefix: bool,
 }
 
 impl GuardConfig {
@@ -182,6 +184,8 @@ pub struct Service {
     pub protocol: Protocol,
     pub backends: Vec<BackendSpec>,
     pub affinity: Affinity,
+    /// With source affinity, how much of the address pins a client (`source/24,64`).
+    pub prefix: vocab::Prefix,
     pub sticky_timeout: Duration,
     pub sticky_capacity: usize,
     pub connect_timeout: Duration,
@@ -457,7 +461,13 @@ pub(crate) fn build_service(
     if backends.is_empty() {
         return Err(origin.missing("backend", "at least one backend is required"));
     }
-    let affinity = opt(origin, "affinity", &input.affinity, Affinity::Source, parse_affinity)?;
+    let (affinity, prefix) = opt(
+        origin,
+        "affinity",
+        &input.affinity,
+        (Affinity::Source, vocab::Prefix::HOST),
+        parse_affinity,
+    )?;
     let protocol = opt(origin, "protocol", &input.protocol, Protocol::Tcp, parse_protocol)?;
     let table_size = opt_count(origin, "table-size", &input.table_size, DEFAULT_TABLE_SIZE)?;
     check_table_size(table_size, backends.len()).map_err(|p| {
@@ -467,6 +477,15 @@ pub(crate) fn build_service(
     let seed = opt(origin, "seed", &input.seed, 0, parse_seed)?;
     let mut health = build_health(origin, input, protocol)?;
     let guard = build_guard(origin, input)?;
+    if guard.limit_per_prefix && prefix.is_host() {
+        let raw = input.limit_per.clone().unwrap_or_default();
+        return Err(origin.error(
+            "limit-per",
+            &raw,
+            "`prefix` counts per --affinity source/N network; this service keys whole addresses"
+                .to_string(),
+        ));
+    }
     let proxy = build_proxy(origin, input)?;
     health.send_proxy = health_send_proxy(origin, input, &health.check, proxy.send)?;
     let udp_buffer = |key: &str, raw: &Option<String>| match raw {
@@ -484,6 +503,7 @@ pub(crate) fn build_service(
         protocol,
         backends,
         affinity,
+        prefix,
         sticky_timeout: opt(
             origin,
             "sticky-timeout",
@@ -652,6 +672,11 @@ fn build_guard(origin: &Origin, input: &ServiceInput) -> Result<GuardConfig, Con
             &input.tracked_sources,
             DEFAULT_TRACKED_SOURCES,
         )?,
+        limit_per_prefix: opt(origin, "limit-per", &input.limit_per, false, |r| match r {
+            "address" => Ok(false),
+            "prefix" => Ok(true),
+            _ => Err("expected `address` or `prefix`".to_string()),
+        })?,
     })
 }
 
@@ -1001,6 +1026,38 @@ mod tests {
 
     fn err(extra: &[&str]) -> String {
         with(extra).unwrap_err()
+    }
+
+    #[test]
+    fn affinity_by_prefix_and_limits_per_prefix() {
+        let c = with(&["--affinity", "source/24"]).unwrap();
+        assert_eq!(c.services[0].affinity, Affinity::Source);
+        assert_eq!(c.services[0].prefix, vocab::Prefix { v4: 24, v6: 128 });
+        let c = with(&["--affinity", "source/24,64", "--limit-per", "prefix"]).unwrap();
+        assert_eq!(c.services[0].prefix, vocab::Prefix { v4: 24, v6: 64 });
+        assert!(c.services[0].guard.limit_per_prefix);
+        assert_eq!(with(&[]).unwrap().services[0].prefix, vocab::Prefix::HOST);
+        assert!(!with(&[]).unwrap().services[0].guard.limit_per_prefix);
+        for (bad, says) in [
+            ("source/33", "1 to 32, not 33"),
+            ("source/0", "1 to 32, not 0"),
+            ("source/24,129", "1 to 128, not 129"),
+            ("source/24,0", "1 to 128, not 0"),
+            ("source/x", "expected `source`"),
+            ("source/24,", "expected `source`"),
+            ("source/", "expected `source`"),
+            ("5tuple/24", "expected `source`"),
+        ] {
+            let e = err(&["--affinity", bad]);
+            assert!(
+                e.starts_with(&format!("--affinity {bad:?}")) && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+        let e = err(&["--limit-per", "prefix"]);
+        assert!(e.starts_with("--limit-per \"prefix\"") && e.contains("source/N"), "{e}");
+        let e = err(&["--affinity", "source/24", "--limit-per", "nat"]);
+        assert!(e.starts_with("--limit-per \"nat\"") && e.contains("`address` or `prefix`"), "{e}");
     }
 
     #[test]

@@ -188,7 +188,9 @@ settings! {
     service {
         /// listeners given by --listen take `tcp` (default), `udp` or `both`
         protocol: text,
-        /// what pins a client: `source` (client IP, default) or `5tuple` (each connection on its own)
+        /// what pins a client: `source` (client IP, default), `source/24` or `source/24,64` (the
+        /// client's IPv4 /24 or IPv6 /64 network: clients behind one carrier-grade NAT or in one
+        /// IPv6 /64 share a pin) or `5tuple` (each connection on its own)
         affinity: text,
         /// how long a client stays pinned after its last session closes (default 30m)
         sticky_timeout: duration,
@@ -244,6 +246,9 @@ settings! {
         max_flow_rate_per_source: count,
         /// most client IPs the per-source limits track at once (default 100000)
         tracked_sources: count,
+        /// what the per-source limits count by: `address` (default: each client IP) or `prefix`
+        /// (the --affinity source/N network: one budget for a whole NAT or /64)
+        limit_per: text,
         /// send a PROXY protocol header to backends: `v1` or `v2` (UDP flows always get v2)
         send_proxy: text,
         /// with --send-proxy, put the v2 header on every UDP datagram, not only a flow's first

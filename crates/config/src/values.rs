@@ -120,12 +120,31 @@ pub fn check_admin(raw: &str, allow_remote: bool) -> Result<SocketAddr, String> 
     Ok(addr)
 }
 
-pub fn parse_affinity(raw: &str) -> Result<Affinity, String> {
+/// `source`, `source/V4` or `source/V4,V6` (prefix lengths), or `5tuple`.
+pub fn parse_affinity(raw: &str) -> Result<(Affinity, vocab::Prefix), String> {
+    let bad = || "expected `source`, `source/24`, `source/24,64` or `5tuple`".to_string();
     match raw {
-        "source" => Ok(Affinity::Source),
-        "5tuple" => Ok(Affinity::FiveTuple),
-        _ => Err("expected `source` or `5tuple`".into()),
+        "source" => return Ok((Affinity::Source, vocab::Prefix::HOST)),
+        "5tuple" => return Ok((Affinity::FiveTuple, vocab::Prefix::HOST)),
+        _ => {}
     }
+    let lengths = raw.strip_prefix("source/").ok_or_else(bad)?;
+    let (v4, v6) = match lengths.split_once(',') {
+        Some((a, b)) => (a, Some(b)),
+        None => (lengths, None),
+    };
+    let v4: u8 = v4.parse().map_err(|_| bad())?;
+    if !(1..=32).contains(&v4) {
+        return Err(format!("an IPv4 prefix length is 1 to 32, not {v4}"));
+    }
+    let v6: u8 = match v6 {
+        Some(b) => b.parse().map_err(|_| bad())?,
+        None => 128,
+    };
+    if !(1..=128).contains(&v6) {
+        return Err(format!("an IPv6 prefix length is 1 to 128, not {v6}"));
+    }
+    Ok((Affinity::Source, vocab::Prefix { v4, v6 }))
 }
 
 pub fn parse_protocol(raw: &str) -> Result<Protocol, String> {

@@ -380,7 +380,9 @@ impl Registry {
         let slot = self.find(service)?;
         let s = self.services[slot].as_ref().expect("found");
         let now = self.shared.clock_ms();
-        let Some(entry) = s.sticky.get(AffinityKey::from_ip(client), now) else {
+        // Pinned by its network under `--affinity source/N`.
+        let key = AffinityKey::from_ip_prefix(client, s.config.prefix);
+        let Some(entry) = s.sticky.get(key, now) else {
             return Ok(Pin { backend: None, live: 0, expires_in_ms: None });
         };
         let name =
@@ -514,6 +516,8 @@ pub(crate) fn backend_ctl(
 pub(crate) fn settings_of(service: &config::Service) -> Settings {
     Settings {
         affinity: service.affinity,
+        prefix: service.prefix,
+        limit_per_prefix: service.guard.limit_per_prefix,
         connect_timeout: service.connect_timeout,
         idle_timeout: service.idle_timeout,
         udp_idle_timeout: service.udp_idle_timeout,

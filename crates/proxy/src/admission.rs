@@ -12,7 +12,7 @@
 //! backend should be tried, so that no caller reads errno.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 
 use conntrack::AffinityKey;
@@ -99,6 +99,9 @@ pub struct Admitted {
     pub tried: Tried,
     /// The client came with a sticky pin that decided its first backend.
     pub pinned: bool,
+    /// What the per-source limiter counted this client as: its address, or its affinity
+    /// network with `--limit-per prefix`. The session gives its count back under it.
+    pub limit_ip: IpAddr,
 }
 
 /// Let `source` (the real client: the peer, or what a trusted proxy's header said) in to
@@ -114,10 +117,15 @@ pub fn admit(
         return Err(Refusal::Denied);
     }
     let mut limited = false;
+    let limit_ip = if service.settings.limit_per_prefix {
+        service.settings.prefix.network(source.ip())
+    } else {
+        source.ip()
+    };
     if let Some(limiter) = &service.guards.limiter {
         let verdict = match transport {
-            Transport::Tcp => limiter.open_session(source.ip(), now_ms),
-            Transport::Udp => limiter.open_flow(source.ip(), now_ms),
+            Transport::Tcp => limiter.open_session(limit_ip, now_ms),
+            Transport::Udp => limiter.open_flow(limit_ip, now_ms),
         };
         if verdict != guard::Verdict::Allow {
             return Err(Refusal::Source(verdict));
@@ -126,7 +134,7 @@ pub fn admit(
     }
     let (key, hash) = match service.settings.affinity {
         vocab::Affinity::Source => {
-            let key = AffinityKey::from_ip(source.ip());
+            let key = AffinityKey::from_ip_prefix(source.ip(), service.settings.prefix);
             (Some(key), service.hash_key(&key.to_bytes()))
         }
         vocab::Affinity::FiveTuple => {
@@ -139,12 +147,18 @@ pub fn admit(
         .and_then(|id| service.pinned(id, now_ms));
     let was_pinned = pinned.is_some();
     match pinned.or_else(|| service.choose(hash, now_ms, |_| false)) {
-        Some(first) => {
-            Ok(Admitted { key, hash, limited, first, tried: Tried::default(), pinned: was_pinned })
-        }
+        Some(first) => Ok(Admitted {
+            key,
+            hash,
+            limited,
+            first,
+            tried: Tried::default(),
+            pinned: was_pinned,
+            limit_ip,
+        }),
         None => {
             if let (true, Some(limiter)) = (limited, &service.guards.limiter) {
-                limiter.close_session(source.ip(), now_ms);
+                limiter.close_session(limit_ip, now_ms);
             }
             Err(Refusal::NoBackend)
         }
@@ -281,6 +295,8 @@ mod tests {
             .collect();
         let settings = Settings {
             affinity,
+            prefix: vocab::Prefix::HOST,
+            limit_per_prefix: false,
             connect_timeout: std::time::Duration::from_secs(1),
             idle_timeout: std::time::Duration::from_secs(60),
             udp_idle_timeout: std::time::Duration::from_secs(60),

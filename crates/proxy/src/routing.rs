@@ -194,6 +194,10 @@ impl BackendState {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub affinity: vocab::Affinity,
+    /// With source affinity, how much of the address pins a client (`source/24,64`).
+    pub prefix: vocab::Prefix,
+    /// The per-source limits count per `prefix` network rather than per address.
+    pub limit_per_prefix: bool,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
@@ -209,6 +213,8 @@ impl Settings {
     pub(crate) fn for_tests(idle: Duration, udp_idle: Duration) -> Settings {
         Settings {
             affinity: vocab::Affinity::Source,
+            prefix: vocab::Prefix::HOST,
+            limit_per_prefix: false,
             connect_timeout: Duration::from_secs(1),
             idle_timeout: idle,
             udp_idle_timeout: udp_idle,

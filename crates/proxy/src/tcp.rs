@@ -428,7 +428,7 @@ impl Tcp {
         let source_count = match (&service.guards.limiter, admitted.limited) {
             (Some(limiter), true) => {
                 let clock = Arc::clone(place.shared());
-                Some(SourceCount::new(Arc::clone(limiter), source.ip(), clock))
+                Some(SourceCount::new(Arc::clone(limiter), admitted.limit_ip, clock))
             }
             _ => None,
         };

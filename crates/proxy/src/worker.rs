@@ -307,6 +307,8 @@ pub(crate) mod tests {
         state.set_max_conns(std::num::NonZeroU32::new(1));
         let settings = Settings {
             affinity: vocab::Affinity::Source,
+            prefix: vocab::Prefix::HOST,
+            limit_per_prefix: false,
             connect_timeout: PATIENCE,
             idle_timeout: PATIENCE,
             udp_idle_timeout: PATIENCE,

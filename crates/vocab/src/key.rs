@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Index of a backend in the routing snapshot's backend list.
 pub type BackendId = u32;
@@ -26,6 +26,13 @@ impl AffinityKey {
         }
     }
 
+    /// The key of the network of `ip` under `prefix`: every client of one IPv4 /24 (or one
+    /// IPv6 /64) shares it with `Prefix { v4: 24, v6: 64 }`. A v4-mapped IPv6 client is an IPv4
+    /// client here too, so it takes the IPv4 length.
+    pub fn from_ip_prefix(ip: IpAddr, prefix: Prefix) -> Self {
+        Self::from_ip(prefix.network(ip))
+    }
+
     /// The key whose [`to_bytes`](Self::to_bytes) is `bytes` (e.g. read back from the admin API).
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         Self(bytes)
@@ -39,6 +46,68 @@ impl AffinityKey {
     /// The client address in canonical form: `V4` for a mapped address, `V6` otherwise.
     pub fn ip(&self) -> IpAddr {
         Ipv6Addr::from(self.0).to_canonical()
+    }
+}
+
+/// How much of a client's address pins it (`--affinity source/24,64`): prefix lengths for IPv4
+/// and IPv6 clients. The default, [`Prefix::HOST`], is the whole address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    /// 1..=32.
+    pub v4: u8,
+    /// 1..=128.
+    pub v6: u8,
+}
+
+impl Prefix {
+    /// Every address its own: /32 and /128.
+    pub const HOST: Prefix = Prefix { v4: 32, v6: 128 };
+
+    /// The network address of `ip` (canonical: a v4-mapped address as IPv4).
+    pub fn network(self, ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => {
+                let bits = u32::from(v4) & mask32(self.v4);
+                IpAddr::V4(Ipv4Addr::from(bits))
+            }
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & mask128(self.v6);
+                IpAddr::V6(Ipv6Addr::from(bits))
+            }
+        }
+    }
+
+    /// Whether it keys on whole addresses.
+    pub fn is_host(self) -> bool {
+        self == Prefix::HOST
+    }
+}
+
+impl Default for Prefix {
+    fn default() -> Self {
+        Prefix::HOST
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{},{}", self.v4, self.v6)
+    }
+}
+
+fn mask32(len: u8) -> u32 {
+    match len {
+        0 => 0,
+        n if n >= 32 => u32::MAX,
+        n => u32::MAX << (32 - u32::from(n)),
+    }
+}
+
+fn mask128(len: u8) -> u128 {
+    match len {
+        0 => 0,
+        n if n >= 128 => u128::MAX,
+        n => u128::MAX << (128 - u32::from(n)),
     }
 }
 
@@ -72,6 +141,27 @@ impl fmt::Display for AffinityKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_keys_a_network_and_a_mapped_client_as_ipv4() {
+        let p = Prefix { v4: 24, v6: 64 };
+        let k = |s: &str| AffinityKey::from_ip_prefix(s.parse().unwrap(), p);
+        assert_eq!(k("198.51.100.7"), k("198.51.100.250"));
+        assert_ne!(k("198.51.100.7"), k("198.51.101.7"));
+        assert_eq!(k("::ffff:198.51.100.9"), k("198.51.100.7"), "v4-mapped takes the v4 length");
+        assert_eq!(k("2001:db8:1:2:aaaa::1"), k("2001:db8:1:2:bbbb::2"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_eq!(k("198.51.100.7").ip(), "198.51.100.0".parse::<IpAddr>().unwrap());
+        let host = |s: &str| AffinityKey::from_ip_prefix(s.parse().unwrap(), Prefix::HOST);
+        assert_eq!(host("198.51.100.7"), AffinityKey::from_ip("198.51.100.7".parse().unwrap()));
+        assert_eq!(host("2001:db8::1"), AffinityKey::from_ip("2001:db8::1".parse().unwrap()));
+        let odd = Prefix { v4: 1, v6: 1 };
+        assert_eq!(
+            odd.network("200.1.2.3".parse().unwrap()),
+            "128.0.0.0".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(odd.network("fe80::1".parse().unwrap()), "8000::".parse::<IpAddr>().unwrap());
+    }
 
     fn key(s: &str) -> AffinityKey {
         AffinityKey::from_ip(s.parse().unwrap())

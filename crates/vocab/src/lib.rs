@@ -31,7 +31,7 @@ pub mod time;
 
 pub use cidr::{Cidr, CidrError};
 pub use hash::KeyedHasher;
-pub use key::{AffinityKey, BackendId};
+pub use key::{AffinityKey, BackendId, Prefix};
 
 /// What a client is pinned by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

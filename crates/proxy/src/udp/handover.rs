@@ -154,7 +154,10 @@ impl Udp {
         }
         let pin = match service.settings.affinity {
             vocab::Affinity::Source => {
-                let k = conntrack::AffinityKey::from_ip(handed.source.ip());
+                let k = conntrack::AffinityKey::from_ip_prefix(
+                    handed.source.ip(),
+                    service.settings.prefix,
+                );
                 self.pin(&service, k, target.id, ctx)
             }
             vocab::Affinity::FiveTuple => None,
