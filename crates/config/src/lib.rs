@@ -186,6 +186,8 @@ pub struct Service {
     pub affinity: Affinity,
     /// With source affinity, how much of the address pins a client (`source/24,64`).
     pub prefix: vocab::Prefix,
+    /// Bounded-load choice for clients without a pin (`None`: off).
+    pub balance_factor: Option<f64>,
     pub sticky_timeout: Duration,
     pub sticky_capacity: usize,
     pub connect_timeout: Duration,
@@ -504,6 +506,17 @@ pub(crate) fn build_service(
         backends,
         affinity,
         prefix,
+        balance_factor: opt(
+            origin,
+            "balance-factor",
+            &input.balance_factor,
+            None,
+            |raw| match raw.parse::<f64>() {
+                Ok(f) if (1.0..=100.0).contains(&f) => Ok(Some(f)),
+                Ok(_) => Err("a factor from 1 to 100 (1.25: at most 25% over the average)".into()),
+                Err(_) => Err("expected a number such as 1.25".into()),
+            },
+        )?,
         sticky_timeout: opt(
             origin,
             "sticky-timeout",
@@ -1058,6 +1071,22 @@ mod tests {
         assert!(e.starts_with("--limit-per \"prefix\"") && e.contains("source/N"), "{e}");
         let e = err(&["--affinity", "source/24", "--limit-per", "nat"]);
         assert!(e.starts_with("--limit-per \"nat\"") && e.contains("`address` or `prefix`"), "{e}");
+    }
+
+    #[test]
+    fn balance_factor() {
+        assert_eq!(with(&[]).unwrap().services[0].balance_factor, None);
+        let c = with(&["--balance-factor", "1.25"]).unwrap();
+        assert_eq!(c.services[0].balance_factor, Some(1.25));
+        for (bad, says) in [
+            ("0.9", "from 1 to 100"),
+            ("101", "from 1 to 100"),
+            ("NaN", "from 1 to 100"),
+            ("x", "a number"),
+        ] {
+            let e = err(&["--balance-factor", bad]);
+            assert!(e.starts_with(&format!("--balance-factor {bad:?}")) && e.contains(says), "{e}");
+        }
     }
 
     #[test]

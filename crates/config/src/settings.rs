@@ -192,6 +192,10 @@ settings! {
         /// client's IPv4 /24 or IPv6 /64 network: clients behind one carrier-grade NAT or in one
         /// IPv6 /64 share a pin) or `5tuple` (each connection on its own)
         affinity: text,
+        /// bounded-load choice for clients without a pin, e.g. 1.25: a new client whose backend
+        /// already has more than F x the average load (sessions and flows, by weight) goes to
+        /// the next one of its fallback order under it; pinned clients never move (default: off)
+        balance_factor: text,
         /// how long a client stays pinned after its last session closes (default 30m)
         sticky_timeout: duration,
         /// most sticky entries kept; new clients past it are served unpinned (default 1000000)

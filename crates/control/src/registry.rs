@@ -518,6 +518,7 @@ pub(crate) fn settings_of(service: &config::Service) -> Settings {
         affinity: service.affinity,
         prefix: service.prefix,
         limit_per_prefix: service.guard.limit_per_prefix,
+        balance_factor: service.balance_factor,
         connect_timeout: service.connect_timeout,
         idle_timeout: service.idle_timeout,
         udp_idle_timeout: service.udp_idle_timeout,

@@ -297,6 +297,7 @@ mod tests {
             affinity,
             prefix: vocab::Prefix::HOST,
             limit_per_prefix: false,
+            balance_factor: None,
             connect_timeout: std::time::Duration::from_secs(1),
             idle_timeout: std::time::Duration::from_secs(60),
             udp_idle_timeout: std::time::Duration::from_secs(60),

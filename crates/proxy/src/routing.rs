@@ -155,6 +155,12 @@ impl BackendState {
         self.inflight.load(Relaxed)
     }
 
+    /// What bounded-load choice weighs (`--balance-factor`): TCP sessions open or connecting,
+    /// and UDP flows.
+    pub fn load(&self) -> u64 {
+        self.inflight.load(Relaxed) + self.flows.load(Relaxed)
+    }
+
     /// A session that reserved a place ended or moved on.
     pub fn release(&self) {
         self.inflight.fetch_sub(1, Relaxed);
@@ -198,6 +204,8 @@ pub struct Settings {
     pub prefix: vocab::Prefix,
     /// The per-source limits count per `prefix` network rather than per address.
     pub limit_per_prefix: bool,
+    /// Bounded-load choice for clients without a pin (`--balance-factor`, at least 1).
+    pub balance_factor: Option<f64>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
@@ -215,6 +223,7 @@ impl Settings {
             affinity: vocab::Affinity::Source,
             prefix: vocab::Prefix::HOST,
             limit_per_prefix: false,
+            balance_factor: None,
             connect_timeout: Duration::from_secs(1),
             idle_timeout: idle,
             udp_idle_timeout: udp_idle,
@@ -315,11 +324,49 @@ impl Snapshot {
         excluded: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         let ring = self.ring.as_ref()?;
+        if let Some(factor) = self.settings.balance_factor {
+            if let Some(i) = self.choose_bounded(hash, now_ms, &excluded, factor) {
+                return Some(i);
+            }
+        }
         ring.pick(hash, |i| !excluded(i) && self.backends[i].accepts_new(now_ms)).or_else(|| {
             ring.pick(hash, |i| {
                 let b = &self.backends[i];
                 !excluded(i) && b.admin() == AdminState::Ready && b.has_room()
             })
+        })
+    }
+}
+
+impl Snapshot {
+    /// Consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018; HAProxy's
+    /// `hash-balance-factor`): the first backend of the key's fallback order that takes new
+    /// clients and whose load is under its capacity, `ceil(factor x (load of all + 1) x its
+    /// weight / all weights)` over the backends that take new clients. One is always under it
+    /// when `factor >= 1` (the least loaded for its weight is at most the average); `None`
+    /// when no backend takes new clients. Deterministic given the loads: instances with the
+    /// same view agree.
+    fn choose_bounded(
+        &self,
+        hash: u64,
+        now_ms: u64,
+        excluded: &impl Fn(usize) -> bool,
+        factor: f64,
+    ) -> Option<usize> {
+        let ring = self.ring.as_ref()?;
+        let usable = |i: usize| !excluded(i) && self.backends[i].accepts_new(now_ms);
+        let (mut load, mut weight) = (0u64, 0u64);
+        for i in (0..self.backends.len()).filter(|&i| usable(i)) {
+            load += self.backends[i].load();
+            weight += u64::from(self.weights[i]);
+        }
+        if weight == 0 {
+            return None;
+        }
+        let per_weight = factor * (load + 1) as f64 / weight as f64;
+        ring.pick(hash, |i| {
+            let capacity = (per_weight * f64::from(self.weights[i])).ceil() as u64;
+            usable(i) && self.backends[i].load() < capacity
         })
     }
 }

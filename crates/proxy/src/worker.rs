@@ -309,6 +309,7 @@ pub(crate) mod tests {
             affinity: vocab::Affinity::Source,
             prefix: vocab::Prefix::HOST,
             limit_per_prefix: false,
+            balance_factor: None,
             connect_timeout: PATIENCE,
             idle_timeout: PATIENCE,
             udp_idle_timeout: PATIENCE,

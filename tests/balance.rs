@@ -1,0 +1,76 @@
+//! Bounded-load choice (issue 17, in progress): `--balance-factor F` places a client without a
+//! pin on the first backend of its fallback order whose load is under F x the average (by
+//! weight); pinned clients are never moved by load.
+
+mod common;
+
+use std::net::{IpAddr, TcpStream};
+
+use common::*;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Open sessions per backend, from the API.
+fn loads(t: &Tether) -> Vec<u64> {
+    api_backends(t.admin()).iter().map(|b| b["sessions"].as_u64().unwrap()).collect()
+}
+
+/// `clients`, one session each, one after another; the largest load over the mean.
+fn place(t: &Tether, clients: &[IpAddr]) -> (Vec<TcpStream>, f64, Vec<u64>) {
+    let held: Vec<TcpStream> = clients.iter().map(|&c| hold(c, t.addr()).unwrap().0).collect();
+    let n = clients.len() as u64;
+    assert!(wait_until(DEADLINE, || loads(t).iter().sum::<u64>() == n));
+    let l = loads(t);
+    let max = *l.iter().max().unwrap() as f64;
+    (held, max / (n as f64 / l.len() as f64), l)
+}
+
+#[test]
+fn new_clients_stay_within_the_factor_where_hashing_alone_piles_them_up() {
+    // A hot spot: 40 clients whose hash puts them all on b0 (found on a tether without the
+    // factor; both tethers have the same seed and backend names, so the same table).
+    let plain_pool = backends(170, 4);
+    let plain = tether_with_admin(170, &plain_pool, &["--seed", "7"]);
+    let hot: Vec<IpAddr> = (0..2000u32)
+        .map(client_ip)
+        .filter(|&c| ask_name(c, plain.addr()).unwrap() == "b0")
+        .take(40)
+        .collect();
+    assert_eq!(hot.len(), 40);
+    let (held_plain, ratio_plain, lp) = place(&plain, &hot);
+    assert!(ratio_plain > 3.9, "by hash alone they pile on b0: {lp:?}");
+
+    let pool = backends(169, 4);
+    let t = tether_with_admin(169, &pool, &["--seed", "7", "--balance-factor", "1.25"]);
+    let (held, ratio, l) = place(&t, &hot);
+    println!(
+        "--balance-factor 1.25: {l:?} (max/mean {ratio:.3}); without: {lp:?} ({ratio_plain:.3})"
+    );
+    // Each placement was under ceil(1.25 x (load + 1) / 4): at most one session over F x mean.
+    assert!(ratio <= 1.25 + 1.0 / 10.0, "{l:?}: {ratio}");
+    drop((held, held_plain));
+}
+
+#[test]
+fn a_pinned_client_is_never_moved_by_load() {
+    let pool = backends(171, 3);
+    let t = tether_with_admin(171, &pool, &["--seed", "7", "--balance-factor", "1.25"]);
+    // One client holds 30 sessions: its backend is far over the bound, yet every new session
+    // of that client goes there (it is pinned).
+    let client = ip("127.1.171.10");
+    let (first, name) = hold(client, t.addr()).unwrap();
+    let mut held = vec![first];
+    for _ in 0..29 {
+        let (s, n) = hold(client, t.addr()).unwrap();
+        assert_eq!(n, name, "a pinned client moved by load");
+        held.push(s);
+    }
+    // New clients avoid the loaded backend while it is over the bound.
+    for c in 0..10 {
+        let (s, n) = hold(ip(&format!("127.1.171.{}", 100 + c)), t.addr()).unwrap();
+        assert_ne!(n, name, "a new client was placed on a backend over the bound");
+        held.push(s);
+    }
+}
