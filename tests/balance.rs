@@ -74,3 +74,24 @@ fn a_pinned_client_is_never_moved_by_load() {
         held.push(s);
     }
 }
+
+#[test]
+fn removing_a_backend_moves_only_its_clients() {
+    let pool = backends(172, 4);
+    let t = tether_with_admin(172, &pool, &["--seed", "7", "--balance-factor", "1.25"]);
+    let clients: Vec<IpAddr> = (0..60u32).map(|c| ip(&format!("127.1.172.{}", 10 + c))).collect();
+    let before: Vec<String> = clients.iter().map(|&c| ask_name(c, t.addr()).unwrap()).collect();
+    let r = http(t.admin(), "DELETE", "/api/services/default/backends/b2", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut moved = 0;
+    for (c, was) in clients.iter().zip(&before) {
+        let now = ask_name(*c, t.addr()).unwrap();
+        if was == "b2" {
+            assert_ne!(now, "b2");
+            moved += 1;
+        } else {
+            assert_eq!(&now, was, "{c} was not on the removed backend, yet moved");
+        }
+    }
+    assert!(moved > 0, "no client was on b2: {before:?}");
+}
