@@ -707,6 +707,24 @@ pub(crate) fn random_key() -> [u8; 16] {
     key
 }
 
+/// This crate's tests open and close fds concurrently, in one process; the fd-leak test counts
+/// them and the EMFILE test lowers the process's fd limit, so those run alone (`exclusive`)
+/// while every other test that opens an fd holds `shared`.
+#[cfg(test)]
+pub(crate) mod test_fds {
+    use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+    static FDS: RwLock<()> = RwLock::new(());
+
+    pub(crate) fn shared() -> RwLockReadGuard<'static, ()> {
+        FDS.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn exclusive() -> RwLockWriteGuard<'static, ()> {
+        FDS.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,6 +142,7 @@ mod tests {
 
     #[test]
     fn messages_reach_a_path_socket_and_an_upgrade_names_its_pid() {
+        let _fds = crate::test_fds::shared();
         let (_dir, socket, path) = listening();
         let n = Notifier { target: Some(Target::open(&path).expect("open")), watchdog_every: None };
         n.ready(false, "serving");
@@ -161,6 +162,7 @@ mod tests {
 
     #[test]
     fn an_abstract_socket_name_is_understood() {
+        let _fds = crate::test_fds::shared();
         use std::os::linux::net::SocketAddrExt;
         let name = format!("tether-notify-test-{}", std::process::id());
         let addr =
@@ -177,6 +179,7 @@ mod tests {
 
     #[test]
     fn a_silenced_notifier_says_nothing() {
+        let _fds = crate::test_fds::shared();
         let (_dir, socket, path) = listening();
         let mut n = Notifier {
             target: Some(Target::open(&path).expect("open")),

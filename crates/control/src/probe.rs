@@ -311,7 +311,6 @@ fn failed(step: &str, e: &io::Error) -> Outcome {
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, TcpListener};
-    use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
     use std::thread::JoinHandle;
 
     use super::*;
@@ -325,16 +324,7 @@ mod tests {
     /// Allowed lateness of a round past its timeout.
     const SLACK: Duration = Duration::from_secs(2);
 
-    /// Tests open and close fds concurrently; the fd-leak test counts them, so it runs alone.
-    static FDS: RwLock<()> = RwLock::new(());
-
-    fn shared() -> RwLockReadGuard<'static, ()> {
-        FDS.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn exclusive() -> RwLockWriteGuard<'static, ()> {
-        FDS.write().unwrap_or_else(|e| e.into_inner())
-    }
+    use crate::test_fds::{exclusive, shared};
 
     fn tcp(addr: SocketAddr) -> Target {
         Target { addr, kind: ProbeKind::Tcp { header: b"" } }

@@ -461,6 +461,7 @@ mod tests {
 
     #[test]
     fn a_failure_at_any_step_of_prepare_changes_nothing() {
+        let _fds = crate::test_fds::shared();
         let (mut reg, rx, _poll) = running();
         let next = config::file::load_str(NEXT).unwrap().services;
         let mode = config::Listeners::Shared;
@@ -517,6 +518,7 @@ mod tests {
 
     #[test]
     fn reload_errors_answer_the_right_status() {
+        let _fds = crate::test_fds::shared();
         let in_use = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = in_use.local_addr().unwrap();
         let bind = proxy::bind(&[addr], 1, Some(config::Listeners::PerWorker), None).unwrap_err();
