@@ -39,6 +39,7 @@ mod metrics;
 mod notify;
 mod offload;
 mod peering;
+mod preview;
 pub mod probe;
 mod registry;
 mod reload;

@@ -216,6 +216,12 @@ impl Registry {
             .ok_or_else(|| Refusal::NotFound(format!("no service {service:?}")))
     }
 
+    /// The service named `service`.
+    pub fn service(&self, service: &str) -> Result<&ServiceCtl, Refusal> {
+        let slot = self.find(service)?;
+        Ok(self.services[slot].as_ref().expect("found"))
+    }
+
     /// The (slot, index) of backend `name` of `service`.
     pub fn find_backend(&self, service: &str, name: &str) -> Result<(usize, usize), Refusal> {
         let slot = self.find(service)?;

@@ -281,6 +281,12 @@ impl Ring {
         order
     }
 
+    /// The owner of every table slot, in slot order (indexes into the caller's `members`):
+    /// comparing two tables slot by slot says what share of the keys a change moves.
+    pub fn owners(&self) -> impl Iterator<Item = usize> + '_ {
+        self.table.iter().map(|&m| usize::from(m))
+    }
+
     /// How many table slots each member owns, indexed like `members`; sums to [`Ring::size`]
     /// (or 0 for an empty pool). A member with a tiny weight next to heavy ones can own 0 slots
     /// in a small table; it is then reached only through the fallback order.

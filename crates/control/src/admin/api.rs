@@ -85,6 +85,15 @@ pub fn route(
                 Err(r) => refused(r),
             }
         }
+        (&Method::POST, ["api", "services", service, "preview"]) => {
+            match decode::<crate::preview::Proposed>(body) {
+                Ok(proposed) => match crate::preview::preview(&lock(), service, &proposed) {
+                    Ok(v) => ok_json(v),
+                    Err(r) => refused(r),
+                },
+                Err(answer) => answer,
+            }
+        }
         (&Method::POST, ["api", "services", service, "backends"]) => {
             add_backend(service, body, &mut lock())
         }
@@ -117,7 +126,7 @@ pub fn route(
             | ["metrics"]
             | ["api", "backends" | "events" | "history" | "sticky" | "reload" | "state" | "status"],
         )
-        | (_, ["api", "services", _, "backends", ..]) => {
+        | (_, ["api", "services", _, "backends" | "preview", ..]) => {
             error(405, &format!("{method} is not allowed on /{}", segments.join("/")))
         }
         _ => error(404, &format!("no such endpoint: /{}", segments.join("/"))),
