@@ -136,3 +136,75 @@ fn a_preview_counts_the_sessions_on_down_kill_would_cut_and_refuses_bad_proposal
     assert_eq!(api_backend(admin, "b1")["weight"], 1);
     drop(held);
 }
+
+#[test]
+fn a_dry_run_reload_previews_a_whole_file_and_the_reload_then_moves_that_many() {
+    let pool = backends(175, 4);
+    let dir = std::env::temp_dir().join(format!("tether-preview-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tether.toml");
+    let text = |names: &[&str], b0_weight: u32| {
+        let mut s = "admin = \"127.0.175.1:0\"\n[[service]]\nname = \"default\"\nlisten = [\"127.0.175.1:0\"]\nhealth-check = \"off\"\nseed = 3\n".to_string();
+        for b in pool.iter().filter(|b| names.contains(&b.name())) {
+            let w = if b.name() == "b0" { b0_weight } else { 1 };
+            s += &format!(
+                "[[service.backend]]\nname = \"{}\"\naddress = \"{}\"\nweight = {w}\n",
+                b.name(),
+                b.addr()
+            );
+        }
+        s
+    };
+    std::fs::write(&file, text(&["b0", "b1", "b2", "b3"], 1)).unwrap();
+    let t = Tether::start(bin(), ["--config", file.to_str().unwrap()]).expect("start");
+    let admin = t.admin();
+    let now = placement(t.addr());
+
+    // Without b2, and b0 at weight 2: b2's pinned clients move, nobody else.
+    let next_text = text(&["b0", "b1", "b3"], 2);
+    let r = http(admin, "POST", "/api/reload?dry_run=1", &next_text).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let b2_pins = api_backend(admin, "b2")["sticky_clients"].as_u64().unwrap();
+    assert!(b2_pins > 100);
+    assert_eq!(p["pinned_clients_moving"], b2_pins, "{p}");
+    assert_eq!(p["services"][0]["sessions_cut"], 0);
+    let share = p["services"][0]["slots_changing"].as_f64().unwrap();
+    assert!((0.25..0.7).contains(&share), "{share}");
+    assert_eq!(api_backends(admin).len(), 4, "a dry run applies nothing");
+
+    // The same from the shell: `tether check --config FILE --admin ADDR`.
+    let next_file = dir.join("next.toml");
+    std::fs::write(&next_file, &next_text).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config", next_file.to_str().unwrap(), "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("ok: 1 service (default), 3 backends\n"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "reloading it would move {b2_pins} pinned clients and cut 0 sessions"
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!("(b2 {b2_pins})")), "{stdout}");
+    let closed = std::net::TcpListener::bind("127.0.175.200:0").unwrap().local_addr().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config", next_file.to_str().unwrap(), "--admin", &closed.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "an instance nobody answers for");
+
+    // A bad file is refused with the reason, and nothing changes.
+    let r = http(admin, "POST", "/api/reload?dry_run=1", "[[service]]\nname = 3\n").unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("name"), "{}", r.body);
+
+    std::fs::write(&file, &next_text).unwrap();
+    let r = http(admin, "POST", "/api/reload", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(moved(&now, &placement(t.addr())), b2_pins);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -159,19 +159,7 @@ fn run(ctl: &Ctl) -> Result<String, Failure> {
         .or_else(|| std::env::var("TETHER_ADMIN").ok().filter(|v| !v.is_empty()))
         .unwrap_or_else(|| DEFAULT_ADMIN.into());
     let admin = resolve(&admin_text).map_err(|e| Failure(e, 2))?;
-    let token_file = ctl
-        .token_file
-        .clone()
-        .or_else(|| std::env::var("TETHER_ADMIN_TOKEN_FILE").ok().filter(|v| !v.is_empty()));
-    let token = match token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(&path)
-                .map_err(|e| Failure(format!("--token-file {path}: {e}"), 2))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let token = read_token(ctl.token_file.clone())?;
     let api = Api { addr: admin, shown: admin_text, token };
     let json = ctl.json;
     match &ctl.command {
@@ -318,6 +306,65 @@ fn resolve(text: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("--admin {text:?}: {e} (write HOST:PORT, e.g. 127.0.0.1:9100)"))?
         .next()
         .ok_or_else(|| format!("--admin {text:?}: no address"))
+}
+
+/// `tether check --config FILE --admin ADDR`: what reloading FILE would do to the instance at
+/// ADDR (`POST /api/reload?dry_run=1`), printed; exit 1 when it cannot be asked.
+pub fn reload_preview(admin: &str, file: &std::path::Path) -> ExitCode {
+    let run = || -> Result<String, Failure> {
+        let body = std::fs::read_to_string(file)
+            .map_err(|e| Failure(format!("{}: {e}", file.display()), 2))?;
+        let addr = resolve(admin).map_err(|e| Failure(e, 2))?;
+        let token = read_token(None)?;
+        let api = Api { addr, shown: admin.to_string(), token };
+        let v = api.call("POST", "/api/reload?dry_run=1", &body)?;
+        let mut out = format!(
+            "against {admin}: reloading it would move {} pinned clients and cut {} sessions\n",
+            text(&v["pinned_clients_moving"]),
+            text(&v["sessions_cut"])
+        );
+        for s in v["services"].as_array().into_iter().flatten() {
+            let movers: Vec<String> = s["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|b| b["pinned_clients_moving"].as_u64().unwrap_or(0) > 0)
+                .map(|b| format!("{} {}", text(&b["name"]), text(&b["pinned_clients_moving"])))
+                .collect();
+            out += &format!(
+                "  {}: {} pinned clients moving{}, {} sessions cut, {:.1}% of the table's slots change owner{}\n",
+                text(&s["service"]),
+                text(&s["pinned_clients_moving"]),
+                if movers.is_empty() { String::new() } else { format!(" ({})", movers.join(", ")) },
+                text(&s["sessions_cut"]),
+                s["slots_changing"].as_f64().unwrap_or(0.0) * 100.0,
+                if s["removed"] == true { "; the service is removed" } else { "" },
+            );
+        }
+        for added in v["services_added"].as_array().into_iter().flatten() {
+            out += &format!("  {}: a new service\n", text(added));
+        }
+        Ok(out)
+    };
+    match run() {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(Failure(message, code)) => {
+            eprintln!("tether check: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// The admin token from `given` (`--token-file`), else `$TETHER_ADMIN_TOKEN_FILE`, if either.
+fn read_token(given: Option<String>) -> Result<Option<String>, Failure> {
+    let from_env = || std::env::var("TETHER_ADMIN_TOKEN_FILE").ok().filter(|v| !v.is_empty());
+    let Some(path) = given.or_else(from_env) else { return Ok(None) };
+    let token = std::fs::read_to_string(&path)
+        .map_err(|e| Failure(format!("token file {path}: {e}"), 2))?;
+    Ok(Some(token.trim().to_string()))
 }
 
 /// Percent-encodes everything but unreserved characters (RFC 3986).

@@ -23,7 +23,21 @@ fn main() -> ExitCode {
     }
     let check = argv.get(1) == Some(&"check");
     let (command, rest) = if check { (&argv[..2], &argv[2..]) } else { (&argv[..1], &argv[1..]) };
-    let args = match Args::from_args(command, rest) {
+    // `tether check --config FILE --admin ADDR`: the file is checked alone, then what reloading
+    // it would move is asked of the instance at ADDR (its admin API's dry run).
+    let mut running = None;
+    let mut rest: Vec<&str> = rest.to_vec();
+    if check && rest.contains(&"--config") {
+        if let Some(at) = rest.iter().position(|a| *a == "--admin") {
+            let Some(addr) = rest.get(at + 1).copied() else {
+                eprintln!("tether: --admin: the running instance's admin address is missing");
+                return ExitCode::from(2);
+            };
+            running = Some(addr.to_string());
+            rest.drain(at..at + 2);
+        }
+    }
+    let args = match Args::from_args(command, &rest) {
         Ok(args) => args,
         Err(early) if early.status.is_ok() => {
             print!("{}", early.output); // --help
@@ -55,6 +69,9 @@ fn main() -> ExitCode {
             names.join(", "),
             plural(backends, "backend")
         );
+        if let (Some(admin), Some(path)) = (running, &config.file) {
+            return ctl::reload_preview(&admin, path);
+        }
         return ExitCode::SUCCESS;
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

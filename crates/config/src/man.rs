@@ -96,7 +96,7 @@ pub fn render(help: &str, version: &str) -> String {
     p += ".SH SYNOPSIS\n";
     p += ".B tether\n[\\fIOPTIONS\\fR] \\-\\-listen \\fIADDR\\fR \\-\\-backend \\fIADDR\\fR...\n.br\n";
     p += ".B tether\n\\-\\-config \\fIFILE\\fR\n.br\n";
-    p += ".B tether check\n[\\fIOPTIONS\\fR | \\-\\-config \\fIFILE\\fR]\n.br\n";
+    p += ".B tether check\n[\\fIOPTIONS\\fR | \\-\\-config \\fIFILE\\fR [\\-\\-admin \\fIADDR\\fR]]\n.br\n";
     p += ".B tether ctl\n[\\-\\-admin \\fIADDR\\fR] [\\-\\-token\\-file \\fIFILE\\fR] [\\-\\-json] \\fICOMMAND\\fR\n";
     p += ".SH DESCRIPTION\n";
     p += &format!("{}\n", inline(&description));
@@ -120,7 +120,9 @@ const COMMANDS: &str = r#".SH COMMANDS
 .TP
 \fBcheck\fR
 Validate the flags or the file given with \-\-config and exit: 0 and a one\-line summary when
-good, 2 and the error when not.
+good, 2 and the error when not. With \-\-config FILE \-\-admin ADDR, also print what
+reloading FILE would do to the instance at ADDR (pinned clients moving, sessions cut, share
+of the table changing), asked of its admin API without applying anything.
 .TP
 \fBctl\fR \fICOMMAND\fR
 Steer a running tether through its admin API: \fBstatus\fR, \fBbackends\fR,

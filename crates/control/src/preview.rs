@@ -135,30 +135,101 @@ pub fn preview(registry: &Registry, service: &str, proposed: &Proposed) -> Resul
         }
     }
     let slots_changing = match s.snapshot.ring.as_ref() {
-        None => 1.0,
         Some(now_ring) if proposed.state.is_some() => {
             let shares = now_ring.shares();
             let changed: usize = handed_over.iter().map(|&i| shares[i]).sum();
             changed as f64 / now_ring.size() as f64
         }
-        Some(now_ring) => {
-            let next = Ring::build(&members, s.config.table_size, s.config.seed)
-                .map_err(|e| Refusal::Bad(format!("the pool after the change: {e}")))?;
-            let before = now_ring.owners().map(|m| s.snapshot.backends[m].name.as_str());
-            let after = next.owners().map(|m| members[m].name.as_str());
-            let changed = before.zip(after).filter(|(a, b)| a != b).count();
-            changed as f64 / now_ring.size() as f64
-        }
+        _ => slots_changed(s, &members, s.config.table_size, s.config.seed)?,
     };
+    Ok(answer(service, &moves, slots_changing))
+}
+
+/// `POST /api/reload?dry_run=1`: what reloading `text` (a whole configuration file) would do
+/// to each service, applying nothing. A backend kept by name keeps its pins; one left out
+/// loses them (its open sessions run on, as a reload keeps every established session); a
+/// service left out loses every pin; a changed affinity (or prefix) changes every client's
+/// key, so every pin of the service moves.
+pub fn reload_preview(registry: &Registry, text: &str) -> Result<Value, Refusal> {
+    let next = config::file::load_str(text).map_err(|e| Refusal::Bad(e.to_string()))?;
+    let now = registry.shared.clock_ms();
+    let mut services = Vec::new();
+    let (mut pinned, mut cut) = (0u64, 0u64);
+    for s in registry.services.iter().flatten() {
+        let pins = s.sticky.per_backend(now, registry.next_id as usize);
+        let pins_of = |b: &crate::registry::BackendCtl| {
+            pins.get(b.state.id as usize).copied().unwrap_or(0) as u64
+        };
+        let next_service = next.services.iter().find(|n| n.name == s.config.name);
+        let keys_change = next_service
+            .map_or(true, |n| n.affinity != s.config.affinity || n.prefix != s.config.prefix);
+        let mut moves: BTreeMap<String, Moves> = BTreeMap::new();
+        for b in &s.backends {
+            let kept =
+                next_service.is_some_and(|n| n.backends.iter().any(|x| x.name == b.state.name));
+            let pinned = if kept && !keys_change { 0 } else { pins_of(b) };
+            moves.insert(b.state.name.clone(), Moves { pinned, cut: 0 });
+        }
+        let slots = match next_service {
+            None => 1.0,
+            Some(n) => {
+                for x in &n.backends {
+                    moves.entry(x.name.clone()).or_default();
+                }
+                let members: Vec<Member> = n
+                    .backends
+                    .iter()
+                    .map(|x| Member::new(x.name.clone(), x.weight.get()))
+                    .collect();
+                slots_changed(s, &members, n.table_size, n.seed)?
+            }
+        };
+        let mut v = answer(&s.config.name, &moves, slots);
+        v["removed"] = json!(next_service.is_none());
+        pinned += v["pinned_clients_moving"].as_u64().unwrap_or(0);
+        cut += v["sessions_cut"].as_u64().unwrap_or(0);
+        services.push(v);
+    }
+    let known = |name: &str| registry.services.iter().flatten().any(|s| s.config.name == name);
+    let added: Vec<&str> =
+        next.services.iter().map(|n| n.name.as_str()).filter(|n| !known(n)).collect();
+    Ok(json!({
+        "dry_run": true,
+        "pinned_clients_moving": pinned,
+        "sessions_cut": cut,
+        "services": services,
+        "services_added": added,
+    }))
+}
+
+/// The share of `s`'s table slots whose owner (by name) differs in a table of `members`.
+fn slots_changed(
+    s: &crate::registry::ServiceCtl,
+    members: &[Member],
+    size: usize,
+    seed: u64,
+) -> Result<f64, Refusal> {
+    let Some(now_ring) = s.snapshot.ring.as_ref() else { return Ok(1.0) };
+    let next = Ring::build(members, size, seed)
+        .map_err(|e| Refusal::Bad(format!("the pool after the change: {e}")))?;
+    let before = now_ring.owners().map(|m| s.snapshot.backends[m].name.as_str());
+    let after = next.owners().map(|m| members[m].name.as_str());
+    let mut changed = before.zip(after).filter(|(a, b)| a != b).count();
+    // A table of another size: every slot past the shorter one counts as changed.
+    changed += now_ring.size().abs_diff(next.size());
+    Ok(changed as f64 / now_ring.size().max(next.size()) as f64)
+}
+
+fn answer(service: &str, moves: &BTreeMap<String, Moves>, slots_changing: f64) -> Value {
     let backends: Vec<Value> = moves
         .iter()
         .map(|(name, m)| json!({ "name": name, "pinned_clients_moving": m.pinned, "sessions_cut": m.cut }))
         .collect();
-    Ok(json!({
+    json!({
         "service": service,
         "pinned_clients_moving": moves.values().map(|m| m.pinned).sum::<u64>(),
         "sessions_cut": moves.values().map(|m| m.cut).sum::<u64>(),
         "slots_changing": slots_changing,
         "backends": backends,
-    }))
+    })
 }

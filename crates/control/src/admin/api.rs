@@ -109,6 +109,12 @@ pub fn route(
                 Err(_) => error(503, "the upgrade did not finish in 60s"),
             }
         }
+        (&Method::POST, ["api", "reload"]) if dry_run(query) => {
+            match crate::preview::reload_preview(&lock(), body) {
+                Ok(v) => ok_json(v),
+                Err(r) => refused(r),
+            }
+        }
         (&Method::POST, ["api", "reload"]) => {
             let (tx, rx) = crossbeam_channel::bounded(1);
             if asks.send(Ask::Reload(tx)).is_err() {
@@ -131,6 +137,11 @@ pub fn route(
         }
         _ => error(404, &format!("no such endpoint: /{}", segments.join("/"))),
     }
+}
+
+/// `dry_run=1` (or `true`) in a query string.
+fn dry_run(query: &str) -> bool {
+    query.split('&').any(|p| p == "dry_run=1" || p == "dry_run=true" || p == "dry_run")
 }
 
 /// The body of `PUT /api/services/{service}/backends/{name}`.
