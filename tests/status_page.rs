@@ -58,10 +58,30 @@ fn the_page_draws_history_and_shares_and_its_button_drains_a_backend() {
         .unwrap();
     assert!((shares.as_f64().unwrap() - 100.0).abs() < 0.5, "pinned shares add to {shares}");
 
-    // Drain b1 with its button: the API has it, and the page shows it with a drain card.
-    b.eval("document.querySelector('button[data-action=\"drain\"][data-backend=\"default/b1\"]').click()")
+    // A button previews its change and asks first: declined, nothing changes.
+    b.eval("window.asked = []; window.confirm = m => { window.asked.push(m); return false; }; document.querySelector('button[data-action=\"maint\"][data-backend=\"default/b1\"]').click()")
+        .unwrap();
+    page_shows(&mut b, "window.asked.length === 1", "window.asked");
+    let asked = b.eval("window.asked[0]").unwrap();
+    let b1_pins = api_backend(admin, "b1")["sticky_clients"].as_u64().unwrap();
+    let asked = asked.as_str().unwrap().to_string();
+    assert!(asked.starts_with("default/b1: state maint\n"), "{asked}");
+    assert!(
+        asked.contains(&format!("{b1_pins} pinned clients would move, 0 sessions would be cut")),
+        "{asked}"
+    );
+    assert_eq!(api_backend(admin, "b1")["state"], "ready", "a declined change was applied");
+
+    // Drain b1 with its button (confirmed): the API has it, and the page shows it with a drain
+    // card.
+    b.eval("window.confirm = m => { window.asked.push(m); return true; }; document.querySelector('button[data-action=\"drain\"][data-backend=\"default/b1\"]').click()")
         .unwrap();
     assert!(wait_until(DEADLINE, || api_backend(admin, "b1")["state"] == "drain"));
+    let asked = b.eval("window.asked[1]").unwrap();
+    assert!(
+        asked.as_str().unwrap().contains("state drain\n0 pinned clients would move"),
+        "{asked}"
+    );
     page_shows(
         &mut b,
         "document.querySelector('tr[data-backend=\"default/b1\"] .pill.drain') !== null \
@@ -117,7 +137,7 @@ fn a_button_asks_for_the_token_when_the_instance_has_one() {
         "document.body.innerText",
     );
     // A wrong token first: the API refuses, the page says so, nothing changes.
-    b.eval("window.prompt = () => 'wrong-token'; document.querySelector('button[data-action=\"maint\"][data-backend=\"default/b0\"]').click()").unwrap();
+    b.eval("window.confirm = () => true; window.prompt = () => 'wrong-token'; document.querySelector('button[data-action=\"maint\"][data-backend=\"default/b0\"]').click()").unwrap();
     page_shows(
         &mut b,
         "document.getElementById('error').innerText.includes('default/b0')",
