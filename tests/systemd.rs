@@ -190,7 +190,7 @@ fn the_process_an_upgrade_starts_names_itself_the_main_pid_and_the_old_one_falls
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("MAINPID= in {ready:?}"));
     assert_ne!(pid, old);
-    let successor = Successor(pid);
+    let successor = Successor(Some(pid));
 
     // The old process drains and exits without a word: a STOPPING=1 from it would stop the unit.
     assert!(t.wait_exit(DEADLINE).is_some(), "the old process exits after its upgrade grace");
@@ -204,22 +204,4 @@ fn the_process_an_upgrade_starts_names_itself_the_main_pid_and_the_old_one_falls
     let (stopping, _) = notify.until(|m| has(m, "STOPPING=1"));
     assert!(stopping.is_some(), "STOPPING=1 from the new process");
     drop(successor);
-}
-
-/// The process an upgrade started: stopped (SIGTERM, then SIGKILL) when dropped.
-struct Successor(u32);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0 as i32);
-        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
-        let gone = wait_until(DEADLINE, || {
-            nix::sys::signal::kill(pid, None).is_err()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .is_ok_and(|s| s.contains(") Z"))
-        });
-        if !gone {
-            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-        }
-    }
 }

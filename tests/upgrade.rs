@@ -84,25 +84,6 @@ fn successor_of(t: &Tether, old: u32) -> Successor {
     Successor(new)
 }
 
-/// The process an upgrade started: stopped (SIGTERM, then SIGKILL) when dropped.
-struct Successor(Option<u32>);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        let Some(pid) = self.0 else { return };
-        let pid = nix::unistd::Pid::from_raw(pid as i32);
-        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
-        let gone = wait_until(DEADLINE, || {
-            nix::sys::signal::kill(pid, None).is_err()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .is_ok_and(|s| s.contains(") Z"))
-        });
-        if !gone {
-            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-        }
-    }
-}
-
 fn start(install: &Install, net: u8, pool: &[Backend], extra: &[&str]) -> Tether {
     let mut args = vec![
         "--listen".to_string(),

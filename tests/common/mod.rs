@@ -131,3 +131,22 @@ pub fn refused(source: IpAddr, to: SocketAddr) -> bool {
         Ok(_) => reply.is_empty(),
     }
 }
+
+/// The process an upgrade started: stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Successor(pub Option<u32>);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let Some(pid) = self.0 else { return };
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let gone = wait_until(DEADLINE, || {
+            nix::sys::signal::kill(pid, None).is_err()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z"))
+        });
+        if !gone {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
