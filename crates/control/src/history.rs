@@ -3,7 +3,7 @@
 //! session and byte totals, flows and pinned clients, kept in a ring of [`KEEP`] samples. The
 //! supervisor takes a sample from its one-second loop; nothing on the data path changes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -64,15 +64,25 @@ impl History {
     pub fn json(&self) -> Value {
         let times: Vec<u64> = self.samples.iter().map(|(t, _)| *t).collect();
         let mut keys: Vec<(String, String)> = Vec::new();
+        let mut seen: std::collections::HashSet<(&str, &str)> = Default::default();
         for (_, points) in &self.samples {
             for p in points {
-                if !keys.iter().any(|(s, n)| *s == p.service && *n == p.name) {
+                if seen.insert((p.service.as_str(), p.name.as_str())) {
                     keys.push((p.service.clone(), p.name.clone()));
                 }
             }
         }
+        // Each sample indexed once: a lookup per (sample, backend) would otherwise scan the
+        // sample, and the registry lock is held while this runs.
+        let indexed: Vec<HashMap<(&str, &str), &Point>> = self
+            .samples
+            .iter()
+            .map(|(_, points)| {
+                points.iter().map(|p| ((p.service.as_str(), p.name.as_str()), p)).collect()
+            })
+            .collect();
         let at = |i: usize, key: &(String, String)| {
-            self.samples[i].1.iter().find(|p| p.service == key.0 && p.name == key.1)
+            indexed[i].get(&(key.0.as_str(), key.1.as_str())).copied()
         };
         let backends: Vec<Value> = keys
             .iter()
