@@ -173,6 +173,8 @@ pub struct ProxyConfig {
 pub const DEFAULT_TRACKED_SOURCES: usize = 100_000;
 /// How long a trusted proxy may take to send its PROXY header.
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Datagrams a new address sends with a flow's session key before the flow moves to it.
+pub const DEFAULT_UDP_MIGRATE_AFTER: u32 = 2;
 /// Highest per-source rate or count accepted.
 pub const MAX_PER_SOURCE: u32 = 1_000_000;
 
@@ -193,6 +195,10 @@ pub struct Service {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
+    /// UDP flows and pins keyed by these payload bytes (`None`: by the client's address).
+    pub udp_session_key: Option<vocab::SessionKey>,
+    /// Datagrams a new address sends with a flow's key before the flow moves to it.
+    pub udp_migrate_after: u32,
     /// SO_RCVBUF / SO_SNDBUF of UDP listener and flow sockets; `None`: the kernel's default.
     pub udp_rcvbuf: Option<usize>,
     pub udp_sndbuf: Option<usize>,
@@ -497,6 +503,34 @@ pub(crate) fn build_service(
         _ => opt(origin, key, raw, None, |r| parse_udp_buffer(r).map(Some)),
     };
     let udp_rcvbuf = udp_buffer("udp-rcvbuf", &input.udp_rcvbuf)?;
+    let udp_session_key = match &input.udp_session_key {
+        Some(raw) if !protocol.udp() => {
+            return Err(origin.error(
+                "udp-session-key",
+                raw,
+                "needs UDP listeners (protocol `udp` or `both`)",
+            ))
+        }
+        Some(raw) if input.accept_proxy => {
+            return Err(origin.error(
+                "udp-session-key",
+                raw,
+                "cannot be used with accept-proxy: the key is found in the payload as the client sent it, before any PROXY header is taken off",
+            ))
+        }
+        raw => opt(origin, "udp-session-key", raw, None, |r| r.parse().map(Some))?,
+    };
+    let udp_migrate_after = match &input.udp_migrate_after {
+        Some(raw) if udp_session_key.is_none() => {
+            return Err(origin.error("udp-migrate-after", raw, "needs udp-session-key"))
+        }
+        raw => opt(origin, "udp-migrate-after", raw, DEFAULT_UDP_MIGRATE_AFTER, |r| {
+            match r.parse::<u32>() {
+                Ok(n) if (1..=1000).contains(&n) => Ok(n),
+                _ => Err("expected a count of datagrams from 1 to 1000".into()),
+            }
+        })?,
+    };
     let udp_sndbuf = udp_buffer("udp-sndbuf", &input.udp_sndbuf)?;
     let connect_from = build_connect_from(origin, &input.connect_from, &backends)?;
     Ok(Service {
@@ -551,6 +585,8 @@ pub(crate) fn build_service(
             DEFAULT_UDP_IDLE_TIMEOUT,
             check_duration,
         )?,
+        udp_session_key,
+        udp_migrate_after,
         udp_rcvbuf,
         udp_sndbuf,
         seed,
@@ -1086,6 +1122,41 @@ mod tests {
         ] {
             let e = err(&["--balance-factor", bad]);
             assert!(e.starts_with(&format!("--balance-factor {bad:?}")) && e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn udp_session_key_and_migrate_after() {
+        let c = with(&[]).unwrap();
+        assert_eq!((c.services[0].udp_session_key, c.services[0].udp_migrate_after), (None, 2));
+        let c = with(&["--protocol", "udp", "--udp-session-key", "4:8", "--udp-migrate-after", "3"])
+            .unwrap();
+        let key = vocab::SessionKey { offset: 4, len: 8 };
+        assert_eq!((c.services[0].udp_session_key, c.services[0].udp_migrate_after), (Some(key), 3));
+        for (bad, says) in [
+            (&["--protocol", "udp", "--udp-session-key", "4"][..], "OFFSET:LENGTH"),
+            (&["--protocol", "udp", "--udp-session-key", "0:65"], "1 to 64"),
+            (&["--udp-session-key", "0:8"], "needs UDP listeners"),
+            (&["--protocol", "udp", "--udp-migrate-after", "2"], "needs udp-session-key"),
+            (
+                &["--protocol", "udp", "--udp-session-key", "0:8", "--udp-migrate-after", "0"],
+                "from 1 to 1000",
+            ),
+            (
+                &[
+                    "--protocol",
+                    "both",
+                    "--udp-session-key",
+                    "0:8",
+                    "--accept-proxy",
+                    "--trusted-proxies",
+                    "10.0.0.0/8",
+                ],
+                "cannot be used with accept-proxy",
+            ),
+        ] {
+            let e = err(bad);
+            assert!(e.contains(says), "{bad:?}: {e}");
         }
     }
 

@@ -234,6 +234,13 @@ settings! {
         udp_rcvbuf: count,
         /// send buffer of UDP listener and flow sockets, in bytes (default: the kernel's)
         udp_sndbuf: count,
+        /// UDP: key flows and pins by these payload bytes, OFFSET:LENGTH (e.g. 4:8: a game's
+        /// session token, a QUIC connection ID), so a client whose address or port changes keeps
+        /// its flow and backend socket; shorter datagrams fall back to the address (default: off)
+        udp_session_key: text,
+        /// with --udp-session-key, datagrams a new address must send with a flow's key (within
+        /// 5s, none coming from the flow's address meanwhile) before the flow moves to it (default 2)
+        udp_migrate_after: count,
         /// what happens to a backend's open sessions and flows when it goes down or into maint:
         /// `keep` (default: they run on) or `kill` (reset at once, so clients reconnect elsewhere)
         on_down: text,

@@ -257,6 +257,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let (offload, offload_status) =
         offload::decide(&config, max_flows).map_err(RunError::Offload)?;
     let mut shared = Shared::new(max_conns, max_pipes, max_flows, random_key(), offload);
+    shared.workers = workers;
     // The session log's writer: lines go to stdout after the `ready` line.
     let session_log = if config.log_sessions {
         let format = match config.log_format {

@@ -528,6 +528,8 @@ pub(crate) fn settings_of(service: &config::Service) -> Settings {
         connect_timeout: service.connect_timeout,
         idle_timeout: service.idle_timeout,
         udp_idle_timeout: service.udp_idle_timeout,
+        session_key: service.udp_session_key,
+        migrate_after: service.udp_migrate_after,
         connect_from: service.connect_from.clone(),
         udp_buffers: udp_buffers_of(service),
     }

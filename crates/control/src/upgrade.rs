@@ -107,6 +107,9 @@ struct FlowOf {
     destination: SocketAddr,
     header_sent: bool,
     backend: String,
+    /// A keyed flow's session key bytes (`--udp-session-key`); absent from older processes.
+    #[serde(default)]
+    session: Option<Vec<u8>>,
 }
 
 /// The first message of a hand-over.
@@ -243,6 +246,7 @@ fn hand_over(
                 destination: f.destination,
                 header_sent: f.header_sent,
                 backend: f.backend.clone(),
+                session: f.session.clone(),
             })
             .collect(),
         state_len: state.len(),
@@ -337,6 +341,7 @@ pub fn receive(raw: &str) -> Result<(Handover, OwnedFd), String> {
             destination: f.destination,
             header_sent: f.header_sent,
             backend: f.backend,
+            session: f.session,
         });
     }
     let mut chunk = vec![0u8; CHUNK];

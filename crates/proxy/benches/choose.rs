@@ -28,6 +28,8 @@ fn snapshot(n: usize, factor: Option<f64>) -> Snapshot {
         connect_timeout: std::time::Duration::from_secs(1),
         idle_timeout: std::time::Duration::from_secs(60),
         udp_idle_timeout: std::time::Duration::from_secs(60),
+        session_key: None,
+        migrate_after: 2,
         connect_from: Vec::new(),
         udp_buffers: Default::default(),
     };

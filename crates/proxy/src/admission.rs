@@ -113,6 +113,20 @@ pub fn admit(
     destination: SocketAddr,
     now_ms: u64,
 ) -> Result<Admitted, Refusal> {
+    admit_as(service, transport, source, destination, None, now_ms)
+}
+
+/// [`admit`], with `session` (a UDP session key's [`AffinityKey::from_session`]) as the sticky
+/// key and hash in place of what the service's affinity makes of `source`. The access rules and
+/// per-source limits still judge `source`.
+pub fn admit_as(
+    service: &Snapshot,
+    transport: Transport,
+    source: SocketAddr,
+    destination: SocketAddr,
+    session: Option<AffinityKey>,
+    now_ms: u64,
+) -> Result<Admitted, Refusal> {
     if !service.guards.acl.allows(source.ip()) {
         return Err(Refusal::Denied);
     }
@@ -132,12 +146,13 @@ pub fn admit(
         }
         limited = transport == Transport::Tcp;
     }
-    let (key, hash) = match service.settings.affinity {
-        vocab::Affinity::Source => {
+    let (key, hash) = match (session, service.settings.affinity) {
+        (Some(key), _) => (Some(key), service.hash_key(&key.to_bytes())),
+        (None, vocab::Affinity::Source) => {
             let key = AffinityKey::from_ip_prefix(source.ip(), service.settings.prefix);
             (Some(key), service.hash_key(&key.to_bytes()))
         }
-        vocab::Affinity::FiveTuple => {
+        (None, vocab::Affinity::FiveTuple) => {
             (None, service.hash_key(&five_tuple(transport.protocol(), source, destination)))
         }
     };
@@ -301,6 +316,8 @@ mod tests {
             connect_timeout: std::time::Duration::from_secs(1),
             idle_timeout: std::time::Duration::from_secs(60),
             udp_idle_timeout: std::time::Duration::from_secs(60),
+            session_key: None,
+            migrate_after: 2,
             connect_from: Vec::new(),
             udp_buffers: Default::default(),
         };

@@ -127,6 +127,9 @@ pub struct Shared {
     pub offload: Option<offload::Offload>,
     /// The session log (`--log-sessions`), when on: set before the `Shared` is shared.
     pub session_log: Option<Arc<sessionlog::SessionLog>>,
+    /// Workers, each with its own `SO_REUSEPORT` socket of every UDP listen address: the
+    /// size of the groups a session key's steering program picks among (set before sharing).
+    pub workers: usize,
 }
 
 impl Shared {
@@ -147,6 +150,7 @@ impl Shared {
             flow_hash_key,
             offload,
             session_log: None,
+            workers: 1,
         }
     }
 

@@ -209,6 +209,10 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub udp_idle_timeout: Duration,
+    /// UDP flows and pins keyed by these payload bytes (`--udp-session-key`).
+    pub session_key: Option<vocab::SessionKey>,
+    /// Datagrams a new address sends with a flow's key before the flow moves to it.
+    pub migrate_after: u32,
     /// Local IPs backend sockets are bound to, in turn (empty: the kernel chooses).
     pub connect_from: Vec<std::net::IpAddr>,
     /// Kernel buffers of the service's UDP sockets.
@@ -227,6 +231,8 @@ impl Settings {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: idle,
             udp_idle_timeout: udp_idle,
+            session_key: None,
+            migrate_after: 2,
             connect_from: Vec::new(),
             udp_buffers: Default::default(),
         }

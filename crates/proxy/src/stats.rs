@@ -239,6 +239,23 @@ counters! {
     /// ... by the kernel, before tether saw them: a listener's or flow's receive buffer was
     /// full (SO_RXQ_OVFL; `--udp-rcvbuf`).
     dropped_kernel => [Export::In(&DROPPED, "kernel_rcvbuf")],
+    /// ... because they came from a keyed flow's new address before it had sent
+    /// `--udp-migrate-after` of them (the flow had not moved to it yet).
+    dropped_migration_pending => [Export::In(&DROPPED, "migration_pending")],
+    /// UDP datagrams too short to hold their service's session key: routed by address.
+    session_key_short => [
+        Export::Plain(
+            "tether_udp_session_key_short_total",
+            "UDP datagrams too short to hold the session key, routed by the client's address instead",
+        ),
+    ],
+    /// Keyed UDP flows moved to a client's new address (`--udp-session-key`).
+    flow_migrations => [
+        Export::Plain(
+            "tether_udp_flow_migrations_total",
+            "keyed UDP flows moved to their client's new address",
+        ),
+    ],
     /// UDP flows created.
     flows_created => [Export::Plain("tether_flows_created_total", "UDP flows created")],
     /// UDP flows closed by the idle timeout.

@@ -378,3 +378,57 @@ mod tests {
         drop(w);
     }
 }
+
+/// Attach classic BPF `program` to the `SO_REUSEPORT` group of `socket` (socket(7),
+/// SO_ATTACH_REUSEPORT_CBPF): it picks, for each datagram, the index of the group's socket
+/// that gets it; an index past the group's end leaves the choice to the kernel's hash. One
+/// program serves the whole group, whichever of its sockets attached it last.
+pub fn attach_reuseport_cbpf(
+    socket: &impl AsRawFd,
+    program: &[nix::libc::sock_filter],
+) -> std::io::Result<()> {
+    use nix::libc;
+    let len = u16::try_from(program.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "program too long"))?;
+    let prog = libc::sock_fprog { len, filter: program.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: `prog` points at `program`, alive for the call; the kernel copies the
+    // instructions and reads exactly `size_of::<sock_fprog>()` bytes of the option.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &prog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Take the program [`attach_reuseport_cbpf`] gave `socket`'s group away (SO_DETACH_REUSEPORT_BPF,
+/// Linux 5.8): the kernel's hash chooses again. No program there is not an error.
+pub fn detach_reuseport_bpf(socket: &impl AsRawFd) -> std::io::Result<()> {
+    use nix::libc;
+    let zero: libc::c_int = 0;
+    // SAFETY: the option's value is ignored by the kernel; it reads at most the c_int given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_REUSEPORT_BPF,
+            &zero as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            e => Err(e),
+        },
+    }
+}

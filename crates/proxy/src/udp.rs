@@ -25,7 +25,7 @@ use mio::{Interest, Registry};
 
 use conntrack::{Attach, FlowBudget, FlowKey, FlowTable};
 
-use crate::admission::{admit, Transport};
+use crate::admission::{admit_as, Transport};
 use crate::held::{FlowLive, Pinned};
 
 use crate::outgoing::{no_local_port, Sources};
@@ -38,6 +38,7 @@ use crate::{Shared, Snapshot};
 
 mod handover;
 mod kernel;
+mod steer;
 
 pub use handover::{socket_id, HandedFlow};
 pub use kernel::FlowView;
@@ -48,6 +49,9 @@ use kernel::{flush, fold, Kernel, Offloaded, SWEEP_MS};
 const INITIAL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// recvmmsg(2) calls on one socket before other work gets a turn (8 x 16 datagrams).
 const RECV_ROUNDS: usize = 8;
+/// A keyed flow moves to a new address once that address has sent `--udp-migrate-after`
+/// datagrams with its key within this long (and none came from the flow's address meanwhile).
+pub const MIGRATE_WINDOW_MS: u64 = 5_000;
 
 /// What the worker needs from its surroundings for one call.
 pub struct Ctx<'a> {
@@ -114,6 +118,27 @@ struct Flow {
     /// for the session log.
     started_ms: u64,
     pinned: bool,
+    /// Its session, when keyed by a session key (`--udp-session-key`).
+    session: Option<Session>,
+}
+
+/// A keyed flow's session: what it is keyed by, and an address that would take it over.
+struct Session {
+    /// The key's bytes: an upgrade hands them on, and the next process keys the flow by them.
+    token: Box<[u8]>,
+    /// A new address sending the key, until it has sent `--udp-migrate-after` datagrams.
+    candidate: Option<Candidate>,
+    /// Times the flow moved to a new address.
+    migrations: u32,
+}
+
+/// An address sending a keyed flow's key that is not the flow's client's.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    from: SocketAddr,
+    /// Datagrams it sent with the key since `since_ms`.
+    seen: u32,
+    since_ms: u64,
 }
 
 impl Flow {
@@ -149,7 +174,15 @@ impl Flow {
             flushed: Counts::default(),
             started_ms: a.at_ms,
             pinned: false,
+            session: None,
         }
+    }
+
+    /// Key it by session key bytes `token` (`None`: by its client's address). A keyed flow is
+    /// never offloaded: the program finds flows by address, and the flow's address may change.
+    fn set_session(&mut self, token: Option<&[u8]>) {
+        self.session = token.map(|t| Session { token: t.into(), candidate: None, migrations: 0 });
+        self.offload_tried |= self.session.is_some();
     }
 
     /// Its session log record, as it ends for `end` at `now_ms`.
@@ -218,6 +251,10 @@ pub struct Udp {
     kernel: Option<Kernel>,
     /// When the flows' counts next go into their backends' counters ([`SWEEP_MS`]).
     next_sweep_ms: u64,
+    /// By service slot: the session key its listeners' groups are steered by ([`steer`]).
+    steered: Vec<Option<vocab::SessionKey>>,
+    /// Sockets in each listen address's `SO_REUSEPORT` group: one per worker.
+    workers: u32,
 }
 
 /// What a receive loop left behind.
@@ -248,6 +285,8 @@ impl Udp {
             paused: false,
             kernel: Kernel::new(shared),
             next_sweep_ms: SWEEP_MS,
+            steered: Vec::new(),
+            workers: shared.workers.max(1) as u32,
         }
     }
 
@@ -266,6 +305,9 @@ impl Udp {
         let wildcard = local.ip().is_unspecified();
         // As bound (listener::bind applied them); a reload may change them (`set_buffers`).
         let buffers = UdpBuffers::default();
+        if let Some(key) = self.steered.get(service).copied().flatten() {
+            steer_group(&socket, local, Some(key), self.workers);
+        }
         self.listeners.push(Some(Listener {
             socket,
             id,
@@ -331,6 +373,21 @@ impl Udp {
     /// Flows of service slot `service` live `timeout` without a datagram.
     pub fn set_idle_timeout(&mut self, service: usize, timeout: Duration) {
         self.table(service).set_idle_timeout_ms(timeout.as_millis() as u64);
+    }
+
+    /// Key the flows of service slot `service` by this session key from now on (its
+    /// listeners' groups steer each key to one worker); flows made before keep their keying.
+    pub fn set_session_key(&mut self, service: usize, key: Option<vocab::SessionKey>) {
+        if self.steered.len() <= service {
+            self.steered.resize(service + 1, None);
+        }
+        if self.steered[service] == key {
+            return;
+        }
+        self.steered[service] = key;
+        for l in self.listeners.iter().flatten().filter(|l| l.service == service) {
+            steer_group(&l.socket, l.local, key, self.workers);
+        }
     }
 
     /// Give the listeners of service slot `service` these kernel buffers (a reload changed
@@ -478,14 +535,37 @@ impl Udp {
         }
     }
 
-    /// Send `data` from `a.client` on its flow, making the flow if needed.
+    /// Send `data` from `a.client` on its flow, making the flow if needed. With a session key,
+    /// the flow is the key's, wherever the datagram came from ([`Udp::arrived_from_client`]).
     fn forward(&mut self, service: &Arc<Snapshot>, a: Arrival, data: &[u8], ctx: &Ctx<'_>) {
-        let key = FlowKey::new(a.client, a.local);
+        let token = service.settings.session_key.and_then(|k| {
+            let token = k.token(data);
+            if token.is_none() {
+                inc(&ctx.stats.session_key_short);
+            }
+            token
+        });
+        let key = match token {
+            Some(t) => FlowKey::session(vocab::session::digest(t, self.hash_key), a.local),
+            None => FlowKey::new(a.client, a.local),
+        };
         // At most two rounds: a flow whose backend turned out dead is replaced once.
         for round in 0..2 {
-            let slot = match self.table(service.slot).get(&key, ctx.now_ms) {
-                Some(flow) => *flow.value(),
-                None => match self.open(key, service, a, ctx) {
+            let found = match token {
+                // Looked at, not yet touched: a datagram from elsewhere may not keep it alive.
+                Some(_) => self.table(service.slot).peek(&key).map(|f| *f.value()),
+                None => self.table(service.slot).get(&key, ctx.now_ms).map(|f| *f.value()),
+            };
+            let slot = match found {
+                Some(slot) if token.is_some() => {
+                    if !self.arrived_from_client(slot, &a, service, ctx) {
+                        return;
+                    }
+                    self.tables[service.slot].get(&key, ctx.now_ms);
+                    slot
+                }
+                Some(slot) => slot,
+                None => match self.open(key, token, service, a, ctx) {
                     Some(slot) => slot,
                     None => {
                         inc(&ctx.stats.datagrams_dropped);
@@ -567,12 +647,74 @@ impl Udp {
         }
     }
 
-    /// Make a flow for `client`: pick its backend (the sticky entry shared with TCP first),
-    /// open a socket connected to it, admit it to the table. `None` when the table is full or
-    /// no socket could be had (the datagram is dropped and counted).
+    /// Whether a datagram of keyed flow `slot` from `a` goes on: it does from the flow's
+    /// client, and from a new address once that address has sent `--udp-migrate-after` of
+    /// them within [`MIGRATE_WINDOW_MS`] with none from the client between; the flow then
+    /// moves to it (replies go there, the backend socket stays). Until then they are dropped
+    /// and counted, so one spoofed datagram carrying another's key moves nothing.
+    fn arrived_from_client(
+        &mut self,
+        slot: usize,
+        a: &Arrival,
+        service: &Snapshot,
+        ctx: &Ctx<'_>,
+    ) -> bool {
+        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else { return false };
+        let Some(session) = flow.session.as_mut() else { return true };
+        if flow.client == a.client {
+            session.candidate = None; // the client is still there: a candidate starts over
+            return true;
+        }
+        let seen = match &mut session.candidate {
+            Some(c)
+                if c.from == a.client
+                    && ctx.now_ms.saturating_sub(c.since_ms) < MIGRATE_WINDOW_MS =>
+            {
+                c.seen += 1;
+                c.seen
+            }
+            c => {
+                *c = Some(Candidate { from: a.client, seen: 1, since_ms: ctx.now_ms });
+                1
+            }
+        };
+        if seen < service.settings.migrate_after {
+            inc(&ctx.stats.dropped_migration_pending);
+            inc(&ctx.stats.datagrams_dropped);
+            return false;
+        }
+        session.candidate = None;
+        if !service.guards.acl.allows(a.source.ip()) {
+            inc(&ctx.stats.dropped_denied);
+            inc(&ctx.stats.datagrams_dropped);
+            return false;
+        }
+        session.migrations += 1;
+        log::info!(
+            "udp {}: keyed flow to {} moved from {} to {} ({} datagrams from it)",
+            service.name,
+            flow.service.backends[flow.backend].name,
+            flow.client,
+            a.client,
+            seen
+        );
+        flow.client = a.client;
+        flow.local_ip = a.local_ip;
+        flow.listener = a.listener;
+        flow.source = a.source;
+        flow.destination = a.destination;
+        inc(&ctx.stats.flow_migrations);
+        true
+    }
+
+    /// Make a flow for `client` (keyed by session key bytes `token`, when given): pick its
+    /// backend (the sticky entry shared with TCP first, or the session key's), open a socket
+    /// connected to it, admit it to the table. `None` when the table is full or no socket
+    /// could be had (the datagram is dropped and counted).
     fn open(
         &mut self,
         key: FlowKey,
+        token: Option<&[u8]>,
         service: &Arc<Snapshot>,
         a: Arrival,
         ctx: &Ctx<'_>,
@@ -590,8 +732,9 @@ impl Udp {
         }
         // Access rules, the per-source flow rate, affinity and the backend, before any socket
         // is made: the same path as a TCP session's, so a client's flows and sessions agree.
+        let session = token.map(conntrack::AffinityKey::from_session);
         let (affinity, backend, pinned) =
-            match admit(service, Transport::Udp, source, a.destination, ctx.now_ms) {
+            match admit_as(service, Transport::Udp, source, a.destination, session, ctx.now_ms) {
                 Ok(admitted) => (admitted.key, admitted.first, admitted.pinned),
                 Err(refusal) => {
                     inc(refusal.counter(Transport::Udp, ctx.stats));
@@ -619,6 +762,7 @@ impl Udp {
         inc(&ctx.stats.flows_created);
         let mut flow = Flow::new(socket, key, a, false, Arc::clone(service), backend, pin);
         flow.pinned = pinned;
+        flow.set_session(token);
         self.flows[slot] = Some(flow);
         Some(slot)
     }
@@ -808,6 +952,24 @@ impl Udp {
         if let Some(log) = ctx.session_log {
             log.log(flow.record(end, ctx.now_ms));
         }
+    }
+}
+
+/// Steer the `SO_REUSEPORT` group of listener `socket` (at `local`) by session key `key`, or
+/// hand it back to the kernel's hash (`None`). A group left unsteered still serves; the key's
+/// clients then keep their flow only while their address does, so it is logged loudly.
+fn steer_group(
+    socket: &UdpSocket,
+    local: SocketAddr,
+    key: Option<vocab::SessionKey>,
+    workers: u32,
+) {
+    let done = match key {
+        Some(key) => crate::sys::attach_reuseport_cbpf(socket, &steer::program(key, workers)),
+        None => crate::sys::detach_reuseport_bpf(socket),
+    };
+    if let Err(e) = done {
+        log::error!("udp {local}: steering datagrams by session key: {e}");
     }
 }
 

@@ -205,6 +205,7 @@ impl Worker {
         }
         self.udp.set_idle_timeout(slot, service.settings.udp_idle_timeout);
         self.udp.set_buffers(slot, service.settings.udp_buffers);
+        self.udp.set_session_key(slot, service.settings.session_key);
         self.services[slot] = Some(service);
         self.udp.recheck(slot, &udp_ctx!(self));
     }
@@ -313,6 +314,8 @@ pub(crate) mod tests {
             connect_timeout: PATIENCE,
             idle_timeout: PATIENCE,
             udp_idle_timeout: PATIENCE,
+            session_key: None,
+            migrate_after: 2,
             connect_from: Vec::new(),
             udp_buffers: Default::default(),
         };

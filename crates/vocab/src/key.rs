@@ -33,6 +33,26 @@ impl AffinityKey {
         Self::from_ip(prefix.network(ip))
     }
 
+    /// The key of a UDP session key's bytes (`--udp-session-key`): an address of `100::/64`,
+    /// the discard-only prefix (RFC 6666) no client sends from, so it never meets a client's
+    /// own key. A token of up to 8 bytes is held as it is (`100::` then its bytes, zero-padded
+    /// on the right); a longer one by its SipHash-1-3 under the zero key. The key is public on
+    /// purpose: every process and every instance behind ECMP must derive the same pin from the
+    /// same token, and a state file must find it after a restart. Two tokens that share a key
+    /// share a backend, nothing more: flows are told apart by the whole token.
+    pub fn from_session(token: &[u8]) -> Self {
+        let mut bytes = [0; 16];
+        bytes[0] = 1;
+        if token.len() <= 8 {
+            bytes[8..8 + token.len()].copy_from_slice(token);
+        } else {
+            let mut h = siphasher::sip::SipHasher13::new_with_key(&[0; 16]);
+            h.write(token);
+            bytes[8..].copy_from_slice(&h.finish().to_be_bytes());
+        }
+        Self(bytes)
+    }
+
     /// The key whose [`to_bytes`](Self::to_bytes) is `bytes` (e.g. read back from the admin API).
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         Self(bytes)
@@ -161,6 +181,19 @@ mod tests {
             "128.0.0.0".parse::<IpAddr>().unwrap()
         );
         assert_eq!(odd.network("fe80::1".parse().unwrap()), "8000::".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_session_key_is_an_address_of_the_discard_prefix() {
+        let short = AffinityKey::from_session(&[0xde, 0xad, 0xbe, 0xef]);
+        assert_eq!(short.ip(), "100::dead:beef:0:0".parse::<IpAddr>().unwrap());
+        assert_ne!(short, AffinityKey::from_session(&[0xde, 0xad, 0xbe, 0xee]));
+        // Longer tokens are hashed, the same in every process: the same key for the same bytes.
+        let long = AffinityKey::from_session(b"a QUIC connection ID!");
+        assert_eq!(long, AffinityKey::from_session(b"a QUIC connection ID!"));
+        assert_ne!(long, AffinityKey::from_session(b"a QUIC connection ID?"));
+        let discard: crate::Cidr = "100::/64".parse().unwrap();
+        assert!(discard.contains(short.ip()) && discard.contains(long.ip()));
     }
 
     fn key(s: &str) -> AffinityKey {

@@ -27,11 +27,13 @@ pub mod cidr;
 pub mod duration;
 mod hash;
 mod key;
+pub mod session;
 pub mod time;
 
 pub use cidr::{Cidr, CidrError};
 pub use hash::KeyedHasher;
 pub use key::{AffinityKey, BackendId, Prefix};
+pub use session::SessionKey;
 
 /// What a client is pinned by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

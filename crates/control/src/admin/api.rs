@@ -326,6 +326,8 @@ fn flow_json(f: &proxy::FlowView) -> Value {
         "backend": f.backend,
         "backend_address": f.backend_address.to_string(),
         "offloaded": f.offloaded,
+        "keyed": f.keyed,
+        "migrations": f.migrations,
         "datagrams_in": f.datagrams_in,
         "datagrams_out": f.datagrams_out,
         "bytes_in": f.bytes_in,

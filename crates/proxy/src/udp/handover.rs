@@ -31,6 +31,9 @@ pub struct HandedFlow {
     pub header_sent: bool,
     /// The backend's name (ids are per process).
     pub backend: String,
+    /// A keyed flow's session key bytes (`--udp-session-key`): the flow and its pin are
+    /// keyed by them again.
+    pub session: Option<Vec<u8>>,
 }
 
 /// What tells one socket from another across processes: its inode (a descriptor passed with
@@ -87,6 +90,7 @@ impl Udp {
                 destination: flow.destination,
                 header_sent: flow.header_sent,
                 backend: flow.service.backends[flow.backend].name.clone(),
+                session: flow.session.as_ref().map(|s| s.token.to_vec()),
             });
         }
         handed
@@ -140,7 +144,12 @@ impl Udp {
             self.flows.push(None);
             self.flows.len() - 1
         });
-        let key = FlowKey::new(handed.client, handed.local);
+        let key = match &handed.session {
+            Some(token) => {
+                FlowKey::session(vocab::session::digest(token, self.hash_key), handed.local)
+            }
+            None => FlowKey::new(handed.client, handed.local),
+        };
         if let Err(refused) = self.table(service.slot).insert(key, target.id, slot, ctx.now_ms) {
             self.free.push(slot);
             return Err(format!("{:?}", refused.reason));
@@ -152,15 +161,19 @@ impl Udp {
             self.free.push(slot);
             return Err(format!("epoll: {e}"));
         }
-        let pin = match service.settings.affinity {
-            vocab::Affinity::Source => {
+        let pin = match (&handed.session, service.settings.affinity) {
+            (Some(token), _) => {
+                let k = conntrack::AffinityKey::from_session(token);
+                self.pin(&service, k, target.id, ctx)
+            }
+            (None, vocab::Affinity::Source) => {
                 let k = conntrack::AffinityKey::from_ip_prefix(
                     handed.source.ip(),
                     service.settings.prefix,
                 );
                 self.pin(&service, k, target.id, ctx)
             }
-            vocab::Affinity::FiveTuple => None,
+            (None, vocab::Affinity::FiveTuple) => None,
         };
         let a = Arrival {
             listener,
@@ -171,8 +184,9 @@ impl Udp {
             destination: handed.destination,
             at_ms: ctx.now_ms,
         };
-        self.flows[slot] =
-            Some(Flow::new(socket, key, a, handed.header_sent, service, backend, pin));
+        let mut flow = Flow::new(socket, key, a, handed.header_sent, service, backend, pin);
+        flow.set_session(handed.session.as_deref());
+        self.flows[slot] = Some(flow);
         Ok(())
     }
 }

@@ -155,6 +155,10 @@ pub struct FlowView {
     pub backend_address: SocketAddr,
     /// The offload program carries it.
     pub offloaded: bool,
+    /// Keyed by its session key (`--udp-session-key`), and how often it moved to a new client
+    /// address since it began.
+    pub keyed: bool,
+    pub migrations: u32,
     /// Datagrams and payload bytes client -> backend and back, whoever carried them.
     pub datagrams_in: u64,
     pub datagrams_out: u64,
@@ -195,6 +199,8 @@ impl Udp {
                 backend: b.name.clone(),
                 backend_address: b.addr,
                 offloaded: flow.offloaded.is_some(),
+                keyed: flow.session.is_some(),
+                migrations: flow.session.as_ref().map_or(0, |s| s.migrations),
                 datagrams_in: flow.counts.datagrams[0],
                 datagrams_out: flow.counts.datagrams[1],
                 bytes_in: flow.counts.bytes[0],
