@@ -383,11 +383,20 @@ impl Registry {
 
     /// Where `client` is pinned in `service`: (backend name, live sessions, expires in ms).
     pub fn sticky(&self, service: &str, client: std::net::IpAddr) -> Result<Pin, Refusal> {
+        let prefix = self.services[self.find(service)?].as_ref().expect("found").config.prefix;
+        // Pinned by its network under `--affinity source/N`.
+        self.sticky_key(service, AffinityKey::from_ip_prefix(client, prefix))
+    }
+
+    /// The pin of UDP session key bytes `token` (`--udp-session-key`) in `service`.
+    pub fn sticky_session(&self, service: &str, token: &[u8]) -> Result<Pin, Refusal> {
+        self.sticky_key(service, AffinityKey::from_session(token))
+    }
+
+    fn sticky_key(&self, service: &str, key: AffinityKey) -> Result<Pin, Refusal> {
         let slot = self.find(service)?;
         let s = self.services[slot].as_ref().expect("found");
         let now = self.shared.clock_ms();
-        // Pinned by its network under `--affinity source/N`.
-        let key = AffinityKey::from_ip_prefix(client, s.config.prefix);
         let Some(entry) = s.sticky.get(key, now) else {
             return Ok(Pin { backend: None, live: 0, expires_in_ms: None });
         };

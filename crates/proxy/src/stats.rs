@@ -32,7 +32,7 @@ pub static REFUSED: Family = Family {
 pub static DROPPED: Family = Family {
     name: "tether_datagrams_dropped_total",
     label: "reason",
-    help: "UDP datagrams dropped, by reason: max_flows (no flow at --max-flows), no_backend, denied, source_limit, local (no socket or fd here), to_backend and to_client (send failed), kernel_rcvbuf (the kernel dropped them: a socket's receive buffer was full)",
+    help: "UDP datagrams dropped, by reason: max_flows (no flow at --max-flows), no_backend, denied, source_limit, local (no socket or fd here), to_backend and to_client (send failed), kernel_rcvbuf (the kernel dropped them: a socket's receive buffer was full), migration_pending (from a keyed flow's new address before --udp-migrate-after of them)",
 };
 
 /// The families, in the order `/metrics` shows them.

@@ -1019,11 +1019,18 @@ mod tests {
 
     impl Rig {
         fn new(flows: usize, guards: Guards) -> Rig {
+            Rig::with_settings(flows, guards, |_| ())
+        }
+
+        /// [`Rig::new`] with settings of its own.
+        fn with_settings(flows: usize, guards: Guards, set: impl FnOnce(&mut Settings)) -> Rig {
             let backend = StdSocket::bind("127.0.0.1:0").unwrap();
             backend.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let at = backend.local_addr().unwrap();
             let state = Arc::new(BackendState::new(0, "u0".into(), at));
-            let settings = Settings::for_tests(Duration::from_secs(60), Duration::from_secs(60));
+            let mut settings =
+                Settings::for_tests(Duration::from_secs(60), Duration::from_secs(60));
+            set(&mut settings);
             let sticky =
                 Arc::new(Sticky::new(StickyConfig { capacity: 8, timeout_ms: 1000 }, [4; 16]));
             let members = vec![(Arc::clone(&state), 1)];
@@ -1125,6 +1132,79 @@ mod tests {
         assert_eq!(rig.with(1, |udp, ctx| udp.kill(id, ctx)), 2);
         assert_eq!(rig.state.flows.load(Relaxed), 0);
         assert_eq!(rig.stats.killed.load(Relaxed), 2);
+    }
+
+    /// A datagram of session `token` (key at 2..6) with payload byte `n`.
+    fn keyed(token: &[u8; 4], n: u8) -> Vec<u8> {
+        let mut d = vec![b'G', n];
+        d.extend_from_slice(token);
+        d
+    }
+
+    #[test]
+    fn a_keyed_flow_follows_its_client_to_a_new_port_and_address_only_after_enough_datagrams() {
+        let key = vocab::SessionKey { offset: 2, len: 4 };
+        let acl = guard::Acl::new(Vec::new(), vec!["127.0.0.66/32".parse().unwrap()]);
+        let guards = Guards { acl: Arc::new(acl), ..Guards::default() };
+        let mut rig = Rig::with_settings(8, guards, |s| {
+            s.session_key = Some(key);
+            s.migrate_after = 2;
+        });
+        let mut buf = [0u8; 64];
+        let backend_gets = |rig: &mut Rig, n: u8| {
+            let mut buf = [0u8; 64];
+            let (len, from) = rig.backend.recv_from(&mut buf).unwrap();
+            assert_eq!(buf[..len][1], n, "datagram {n} did not come next");
+            from
+        };
+        let (a, moved, spoofer) = (client("127.0.0.2"), client("127.0.0.2"), client("127.0.0.3"));
+        rig.send(&a, &keyed(b"K001", 1), 0);
+        let peer = backend_gets(&mut rig, 1);
+        // Its pin is the key's, not the address's.
+        let sticky = Arc::clone(&rig.services[0].as_ref().unwrap().sticky);
+        assert_eq!(sticky.get(conntrack::AffinityKey::from_session(b"K001"), 0).unwrap().live, 1);
+        assert!(sticky.get(AffinityKey::from_ip(a.local_addr().unwrap().ip()), 0).is_none());
+        // One datagram from a new port moves nothing (dropped); the second moves the flow.
+        rig.send(&moved, &keyed(b"K001", 2), 10);
+        assert_eq!(rig.stats.dropped_migration_pending.load(Relaxed), 1);
+        rig.send(&moved, &keyed(b"K001", 3), 20);
+        assert_eq!(backend_gets(&mut rig, 3), peer, "the backend sees a new peer");
+        assert_eq!(rig.stats.flow_migrations.load(Relaxed), 1);
+        rig.backend.send_to(b"to-new", peer).unwrap();
+        rig.with(21, |udp, ctx| udp.flow_readable(0, ctx));
+        let (n, _) = moved.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"to-new", "the reply went to the old address");
+        // A spoofer's one datagram with the key moves nothing; nor do two with the client
+        // speaking between them; nor two further apart than the window.
+        rig.send(&spoofer, &keyed(b"K001", 4), 30);
+        rig.send(&moved, &keyed(b"K001", 5), 40);
+        assert_eq!(backend_gets(&mut rig, 5), peer);
+        rig.send(&spoofer, &keyed(b"K001", 6), 50);
+        rig.send(&spoofer, &keyed(b"K001", 7), 50 + MIGRATE_WINDOW_MS);
+        assert_eq!(rig.stats.flow_migrations.load(Relaxed), 1);
+        assert_eq!(rig.stats.dropped_migration_pending.load(Relaxed), 4);
+        rig.backend.send_to(b"still", peer).unwrap();
+        rig.with(60, |udp, ctx| udp.flow_readable(0, ctx));
+        let n = moved.recv_from(&mut buf).unwrap().0;
+        assert_eq!(&buf[..n], b"still");
+        // A denied address that sends enough does not take it either.
+        let denied = client("127.0.0.66");
+        rig.send(&denied, &keyed(b"K001", 8), 70);
+        rig.send(&denied, &keyed(b"K001", 9), 71);
+        assert_eq!(rig.stats.flow_migrations.load(Relaxed), 1);
+        assert_eq!(rig.stats.dropped_denied.load(Relaxed), 1);
+        // Another key is another flow; a datagram too short for a key goes by address.
+        rig.send(&moved, &keyed(b"K002", 10), 80);
+        assert_ne!(backend_gets(&mut rig, 10), peer);
+        rig.send(&moved, b"G", 90);
+        assert_eq!(rig.stats.session_key_short.load(Relaxed), 1);
+        assert_ne!(rig.backend.recv_from(&mut buf).unwrap().1, peer);
+        assert_eq!(rig.stats.flows_created.load(Relaxed), 3);
+        let views = rig.with(91, |udp, ctx| udp.flows(None, 10, ctx));
+        let keyed_views: Vec<_> = views.iter().filter(|v| v.keyed).collect();
+        assert_eq!(keyed_views.len(), 2);
+        let here = moved.local_addr().unwrap();
+        assert!(keyed_views.iter().any(|v| v.migrations == 1 && v.client == here));
     }
 
     // === a seeded simulation ===

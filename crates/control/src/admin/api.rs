@@ -240,31 +240,65 @@ fn add_backend(service: &str, body: &str, registry: &mut Registry) -> Answer {
     }
 }
 
+/// `GET /api/sticky?client=IP[&service=S]` or `?session=HEX`: the pin of a client, or of a
+/// UDP session key's bytes (hex) under `--udp-session-key`.
 fn sticky(query: &str, registry: &Registry) -> Answer {
-    let mut client = None;
+    let (mut client, mut session) = (None, None);
     let mut service = config::DEFAULT_SERVICE.to_string();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "client" => client = Some(percent_decode(v)),
+            "session" => session = Some(percent_decode(v)),
             "service" => service = percent_decode(v),
             other => return error(400, &format!("unknown parameter {other:?}")),
         }
     }
-    let Some(client) = client else { return error(400, "client: required (an IP address)") };
-    let Ok(ip) = client.parse::<IpAddr>() else {
-        return error(400, &format!("client: {client:?} is not an IP address"));
+    let (who, pin) = match (client, session) {
+        (Some(client), None) => {
+            let Ok(ip) = client.parse::<IpAddr>() else {
+                return error(400, &format!("client: {client:?} is not an IP address"));
+            };
+            (json!({ "client": ip.to_string() }), registry.sticky(&service, ip))
+        }
+        (None, Some(hex)) => {
+            let Some(token) = from_hex(&hex) else {
+                return error(400, &format!("session: {hex:?} is not the key's bytes in hex"));
+            };
+            (json!({ "session": hex.to_ascii_lowercase() }), registry.sticky_session(&service, &token))
+        }
+        _ => {
+            return error(
+                400,
+                "client (an IP address) or session (a session key's bytes in hex): one is required",
+            )
+        }
     };
-    match registry.sticky(&service, ip) {
+    match pin {
         Ok(pin) => ok_json(json!({
             "service": service,
-            "client": ip.to_string(),
+            "client": who.get("client"),
+            "session": who.get("session"),
             "backend": pin.backend,
             "sessions": pin.live,
             "expires_in_ms": pin.expires_in_ms,
         })),
         Err(r) => refused(r),
     }
+}
+
+/// `hex` as bytes: an even count of hex digits, 1 to 64 bytes.
+fn from_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 128 {
+        return None;
+    }
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Most flows `GET /api/flows` lists unless `limit` says otherwise, and the most it may ask.

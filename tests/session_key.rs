@@ -1,0 +1,222 @@
+//! UDP sessions keyed by what the client sends (issue 17, part 4): `--udp-session-key` keeps a
+//! client's flow (same backend, same backend-side socket) when its port or address changes,
+//! only after `--udp-migrate-after` datagrams from the new address; a spoofed datagram moves
+//! nothing; a datagram too short for the key goes by address; the pin is the key's; a keyed
+//! flow survives an upgrade. Four workers, so a flow found after a move proves the steering
+//! program kept the key on its worker (without it, three moves in four land elsewhere).
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Game servers: plain sockets the test reads and answers itself, so it sees each datagram's
+/// peer (tether's backend-side socket) and order.
+struct Servers(Vec<UdpSocket>);
+
+impl Servers {
+    fn start(net: u8, n: usize) -> Servers {
+        Servers(
+            (0..n)
+                .map(|i| {
+                    let s = UdpSocket::bind((Ipv4Addr::new(127, 0, net, 10 + i as u8), 0)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                    s
+                })
+                .collect(),
+        )
+    }
+
+    fn args(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                ["--backend".to_string(), format!("{},name=g{i}", s.local_addr().unwrap())]
+            })
+            .collect()
+    }
+
+    /// The next datagram any server gets: (server, peer, payload).
+    fn next(&self) -> (usize, SocketAddr, Vec<u8>) {
+        let deadline = Instant::now() + DEADLINE;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            for (i, s) in self.0.iter().enumerate() {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    return (i, from, buf[..n].to_vec());
+                }
+            }
+        }
+        panic!("no server got a datagram within {DEADLINE:?}");
+    }
+}
+
+/// A datagram of session `token` numbered `seq`: the key is bytes 1..9.
+fn datagram(token: &[u8; 8], seq: u32) -> Vec<u8> {
+    let mut d = vec![b'G'];
+    d.extend_from_slice(token);
+    d.extend_from_slice(format!(" seq={seq}").as_bytes());
+    d
+}
+
+fn seq_of(payload: &[u8]) -> u32 {
+    let text = std::str::from_utf8(&payload[9..]).unwrap();
+    text.trim().strip_prefix("seq=").unwrap().parse().unwrap()
+}
+
+fn socket(ip: IpAddr) -> UdpSocket {
+    let s = UdpSocket::bind((ip, 0)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+fn tether_keyed(net: u8, servers: &Servers, extra: &[&str]) -> Tether {
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("127.0.{net}.1:0"),
+        "--admin".into(),
+        format!("127.0.{net}.1:0"),
+        "--protocol".into(),
+        "udp".into(),
+        "--workers".into(),
+        "4".into(),
+        "--udp-session-key".into(),
+        "1:8".into(),
+    ];
+    args.extend(servers.args());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Tether::start(bin(), no_probes(&args)).expect("start tether")
+}
+
+/// Send `seq` from `from`; the server that gets it must be `want` (server and peer), and its
+/// reply must reach `from`, from the listener.
+fn round_trip(t: &Tether, servers: &Servers, from: &UdpSocket, token: &[u8; 8], seq: u32) -> (usize, SocketAddr) {
+    from.send_to(&datagram(token, seq), t.udp_addr()).unwrap();
+    let (server, peer, payload) = servers.next();
+    assert_eq!(seq_of(&payload), seq, "datagram {seq} of {token:?}: another came first");
+    servers.0[server].send_to(format!("ack {seq}").as_bytes(), peer).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, at) = from.recv_from(&mut buf).expect("the reply reaches the client's newest address");
+    assert_eq!((&buf[..n], at), (format!("ack {seq}").as_bytes(), t.udp_addr()));
+    (server, peer)
+}
+
+#[test]
+fn a_client_that_changes_port_then_address_keeps_its_flow_and_loses_only_the_unproven_datagrams() {
+    let servers = Servers::start(176, 2);
+    let t = tether_keyed(176, &servers, &[]);
+    let clients = 8u8;
+    for c in 0..clients {
+        let token: [u8; 8] = *format!("tok{c:05}").as_bytes().first_chunk().unwrap();
+        let home = socket(IpAddr::V4(Ipv4Addr::new(127, 1, 176, c + 1)));
+        let first = round_trip(&t, &servers, &home, &token, 0);
+        for seq in 1..3 {
+            assert_eq!(round_trip(&t, &servers, &home, &token, seq), first);
+        }
+        // A new port (NAT rebinding): its first datagram is held back (dropped), the second
+        // moves the flow; the backend sees the same peer on the same server throughout.
+        let rebound = socket(IpAddr::V4(Ipv4Addr::new(127, 1, 176, c + 1)));
+        rebound.send_to(&datagram(&token, 3), t.udp_addr()).unwrap();
+        assert_eq!(round_trip(&t, &servers, &rebound, &token, 4), first, "after a new port");
+        assert_eq!(round_trip(&t, &servers, &rebound, &token, 5), first);
+        // A new address (Wi-Fi to LTE): the same.
+        let roamed = socket(IpAddr::V4(Ipv4Addr::new(127, 1, 177, c + 1)));
+        roamed.send_to(&datagram(&token, 6), t.udp_addr()).unwrap();
+        assert_eq!(round_trip(&t, &servers, &roamed, &token, 7), first, "after a new address");
+    }
+    let moved = f64::from(clients) * 2.0;
+    assert_eq!(scrape(&t, "tether_udp_flow_migrations_total", ""), moved);
+    let pending = scrape(&t, "tether_datagrams_dropped_total", "reason=\"migration_pending\"");
+    assert_eq!(pending, moved, "only the datagram before each accepted move is lost");
+    let flows = get_json(t.admin(), "/api/flows");
+    let flows = flows.as_array().unwrap();
+    assert_eq!(flows.len(), usize::from(clients), "{flows:?}");
+    assert!(flows.iter().all(|f| f["keyed"] == true && f["migrations"] == 2), "{flows:?}");
+}
+
+#[test]
+fn a_spoofed_datagram_with_another_clients_key_moves_nothing() {
+    let servers = Servers::start(177, 2);
+    let t = tether_keyed(177, &servers, &["--udp-migrate-after", "3"]);
+    let token = *b"victim!!";
+    let victim = socket("127.1.178.1".parse().unwrap());
+    let attacker = socket("127.1.178.2".parse().unwrap());
+    let first = round_trip(&t, &servers, &victim, &token, 0);
+    // One spoofed datagram, then two: fewer than 3, and the victim speaks between them.
+    attacker.send_to(&datagram(&token, 100), t.udp_addr()).unwrap();
+    assert_eq!(round_trip(&t, &servers, &victim, &token, 1), first);
+    attacker.send_to(&datagram(&token, 101), t.udp_addr()).unwrap();
+    attacker.send_to(&datagram(&token, 102), t.udp_addr()).unwrap();
+    assert_eq!(round_trip(&t, &servers, &victim, &token, 2), first);
+    attacker.send_to(&datagram(&token, 103), t.udp_addr()).unwrap();
+    assert_eq!(round_trip(&t, &servers, &victim, &token, 3), first);
+    assert_eq!(scrape(&t, "tether_udp_flow_migrations_total", ""), 0.0);
+    // Every reply went to the victim: nothing is waiting for the attacker.
+    attacker.set_nonblocking(true).unwrap();
+    assert!(attacker.recv_from(&mut [0u8; 64]).is_err(), "the attacker got a reply");
+    let pending = scrape(&t, "tether_datagrams_dropped_total", "reason=\"migration_pending\"");
+    assert_eq!(pending, 4.0);
+}
+
+#[test]
+fn a_short_datagram_goes_by_address_and_the_pin_is_the_keys() {
+    let servers = Servers::start(178, 4);
+    let t = tether_keyed(178, &servers, &["--udp-idle-timeout", "1s"]);
+    let token = *b"pinned-1";
+    let home = socket("127.1.179.1".parse().unwrap());
+    let (server, peer) = round_trip(&t, &servers, &home, &token, 0);
+    // Four bytes cannot hold the key (1..9): a flow of the address, its own backend socket.
+    home.send_to(b"Gxyz", t.udp_addr()).unwrap();
+    let (_, short_peer, payload) = servers.next();
+    assert_eq!(payload, b"Gxyz");
+    assert_ne!(short_peer, peer, "a short datagram went into the keyed flow");
+    assert_eq!(scrape(&t, "tether_udp_session_key_short_total", ""), 1.0);
+    // The pin is the key's (found by the key's bytes in hex); the keyed flow made none for
+    // the client's address (its short datagram's flow did, to wherever its address hashes).
+    let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    let pin = get_json(t.admin(), &format!("/api/sticky?session={hex}"));
+    assert_eq!(pin["backend"], format!("g{server}"), "{pin}");
+    assert_eq!(pin["sessions"], 1, "{pin}");
+    for bad in ["session=abc", "session=zz", "session=+f", "client=127.0.0.1&session=00", ""] {
+        let r = http(t.admin(), "GET", &format!("/api/sticky?{bad}"), "").unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    // Both flows expire; the key from a new address (no flow to move: a new one) is pinned
+    // to the same server, by the key.
+    assert!(wait_until(DEADLINE, || get_json(t.admin(), "/api/flows")
+        .as_array()
+        .is_some_and(|f| f.is_empty())));
+    for i in 0..5u8 {
+        let elsewhere = socket(IpAddr::V4(Ipv4Addr::new(127, 1, 180, i + 1)));
+        assert_eq!(round_trip(&t, &servers, &elsewhere, &token, 10 + u32::from(i)).0, server);
+        assert!(wait_until(DEADLINE, || get_json(t.admin(), "/api/flows")
+            .as_array()
+            .is_some_and(|f| f.is_empty())));
+    }
+}
+
+#[test]
+fn a_keyed_flow_and_its_moves_carry_on_across_an_upgrade() {
+    let servers = Servers::start(179, 2);
+    let t = tether_keyed(179, &servers, &["--upgrade-grace", "1s"]);
+    let token = *b"upgrade!";
+    let home = socket("127.1.181.1".parse().unwrap());
+    let first = round_trip(&t, &servers, &home, &token, 0);
+    let old = t.pid();
+    let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut new = None;
+    assert!(wait_until(DEADLINE, || {
+        new = get_json(t.admin(), "/api/status")["pid"].as_u64().filter(|&p| p != u64::from(old));
+        new.is_some()
+    }));
+    let _successor = Successor(new.map(|p| p as u32));
+    // The new process carries the flow on: same socket toward the server, and a move works.
+    assert_eq!(round_trip(&t, &servers, &home, &token, 1), first);
+    let roamed = socket("127.1.181.2".parse().unwrap());
+    roamed.send_to(&datagram(&token, 2), t.udp_addr()).unwrap();
+    assert_eq!(round_trip(&t, &servers, &roamed, &token, 3), first);
+}
