@@ -93,7 +93,13 @@ fn tether_keyed(net: u8, servers: &Servers, extra: &[&str]) -> Tether {
 
 /// Send `seq` from `from`; the server that gets it must be `want` (server and peer), and its
 /// reply must reach `from`, from the listener.
-fn round_trip(t: &Tether, servers: &Servers, from: &UdpSocket, token: &[u8; 8], seq: u32) -> (usize, SocketAddr) {
+fn round_trip(
+    t: &Tether,
+    servers: &Servers,
+    from: &UdpSocket,
+    token: &[u8; 8],
+    seq: u32,
+) -> (usize, SocketAddr) {
     from.send_to(&datagram(token, seq), t.udp_addr()).unwrap();
     let (server, peer, payload) = servers.next();
     assert_eq!(seq_of(&payload), seq, "datagram {seq} of {token:?}: another came first");
@@ -131,6 +137,9 @@ fn a_client_that_changes_port_then_address_keeps_its_flow_and_loses_only_the_unp
     assert_eq!(scrape(&t, "tether_udp_flow_migrations_total", ""), moved);
     let pending = scrape(&t, "tether_datagrams_dropped_total", "reason=\"migration_pending\"");
     assert_eq!(pending, moved, "only the datagram before each accepted move is lost");
+    // Each move is logged, with where from and where to.
+    let roamed = "127.1.177.1:";
+    assert!(t.wait_stderr(|l| l.contains("keyed flow to g") && l.contains(roamed), DEADLINE));
     let flows = get_json(t.admin(), "/api/flows");
     let flows = flows.as_array().unwrap();
     assert_eq!(flows.len(), usize::from(clients), "{flows:?}");

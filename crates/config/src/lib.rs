@@ -1129,10 +1129,14 @@ mod tests {
     fn udp_session_key_and_migrate_after() {
         let c = with(&[]).unwrap();
         assert_eq!((c.services[0].udp_session_key, c.services[0].udp_migrate_after), (None, 2));
-        let c = with(&["--protocol", "udp", "--udp-session-key", "4:8", "--udp-migrate-after", "3"])
-            .unwrap();
+        let c =
+            with(&["--protocol", "udp", "--udp-session-key", "4:8", "--udp-migrate-after", "3"])
+                .unwrap();
         let key = vocab::SessionKey { offset: 4, len: 8 };
-        assert_eq!((c.services[0].udp_session_key, c.services[0].udp_migrate_after), (Some(key), 3));
+        assert_eq!(
+            (c.services[0].udp_session_key, c.services[0].udp_migrate_after),
+            (Some(key), 3)
+        );
         for (bad, says) in [
             (&["--protocol", "udp", "--udp-session-key", "4"][..], "OFFSET:LENGTH"),
             (&["--protocol", "udp", "--udp-session-key", "0:65"], "1 to 64"),

@@ -345,40 +345,6 @@ pub fn recv_with_fds(
     Ok((msg.bytes, fds))
 }
 
-#[cfg(test)]
-mod tests {
-    use std::io::{Read, Write};
-
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-
-    use super::*;
-
-    #[test]
-    fn descriptors_cross_a_seqpacket_socket_and_name_the_same_files() {
-        let (a, b) =
-            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-                .unwrap();
-        let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
-        send_with_fds(&a, b"one", &[w.as_raw_fd()]).unwrap();
-        send_with_fds(&a, b"two", &[]).unwrap();
-        drop(a);
-        let mut buf = [0u8; 16];
-        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
-        assert_eq!((&buf[..n], fds.len()), (&b"one"[..], 1));
-        // The received descriptor writes into the same socket as the sent one.
-        std::os::unix::net::UnixStream::from(fds.into_iter().next().unwrap())
-            .write_all(b"hi")
-            .unwrap();
-        let mut got = [0u8; 2];
-        r.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"hi");
-        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
-        assert_eq!((&buf[..n], fds.len()), (&b"two"[..], 0));
-        assert_eq!(recv_with_fds(&b, &mut buf).unwrap().0, 0, "the end");
-        drop(w);
-    }
-}
-
 /// Attach classic BPF `program` to the `SO_REUSEPORT` group of `socket` (socket(7),
 /// SO_ATTACH_REUSEPORT_CBPF): it picks, for each datagram, the index of the group's socket
 /// that gets it; an index past the group's end leaves the choice to the kernel's hash. One
@@ -430,5 +396,39 @@ pub fn detach_reuseport_bpf(socket: &impl AsRawFd) -> std::io::Result<()> {
             e if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             e => Err(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    use super::*;
+
+    #[test]
+    fn descriptors_cross_a_seqpacket_socket_and_name_the_same_files() {
+        let (a, b) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+                .unwrap();
+        let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+        send_with_fds(&a, b"one", &[w.as_raw_fd()]).unwrap();
+        send_with_fds(&a, b"two", &[]).unwrap();
+        drop(a);
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"one"[..], 1));
+        // The received descriptor writes into the same socket as the sent one.
+        std::os::unix::net::UnixStream::from(fds.into_iter().next().unwrap())
+            .write_all(b"hi")
+            .unwrap();
+        let mut got = [0u8; 2];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        let (n, fds) = recv_with_fds(&b, &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"two"[..], 0));
+        assert_eq!(recv_with_fds(&b, &mut buf).unwrap().0, 0, "the end");
+        drop(w);
     }
 }

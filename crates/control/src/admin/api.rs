@@ -254,26 +254,28 @@ fn sticky(query: &str, registry: &Registry) -> Answer {
             other => return error(400, &format!("unknown parameter {other:?}")),
         }
     }
-    let (who, pin) = match (client, session) {
-        (Some(client), None) => {
-            let Ok(ip) = client.parse::<IpAddr>() else {
-                return error(400, &format!("client: {client:?} is not an IP address"));
-            };
-            (json!({ "client": ip.to_string() }), registry.sticky(&service, ip))
-        }
-        (None, Some(hex)) => {
-            let Some(token) = from_hex(&hex) else {
-                return error(400, &format!("session: {hex:?} is not the key's bytes in hex"));
-            };
-            (json!({ "session": hex.to_ascii_lowercase() }), registry.sticky_session(&service, &token))
-        }
-        _ => {
-            return error(
+    let (who, pin) =
+        match (client, session) {
+            (Some(client), None) => {
+                let Ok(ip) = client.parse::<IpAddr>() else {
+                    return error(400, &format!("client: {client:?} is not an IP address"));
+                };
+                (json!({ "client": ip.to_string() }), registry.sticky(&service, ip))
+            }
+            (None, Some(hex)) => {
+                let Some(token) = from_hex(&hex) else {
+                    return error(400, &format!("session: {hex:?} is not the key's bytes in hex"));
+                };
+                (
+                    json!({ "session": hex.to_ascii_lowercase() }),
+                    registry.sticky_session(&service, &token),
+                )
+            }
+            _ => return error(
                 400,
                 "client (an IP address) or session (a session key's bytes in hex): one is required",
-            )
-        }
-    };
+            ),
+        };
     match pin {
         Ok(pin) => ok_json(json!({
             "service": service,
@@ -295,10 +297,7 @@ fn from_hex(hex: &str) -> Option<Vec<u8>> {
     if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// Most flows `GET /api/flows` lists unless `limit` says otherwise, and the most it may ask.
