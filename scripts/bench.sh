@@ -6,7 +6,7 @@
 #   scripts/bench.sh                 # everything, 3 repetitions of 5 s per load balancer
 #   scripts/bench.sh --quick         # 1 repetition of 2 s: a smoke run
 #   scripts/bench.sh --only redis    # one metric (bulk, connrate, redis, pingpong, memory, state,
-#                                    # udp, upgrade)
+#                                    # udp, udpkey, upgrade)
 #   scripts/bench.sh --only udp --one-cpu   # every process on one CPU (no cross-CPU wake-ups)
 #
 # Loopback only; every process it starts is stopped by PID when it ends.

@@ -29,6 +29,37 @@ enum Command {
     Clients(ClientsArgs),
     Connrate(ConnrateArgs),
     Cluster(ClusterArgs),
+    UdpBackend(UdpBackendArgs),
+    UdpPingpong(UdpPingpongArgs),
+}
+
+/// Run one UDP echo backend (answers `name` with its name) until SIGINT or SIGTERM.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "udp-backend")]
+struct UdpBackendArgs {
+    /// address to listen on (port 0 picks one)
+    #[argh(option)]
+    listen: SocketAddr,
+    /// name the backend answers with
+    #[argh(option)]
+    name: String,
+}
+
+/// Ping-pong 64-byte datagrams from several clients at once, each from its own source address
+/// (127.3.0.1 upward) with its own 8-byte token first (for `--udp-session-key 0:8`). Prints
+/// one JSON line.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "udp-pingpong")]
+struct UdpPingpongArgs {
+    /// address to send to
+    #[argh(option)]
+    connect: SocketAddr,
+    /// clients, each a thread (default 4)
+    #[argh(option, default = "4")]
+    clients: usize,
+    /// seconds to run (default 5)
+    #[argh(option, default = "5")]
+    seconds: u64,
 }
 
 /// The cluster demo (root): three tether instances behind a kernel ECMP route in network
@@ -101,6 +132,8 @@ fn main() -> ExitCode {
         Command::Clients(args) => clients(args),
         Command::Connrate(args) => connrate(args),
         Command::Cluster(args) => cluster(args),
+        Command::UdpBackend(args) => udp_backend(args),
+        Command::UdpPingpong(args) => udp_pingpong(args),
     };
     match result {
         Ok(code) => code,
@@ -144,6 +177,31 @@ fn connrate(args: ConnrateArgs) -> io::Result<ExitCode> {
     );
     println!(
         "{{\"conns\": {}, \"errors\": {}, \"seconds\": {:.3}, \"conn_s\": {:.1}, \"p50_us\": {}, \"p99_us\": {}}}",
+        r.conns,
+        r.errors,
+        r.seconds,
+        r.rate(),
+        r.p50_us,
+        r.p99_us
+    );
+    Ok(if r.conns > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn udp_backend(args: UdpBackendArgs) -> io::Result<ExitCode> {
+    let signals = StopSignals::block()?;
+    let mut backend = testkit::UdpBackend::start(&args.name, args.listen)?;
+    println!("udp backend {} listening {}", backend.name(), backend.addr());
+    io::stdout().flush()?;
+    signals.wait()?;
+    backend.stop();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn udp_pingpong(args: UdpPingpongArgs) -> io::Result<ExitCode> {
+    let sources = client_ips(Ipv4Addr::new(127, 3, 0, 1), args.clients)?;
+    let r = testkit::udp_pingpong(args.connect, &sources, Duration::from_secs(args.seconds));
+    println!(
+        "{{\"round_trips\": {}, \"errors\": {}, \"seconds\": {:.3}, \"rt_s\": {:.1}, \"p50_us\": {}, \"p99_us\": {}}}",
         r.conns,
         r.errors,
         r.seconds,

@@ -68,7 +68,7 @@ pub use client::{
 pub use data::{digest_of, digest_of_pattern, hex, pattern, Digest};
 pub use freeze::FrozenThread;
 pub use http::{http, HttpReply};
-pub use load::{connrate, LoadReport};
+pub use load::{connrate, udp_pingpong, LoadReport};
 pub use netns::{
     inject_udp4, inside_own_netns, netstat, set_local_port_range, sh, snmp, udp4_checksum,
     Namespace,

@@ -74,6 +74,50 @@ pub fn connrate(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
     });
+    report(start, results)
+}
+
+/// Ping-pong of 64-byte datagrams to `to` from one client per address of `sources` (a thread
+/// each) for `duration`: each sends, waits for the echo (up to 1 s: past it, an error), and
+/// sends again. Each client's datagrams begin with its own 8-byte token (its index, big
+/// endian), the rest fixed: what a game's session token looks like to `--udp-session-key 0:8`.
+/// A round trip is a "connection" of the report.
+pub fn udp_pingpong(to: SocketAddr, sources: &[IpAddr], duration: Duration) -> LoadReport {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let results: Vec<(Vec<u32>, u64)> = thread::scope(|scope| {
+        let handles: Vec<_> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, &source)| {
+                scope.spawn(move || {
+                    let (mut latencies, mut errors) = (Vec::new(), 0);
+                    let Ok(socket) = std::net::UdpSocket::bind((source, 0)) else {
+                        return (latencies, 1);
+                    };
+                    let _ = socket.set_read_timeout(Some(Duration::from_secs(1)));
+                    let mut datagram = [0x5au8; 64];
+                    datagram[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                    let mut buf = [0u8; 128];
+                    while Instant::now() < deadline {
+                        let began = Instant::now();
+                        let ok = socket.send_to(&datagram, to).and_then(|_| socket.recv(&mut buf));
+                        match ok {
+                            Ok(64) => latencies.push(began.elapsed().as_micros() as u32),
+                            _ => errors += 1,
+                        }
+                    }
+                    (latencies, errors)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+    });
+    report(start, results)
+}
+
+/// Latencies and errors of each thread, as one report.
+fn report(start: Instant, results: Vec<(Vec<u32>, u64)>) -> LoadReport {
     let seconds = start.elapsed().as_secs_f64();
     let errors = results.iter().map(|(_, e)| e).sum();
     let mut all: Vec<u32> = results.into_iter().flat_map(|(l, _)| l).collect();
