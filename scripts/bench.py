@@ -617,6 +617,32 @@ def udp_rate(lb, args):
     return r
 
 
+class TetherUdpKeyed(TetherUdp):
+    """Flows keyed by the first 8 payload bytes (--udp-session-key 0:8; keyed flows are never
+    offloaded, so the offload is off in both tether columns)."""
+    name = "tether-key"
+    extra = ["--protocol", "udp", "--udp-offload", "off", "--udp-session-key", "0:8"]
+
+
+def udp_echo_backends(work):
+    # No readiness signal for UDP: a short pause instead of a probe.
+    return backends_of(lambda ip, port: [BENCH, "udp-backend", "--listen", f"{ip}:{port}",
+                                         "--name", f"u{port}"],
+                       ready=lambda ip, port: time.sleep(0.3))
+
+
+def udp_key(lb, args):
+    """8 clients, each from its own address with its own 8-byte token, ping-pong 64 bytes."""
+    def run():
+        return json.loads(gen([BENCH, "udp-pingpong", "--connect", f"{lb.addr[0]}:{lb.addr[1]}",
+                               "--clients", "8", "--seconds", str(args.seconds)],
+                              args.seconds + 30))
+    r = measure(lb, run)
+    r["cpu_us_per_rt"] = r["lb_cpu_s"] * 1e6 / max(1, r["round_trips"])
+    r["machine_cpu_us_per_rt"] = r["machine_cpu_s"] * 1e6 / max(1, r["round_trips"])
+    return r
+
+
 class TetherEmpty(Tether):
     name = "tether-empty"
 
@@ -636,6 +662,7 @@ METRICS = {
     "memory": (redis_backends, [Tether, HAProxy, Nginx]),
     "state": (http_backends, [TetherEmpty, TetherMillion]),
     "udp": (udp_backends, [DirectUdp, TetherUdp, TetherUdpOffload, NginxUdp]),
+    "udpkey": (udp_echo_backends, [DirectUdp, TetherUdp, TetherUdpKeyed, NginxUdp]),
     "upgrade": (http_backends, [Tether]),
 }
 
@@ -659,6 +686,7 @@ def run_metric(name, args, work, results):
         "upgrade": [("upgrade", lambda lb: upgrade(lb, args))],
         "udp": [("udp-pingpong", lambda lb: udp_pingpong(lb, args)),
                 ("udp-rate", lambda lb: udp_rate(lb, args))],
+        "udpkey": [("udp-key", lambda lb: udp_key(lb, args))],
     }[name]
     try:
         for test, fn in tests:
@@ -755,6 +783,25 @@ def table(results):
                          f"{pp['tether-offload']['p50_us'] - pp['direct']['p50_us']:+.2f} µs, tether "
                          f"{pp['tether']['p50_us'] - pp['direct']['p50_us']:+.2f} µs, nginx "
                          f"{pp['nginx']['p50_us'] - pp['direct']['p50_us']:+.2f} µs")
+    uk = results.get("udp-key")
+    if uk:
+        cols = [c for c in ("direct", "tether", "tether-key", "nginx") if c in uk]
+        lines.append("")
+        lines.append("UDP session key (8 clients, each its own address and 8-byte token, "
+                     "64-byte ping-pong; tether-key: --udp-session-key 0:8; offload off):")
+        lines.append("")
+        lines.append("| metric | " + " | ".join(cols) + " | key/tether | key/nginx |")
+        lines.append("|---|" + "---|" * (len(cols) + 2))
+        for metric, unit, lower in (("rt_s", "round trips/s", False), ("p50_us", "µs", True),
+                                    ("p99_us", "µs", True), ("errors", "lost", True),
+                                    ("cpu_us_per_rt", "LB CPU µs/round trip", True),
+                                    ("machine_cpu_us_per_rt", "machine CPU µs/round trip", True)):
+            k = uk.get("tether-key", {}).get(metric)
+            rat = [f"{ratio(k, uk[p][metric]):.2f}" if k is not None and p in uk else ""
+                   for p in ("tether", "nginx")]
+            lines.append(f"| {metric} ({unit}, {'lower' if lower else 'higher'} is better) | "
+                         + " | ".join(f"{uk[c][metric]:.4g}" for c in cols) + " | "
+                         + " | ".join(rat) + " |")
     st = results.get("state")
     if st and "tether-empty" in st and "tether-1M" in st:
         e, m = st["tether-empty"], st["tether-1M"]
