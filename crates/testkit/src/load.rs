@@ -79,8 +79,8 @@ pub fn connrate(
 
 /// Ping-pong of 64-byte datagrams to `to` from one client per address of `sources` (a thread
 /// each) for `duration`: each sends, waits for the echo (up to 1 s: past it, an error), and
-/// sends again. Each client's datagrams begin with its own 8-byte token (its index, big
-/// endian), the rest fixed: what a game's session token looks like to `--udp-session-key 0:8`.
+/// sends again. Each client's datagrams begin with its own 8-byte token (its index and the
+/// process id, big endian), the rest fixed: what a game's session token looks like to `--udp-session-key 0:8`.
 /// A round trip is a "connection" of the report.
 pub fn udp_pingpong(to: SocketAddr, sources: &[IpAddr], duration: Duration) -> LoadReport {
     let start = Instant::now();
@@ -97,7 +97,10 @@ pub fn udp_pingpong(to: SocketAddr, sources: &[IpAddr], duration: Duration) -> L
                     };
                     let _ = socket.set_read_timeout(Some(Duration::from_secs(1)));
                     let mut datagram = [0x5au8; 64];
-                    datagram[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                    // Its index and this process's id: a later run's clients are new
+                    // sessions, not old ones come back from new ports (which would move).
+                    let token = u64::from(std::process::id()) << 32 | i as u64;
+                    datagram[..8].copy_from_slice(&token.to_be_bytes());
                     let mut buf = [0u8; 128];
                     while Instant::now() < deadline {
                         let began = Instant::now();
