@@ -1,4 +1,4 @@
-//! Bounded-load choice (issue 17, in progress): `--balance-factor F` places a client without a
+//! Bounded-load choice (issue 17): `--balance-factor F` places a client without a
 //! pin on the first backend of its fallback order whose load is under F x the average (by
 //! weight); pinned clients are never moved by load.
 
@@ -94,4 +94,68 @@ fn removing_a_backend_moves_only_its_clients() {
         }
     }
     assert!(moved > 0, "no client was on b2: {before:?}");
+}
+
+/// The issue's skewed population: 10 of 50 clients (20%) hold 16 sessions each (160 of 200,
+/// 80%), and those 10 all hash to b0. Clients come one after another, each opening all its
+/// sessions before the next arrives.
+///
+/// What the factor bounds is each *placement*: a new client lands on a backend whose load is
+/// under `ceil(F x (total + 1) / 4)` at that moment (checked for every one of the 50). It
+/// cannot bound the final spread within F: a client's later sessions follow its pin (pinned
+/// clients never move by load), and no placement can know how many it will open. So the final
+/// largest load is within one client's sessions (15 more) of the bound, where hashing alone
+/// piles every heavy client on b0.
+#[test]
+fn a_skewed_population_is_placed_under_the_bound_each_time() {
+    const HEAVY: usize = 16;
+    let plain_pool = backends(180, 4);
+    let plain = tether_with_admin(180, &plain_pool, &["--seed", "7"]);
+    let heavy: Vec<IpAddr> = (0..2000u32)
+        .map(client_ip)
+        .filter(|&c| ask_name(c, plain.addr()).unwrap() == "b0")
+        .take(10)
+        .collect();
+    assert_eq!(heavy.len(), 10);
+    let light: Vec<IpAddr> = (0..40u32).map(|k| ip(&format!("127.1.182.{}", 10 + k))).collect();
+    let mut order = Vec::new();
+    for (k, h) in heavy.iter().enumerate() {
+        order.push((*h, HEAVY));
+        order.extend(light[k * 4..k * 4 + 4].iter().map(|&l| (l, 1)));
+    }
+    // Without the factor: by hash alone.
+    let mut held = Vec::new();
+    for &(c, n) in &order {
+        held.extend((0..n).map(|_| hold(c, plain.addr()).unwrap().0));
+    }
+    assert!(wait_until(DEADLINE, || loads(&plain).iter().sum::<u64>() == 200));
+    let lp = loads(&plain);
+    let ratio_plain = *lp.iter().max().unwrap() as f64 / 50.0;
+    assert!(ratio_plain > 3.2, "the heavy clients all hash to b0: {lp:?}");
+
+    let pool = backends(181, 4);
+    let t = tether_with_admin(181, &pool, &["--seed", "7", "--balance-factor", "1.25"]);
+    let mut total = 0u64;
+    for &(c, n) in &order {
+        let before = loads(&t);
+        assert_eq!(before.iter().sum::<u64>(), total);
+        let (s, name) = hold(c, t.addr()).unwrap();
+        let at = index_of(&pool, &name);
+        let capacity = (1.25 * (total + 1) as f64 / 4.0).ceil() as u64;
+        assert!(before[at] < capacity, "{c} placed on {name} at {before:?}, bound {capacity}");
+        held.push(s);
+        for _ in 1..n {
+            let (s, again) = hold(c, t.addr()).unwrap();
+            assert_eq!(again, name, "a pinned client moved by load");
+            held.push(s);
+        }
+        total += n as u64;
+        assert!(wait_until(DEADLINE, || loads(&t).iter().sum::<u64>() == total));
+    }
+    let l = loads(&t);
+    let max = *l.iter().max().unwrap();
+    println!("skewed, --balance-factor 1.25: {l:?}; without: {lp:?}");
+    let bound = (1.25 * 201.0 / 4.0_f64).ceil() as u64;
+    assert!(max < bound + HEAVY as u64, "{l:?}: over the bound by more than one client");
+    assert!((max as f64 / 50.0) < ratio_plain / 2.0, "{l:?} against {lp:?}");
 }

@@ -1,6 +1,7 @@
 //! Sticky table hot paths: lookup of a pinned client (every new session) and attach/detach
 //! (session start and end), alone and with a second thread hammering the same table.
-//! Target (issue 3): lookup < 100 ns. Also the UDP flow table's per-datagram lookup (issue 4).
+//! Target (issue 3): lookup < 100 ns. Also the UDP flow table's per-datagram lookup (issue 4),
+//! by address and by session key (issue 17).
 
 // Threads are this bench's harness (lookups under a second thread's writes), not the crate's.
 #![allow(clippy::disallowed_methods)]
@@ -138,5 +139,48 @@ fn flows(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sticky, flows);
+/// The per-datagram cost of `--udp-session-key` (issue 17): a datagram's flow found by the key
+/// in its payload (take the bytes, a 128-bit SipHash under the secret, then `peek` and `get`:
+/// what `Udp::forward` does for a keyed service) against by its address (`FlowKey::new`,
+/// `get`), both from the datagram and its peer, in tables of 100k flows.
+fn session_keys(c: &mut Criterion) {
+    let key = vocab::SessionKey { offset: 0, len: 8 };
+    let secret = [9; 16];
+    let listener: SocketAddr = "192.0.2.1:7777".parse().unwrap();
+    let payload = |i: u32| {
+        let mut d = [0x5au8; 64];
+        d[..8].copy_from_slice(&(u64::from(i) * 0x9e37_79b9).to_be_bytes());
+        d
+    };
+    let peer = |i: u32| SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 40_000);
+    let budget = Arc::new(FlowBudget::new(1 << 21));
+    let mut keyed: FlowTable<u32> = FlowTable::new(Arc::clone(&budget), 60_000, [7; 16]);
+    let mut by_address: FlowTable<u32> = FlowTable::new(budget, 60_000, [7; 16]);
+    for i in 0..KEYS {
+        let token = key.token(&payload(i)).map(|t| vocab::session::digest(t, secret));
+        let _ = keyed.insert(FlowKey::session(token.unwrap(), listener), 1, i, 0);
+        let _ = by_address.insert(FlowKey::new(peer(i), listener), 1, i, 0);
+    }
+    let datagrams: Vec<([u8; 64], SocketAddr)> = (0..KEYS).map(|i| (payload(i), peer(i))).collect();
+    let mut i = 0usize;
+    c.bench_function("datagram's flow by address, 100k flows", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS as usize;
+            let (_, from) = black_box(&datagrams[i]);
+            by_address.get(&FlowKey::new(*from, listener), 20).map(|flow| *flow.value())
+        })
+    });
+    c.bench_function("datagram's flow by session key, 100k flows", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS as usize;
+            let (data, _) = black_box(&datagrams[i]);
+            let token = key.token(data)?;
+            let k = FlowKey::session(vocab::session::digest(token, secret), listener);
+            keyed.peek(&k)?;
+            keyed.get(&k, 20).map(|flow| *flow.value())
+        })
+    });
+}
+
+criterion_group!(benches, sticky, flows, session_keys);
 criterion_main!(benches);
