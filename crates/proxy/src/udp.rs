@@ -1209,13 +1209,23 @@ mod tests {
 
     // === a seeded simulation ===
 
+    /// The session key of the simulation's keyed runs: the datagram's second byte.
+    const SIM_KEY: vocab::SessionKey = vocab::SessionKey { offset: 1, len: 1 };
+
+    /// Key the flows by [`SIM_KEY`] (`keyed`) or not.
+    fn sim_settings(settings: &mut Settings, keyed: bool) {
+        settings.session_key = keyed.then_some(SIM_KEY);
+    }
+
     /// A snapshot of service 0 with these members and rules.
     fn snapshot(
         members: &[(Arc<BackendState>, u32)],
         sticky: &Arc<Sticky>,
         guards: Guards,
+        keyed: bool,
     ) -> Arc<Snapshot> {
-        let settings = Settings::for_tests(Duration::from_secs(60), Duration::from_secs(60));
+        let mut settings = Settings::for_tests(Duration::from_secs(60), Duration::from_secs(60));
+        sim_settings(&mut settings, keyed);
         let members = members.iter().filter(|(_, w)| *w > 0).cloned().collect();
         let sticky = Arc::clone(sticky);
         Arc::new(Snapshot::new("s".into(), 0, settings, members, 7, 0, sticky, guards).unwrap())
@@ -1239,20 +1249,39 @@ mod tests {
             }
         }
         for &ip in ips {
-            let pinned = flows.iter().filter(|f| f.source.ip() == ip && f.pin.is_some()).count();
+            let pinned = flows
+                .iter()
+                .filter(|f| f.session.is_none() && f.source.ip() == ip && f.pin.is_some())
+                .count();
             let live = sticky.get(AffinityKey::from_ip(ip), 0).map_or(0, |e| e.live);
             if live as usize != pinned {
                 return Err(format!("{ip}: sticky live {live}, {pinned} pinned flows"));
             }
         }
+        for token in SIM_TOKENS {
+            let of = |f: &&&Flow| f.session.as_ref().is_some_and(|s| *s.token == [*token]);
+            let (keyed, pinned) = (
+                flows.iter().filter(of).count(),
+                flows.iter().filter(of).filter(|f| f.pin.is_some()).count(),
+            );
+            let live = sticky.get(AffinityKey::from_session(&[*token]), 0).map_or(0, |e| e.live);
+            if keyed > 1 || live as usize != pinned {
+                return Err(format!("key {token}: {keyed} flows, {pinned} pinned, live {live}"));
+            }
+        }
         Ok(())
     }
 
+    /// The session keys of the keyed runs.
+    const SIM_TOKENS: &[u8] = b"abc";
+
     /// One seeded run of datagrams, replies, health and admin changes, kills, reloads (new
-    /// weights, a backend left out, a client denied) and expiry on a virtual clock.
-    fn run(seed: u64) -> Result<usize, String> {
+    /// weights, a backend left out, a client denied) and expiry on a virtual clock. `keyed`:
+    /// the service has a session key, and clients send one of three keys (or, one datagram in
+    /// five, none) from any of their sockets, so keyed flows move between them.
+    fn run(seed: u64, keyed: bool) -> Result<(usize, u64), String> {
         let mut rng = conntrack::testutil::Rng(seed);
-        let mut rig = Rig::new(5, Guards::default());
+        let mut rig = Rig::with_settings(5, Guards::default(), |s| sim_settings(s, keyed));
         let extra = StdSocket::bind("127.0.0.1:0").unwrap();
         let u1 = Arc::new(BackendState::new(1, "u1".into(), extra.local_addr().unwrap()));
         let states = [Arc::clone(&rig.state), u1];
@@ -1261,6 +1290,7 @@ mod tests {
             &[(Arc::clone(&states[0]), 1), (Arc::clone(&states[1]), 1)],
             &sticky,
             Guards::default(),
+            keyed,
         ));
         let sockets = [&rig.backend, &extra].map(|s| s.try_clone().unwrap());
         for s in &sockets {
@@ -1271,7 +1301,11 @@ mod tests {
         let mut now = 0;
         for step in 0..150 {
             match rng.below(10) {
-                0..=3 => rig.send(&clients[rng.below(7) as usize], b"x", now),
+                0..=3 => {
+                    let token = SIM_TOKENS[rng.below(3) as usize];
+                    let data: &[u8] = if keyed && rng.below(5) > 0 { &[b'x', token] } else { b"x" };
+                    rig.send(&clients[rng.below(7) as usize], data, now)
+                }
                 // The backends answer what they got; the worker forwards the replies.
                 4 => {
                     let mut buf = [0u8; 64];
@@ -1307,8 +1341,8 @@ mod tests {
                     let deny = guard::Cidr::new(denied, 32).unwrap();
                     let acl = Arc::new(guard::Acl::new(Vec::new(), vec![deny]));
                     let members: Vec<_> = states.iter().cloned().zip(weights).collect();
-                    rig.services[0] =
-                        Some(snapshot(&members, &sticky, Guards { acl, ..Guards::default() }));
+                    let guards = Guards { acl, ..Guards::default() };
+                    rig.services[0] = Some(snapshot(&members, &sticky, guards, keyed));
                 }
                 _ => {
                     now += rng.below(150);
@@ -1318,13 +1352,14 @@ mod tests {
             check(&rig, &states, &sticky, &ips).map_err(|e| format!("step {step}: {e}"))?;
         }
         let made = rig.stats.flows_created.load(Relaxed) as usize;
+        let moves = rig.stats.flow_migrations.load(Relaxed);
         now += 10_000;
         rig.with(now, |udp, ctx| udp.expire(ctx));
         check(&rig, &states, &sticky, &ips).map_err(|e| format!("after expiry: {e}"))?;
         if rig.udp.budget.used() != 0 {
             return Err(format!("{} flows left after expiry", rig.udp.budget.used()));
         }
-        Ok(made)
+        Ok((made, moves))
     }
 
     #[test]
@@ -1333,13 +1368,21 @@ mod tests {
             Ok(seed) => vec![seed.parse().expect("UDP_SIM_SEED is a u64")],
             Err(_) => (0..30).collect(),
         };
-        let mut made = 0;
+        let (mut made, mut moves) = ([0, 0], 0);
         for seed in seeds {
-            match run(seed) {
-                Ok(n) => made += n,
-                Err(why) => panic!("seed {seed}: {why} (replay: UDP_SIM_SEED={seed})"),
+            for keyed in [false, true] {
+                match run(seed, keyed) {
+                    Ok((n, m)) => {
+                        made[usize::from(keyed)] += n;
+                        moves += m;
+                    }
+                    Err(why) => {
+                        panic!("seed {seed}, keyed {keyed}: {why} (replay: UDP_SIM_SEED={seed})")
+                    }
+                }
             }
         }
-        assert!(made > 0, "no flow was ever made");
+        assert!(made[0] > 0 && made[1] > 0, "no flow was ever made: {made:?}");
+        assert!(moves > 0, "no keyed flow ever moved");
     }
 }
