@@ -229,3 +229,63 @@ fn a_keyed_flow_and_its_moves_carry_on_across_an_upgrade() {
     roamed.send_to(&datagram(&token, 2), t.udp_addr()).unwrap();
     assert_eq!(round_trip(&t, &servers, &roamed, &token, 3), first);
 }
+
+/// A config file of the test's own, removed when dropped.
+struct File(std::path::PathBuf);
+
+impl File {
+    fn write(&self, text: &str) {
+        let tmp = self.0.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.0).unwrap();
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_reload_sets_the_key_on_running_listeners_and_takes_it_away() {
+    let servers = Servers::start(183, 2);
+    let base = {
+        let mut s = "admin = \"127.0.183.1:0\"\nworkers = 4\n[[service]]\nname = \"game\"\n\
+            listen = [\"127.0.183.1:0\"]\nprotocol = \"udp\"\nhealth-check = \"off\"\n"
+            .to_string();
+        for (i, b) in servers.0.iter().enumerate() {
+            let at = b.local_addr().unwrap();
+            s.push_str(&format!("[[service.backend]]\naddress = \"{at}\"\nname = \"g{i}\"\n"));
+        }
+        s
+    };
+    let file = File(std::env::temp_dir().join(format!("tether-key-{}.toml", std::process::id())));
+    file.write(&base);
+    let t = Tether::start(bin(), ["--config", file.0.to_str().unwrap()]).unwrap();
+    let reload = |text: &str| {
+        file.write(text);
+        let r = http(t.admin(), "POST", "/api/reload", "").unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    let keyed =
+        base.replace("protocol = \"udp\"\n", "protocol = \"udp\"\nudp-session-key = \"1:8\"\n");
+    reload(&keyed);
+    // The key now holds on the listeners bound before it: a client moves through three ports
+    // (with four workers, the kernel's hash alone would lose it on one of them).
+    let token = *b"reloaded";
+    let ip: IpAddr = "127.1.183.1".parse().unwrap();
+    let home = socket(ip);
+    let first = round_trip(&t, &servers, &home, &token, 0);
+    for k in 0..3 {
+        let next = socket(ip);
+        next.send_to(&datagram(&token, 10 * k + 1), t.udp_addr()).unwrap();
+        assert_eq!(round_trip(&t, &servers, &next, &token, 10 * k + 2), first, "move {k}");
+    }
+    // Taken away: a new port is a new client again (its own flow and backend socket).
+    reload(&base);
+    let stranger = socket(ip);
+    let (_, peer) = round_trip(&t, &servers, &stranger, &token, 100);
+    assert_ne!(peer, first.1, "without the key, a new port still found the keyed flow");
+    assert!(!t.stderr_text().contains("steering datagrams"), "{}", t.stderr_text());
+}

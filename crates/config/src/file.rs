@@ -495,6 +495,11 @@ mod tests {
         assert_eq!(c.services[0].backends.len(), 3);
         assert_eq!(c.services[1].protocol, Protocol::Both);
         assert!(matches!(c.services[1].health.check, HealthCheck::Udp { .. }));
+        let key = vocab::SessionKey { offset: 4, len: 8 };
+        assert_eq!(
+            (c.services[1].udp_session_key, c.services[1].udp_migrate_after),
+            (Some(key), 2)
+        );
     }
 
     // === the file and the flags agree ===
