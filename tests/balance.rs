@@ -27,18 +27,25 @@ fn place(t: &Tether, clients: &[IpAddr]) -> (Vec<TcpStream>, f64, Vec<u64>) {
     (held, max / (n as f64 / l.len() as f64), l)
 }
 
+/// `n` clients that `plain` (no factor) sends to b0: a hot spot for any tether with the same
+/// seed and backend names (the same table).
+fn hashed_to_b0(plain: &Tether, n: usize) -> Vec<IpAddr> {
+    let hot: Vec<IpAddr> = (0..2000u32)
+        .map(client_ip)
+        .filter(|&c| ask_name(c, plain.addr()).unwrap() == "b0")
+        .take(n)
+        .collect();
+    assert_eq!(hot.len(), n);
+    hot
+}
+
 #[test]
 fn new_clients_stay_within_the_factor_where_hashing_alone_piles_them_up() {
     // A hot spot: 40 clients whose hash puts them all on b0 (found on a tether without the
     // factor; both tethers have the same seed and backend names, so the same table).
     let plain_pool = backends(170, 4);
     let plain = tether_with_admin(170, &plain_pool, &["--seed", "7"]);
-    let hot: Vec<IpAddr> = (0..2000u32)
-        .map(client_ip)
-        .filter(|&c| ask_name(c, plain.addr()).unwrap() == "b0")
-        .take(40)
-        .collect();
-    assert_eq!(hot.len(), 40);
+    let hot = hashed_to_b0(&plain, 40);
     let (held_plain, ratio_plain, lp) = place(&plain, &hot);
     assert!(ratio_plain > 3.9, "by hash alone they pile on b0: {lp:?}");
 
@@ -111,12 +118,7 @@ fn a_skewed_population_is_placed_under_the_bound_each_time() {
     const HEAVY: usize = 16;
     let plain_pool = backends(180, 4);
     let plain = tether_with_admin(180, &plain_pool, &["--seed", "7"]);
-    let heavy: Vec<IpAddr> = (0..2000u32)
-        .map(client_ip)
-        .filter(|&c| ask_name(c, plain.addr()).unwrap() == "b0")
-        .take(10)
-        .collect();
-    assert_eq!(heavy.len(), 10);
+    let heavy = hashed_to_b0(&plain, 10);
     let light: Vec<IpAddr> = (0..40u32).map(|k| ip(&format!("127.1.182.{}", 10 + k))).collect();
     let mut order = Vec::new();
     for (k, h) in heavy.iter().enumerate() {
