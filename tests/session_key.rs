@@ -289,3 +289,98 @@ fn a_reload_sets_the_key_on_running_listeners_and_takes_it_away() {
     assert_ne!(peer, first.1, "without the key, a new port still found the keyed flow");
     assert!(!t.stderr_text().contains("steering datagrams"), "{}", t.stderr_text());
 }
+
+/// The source a PROXY v2 header in front of `payload` names, and what follows it (`None`:
+/// no header).
+fn header_source(payload: &[u8]) -> (Option<SocketAddr>, Vec<u8>) {
+    match proxyproto::parse_datagram(payload) {
+        Ok((proxyproto::Header::Proxy { source, .. }, rest)) => (Some(source), rest.to_vec()),
+        _ => (None, payload.to_vec()),
+    }
+}
+
+#[test]
+fn with_send_proxy_the_backend_learns_each_move_from_a_new_header() {
+    let servers = Servers::start(184, 1);
+    let t = tether_keyed(184, &servers, &["--send-proxy", "v2"]);
+    let token = *b"proxied!";
+    let home = socket("127.1.184.1".parse().unwrap());
+    let roamed = socket("127.1.184.2".parse().unwrap());
+    let mut expect = |from: &UdpSocket, seq: u32, header: Option<SocketAddr>| {
+        from.send_to(&datagram(&token, seq), t.udp_addr()).unwrap();
+        let (_, peer, payload) = servers.next();
+        let (source, rest) = header_source(&payload);
+        assert_eq!(source, header, "datagram {seq}");
+        assert_eq!(seq_of(&rest), seq);
+        peer
+    };
+    let here = Some(home.local_addr().unwrap());
+    let peer = expect(&home, 0, here);
+    assert_eq!(expect(&home, 1, None), peer, "a header on a later datagram");
+    roamed.send_to(&datagram(&token, 2), t.udp_addr()).unwrap(); // held back: the first
+    assert_eq!(expect(&roamed, 3, Some(roamed.local_addr().unwrap())), peer);
+    assert_eq!(expect(&roamed, 4, None), peer);
+}
+
+#[test]
+fn a_client_moving_from_ipv4_to_ipv6_keeps_its_flow_on_a_dual_stack_listener() {
+    let servers = Servers::start(185, 2);
+    let mut args = vec![
+        "--listen".to_string(),
+        "[::]:0".into(),
+        "--admin".into(),
+        "127.0.185.1:0".into(),
+        "--protocol".into(),
+        "udp".into(),
+        "--workers".into(),
+        "4".into(),
+        "--udp-session-key".into(),
+        "1:8".into(),
+    ];
+    args.extend(servers.args());
+    let t = Tether::start(bin(), no_probes(&args)).expect("start tether");
+    let port = t.udp_addr().port();
+    let token = *b"dual-stk";
+    let (v4, v6): (SocketAddr, SocketAddr) = (
+        SocketAddr::new("127.0.185.1".parse().unwrap(), port),
+        SocketAddr::new("::1".parse().unwrap(), port),
+    );
+    let over = |from: &UdpSocket, to: SocketAddr, seq: u32| {
+        from.send_to(&datagram(&token, seq), to).unwrap();
+        let (server, peer, payload) = servers.next();
+        assert_eq!(seq_of(&payload), seq);
+        servers.0[server].send_to(b"ack", peer).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, at) = from.recv_from(&mut buf).expect("the reply");
+        assert_eq!((&buf[..n], at), (&b"ack"[..], to), "the reply comes from the address sent to");
+        (server, peer)
+    };
+    let home = socket("127.1.185.1".parse().unwrap());
+    let first = over(&home, v4, 0);
+    let moved = socket("::1".parse().unwrap());
+    moved.send_to(&datagram(&token, 1), v6).unwrap();
+    assert_eq!(over(&moved, v6, 2), first, "the IPv6 address got a flow of its own");
+}
+
+#[test]
+fn with_the_offload_on_a_short_datagrams_flow_does_not_take_the_addresss_keyed_datagrams() {
+    let servers = Servers::start(186, 2);
+    let t = tether_keyed(186, &servers, &["--udp-offload", "on"]);
+    let token = *b"offload!";
+    let home = socket("127.1.186.1".parse().unwrap());
+    let (_, keyed_peer) = round_trip(&t, &servers, &home, &token, 0);
+    // A short datagram from the same socket: an address flow of its own (its own peer), and
+    // its reply, so that an offloaded flow would now carry this 4-tuple in the kernel.
+    home.send_to(b"Gxy", t.udp_addr()).unwrap();
+    let (server, short_peer, _) = servers.next();
+    assert_ne!(short_peer, keyed_peer);
+    servers.0[server].send_to(b"short", short_peer).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(home.recv(&mut buf).unwrap(), 5);
+    // The address's keyed datagrams still reach the keyed flow.
+    for seq in 1..4 {
+        assert_eq!(round_trip(&t, &servers, &home, &token, seq).1, keyed_peer);
+    }
+    let flows = get_json(t.admin(), "/api/flows");
+    assert!(flows.as_array().unwrap().iter().all(|f| f["offloaded"] == false), "{flows}");
+}

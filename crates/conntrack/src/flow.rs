@@ -53,15 +53,15 @@ impl FlowKey {
         FlowKey(bytes)
     }
 
-    /// The key of a keyed UDP session (`--udp-session-key`) on `listener`: `digest`, a 128-bit
-    /// hash of its token under a key secret to the process, in the client address's place (and
-    /// port 0), so the flow stays one flow whatever address its datagrams come from. A real
-    /// client's key could equal it only if its address were that digest, which nobody outside
-    /// the process can compute.
-    pub fn session(digest: [u8; 16], listener: SocketAddr) -> FlowKey {
+    /// The key of a keyed UDP session (`--udp-session-key`): `digest`, a 128-bit hash of its
+    /// token under a key secret to the process, in the client address's place (port 0), and
+    /// no listener address (`[::]:0`), so the flow stays one flow whatever address its
+    /// datagrams come from and whichever of the service's addresses they reach (IPv4 or IPv6
+    /// of a dual-stack listener). A client's own key could equal it only if its address were
+    /// that digest, which nobody outside the process can compute.
+    pub fn session(digest: [u8; 16]) -> FlowKey {
         let mut bytes = [0; 36];
         bytes[..16].copy_from_slice(&digest);
-        write_addr(&mut bytes[18..], listener);
         FlowKey(bytes)
     }
 

@@ -390,7 +390,8 @@ impl Registry {
 
     /// The pin of UDP session key bytes `token` (`--udp-session-key`) in `service`.
     pub fn sticky_session(&self, service: &str, token: &[u8]) -> Result<Pin, Refusal> {
-        self.sticky_key(service, AffinityKey::from_session(token))
+        let seed = self.services[self.find(service)?].as_ref().expect("found").config.seed;
+        self.sticky_key(service, AffinityKey::from_session(token, seed))
     }
 
     fn sticky_key(&self, service: &str, key: AffinityKey) -> Result<Pin, Refusal> {

@@ -255,6 +255,8 @@ pub struct Snapshot {
     pub sticky: Arc<Sticky>,
     /// Who may connect and how much.
     pub guards: Guards,
+    /// The table's seed (`--seed`): session keys' pins are hashed under it too.
+    pub seed: u64,
     by_id: HashMap<BackendId, usize>,
 }
 
@@ -300,7 +302,7 @@ impl Snapshot {
             if members.is_empty() { None } else { Some(Ring::build(&members, table_size, seed)?) };
         let by_id = backends.iter().enumerate().map(|(i, (b, _))| (b.id, i)).collect();
         let (backends, weights) = backends.into_iter().unzip();
-        Ok(Snapshot { name, slot, settings, backends, weights, ring, sticky, guards, by_id })
+        Ok(Snapshot { name, slot, settings, backends, weights, ring, sticky, guards, seed, by_id })
     }
 
     /// The index of the backend with `id` in this snapshot.

@@ -86,7 +86,9 @@ struct Flow {
     key: FlowKey,
     listener: usize,
     client: SocketAddr,
-    /// The address the client sent to: the source of every reply.
+    /// The address the client sent to (the flow key's other half, unless keyed), and its IP
+    /// when the listener is a wildcard one: the source of every reply.
+    local: SocketAddr,
     local_ip: Option<IpAddr>,
     /// The real client (from a trusted proxy's header, else `client`) and the address it sent
     /// to: what ACLs, limits and affinity used, and what a PROXY header to the backend says.
@@ -159,6 +161,7 @@ impl Flow {
             key,
             listener: a.listener,
             client: a.client,
+            local: a.local,
             local_ip: a.local_ip,
             source: a.source,
             destination: a.destination,
@@ -377,7 +380,12 @@ impl Udp {
 
     /// Key the flows of service slot `service` by this session key from now on (its
     /// listeners' groups steer each key to one worker); flows made before keep their keying.
-    pub fn set_session_key(&mut self, service: usize, key: Option<vocab::SessionKey>) {
+    pub fn set_session_key(
+        &mut self,
+        service: usize,
+        key: Option<vocab::SessionKey>,
+        stats: &Stats,
+    ) {
         if self.steered.len() <= service {
             self.steered.resize(service + 1, None);
         }
@@ -387,6 +395,17 @@ impl Udp {
         self.steered[service] = key;
         for l in self.listeners.iter().flatten().filter(|l| l.service == service) {
             steer_group(&l.socket, l.local, key, self.workers);
+        }
+        // The offload program finds flows by address; a keyed service's datagrams must all
+        // come up to be looked at by key ([`Udp::offload`] offloads none of its flows now).
+        if let (Some(_), Some(kernel)) = (key, self.kernel.as_mut()) {
+            for flow in self.flows.iter_mut().flatten().filter(|f| f.service.slot == service) {
+                if let Some(mut o) = flow.offloaded.take() {
+                    let reading = kernel.read(&mut o);
+                    kernel.remove(&o);
+                    fold(flow, &reading, stats);
+                }
+            }
         }
     }
 
@@ -546,7 +565,7 @@ impl Udp {
             token
         });
         let key = match token {
-            Some(t) => FlowKey::session(vocab::session::digest(t, self.hash_key), a.local),
+            Some(t) => FlowKey::session(vocab::session::digest(t, self.hash_key)),
             None => FlowKey::new(a.client, a.local),
         };
         // At most two rounds: a flow whose backend turned out dead is replaced once.
@@ -699,10 +718,15 @@ impl Udp {
             seen
         );
         flow.client = a.client;
+        flow.local = a.local;
         flow.local_ip = a.local_ip;
         flow.listener = a.listener;
         flow.source = a.source;
         flow.destination = a.destination;
+        // With --send-proxy, the next datagram carries a header naming the new address: a
+        // backend that reads them sees every move, and may check the new path (QUIC's
+        // PATH_CHALLENGE, a game's re-authentication) before sending it much.
+        flow.header_sent = false;
         inc(&ctx.stats.flow_migrations);
         true
     }
@@ -732,7 +756,7 @@ impl Udp {
         }
         // Access rules, the per-source flow rate, affinity and the backend, before any socket
         // is made: the same path as a TCP session's, so a client's flows and sessions agree.
-        let session = token.map(conntrack::AffinityKey::from_session);
+        let session = token.map(|t| conntrack::AffinityKey::from_session(t, service.seed));
         let (affinity, backend, pinned) =
             match admit_as(service, Transport::Udp, source, a.destination, session, ctx.now_ms) {
                 Ok(admitted) => (admitted.key, admitted.first, admitted.pinned),
@@ -1162,7 +1186,9 @@ mod tests {
         let peer = backend_gets(&mut rig, 1);
         // Its pin is the key's, not the address's.
         let sticky = Arc::clone(&rig.services[0].as_ref().unwrap().sticky);
-        assert_eq!(sticky.get(conntrack::AffinityKey::from_session(b"K001"), 0).unwrap().live, 1);
+        let pin =
+            conntrack::AffinityKey::from_session(b"K001", rig.services[0].as_ref().unwrap().seed);
+        assert_eq!(sticky.get(pin, 0).unwrap().live, 1);
         assert!(sticky.get(AffinityKey::from_ip(a.local_addr().unwrap().ip()), 0).is_none());
         // One datagram from a new port moves nothing (dropped); the second moves the flow.
         rig.send(&moved, &keyed(b"K001", 2), 10);
@@ -1264,7 +1290,9 @@ mod tests {
                 flows.iter().filter(of).count(),
                 flows.iter().filter(of).filter(|f| f.pin.is_some()).count(),
             );
-            let live = sticky.get(AffinityKey::from_session(&[*token]), 0).map_or(0, |e| e.live);
+            let seed = rig.services[0].as_ref().unwrap().seed;
+            let pin = AffinityKey::from_session(&[*token], seed);
+            let live = sticky.get(pin, 0).map_or(0, |e| e.live);
             if keyed > 1 || live as usize != pinned {
                 return Err(format!("key {token}: {keyed} flows, {pinned} pinned, live {live}"));
             }

@@ -205,7 +205,7 @@ impl Worker {
         }
         self.udp.set_idle_timeout(slot, service.settings.udp_idle_timeout);
         self.udp.set_buffers(slot, service.settings.udp_buffers);
-        self.udp.set_session_key(slot, service.settings.session_key);
+        self.udp.set_session_key(slot, service.settings.session_key, &self.stats);
         self.services[slot] = Some(service);
         self.udp.recheck(slot, &udp_ctx!(self));
     }

@@ -33,23 +33,24 @@ impl AffinityKey {
         Self::from_ip(prefix.network(ip))
     }
 
-    /// The key of a UDP session key's bytes (`--udp-session-key`): an address of `100::/64`,
-    /// the discard-only prefix (RFC 6666) no client sends from, so it never meets a client's
-    /// own key. A token of up to 8 bytes is held as it is (`100::` then its bytes, zero-padded
-    /// on the right); a longer one by its SipHash-1-3 under the zero key. The key is public on
-    /// purpose: every process and every instance behind ECMP must derive the same pin from the
-    /// same token, and a state file must find it after a restart. Two tokens that share a key
-    /// share a backend, nothing more: flows are told apart by the whole token.
-    pub fn from_session(token: &[u8]) -> Self {
+    /// The key of a UDP session key's bytes (`--udp-session-key`) in a service seeded `seed`:
+    /// an address of `100::/64`, the discard-only prefix (RFC 6666) no client sends from, so it
+    /// never meets a client's own key, whose low 64 bits are the token's SipHash-1-3 under the
+    /// seed. Never the token itself: pins go to the state file, to peers and to the admin API,
+    /// and a token is what takes a flow over. The seed, not a per-process secret, so every
+    /// process with the service's seed (every instance behind ECMP, the process after a
+    /// restart) derives the same pin; a private `--seed` keeps it from being computed by
+    /// others. Two tokens that share a key share a backend, nothing more: flows are told apart
+    /// by the whole token.
+    pub fn from_session(token: &[u8], seed: u64) -> Self {
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&seed.to_le_bytes());
+        key[8..].copy_from_slice(b"session!");
+        let mut h = siphasher::sip::SipHasher13::new_with_key(&key);
+        h.write(token);
         let mut bytes = [0; 16];
         bytes[0] = 1;
-        if token.len() <= 8 {
-            bytes[8..8 + token.len()].copy_from_slice(token);
-        } else {
-            let mut h = siphasher::sip::SipHasher13::new_with_key(&[0; 16]);
-            h.write(token);
-            bytes[8..].copy_from_slice(&h.finish().to_be_bytes());
-        }
+        bytes[8..].copy_from_slice(&h.finish().to_be_bytes());
         Self(bytes)
     }
 
@@ -184,16 +185,17 @@ mod tests {
     }
 
     #[test]
-    fn a_session_key_is_an_address_of_the_discard_prefix() {
-        let short = AffinityKey::from_session(&[0xde, 0xad, 0xbe, 0xef]);
-        assert_eq!(short.ip(), "100::dead:beef:0:0".parse::<IpAddr>().unwrap());
-        assert_ne!(short, AffinityKey::from_session(&[0xde, 0xad, 0xbe, 0xee]));
-        // Longer tokens are hashed, the same in every process: the same key for the same bytes.
-        let long = AffinityKey::from_session(b"a QUIC connection ID!");
-        assert_eq!(long, AffinityKey::from_session(b"a QUIC connection ID!"));
-        assert_ne!(long, AffinityKey::from_session(b"a QUIC connection ID?"));
+    fn a_session_key_is_a_hash_in_the_discard_prefix_never_the_token() {
+        let token = [0xde, 0xad, 0xbe, 0xef];
+        let key = AffinityKey::from_session(&token, 7);
+        // The same in every process with the seed; another token or seed, another key.
+        assert_eq!(key, AffinityKey::from_session(&token, 7));
+        assert_ne!(key, AffinityKey::from_session(&[0xde, 0xad, 0xbe, 0xee], 7));
+        assert_ne!(key, AffinityKey::from_session(&token, 8));
         let discard: crate::Cidr = "100::/64".parse().unwrap();
-        assert!(discard.contains(short.ip()) && discard.contains(long.ip()));
+        assert!(discard.contains(key.ip()));
+        // The token's bytes are nowhere in it.
+        assert!(!key.to_bytes().windows(2).any(|w| w == [0xbe, 0xef]), "{key}");
     }
 
     fn key(s: &str) -> AffinityKey {

@@ -84,7 +84,7 @@ impl Udp {
                 socket,
                 listener: listener.id,
                 client: flow.client,
-                local: flow.key.listener(),
+                local: flow.local,
                 local_ip: flow.local_ip,
                 source: flow.source,
                 destination: flow.destination,
@@ -145,9 +145,7 @@ impl Udp {
             self.flows.len() - 1
         });
         let key = match &handed.session {
-            Some(token) => {
-                FlowKey::session(vocab::session::digest(token, self.hash_key), handed.local)
-            }
+            Some(token) => FlowKey::session(vocab::session::digest(token, self.hash_key)),
             None => FlowKey::new(handed.client, handed.local),
         };
         if let Err(refused) = self.table(service.slot).insert(key, target.id, slot, ctx.now_ms) {
@@ -163,7 +161,7 @@ impl Udp {
         }
         let pin = match (&handed.session, service.settings.affinity) {
             (Some(token), _) => {
-                let k = conntrack::AffinityKey::from_session(token);
+                let k = conntrack::AffinityKey::from_session(token, service.seed);
                 self.pin(&service, k, target.id, ctx)
             }
             (None, vocab::Affinity::Source) => {

@@ -194,7 +194,7 @@ impl Udp {
             out.push(FlowView {
                 service: flow.service.name.clone(),
                 client: flow.client,
-                listener: flow.key.listener(),
+                listener: flow.local,
                 local: flow.socket.local_addr().ok(),
                 backend: b.name.clone(),
                 backend_address: b.addr,
@@ -213,7 +213,9 @@ impl Udp {
 
     /// Hand the flow in `slot` to the offload program, if it may go there: a client that is
     /// not a trusted proxy (whose datagrams may carry a header each), no PROXY header left to
-    /// send. Tried once per stay in user space.
+    /// send, and a service without a session key (the program finds flows by address: an
+    /// address flow of a keyed service, made by a datagram too short for the key, would take
+    /// that address's keyed datagrams too). Tried once per stay in user space.
     pub(super) fn offload(&mut self, slot: usize, stats: &Stats) {
         let Some(kernel) = self.kernel.as_mut() else { return };
         let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else { return };
@@ -221,6 +223,9 @@ impl Udp {
             return;
         }
         flow.offload_tried = true;
+        if self.steered.get(flow.service.slot).copied().flatten().is_some() {
+            return;
+        }
         let rules = &flow.service.guards.proxy;
         let header_due = rules.send.is_some() && (rules.send_every_datagram || !flow.header_sent);
         let from_proxy = rules.accept && rules.trusted.allows(flow.client.ip());
@@ -232,7 +237,7 @@ impl Udp {
             Ok(local) => local,
             Err(e) => return log::debug!("udp flow {}: not offloaded: {e}", flow.key),
         };
-        match kernel.offload(flow.client, flow.key.listener(), local, backend) {
+        match kernel.offload(flow.client, flow.local, local, backend) {
             Ok(o) => {
                 flow.offloaded = Some(o);
                 inc(&stats.flows_offloaded);
