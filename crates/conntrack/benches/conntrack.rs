@@ -158,7 +158,7 @@ fn session_keys(c: &mut Criterion) {
     let mut by_address: FlowTable<u32> = FlowTable::new(budget, 60_000, [7; 16]);
     for i in 0..KEYS {
         let token = key.token(&payload(i)).map(|t| vocab::session::digest(t, secret));
-        let _ = keyed.insert(FlowKey::session(token.unwrap(), listener), 1, i, 0);
+        let _ = keyed.insert(FlowKey::session(token.unwrap()), 1, i, 0);
         let _ = by_address.insert(FlowKey::new(peer(i), listener), 1, i, 0);
     }
     let datagrams: Vec<([u8; 64], SocketAddr)> = (0..KEYS).map(|i| (payload(i), peer(i))).collect();
@@ -177,7 +177,7 @@ fn session_keys(c: &mut Criterion) {
                 i = (i + 1) % hot;
                 let (data, _) = black_box(&datagrams[i]);
                 let token = key.token(data)?;
-                let k = FlowKey::session(vocab::session::digest(token, secret), listener);
+                let k = FlowKey::session(vocab::session::digest(token, secret));
                 keyed.peek(&k)?;
                 keyed.get(&k, 20).map(|flow| *flow.value())
             })
