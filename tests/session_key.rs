@@ -306,7 +306,7 @@ fn with_send_proxy_the_backend_learns_each_move_from_a_new_header() {
     let token = *b"proxied!";
     let home = socket("127.1.184.1".parse().unwrap());
     let roamed = socket("127.1.184.2".parse().unwrap());
-    let mut expect = |from: &UdpSocket, seq: u32, header: Option<SocketAddr>| {
+    let expect = |from: &UdpSocket, seq: u32, header: Option<SocketAddr>| {
         from.send_to(&datagram(&token, seq), t.udp_addr()).unwrap();
         let (_, peer, payload) = servers.next();
         let (source, rest) = header_source(&payload);
