@@ -251,7 +251,7 @@ impl Drop for File {
 fn a_reload_sets_the_key_on_running_listeners_and_takes_it_away() {
     let servers = Servers::start(183, 2);
     let base = {
-        let mut s = "admin = \"127.0.183.1:0\"\nworkers = 4\n[[service]]\nname = \"game\"\n\
+        let mut s = "admin = \"127.0.183.1:0\"\nworkers = 4\nudp-offload = \"on\"\n[[service]]\nname = \"game\"\n\
             listen = [\"127.0.183.1:0\"]\nprotocol = \"udp\"\nhealth-check = \"off\"\n"
             .to_string();
         for (i, b) in servers.0.iter().enumerate() {
@@ -263,6 +263,12 @@ fn a_reload_sets_the_key_on_running_listeners_and_takes_it_away() {
     let file = File(std::env::temp_dir().join(format!("tether-key-{}.toml", std::process::id())));
     file.write(&base);
     let t = Tether::start(bin(), ["--config", file.0.to_str().unwrap()]).unwrap();
+    // Before the key: a flow of the address, offloaded (the kernel carries its 4-tuple).
+    let token = *b"reloaded";
+    let ip: IpAddr = "127.1.183.1".parse().unwrap();
+    let home = socket(ip);
+    let (_, by_address) = round_trip(&t, &servers, &home, &token, 0);
+    assert!(wait_until(DEADLINE, || get_json(t.admin(), "/api/flows")[0]["offloaded"] == true));
     let reload = |text: &str| {
         file.write(text);
         let r = http(t.admin(), "POST", "/api/reload", "").unwrap();
@@ -271,12 +277,12 @@ fn a_reload_sets_the_key_on_running_listeners_and_takes_it_away() {
     let keyed =
         base.replace("protocol = \"udp\"\n", "protocol = \"udp\"\nudp-session-key = \"1:8\"\n");
     reload(&keyed);
+    // The offloaded flow came back to user space: the same 4-tuple's keyed datagrams make a
+    // keyed flow (its own backend socket) instead of riding the old one in the kernel.
+    let first = round_trip(&t, &servers, &home, &token, 1);
+    assert_ne!(first.1, by_address, "a keyed datagram took the offloaded address flow");
     // The key now holds on the listeners bound before it: a client moves through three ports
     // (with four workers, the kernel's hash alone would lose it on one of them).
-    let token = *b"reloaded";
-    let ip: IpAddr = "127.1.183.1".parse().unwrap();
-    let home = socket(ip);
-    let first = round_trip(&t, &servers, &home, &token, 0);
     for k in 0..3 {
         let next = socket(ip);
         next.send_to(&datagram(&token, 10 * k + 1), t.udp_addr()).unwrap();
