@@ -193,6 +193,21 @@ fn a_short_datagram_goes_by_address_and_the_pin_is_the_keys() {
         let r = http(t.admin(), "GET", &format!("/api/sticky?{bad}"), "").unwrap();
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
     }
+    // The same from the shell: `tether ctl sticky --session HEX`; a client and a key at once,
+    // or neither, is a bad command line (exit 2).
+    let ctl = |args: &[&str]| {
+        let admin = t.admin().to_string();
+        let all = [&["ctl", "--admin", admin.as_str(), "sticky"], args].concat();
+        std::process::Command::new(bin()).args(all).output().unwrap()
+    };
+    let out = ctl(&["--session", &hex]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with(&format!("session key {hex} is pinned to default/g{server}: 1 ")),
+        "{said}"
+    );
+    assert_eq!(ctl(&["127.0.0.1", "--session", &hex]).status.code(), Some(2));
+    assert_eq!(ctl(&[]).status.code(), Some(2));
     // Both flows expire; the key from a new address (no flow to move: a new one) is pinned
     // to the same server, by the key.
     assert!(wait_until(DEADLINE, || get_json(t.admin(), "/api/flows")

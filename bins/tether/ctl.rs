@@ -97,12 +97,16 @@ struct Weight {
 }
 
 #[derive(FromArgs, Debug)]
-/// which backend a client is pinned to, its open sessions, and when the pin expires
+/// which backend a client (or a UDP session key) is pinned to, its open sessions and flows,
+/// and when the pin expires
 #[argh(subcommand, name = "sticky")]
 struct Sticky {
     /// the client's IP address
     #[argh(positional)]
-    client: String,
+    client: Option<String>,
+    /// instead of a client: a UDP session key's bytes in hex (--udp-session-key)
+    #[argh(option)]
+    session: Option<String>,
     /// the service (default: `default`, the service of flag-configured instances)
     #[argh(option)]
     service: Option<String>,
@@ -187,16 +191,28 @@ fn run(ctl: &Ctl) -> Result<String, Failure> {
                 format!("{service}/{name}: weight {}\n", text(&v["weight"]))
             })
         }
-        Command::Sticky(Sticky { client, service }) => {
+        Command::Sticky(Sticky { client, session, service }) => {
             let service = service.as_deref().unwrap_or("default");
-            let path = format!("/api/sticky?client={}&service={}", encode(client), encode(service));
+            let who = match (client, session) {
+                (Some(client), None) => format!("client={}", encode(client)),
+                (None, Some(hex)) => format!("session={}", encode(hex)),
+                _ => {
+                    let usage = "sticky: give a client's IP address or --session HEX, not both";
+                    return Err(Failure(usage.into(), 2));
+                }
+            };
+            let path = format!("/api/sticky?{who}&service={}", encode(service));
             let v = api.call("GET", &path, "")?;
             Ok(if json {
                 pretty(&v)
             } else {
+                let who = match &v["session"] {
+                    Value::String(hex) => format!("session key {hex}"),
+                    _ => text(&v["client"]),
+                };
                 format!(
                     "{} is pinned to {}/{}: {} open sessions, the pin expires in {}\n",
-                    text(&v["client"]),
+                    who,
                     text(&v["service"]),
                     text(&v["backend"]),
                     text(&v["sessions"]),
