@@ -38,20 +38,19 @@ use crate::{Shared, Snapshot};
 
 mod handover;
 mod kernel;
+mod session;
 mod steer;
 
 pub use handover::{socket_id, HandedFlow};
 pub use kernel::FlowView;
 use kernel::{flush, fold, Kernel, Offloaded, SWEEP_MS};
+use session::{steer_group, Session};
 
 /// A flow table's idle timeout until its service's settings set it (on publish, before any
 /// flow of the service exists).
 const INITIAL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// recvmmsg(2) calls on one socket before other work gets a turn (8 x 16 datagrams).
 const RECV_ROUNDS: usize = 8;
-/// A keyed flow moves to a new address once that address has sent `--udp-migrate-after`
-/// datagrams with its key within this long (and none came from the flow's address meanwhile).
-pub const MIGRATE_WINDOW_MS: u64 = 5_000;
 
 /// What the worker needs from its surroundings for one call.
 pub struct Ctx<'a> {
@@ -124,25 +123,6 @@ struct Flow {
     session: Option<Session>,
 }
 
-/// A keyed flow's session: what it is keyed by, and an address that would take it over.
-struct Session {
-    /// The key's bytes: an upgrade hands them on, and the next process keys the flow by them.
-    token: Box<[u8]>,
-    /// A new address sending the key, until it has sent `--udp-migrate-after` datagrams.
-    candidate: Option<Candidate>,
-    /// Times the flow moved to a new address.
-    migrations: u32,
-}
-
-/// An address sending a keyed flow's key that is not the flow's client's.
-#[derive(Debug, Clone, Copy)]
-struct Candidate {
-    from: SocketAddr,
-    /// Datagrams it sent with the key since `since_ms`.
-    seen: u32,
-    since_ms: u64,
-}
-
 impl Flow {
     /// A flow of `a`'s client on `socket`, to backend `backend` of `service`, holding its
     /// backend's flow gauge and `pin`.
@@ -179,13 +159,6 @@ impl Flow {
             pinned: false,
             session: None,
         }
-    }
-
-    /// Key it by session key bytes `token` (`None`: by its client's address). A keyed flow is
-    /// never offloaded: the program finds flows by address, and the flow's address may change.
-    fn set_session(&mut self, token: Option<&[u8]>) {
-        self.session = token.map(|t| Session { token: t.into(), candidate: None, migrations: 0 });
-        self.offload_tried |= self.session.is_some();
     }
 
     /// Its session log record, as it ends for `end` at `now_ms`.
@@ -376,37 +349,6 @@ impl Udp {
     /// Flows of service slot `service` live `timeout` without a datagram.
     pub fn set_idle_timeout(&mut self, service: usize, timeout: Duration) {
         self.table(service).set_idle_timeout_ms(timeout.as_millis() as u64);
-    }
-
-    /// Key the flows of service slot `service` by this session key from now on (its
-    /// listeners' groups steer each key to one worker); flows made before keep their keying.
-    pub fn set_session_key(
-        &mut self,
-        service: usize,
-        key: Option<vocab::SessionKey>,
-        stats: &Stats,
-    ) {
-        if self.steered.len() <= service {
-            self.steered.resize(service + 1, None);
-        }
-        if self.steered[service] == key {
-            return;
-        }
-        self.steered[service] = key;
-        for l in self.listeners.iter().flatten().filter(|l| l.service == service) {
-            steer_group(&l.socket, l.local, key, self.workers);
-        }
-        // The offload program finds flows by address; a keyed service's datagrams must all
-        // come up to be looked at by key ([`Udp::offload`] offloads none of its flows now).
-        if let (Some(_), Some(kernel)) = (key, self.kernel.as_mut()) {
-            for flow in self.flows.iter_mut().flatten().filter(|f| f.service.slot == service) {
-                if let Some(mut o) = flow.offloaded.take() {
-                    let reading = kernel.read(&mut o);
-                    kernel.remove(&o);
-                    fold(flow, &reading, stats);
-                }
-            }
-        }
     }
 
     /// Give the listeners of service slot `service` these kernel buffers (a reload changed
@@ -666,71 +608,6 @@ impl Udp {
         }
     }
 
-    /// Whether a datagram of keyed flow `slot` from `a` goes on: it does from the flow's
-    /// client, and from a new address once that address has sent `--udp-migrate-after` of
-    /// them within [`MIGRATE_WINDOW_MS`] with none from the client between; the flow then
-    /// moves to it (replies go there, the backend socket stays). Until then they are dropped
-    /// and counted, so one spoofed datagram carrying another's key moves nothing.
-    fn arrived_from_client(
-        &mut self,
-        slot: usize,
-        a: &Arrival,
-        service: &Snapshot,
-        ctx: &Ctx<'_>,
-    ) -> bool {
-        let Some(flow) = self.flows.get_mut(slot).and_then(Option::as_mut) else { return false };
-        let Some(session) = flow.session.as_mut() else { return true };
-        if flow.client == a.client {
-            session.candidate = None; // the client is still there: a candidate starts over
-            return true;
-        }
-        let seen = match &mut session.candidate {
-            Some(c)
-                if c.from == a.client
-                    && ctx.now_ms.saturating_sub(c.since_ms) < MIGRATE_WINDOW_MS =>
-            {
-                c.seen += 1;
-                c.seen
-            }
-            c => {
-                *c = Some(Candidate { from: a.client, seen: 1, since_ms: ctx.now_ms });
-                1
-            }
-        };
-        if seen < service.settings.migrate_after {
-            inc(&ctx.stats.dropped_migration_pending);
-            inc(&ctx.stats.datagrams_dropped);
-            return false;
-        }
-        session.candidate = None;
-        if !service.guards.acl.allows(a.source.ip()) {
-            inc(&ctx.stats.dropped_denied);
-            inc(&ctx.stats.datagrams_dropped);
-            return false;
-        }
-        session.migrations += 1;
-        log::info!(
-            "udp {}: keyed flow to {} moved from {} to {} ({} datagrams from it)",
-            service.name,
-            flow.service.backends[flow.backend].name,
-            flow.client,
-            a.client,
-            seen
-        );
-        flow.client = a.client;
-        flow.local = a.local;
-        flow.local_ip = a.local_ip;
-        flow.listener = a.listener;
-        flow.source = a.source;
-        flow.destination = a.destination;
-        // With --send-proxy, the next datagram carries a header naming the new address: a
-        // backend that reads them sees every move, and may check the new path (QUIC's
-        // PATH_CHALLENGE, a game's re-authentication) before sending it much.
-        flow.header_sent = false;
-        inc(&ctx.stats.flow_migrations);
-        true
-    }
-
     /// Make a flow for `client` (keyed by session key bytes `token`, when given): pick its
     /// backend (the sticky entry shared with TCP first, or the session key's), open a socket
     /// connected to it, admit it to the table. `None` when the table is full or no socket
@@ -979,24 +856,6 @@ impl Udp {
     }
 }
 
-/// Steer the `SO_REUSEPORT` group of listener `socket` (at `local`) by session key `key`, or
-/// hand it back to the kernel's hash (`None`). A group left unsteered still serves; the key's
-/// clients then keep their flow only while their address does, so it is logged loudly.
-fn steer_group(
-    socket: &UdpSocket,
-    local: SocketAddr,
-    key: Option<vocab::SessionKey>,
-    workers: u32,
-) {
-    let done = match key {
-        Some(key) => crate::sys::attach_reuseport_cbpf(socket, &steer::program(key, workers)),
-        None => crate::sys::detach_reuseport_bpf(socket),
-    };
-    if let Err(e) = done {
-        log::error!("udp {local}: steering datagrams by session key: {e}");
-    }
-}
-
 /// Count the datagrams the kernel dropped on a socket since it last said (`seen`).
 fn kernel_drops(seen: &mut u32, now: u32, stats: &Stats) {
     let new = u64::from(crate::udp_socket::new_drops(seen, now));
@@ -1026,6 +885,7 @@ mod tests {
 
     use conntrack::{AffinityKey, Sticky, StickyConfig};
 
+    use super::session::MIGRATE_WINDOW_MS;
     use super::*;
     use crate::routing::{BackendState, Guards, Settings};
 
