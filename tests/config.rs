@@ -4,39 +4,9 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-
-/// A config file in the temp directory, removed when dropped.
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(tag: &str, text: &str) -> ConfigFile {
-        let path =
-            std::env::temp_dir().join(format!("tether-test-{}-{tag}.toml", std::process::id()));
-        std::fs::write(&path, text).unwrap();
-        ConfigFile(path)
-    }
-
-    fn write(&self, text: &str) {
-        // Write then rename: a reload never reads a half-written file.
-        let tmp = self.0.with_extension("tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &self.0).unwrap();
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn service(name: &str, listen: &str, backends: &[(&Backend, u32)]) -> String {
     let mut s = format!(

@@ -154,9 +154,7 @@ fn failures_exit_non_zero_with_the_apis_error_and_change_nothing() {
 #[test]
 fn reload_reads_the_file_again() {
     let pool = backends(156, 2);
-    let dir = std::env::temp_dir().join(format!("tether-ctl-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("tether.toml");
+    let file = ConfigFile::new("ctl-reload", "");
     let write = |n: usize| {
         let mut toml = "admin = \"127.0.156.1:0\"\n[[service]]\nname = \"db\"\nlisten = [\"127.0.156.1:0\"]\nhealth-check = \"off\"\n".to_string();
         for b in &pool[..n] {
@@ -166,10 +164,10 @@ fn reload_reads_the_file_again() {
                 b.addr()
             );
         }
-        std::fs::write(&file, toml).unwrap();
+        file.write(&toml);
     };
     write(1);
-    let t = Tether::start(bin(), ["--config", file.to_str().unwrap()]).expect("start");
+    let t = Tether::start(bin(), ["--config", file.path()]).expect("start");
     assert_eq!(api_backends(t.admin()).len(), 1);
     write(2);
     let out = ctl(t.admin(), &["reload"]);
@@ -179,5 +177,4 @@ fn reload_reads_the_file_again() {
     // The name lookup finds b1 in service db.
     let out = ctl(t.admin(), &["drain", "b1"]);
     assert!(out.stdout.starts_with("db/b1: drain"), "{}", out.stdout);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -140,9 +140,6 @@ fn a_preview_counts_the_sessions_on_down_kill_would_cut_and_refuses_bad_proposal
 #[test]
 fn a_dry_run_reload_previews_a_whole_file_and_the_reload_then_moves_that_many() {
     let pool = backends(175, 4);
-    let dir = std::env::temp_dir().join(format!("tether-preview-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("tether.toml");
     let text = |names: &[&str], b0_weight: u32| {
         let mut s = "admin = \"127.0.175.1:0\"\n[[service]]\nname = \"default\"\nlisten = [\"127.0.175.1:0\"]\nhealth-check = \"off\"\nseed = 3\n".to_string();
         for b in pool.iter().filter(|b| names.contains(&b.name())) {
@@ -155,8 +152,8 @@ fn a_dry_run_reload_previews_a_whole_file_and_the_reload_then_moves_that_many() 
         }
         s
     };
-    std::fs::write(&file, text(&["b0", "b1", "b2", "b3"], 1)).unwrap();
-    let t = Tether::start(bin(), ["--config", file.to_str().unwrap()]).expect("start");
+    let file = ConfigFile::new("preview", &text(&["b0", "b1", "b2", "b3"], 1));
+    let t = Tether::start(bin(), ["--config", file.path()]).expect("start");
     let admin = t.admin();
     let now = placement(t.addr());
 
@@ -174,10 +171,9 @@ fn a_dry_run_reload_previews_a_whole_file_and_the_reload_then_moves_that_many() 
     assert_eq!(api_backends(admin).len(), 4, "a dry run applies nothing");
 
     // The same from the shell: `tether check --config FILE --admin ADDR`.
-    let next_file = dir.join("next.toml");
-    std::fs::write(&next_file, &next_text).unwrap();
+    let next_file = ConfigFile::new("preview-next", &next_text);
     let out = std::process::Command::new(bin())
-        .args(["check", "--config", next_file.to_str().unwrap(), "--admin", &admin.to_string()])
+        .args(["check", "--config", next_file.path(), "--admin", &admin.to_string()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -192,7 +188,7 @@ fn a_dry_run_reload_previews_a_whole_file_and_the_reload_then_moves_that_many() 
     assert!(stdout.contains(&format!("(b2 {b2_pins})")), "{stdout}");
     let closed = std::net::TcpListener::bind("127.0.175.200:0").unwrap().local_addr().unwrap();
     let out = std::process::Command::new(bin())
-        .args(["check", "--config", next_file.to_str().unwrap(), "--admin", &closed.to_string()])
+        .args(["check", "--config", next_file.path(), "--admin", &closed.to_string()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "an instance nobody answers for");
@@ -202,9 +198,8 @@ fn a_dry_run_reload_previews_a_whole_file_and_the_reload_then_moves_that_many() 
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("name"), "{}", r.body);
 
-    std::fs::write(&file, &next_text).unwrap();
+    file.write(&next_text);
     let r = http(admin, "POST", "/api/reload", "").unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(moved(&now, &placement(t.addr())), b2_pins);
-    let _ = std::fs::remove_dir_all(&dir);
 }

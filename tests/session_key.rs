@@ -245,23 +245,6 @@ fn a_keyed_flow_and_its_moves_carry_on_across_an_upgrade() {
     assert_eq!(round_trip(&t, &servers, &roamed, &token, 3), first);
 }
 
-/// A config file of the test's own, removed when dropped.
-struct File(std::path::PathBuf);
-
-impl File {
-    fn write(&self, text: &str) {
-        let tmp = self.0.with_extension("tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &self.0).unwrap();
-    }
-}
-
-impl Drop for File {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn a_reload_sets_the_key_on_running_listeners_and_takes_it_away() {
     let servers = Servers::start(183, 2);
@@ -275,9 +258,8 @@ fn a_reload_sets_the_key_on_running_listeners_and_takes_it_away() {
         }
         s
     };
-    let file = File(std::env::temp_dir().join(format!("tether-key-{}.toml", std::process::id())));
-    file.write(&base);
-    let t = Tether::start(bin(), ["--config", file.0.to_str().unwrap()]).unwrap();
+    let file = ConfigFile::new("key-reload", &base);
+    let t = Tether::start(bin(), ["--config", file.path()]).unwrap();
     // Before the key: a flow of the address, offloaded (the kernel carries its 4-tuple).
     let token = *b"reloaded";
     let ip: IpAddr = "127.1.183.1".parse().unwrap();

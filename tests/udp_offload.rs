@@ -217,9 +217,7 @@ fn maint_under_on_down_kill_takes_the_flow_out_of_the_kernel() {
 #[test]
 fn a_reload_that_denies_the_client_ends_its_offloaded_flow() {
     let b = backend(135, 0);
-    let dir = std::env::temp_dir().join(format!("tether-offload-acl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("tether.toml");
+    let file = ConfigFile::new("offload-acl", "");
     let write = |deny: &str| {
         let text = format!(
             "udp-offload = \"on\"\nadmin = \"127.0.135.1:0\"\n[[service]]\nname = \"game\"\n\
@@ -227,10 +225,10 @@ fn a_reload_that_denies_the_client_ends_its_offloaded_flow() {
              deny = [{deny}]\n[[service.backend]]\naddress = \"{}\"\nname = \"u0\"\n",
             b.addr()
         );
-        std::fs::write(&file, text).unwrap();
+        file.write(&text);
     };
     write("");
-    let t = Tether::start(bin(), ["--config", file.to_str().unwrap()]).expect("start tether");
+    let t = Tether::start(bin(), ["--config", file.path()]).expect("start tether");
     let (c, to) = (client(135, 0), t.udp_addr());
     for i in 0..4 {
         echo(&c, to, format!("{i}").as_bytes());
@@ -243,7 +241,6 @@ fn a_reload_that_denies_the_client_ends_its_offloaded_flow() {
     assert!(wait_until(DEADLINE, || entries(&t) == 0), "the denied flow's entries stayed");
     assert!(udp_ask(&c, to, b"denied?", Duration::from_millis(500)).is_err());
     wait_metric(&t, "tether_datagrams_dropped_total", "reason=\"denied\"", 1.0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

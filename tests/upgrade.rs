@@ -353,19 +353,17 @@ fn a_failing_upgrade_leaves_the_old_process_serving_and_a_second_one_works() {
 fn an_upgrade_with_a_bad_configuration_is_refused_and_nothing_changes() {
     let pool = backends(117, 1);
     let install = Install::new("badconf");
-    let file = std::env::temp_dir().join(format!("tether-upgrade-{}.toml", std::process::id()));
     let text = format!(
         "admin = \"127.0.117.1:0\"\n[[service]]\nname = \"s\"\nlisten = [\"127.0.117.1:0\"]\nhealth-check = \"off\"\n[[service.backend]]\naddress = \"{}\"\nname = \"b0\"\n",
         pool[0].addr()
     );
-    std::fs::write(&file, &text).unwrap();
-    let t = Tether::start(&install.exe(), ["--config", file.to_str().unwrap()]).unwrap();
-    std::fs::write(&file, text.replace("name = \"b0\"", "weight = 0")).unwrap();
+    let file = ConfigFile::new("upgrade-badconf", &text);
+    let t = Tether::start(&install.exe(), ["--config", file.path()]).unwrap();
+    file.write(&text.replace("name = \"b0\"", "weight = 0"));
     let r = http(t.admin(), "POST", "/api/upgrade", "").unwrap();
     assert_eq!(r.status, 500, "{}", r.body);
     assert_eq!(status_pid(&t), Some(t.pid()));
     assert_eq!(ask_name(client_ip(1), t.addr()).unwrap(), "b0");
-    let _ = std::fs::remove_file(&file);
 }
 
 #[test]

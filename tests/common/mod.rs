@@ -150,3 +150,33 @@ impl Drop for Successor {
         }
     }
 }
+
+/// A config file in the temp directory, named after the test's `tag` (unique in its file),
+/// removed when dropped.
+pub struct ConfigFile(std::path::PathBuf);
+
+impl ConfigFile {
+    pub fn new(tag: &str, text: &str) -> ConfigFile {
+        let path =
+            std::env::temp_dir().join(format!("tether-test-{}-{tag}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        ConfigFile(path)
+    }
+
+    pub fn write(&self, text: &str) {
+        // Write then rename: a reload never reads a half-written file.
+        let tmp = self.0.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.0).unwrap();
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
