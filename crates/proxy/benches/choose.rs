@@ -20,19 +20,8 @@ fn snapshot(n: usize, factor: Option<f64>) -> Snapshot {
             (b, 1)
         })
         .collect();
-    let settings = Settings {
-        affinity: vocab::Affinity::Source,
-        prefix: vocab::Prefix::HOST,
-        limit_per_prefix: false,
-        balance_factor: factor,
-        connect_timeout: std::time::Duration::from_secs(1),
-        idle_timeout: std::time::Duration::from_secs(60),
-        udp_idle_timeout: std::time::Duration::from_secs(60),
-        session_key: None,
-        migrate_after: 2,
-        connect_from: Vec::new(),
-        udp_buffers: Default::default(),
-    };
+    let minute = std::time::Duration::from_secs(60);
+    let settings = Settings { balance_factor: factor, ..Settings::basic(minute, minute) };
     let sticky = Arc::new(Sticky::new(StickyConfig { capacity: 1024, timeout_ms: 1000 }, [7; 16]));
     Snapshot::new("db".into(), 0, settings, backends, 65_537, 7, sticky, Guards::default()).unwrap()
 }

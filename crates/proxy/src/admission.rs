@@ -308,19 +308,8 @@ mod tests {
                 (Arc::new(b), 1)
             })
             .collect();
-        let settings = Settings {
-            affinity,
-            prefix: vocab::Prefix::HOST,
-            limit_per_prefix: false,
-            balance_factor: None,
-            connect_timeout: std::time::Duration::from_secs(1),
-            idle_timeout: std::time::Duration::from_secs(60),
-            udp_idle_timeout: std::time::Duration::from_secs(60),
-            session_key: None,
-            migrate_after: 2,
-            connect_from: Vec::new(),
-            udp_buffers: Default::default(),
-        };
+        let minute = std::time::Duration::from_secs(60);
+        let settings = Settings { affinity, ..Settings::basic(minute, minute) };
         let sticky =
             Arc::new(Sticky::new(StickyConfig { capacity: 100, timeout_ms: 1000 }, [7; 16]));
         Snapshot::new("s".into(), 0, settings, backends, 101, 0, sticky, guards).unwrap()

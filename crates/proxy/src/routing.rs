@@ -219,10 +219,10 @@ pub struct Settings {
     pub udp_buffers: crate::udp_socket::UdpBuffers,
 }
 
-#[cfg(test)]
 impl Settings {
-    /// Source affinity, 1 s to connect, these idle timeouts, nothing else set (tests).
-    pub(crate) fn for_tests(idle: Duration, udp_idle: Duration) -> Settings {
+    /// Source affinity, 1 s to connect, these idle timeouts, nothing else set: a plain
+    /// service for tests and benches (the daemon builds its settings from the config).
+    pub fn basic(idle: Duration, udp_idle: Duration) -> Settings {
         Settings {
             affinity: vocab::Affinity::Source,
             prefix: vocab::Prefix::HOST,
@@ -422,7 +422,7 @@ mod tests {
                 (Arc::new(b), 1)
             })
             .collect();
-        let settings = Settings::for_tests(Duration::from_secs(1), Duration::from_secs(1));
+        let settings = Settings::basic(Duration::from_secs(1), Duration::from_secs(1));
         let sticky =
             Arc::new(Sticky::new(StickyConfig { capacity: 16, timeout_ms: 1000 }, [1; 16]));
         Snapshot::new("s".into(), 0, settings, backends, 13, 0, sticky, Guards::default()).unwrap()

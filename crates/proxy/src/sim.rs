@@ -271,7 +271,7 @@ impl World {
         let shared = Arc::new(Shared::new(1, 0, 0, [0; 16], None));
         let backend = Arc::new(BackendState::new(0, "b0".into(), addr(10, 5432)));
         backend.set_max_conns(std::num::NonZeroU32::new(1));
-        let settings = Settings::for_tests(Duration::from_secs(3600), Duration::from_secs(60));
+        let settings = Settings::basic(Duration::from_secs(3600), Duration::from_secs(60));
         let sticky = Arc::new(Sticky::new(StickyConfig { capacity: 4, timeout_ms: 1000 }, [5; 16]));
         let members = vec![(Arc::clone(&backend), 1)];
         let snapshot =

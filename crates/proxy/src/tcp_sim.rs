@@ -96,7 +96,7 @@ impl Sim {
 
     /// A new snapshot of the service (a reload): these weights, 0 leaving a backend out.
     fn reload(&mut self, weights: &[u32]) {
-        let settings = Settings::for_tests(Duration::from_secs(20), Duration::from_secs(60));
+        let settings = Settings::basic(Duration::from_secs(20), Duration::from_secs(60));
         let members = self
             .states
             .iter()

@@ -912,8 +912,7 @@ mod tests {
             backend.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let at = backend.local_addr().unwrap();
             let state = Arc::new(BackendState::new(0, "u0".into(), at));
-            let mut settings =
-                Settings::for_tests(Duration::from_secs(60), Duration::from_secs(60));
+            let mut settings = Settings::basic(Duration::from_secs(60), Duration::from_secs(60));
             set(&mut settings);
             let sticky =
                 Arc::new(Sticky::new(StickyConfig { capacity: 8, timeout_ms: 1000 }, [4; 16]));
@@ -1110,7 +1109,7 @@ mod tests {
         guards: Guards,
         keyed: bool,
     ) -> Arc<Snapshot> {
-        let mut settings = Settings::for_tests(Duration::from_secs(60), Duration::from_secs(60));
+        let mut settings = Settings::basic(Duration::from_secs(60), Duration::from_secs(60));
         sim_settings(&mut settings, keyed);
         let members = members.iter().filter(|(_, w)| *w > 0).cloned().collect();
         let sticky = Arc::clone(sticky);

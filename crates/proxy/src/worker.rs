@@ -306,19 +306,8 @@ pub(crate) mod tests {
         let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let state = Arc::new(BackendState::new(0, "b0".into(), backend.local_addr().unwrap()));
         state.set_max_conns(std::num::NonZeroU32::new(1));
-        let settings = Settings {
-            affinity: vocab::Affinity::Source,
-            prefix: vocab::Prefix::HOST,
-            limit_per_prefix: false,
-            balance_factor: None,
-            connect_timeout: PATIENCE,
-            idle_timeout: PATIENCE,
-            udp_idle_timeout: PATIENCE,
-            session_key: None,
-            migrate_after: 2,
-            connect_from: Vec::new(),
-            udp_buffers: Default::default(),
-        };
+        let settings =
+            Settings { connect_timeout: PATIENCE, ..Settings::basic(PATIENCE, PATIENCE) };
         let sticky = Arc::new(Sticky::new(StickyConfig { capacity: 8, timeout_ms: 1000 }, [0; 16]));
         let backends = vec![(Arc::clone(&state), 1)];
         let service =
