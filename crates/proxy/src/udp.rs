@@ -507,7 +507,7 @@ impl Udp {
             token
         });
         let key = match token {
-            Some(t) => FlowKey::session(vocab::session::digest(t, self.hash_key)),
+            Some(t) => self.session_flow_key(t),
             None => FlowKey::new(a.client, a.local),
         };
         // At most two rounds: a flow whose backend turned out dead is replaced once.

@@ -145,7 +145,7 @@ impl Udp {
             self.flows.len() - 1
         });
         let key = match &handed.session {
-            Some(token) => FlowKey::session(vocab::session::digest(token, self.hash_key)),
+            Some(token) => self.session_flow_key(token),
             None => FlowKey::new(handed.client, handed.local),
         };
         if let Err(refused) = self.table(service.slot).insert(key, target.id, slot, ctx.now_ms) {

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use conntrack::FlowKey;
 use mio::net::UdpSocket;
 
 use super::{fold, steer, Arrival, Ctx, Flow, Udp};
@@ -34,15 +35,20 @@ struct Candidate {
 }
 
 impl Flow {
-    /// Key it by session key bytes `token` (`None`: by its client's address). A keyed flow is
-    /// never offloaded: the program finds flows by address, and the flow's address may change.
+    /// Key it by session key bytes `token` (`None`: by its client's address). Like every flow
+    /// of a keyed service, it is never offloaded (`Udp::offload`).
     pub(super) fn set_session(&mut self, token: Option<&[u8]>) {
         self.session = token.map(|t| Session { token: t.into(), candidate: None, migrations: 0 });
-        self.offload_tried |= self.session.is_some();
     }
 }
 
 impl Udp {
+    /// The flow key of session key bytes `token`: their 128-bit SipHash under this process's
+    /// secret (a handed-over flow is keyed again under the new process's).
+    pub(super) fn session_flow_key(&self, token: &[u8]) -> FlowKey {
+        FlowKey::session(vocab::session::digest(token, self.hash_key))
+    }
+
     /// Key the flows of service slot `service` by this session key from now on (its
     /// listeners' groups steer each key to one worker); flows made before keep their keying.
     pub fn set_session_key(
