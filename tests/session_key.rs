@@ -73,10 +73,16 @@ fn socket(ip: IpAddr) -> UdpSocket {
     s
 }
 
+/// tether on 127.0.`net`.1 (listener and admin) with four workers and `--udp-session-key 1:8`.
 fn tether_keyed(net: u8, servers: &Servers, extra: &[&str]) -> Tether {
+    tether_keyed_on(&format!("127.0.{net}.1:0"), net, servers, extra)
+}
+
+/// [`tether_keyed`] listening on `listen`.
+fn tether_keyed_on(listen: &str, net: u8, servers: &Servers, extra: &[&str]) -> Tether {
     let mut args = vec![
         "--listen".to_string(),
-        format!("127.0.{net}.1:0"),
+        listen.to_string(),
         "--admin".into(),
         format!("127.0.{net}.1:0"),
         "--protocol".into(),
@@ -91,8 +97,8 @@ fn tether_keyed(net: u8, servers: &Servers, extra: &[&str]) -> Tether {
     Tether::start(bin(), no_probes(&args)).expect("start tether")
 }
 
-/// Send `seq` from `from`; the server that gets it must be `want` (server and peer), and its
-/// reply must reach `from`, from the listener.
+/// Send `seq` from `from` to `t`'s listener: the server and peer it reached (it must be the
+/// next datagram any server gets), once the server's reply reached `from`, from the listener.
 fn round_trip(
     t: &Tether,
     servers: &Servers,
@@ -100,13 +106,24 @@ fn round_trip(
     token: &[u8; 8],
     seq: u32,
 ) -> (usize, SocketAddr) {
-    from.send_to(&datagram(token, seq), t.udp_addr()).unwrap();
+    round_trip_to(t.udp_addr(), servers, from, token, seq)
+}
+
+/// [`round_trip`] to address `to` of a listener (one of a wildcard listener's).
+fn round_trip_to(
+    to: SocketAddr,
+    servers: &Servers,
+    from: &UdpSocket,
+    token: &[u8; 8],
+    seq: u32,
+) -> (usize, SocketAddr) {
+    from.send_to(&datagram(token, seq), to).unwrap();
     let (server, peer, payload) = servers.next();
     assert_eq!(seq_of(&payload), seq, "datagram {seq} of {token:?}: another came first");
     servers.0[server].send_to(format!("ack {seq}").as_bytes(), peer).unwrap();
     let mut buf = [0u8; 64];
     let (n, at) = from.recv_from(&mut buf).expect("the reply reaches the client's newest address");
-    assert_eq!((&buf[..n], at), (format!("ack {seq}").as_bytes(), t.udp_addr()));
+    assert_eq!((&buf[..n], at), (format!("ack {seq}").as_bytes(), to), "the reply's source");
     (server, peer)
 }
 
@@ -328,41 +345,19 @@ fn with_send_proxy_the_backend_learns_each_move_from_a_new_header() {
 #[test]
 fn a_client_moving_from_ipv4_to_ipv6_keeps_its_flow_on_a_dual_stack_listener() {
     let servers = Servers::start(185, 2);
-    let mut args = vec![
-        "--listen".to_string(),
-        "[::]:0".into(),
-        "--admin".into(),
-        "127.0.185.1:0".into(),
-        "--protocol".into(),
-        "udp".into(),
-        "--workers".into(),
-        "4".into(),
-        "--udp-session-key".into(),
-        "1:8".into(),
-    ];
-    args.extend(servers.args());
-    let t = Tether::start(bin(), no_probes(&args)).expect("start tether");
+    let t = tether_keyed_on("[::]:0", 185, &servers, &[]);
     let port = t.udp_addr().port();
     let token = *b"dual-stk";
     let (v4, v6): (SocketAddr, SocketAddr) = (
         SocketAddr::new("127.0.185.1".parse().unwrap(), port),
         SocketAddr::new("::1".parse().unwrap(), port),
     );
-    let over = |from: &UdpSocket, to: SocketAddr, seq: u32| {
-        from.send_to(&datagram(&token, seq), to).unwrap();
-        let (server, peer, payload) = servers.next();
-        assert_eq!(seq_of(&payload), seq);
-        servers.0[server].send_to(b"ack", peer).unwrap();
-        let mut buf = [0u8; 16];
-        let (n, at) = from.recv_from(&mut buf).expect("the reply");
-        assert_eq!((&buf[..n], at), (&b"ack"[..], to), "the reply comes from the address sent to");
-        (server, peer)
-    };
     let home = socket("127.1.185.1".parse().unwrap());
-    let first = over(&home, v4, 0);
+    let first = round_trip_to(v4, &servers, &home, &token, 0);
     let moved = socket("::1".parse().unwrap());
     moved.send_to(&datagram(&token, 1), v6).unwrap();
-    assert_eq!(over(&moved, v6, 2), first, "the IPv6 address got a flow of its own");
+    let again = round_trip_to(v6, &servers, &moved, &token, 2);
+    assert_eq!(again, first, "the IPv6 address got a flow of its own");
 }
 
 #[test]
