@@ -55,6 +55,16 @@ impl Workers {
             let _ = waker.wake();
         }
     }
+
+    /// Wait until every worker has carried out every command sent before, for at most
+    /// `timeout` (a stalled worker must not hold its caller); whether all of them did.
+    pub(crate) fn sync(&self, timeout: std::time::Duration) -> bool {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.send(|| Command::Sync(tx.clone()));
+        drop(tx);
+        let deadline = std::time::Instant::now() + timeout;
+        self.links.iter().all(|_| rx.recv_deadline(deadline).is_ok())
+    }
 }
 
 /// One backend under control.
@@ -585,4 +595,53 @@ pub(crate) fn snapshot(
         Arc::clone(sticky),
         guards,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link to a worker that is only a channel: the test plays the worker.
+    fn link() -> (
+        (crossbeam_channel::Sender<Command>, Arc<mio::Waker>),
+        crossbeam_channel::Receiver<Command>,
+        mio::Poll,
+    ) {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        ((tx, waker), rx, poll)
+    }
+
+    /// A worker that answers every sync, until its link is dropped.
+    fn answering(rx: crossbeam_channel::Receiver<Command>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            while let Ok(command) = rx.recv() {
+                if let Command::Sync(reply) = command {
+                    let _ = reply.send(());
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn sync_waits_for_every_worker_and_gives_up_on_a_silent_one() {
+        let _fds = crate::test_fds::shared();
+        let (a, a_rx, _pa) = link();
+        let (b, b_rx, _pb) = link();
+        let (ta, tb) = (answering(a_rx), answering(b_rx));
+        let both = Workers { links: vec![a, b] };
+        assert!(both.sync(std::time::Duration::from_secs(30)));
+        drop(both);
+        ta.join().unwrap();
+        tb.join().unwrap();
+        // One worker answers, the other never reads its link: the sync gives up.
+        let (c, c_rx, _pc) = link();
+        let (d, _d_rx, _pd) = link();
+        let tc = answering(c_rx);
+        let one_silent = Workers { links: vec![c, d] };
+        assert!(!one_silent.sync(std::time::Duration::from_millis(100)));
+        drop(one_silent);
+        tc.join().unwrap();
+    }
 }

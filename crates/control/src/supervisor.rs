@@ -340,13 +340,24 @@ impl Supervisor<'_> {
         let plan = reload::prepare(&reg, &next.services, self.workers, mode, &mut |_| Ok(()))?;
         let (mut summary, announced) = reload::commit(&mut reg, plan);
         reg.event(format!("configuration reloaded from {}", path.display()));
+        let workers = reg.workers.clone();
         drop(reg);
+        // Answer once the workers have taken the new snapshots: a client the reload denies is
+        // refused from the moment the reload is said to be done, its offloaded flow included.
+        if !workers.sync(RELOAD_SYNC) {
+            log::warn!(
+                "reload: a worker has not taken the new configuration within {RELOAD_SYNC:?}"
+            );
+        }
         announce_listeners(&announced);
         self.config.services = next.services;
         summary.push(format!("{} services", self.config.services.len()));
         Ok(summary.join(", "))
     }
 }
+
+/// How long a reload waits for the workers to take it before it answers anyway.
+const RELOAD_SYNC: Duration = Duration::from_secs(2);
 
 /// Join the worker threads that ended; the first failure among them, if any.
 fn reap(running: &mut [Running]) -> Option<RunError> {

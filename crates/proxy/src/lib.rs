@@ -105,6 +105,9 @@ pub enum Command {
         limit: usize,
         reply: crossbeam_channel::Sender<Vec<FlowView>>,
     },
+    /// Answer once every command sent before has been carried out (commands are taken in
+    /// order): a reload's new snapshots are in force, and flows they deny are gone.
+    Sync(crossbeam_channel::Sender<()>),
 }
 
 /// State every worker of a process shares (read-only apart from atomics).

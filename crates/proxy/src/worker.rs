@@ -189,6 +189,9 @@ impl Worker {
                     let _ = reply.send(flows);
                 }
                 Command::ResumeUdp => self.udp.resume(self.poll.registry()),
+                Command::Sync(reply) => {
+                    let _ = reply.send(());
+                }
                 Command::Flows { client, limit, reply } => {
                     self.now = Instant::now();
                     let _ = reply.send(self.udp.flows(client, limit, &udp_ctx!(self)));
