@@ -62,7 +62,12 @@ pub fn preview(registry: &Registry, service: &str, proposed: &Proposed) -> Resul
     }
     let s = registry.service(service)?;
     let now = registry.shared.clock_ms();
-    let pins = s.sticky.per_backend(now, registry.next_id as usize);
+    // Pins per backend walk the whole sticky table: only the kinds that move pins need them.
+    let pins = if proposed.remove.is_some() || proposed.state.is_some() {
+        s.sticky.per_backend(now, registry.next_id as usize)
+    } else {
+        Vec::new()
+    };
     let kill = s.config.health.on_down == config::OnDown::Kill;
     let names: Vec<String> = s.backends.iter().map(|b| b.state.name.clone()).collect();
     let index = |name: &str| {
@@ -103,25 +108,16 @@ pub fn preview(registry: &Registry, service: &str, proposed: &Proposed) -> Resul
     if let Some(weights) = &proposed.weight {
         for (name, &w) in weights {
             let i = index(name)?;
-            if !(ring::MIN_WEIGHT..=ring::MAX_WEIGHT).contains(&w) {
-                return Err(Refusal::Bad(format!("weight of {name:?}: 1 to 1000, not {w}")));
-            }
-            members[i] = Member::new(name.clone(), w);
+            let w = config::check_weight(i64::from(w))
+                .map_err(|p| Refusal::Bad(format!("weight of {name:?}: {w} {p}")))?;
+            members[i] = Member::new(name.clone(), w.get());
         }
     }
     if let Some(states) = &proposed.state {
         for (name, state) in states {
             let i = index(name)?;
-            let after = match state.as_str() {
-                "ready" => AdminState::Ready,
-                "drain" => AdminState::Drain,
-                "maint" => AdminState::Maint,
-                other => {
-                    return Err(Refusal::Bad(format!(
-                        "state of {name:?}: `ready`, `drain` or `maint`, not {other:?}"
-                    )))
-                }
-            };
+            let after: AdminState =
+                state.parse().map_err(|e| Refusal::Bad(format!("state of {name:?}: {e}")))?;
             let b = &s.backends[i].state;
             let before = b.admin();
             if before != AdminState::Maint && after == AdminState::Maint {
