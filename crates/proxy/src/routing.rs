@@ -332,12 +332,13 @@ impl Snapshot {
         excluded: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         let ring = self.ring.as_ref()?;
-        if let Some(factor) = self.settings.balance_factor {
-            if let Some(i) = self.choose_bounded(hash, now_ms, &excluded, factor) {
-                return Some(i);
-            }
-        }
-        ring.pick(hash, |i| !excluded(i) && self.backends[i].accepts_new(now_ms)).or_else(|| {
+        // With a balance factor, `None` means no backend takes new clients (one under the
+        // bound always does otherwise): the plain pick would find none either.
+        let first = match self.settings.balance_factor {
+            Some(factor) => self.choose_bounded(hash, now_ms, &excluded, factor),
+            None => ring.pick(hash, |i| !excluded(i) && self.backends[i].accepts_new(now_ms)),
+        };
+        first.or_else(|| {
             ring.pick(hash, |i| {
                 let b = &self.backends[i];
                 !excluded(i) && b.admin() == AdminState::Ready && b.has_room()
