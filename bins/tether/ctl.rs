@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use argh::FromArgs;
 use serde_json::Value;
@@ -510,7 +510,7 @@ fn backends_table(v: &Value) -> String {
 }
 
 fn status_table(v: &Value) -> String {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = vocab::time::unix_ms(SystemTime::now());
     let up = v["started_unix_ms"].as_u64().map(|s| now_ms.saturating_sub(s));
     let offload = &v["udp_offload"];
     let mut rows = vec![

@@ -76,9 +76,7 @@ impl Notifier {
 
     /// `RELOADING=1` with the monotonic time systemd asks for with it.
     pub(crate) fn reloading(&self) {
-        let usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
-            .unwrap_or(0);
+        let usec = offload::monotonic_ns() / 1000;
         self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading"));
     }
 

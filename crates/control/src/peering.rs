@@ -24,7 +24,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use conntrack::{AffinityKey, BackendId, Watch};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -159,7 +159,7 @@ impl ServiceWatch {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    vocab::time::unix_ms(SystemTime::now())
 }
 
 /// The peers' key from `--peer-key-file` (read before privileges are dropped, like the admin

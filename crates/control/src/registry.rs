@@ -172,9 +172,7 @@ impl Registry {
             },
             peering: None,
             history: crate::history::History::default(),
-            started_unix_ms: SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            started_unix_ms: vocab::time::unix_ms(SystemTime::now()),
         };
         for s in services {
             let ctl = registry.make_service(s.clone(), registry.services.len())?;
@@ -393,31 +391,28 @@ impl Registry {
 
     /// Where `client` is pinned in `service`: (backend name, live sessions, expires in ms).
     pub fn sticky(&self, service: &str, client: std::net::IpAddr) -> Result<Pin, Refusal> {
-        let prefix = self.services[self.find(service)?].as_ref().expect("found").config.prefix;
+        let s = self.service(service)?;
         // Pinned by its network under `--affinity source/N`.
-        self.sticky_key(service, AffinityKey::from_ip_prefix(client, prefix))
+        Ok(self.pin_of(s, AffinityKey::from_ip_prefix(client, s.config.prefix)))
     }
 
     /// The pin of UDP session key bytes `token` (`--udp-session-key`) in `service`.
     pub fn sticky_session(&self, service: &str, token: &[u8]) -> Result<Pin, Refusal> {
-        let seed = self.services[self.find(service)?].as_ref().expect("found").config.seed;
-        self.sticky_key(service, AffinityKey::from_session(token, seed))
+        let s = self.service(service)?;
+        Ok(self.pin_of(s, AffinityKey::from_session(token, s.config.seed)))
     }
 
-    fn sticky_key(&self, service: &str, key: AffinityKey) -> Result<Pin, Refusal> {
-        let slot = self.find(service)?;
-        let s = self.services[slot].as_ref().expect("found");
-        let now = self.shared.clock_ms();
-        let Some(entry) = s.sticky.get(key, now) else {
-            return Ok(Pin { backend: None, live: 0, expires_in_ms: None });
+    fn pin_of(&self, s: &ServiceCtl, key: AffinityKey) -> Pin {
+        let Some(entry) = s.sticky.get(key, self.shared.clock_ms()) else {
+            return Pin { backend: None, live: 0, expires_in_ms: None };
         };
         let name =
             s.backends.iter().find(|b| b.state.id == entry.backend).map(|b| b.state.name.clone());
-        Ok(Pin {
+        Pin {
             backend: Some(name.unwrap_or_else(|| "(removed)".into())),
             live: entry.live,
             expires_in_ms: entry.expires_in_ms,
-        })
+        }
     }
 
     /// Hand new listeners to the workers (they register them at once).

@@ -12,7 +12,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
+
+use vocab::time::unix_ms;
 
 use conntrack::state::{SavedEntry, SavedService, SavedState};
 use conntrack::{AffinityKey, Sticky};
@@ -37,10 +39,6 @@ pub struct Counters {
     /// Entries restored at start, and entries skipped (backend gone, expired, no room).
     pub loaded: AtomicU64,
     pub skipped: AtomicU64,
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One service's table as a save reads it.

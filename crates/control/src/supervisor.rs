@@ -90,9 +90,7 @@ impl Supervisor<'_> {
                 next_sample = Instant::now() + crate::history::EVERY;
                 let mut reg = self.lock();
                 let views = reg.backends();
-                let unix_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
+                let unix_ms = vocab::time::unix_ms(std::time::SystemTime::now());
                 reg.history.record(unix_ms, &views);
             }
             // The watchdog is fed only while every worker's loop turns: a stalled worker

@@ -3,10 +3,15 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// `at` in milliseconds since the Unix epoch (0 before it): what the state file, peers and
+/// the admin API carry.
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// `at` as RFC 3339, UTC, milliseconds. Times before 1970 print as the epoch.
 pub fn rfc3339_ms(at: SystemTime) -> String {
-    let ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    rfc3339_from_unix_ms(ms)
+    rfc3339_from_unix_ms(unix_ms(at))
 }
 
 /// Unix milliseconds as RFC 3339, UTC, milliseconds.

@@ -398,9 +398,7 @@ pub(crate) fn backend_json(b: &crate::registry::BackendView) -> Value {
 fn peers_json(registry: &Registry) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
     let Some(p) = &registry.peering else { return json!([]) };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = vocab::time::unix_ms(std::time::SystemTime::now());
     Value::Array(
         p.peers
             .iter()
